@@ -1,0 +1,124 @@
+"""Config validation: every bad value becomes one ConfigError naming the field."""
+from __future__ import annotations
+
+import numbers
+
+from fp_jax import space
+
+STAGES = ("search", "profile")
+IMPORTANCE = ("l1", "bn")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"{path}: missing from the config")
+    node = node[part]
+  return node
+
+
+def _int(config, path, lo, hi=None):
+  v = _get(config, path)
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    raise ConfigError(f"{path}={v!r}: must be an integer")
+  if v < lo or (hi is not None and v > hi):
+    allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    raise ConfigError(f"{path}={v}: must be an integer {allowed}")
+  return v
+
+
+def _float(config, path, lo, hi=None, lo_open=False):
+  v = _get(config, path)
+  if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    raise ConfigError(f"{path}={v!r}: must be a number")
+  if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+    low = f"> {lo}" if lo_open else f">= {lo}"
+    raise ConfigError(f"{path}={v}: must be {low}" + (f" and <= {hi}" if hi is not None else ""))
+  return float(v)
+
+
+def _choice(config, path, allowed):
+  v = _get(config, path)
+  if v not in allowed:
+    raise ConfigError(f"{path}={v!r}: must be one of {', '.join(allowed)}")
+  return v
+
+
+def stages(config):
+  names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  if not names:
+    raise ConfigError(f"stages={config.stages!r}: name at least one of {', '.join(STAGES)}")
+  for n in names:
+    if n not in STAGES:
+      raise ConfigError(f"stages: unknown stage {n!r}; allowed: {', '.join(STAGES)} "
+                        "(comma-separated)")
+  return sorted(set(names), key=STAGES.index)
+
+
+def ratio_choices(config):
+  v = _get(config, "search.ratio_choices")
+  if isinstance(v, str):
+    v = [t for t in v.replace(",", " ").split()]
+  try:
+    values = [float(x) for x in v]
+  except (TypeError, ValueError):
+    raise ConfigError(f"search.ratio_choices={v!r}: must be a list of numbers in [0, 1)") from None
+  if not values or any(not 0.0 <= x < 1.0 for x in values):
+    raise ConfigError(f"search.ratio_choices={v!r}: must be a non-empty list of numbers in [0, 1)")
+  return tuple(values)
+
+
+def validate(config):
+  """Checks every field this program reads; raises ConfigError on the first bad one."""
+  _int(config, "seed", 0)
+  stages(config)
+  if not isinstance(_get(config, "overwrite"), bool):
+    raise ConfigError(f"overwrite={config.overwrite!r}: must be True or False")
+  name = _get(config, "data.name")
+  if not isinstance(name, str) or not name or (name.startswith("npz:") and len(name) == 4):
+    raise ConfigError(f"data.name={name!r}: must be a TFDS name (e.g. cifar10), digits, "
+                      "synthetic or npz:PATH")
+  _int(config, "data.valid_size", 0)
+  _int(config, "data.crop_pad", 0, 16)
+  for path in ("search", "final"):
+    _int(config, f"{path}.num_layers", 1, 60)
+    _int(config, f"{path}.out_filters", 2, 1024)
+    _int(config, f"{path}.batch_size", 1)
+    _int(config, f"{path}.epochs", 0)
+    _int(config, f"{path}.steps_per_epoch", 0)
+  _int(config, "search.eval_batch_size", 1)
+  _float(config, "search.alpha", 0.0)
+  _float(config, "search.beta", 0.0)
+  ratio_choices(config)
+  _choice(config, "search.importance", IMPORTANCE)
+  _int(config, "search.controller_updates", 0)
+  _int(config, "search.controller_samples", 1)
+  _float(config, "search.lr_max", 0.0, lo_open=True)
+  _float(config, "search.lr_min", 0.0)
+  _int(config, "search.lr_t0", 1)
+  _int(config, "search.lr_tmul", 1)
+  _float(config, "search.momentum", 0.0, 1.0)
+  _float(config, "search.l2", 0.0)
+  _float(config, "search.aux_weight", 0.0)
+  _float(config, "search.grad_clip", 0.0, lo_open=True)
+  _int(config, "search.num_candidates", 1)
+  _int(config, "search.final_eval_batches", 1)
+  _int(config, "controller.lstm_size", 1)
+  _float(config, "controller.temperature", 0.0, lo_open=True)
+  _float(config, "controller.tanh_constant", 0.0, lo_open=True)
+  _float(config, "controller.op_tanh_reduce", 0.0, lo_open=True)
+  _float(config, "controller.entropy_weight", 0.0)
+  _float(config, "controller.baseline_decay", 0.0, 1.0)
+  _float(config, "controller.lr", 0.0, lo_open=True)
+  _int(config, "final.cutout", 0)
+  arc = _get(config, "final.arc")
+  if arc:
+    try:
+      space.parse_arc(arc)
+    except ValueError as e:
+      raise ConfigError(f"final.arc: {e}") from None

@@ -1,0 +1,206 @@
+"""Pure building blocks shared by the supernet and the fixed network (NHWC).
+
+Each block is `apply(p, s, x, ...) -> (y, s_new)` where `p` holds parameters
+and `s` running BN statistics with the same nesting, or `s = None` for "always
+use batch statistics, keep no averages" (the supernet, as in ENAS, whose
+shared weights see a different architecture every step). BN statistics are
+averaged over the `axis_name` devices when given (synchronised BN), so a
+data-parallel step equals the single-device step on the global batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+AUX_WIDTHS = (128, 768)
+
+
+# ---------------------------------------------------------------- init
+
+
+def conv_init(key, shape):
+  """He-normal init for an HWIO kernel (depthwise kernels have I = 1)."""
+  fan_in = shape[0] * shape[1] * shape[2]
+  return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
+
+
+def bn_init(c):
+  return {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}
+
+
+def bn_stats_init(c):
+  return {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def conv(x, w, stride=1, padding="SAME"):
+  """x [B,H,W,I], w [kh,kw,I,O] -> [B,H',W',O]. 1x1 stride-1 kernels run as a matmul
+  (XLA:CPU's convolution backward is several times slower than a dot's)."""
+  if w.shape[:2] == (1, 1) and stride == 1:
+    return jnp.einsum("bhwi,io->bhwo", x, w[0, 0])
+  return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# "shift": a sum of k*k shifted, scaled copies (3-6x faster than XLA:CPU's grouped
+# convolution, forward and backward, and exactly equal); "xla": a grouped convolution
+# (fast on GPU/TPU); "auto": shift on CPU, xla elsewhere. Read at trace time.
+DEPTHWISE_IMPL = "auto"
+
+
+def depthwise_conv(x, w):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME."""
+  impl = DEPTHWISE_IMPL
+  if impl == "auto":
+    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+  if impl == "xla":
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=x.shape[-1])
+  k, (h, wd) = w.shape[0], x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  out = 0.0
+  for i in range(k):
+    for j in range(k):
+      out = out + xp[:, i:i + h, j:j + wd, :] * w[i, j, 0]
+  return out
+
+
+def avg_pool3x3(x):
+  """3x3 stride-1 SAME average, padding excluded from the count (as TF)."""
+  window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  total = lax.reduce_window(x, 0.0, lax.add, window, strides, pad)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pad)
+  return total / count
+
+
+def max_pool3x3(x):
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+
+
+def batch_norm(p, s, x, train, axis_name=None):
+  """BN over (B, H, W). s None -> batch statistics always, returns s_new None."""
+  if s is None or train:
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
+    if axis_name is not None:
+      mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    if s is None:
+      s_new = None
+    else:
+      s_new = {"mean": BN_MOMENTUM * s["mean"] + (1 - BN_MOMENTUM) * mean,
+               "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * var}
+  else:
+    mean, var, s_new = s["mean"], s["var"], s
+  y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+  return y, s_new
+
+
+def _sub(s, key):
+  return None if s is None else s[key]
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def sep_conv_init(key, k, c):
+  """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; inner width = c."""
+  ks = jax.random.split(key, 4)
+  p = {"dw1": conv_init(ks[0], (k, k, 1, c)), "pw1": conv_init(ks[1], (1, 1, c, c)),
+       "bn1": bn_init(c), "dw2": conv_init(ks[2], (k, k, 1, c)),
+       "pw2": conv_init(ks[3], (1, 1, c, c)), "bn2": bn_init(c)}
+  s = {"bn1": bn_stats_init(c), "bn2": bn_stats_init(c)}
+  return p, s
+
+
+def sep_conv(p, s, x, train, axis_name=None):
+  y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"]), p["pw1"])
+  y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
+  y = conv(depthwise_conv(jax.nn.relu(y), p["dw2"]), p["pw2"])
+  y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
+  return y, (None if s is None else {"bn1": s1, "bn2": s2})
+
+
+def conv_bn_init(key, k, c_in, c_out):
+  return ({"conv": conv_init(key, (k, k, c_in, c_out)), "bn": bn_init(c_out)},
+          {"bn": bn_stats_init(c_out)})
+
+
+def relu_conv_bn(p, s, x, train, axis_name=None, relu=True):
+  """[ReLU], conv (stride 1, SAME), BN: the 1x1 calibration and the stem."""
+  y = conv(jax.nn.relu(x) if relu else x, p["conv"])
+  y, sb = batch_norm(p["bn"], _sub(s, "bn"), y, train, axis_name)
+  return y, (None if s is None else {"bn": sb})
+
+
+def factorized_reduce_init(key, c_in, c_out):
+  """Two 1x1 paths (offset by one pixel) to c_out // 2 and c_out - c_out // 2."""
+  k1, k2 = jax.random.split(key)
+  h = c_out // 2
+  return ({"conv1": conv_init(k1, (1, 1, c_in, h)),
+           "conv2": conv_init(k2, (1, 1, c_in, c_out - h)), "bn": bn_init(c_out)},
+          {"bn": bn_stats_init(c_out)})
+
+
+def factorized_reduce(p, s, x, stride, train, axis_name=None):
+  """ReLU, two strided 1x1 paths concatenated, BN: [B,H,W,I] -> [B,ceil(H/s),.,O]."""
+  x = jax.nn.relu(x)
+  a = conv(x[:, ::stride, ::stride], p["conv1"])
+  shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
+  b = conv(shifted[:, ::stride, ::stride], p["conv2"])
+  y, sb = batch_norm(p["bn"], _sub(s, "bn"), jnp.concatenate([a, b], -1), train, axis_name)
+  return y, (None if s is None else {"bn": sb})
+
+
+def aux_head_init(key, c_in, hw, num_classes):
+  """ENAS aux head: ReLU, avgpool 5x5/3 VALID, 1x1 conv 128 + BN + ReLU,
+  conv 768 over the remaining map + BN + ReLU, linear."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  w1, w2 = AUX_WIDTHS
+  r = aux_pool_size(hw)
+  p = {"conv1": conv_init(k1, (1, 1, c_in, w1)), "bn1": bn_init(w1),
+       "conv2": conv_init(k2, (r, r, w1, w2)), "bn2": bn_init(w2),
+       "fc": {"w": jax.random.normal(k3, (w2, num_classes)) / np.sqrt(w2),
+              "b": jnp.zeros((num_classes,))}}
+  s = {"bn1": bn_stats_init(w1), "bn2": bn_stats_init(w2)}
+  return p, s
+
+
+def aux_pool_window(hw):
+  return min(5, hw)
+
+
+def aux_pool_size(hw):
+  """Spatial size after the aux head's VALID avg pool (window <= 5, stride 3)."""
+  return (hw - aux_pool_window(hw)) // 3 + 1
+
+
+def aux_head(p, s, x, train, axis_name=None):
+  win = aux_pool_window(x.shape[1])
+  y = lax.reduce_window(jax.nn.relu(x), 0.0, lax.add, (1, win, win, 1), (1, 3, 3, 1),
+                        "VALID") / (win * win)
+  y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), conv(y, p["conv1"]), train, axis_name)
+  y = conv(jax.nn.relu(y), p["conv2"], padding="VALID")
+  y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
+  y = jax.nn.relu(y).reshape(y.shape[0], -1)
+  return y @ p["fc"]["w"] + p["fc"]["b"], (None if s is None else {"bn1": s1, "bn2": s2})
+
+
+def classifier_init(key, c_in, num_classes):
+  return {"w": jax.random.normal(key, (c_in, num_classes)) / np.sqrt(c_in),
+          "b": jnp.zeros((num_classes,))}
+
+
+def classifier(p, x):
+  """ReLU, global average pool, linear: [B,H,W,C] -> [B,classes]."""
+  return jnp.mean(jax.nn.relu(x), axis=(1, 2)) @ p["w"] + p["b"]

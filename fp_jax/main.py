@@ -1,0 +1,115 @@
+"""fp_jax: ENAS search with fake pruning.
+
+  python -m fp_jax.main --config=configs/cifar.py --workdir=DIR [--config.search.alpha=0.5]
+
+Bad input ends with one `error: ...` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fp_jax import config as config_lib
+from fp_jax import data
+from fp_jax import parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory for results and checkpoints.")
+flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
+
+
+class UsageError(Exception):
+  pass
+
+
+def fail(message):
+  message = str(message).replace("\\n", " ").replace("\\'", "'").replace("''", "'")
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _flag_error(e):
+  text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+  unknown = re.search(r"(\w+)\W+Did you mean \"(\w+)\"", text)
+  if unknown:
+    return f"--config: unknown field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)"
+  if re.fullmatch(r"\W*(\w+)\W*", text):
+    return f"--config: unknown field {text.strip(chr(39) + chr(92))!r}"
+  return text if text.startswith("--") or "config" not in text else f"--config: {text}"
+
+
+def parse_flags(argv):
+  """absl flag parsing, with every flag or config-override error reduced to one `error:` line."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # flags.Error, or errors raised overriding the config file
+    fail(_flag_error(e))
+
+
+def check_stage_done(path, config, stage):
+  if os.path.exists(path) and not config.overwrite:
+    raise UsageError(f"stage {stage} already finished in {os.path.dirname(path)} "
+                     f"({os.path.basename(path)}); pass --config.overwrite=True to redo it")
+
+
+def run(config, workdir):
+  config_lib.validate(config)
+  stages = config_lib.stages(config)
+  parallel.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+  import jax  # after distributed start-up
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+  if "search" in stages:
+    check_stage_done(os.path.join(workdir, "search", "arch.json"), config, "search")
+  ds = None
+  if "search" in stages:
+    from fp_jax.train import search
+    ds = data.load(config.data.name, config.data.valid_size,
+                   tfds_data_dir=config.data.tfds_data_dir)
+    search.run(config, workdir, ds, config_lib.ratio_choices(config))
+  if "profile" in stages:
+    from fp_jax import profile
+    profile.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = FLAGS.config
+    _ = config is not None and "seed" in config
+  except OSError as e:  # the config file failed to load (config_flags loads it lazily)
+    fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+  if config is None:
+    fail("--config is required (e.g. --config=configs/smoke.py)")
+  if not FLAGS.workdir:
+    fail("--workdir is required")
+  try:
+    run(config, FLAGS.workdir)
+  except (config_lib.ConfigError, data.DataError, UsageError) as e:
+    logging.flush()
+    fail(str(e).splitlines()[0])
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

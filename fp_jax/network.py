@@ -1,0 +1,142 @@
+"""The macro skeleton shared by the supernet and the fixed network.
+
+stem (3x3 conv to 3F + BN) -> num_layers + 2 cells (two are reduction cells,
+where F doubles and the resolution halves) -> ReLU, global pool, linear; an
+auxiliary head after the cell that follows the second reduction.
+
+Every cell input is calibrated to the cell's (size, F): a factorized
+reduction when it is larger, else ReLU-1x1-BN. (ENAS skips the 1x1 when the
+channel counts already match; always calibrating makes every cell one channel
+group for pruning, DESIGN §6.) A reduction cell calibrates both inputs with a
+factorized reduction and then runs its nodes at stride 1, as ENAS does.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from fp_jax import layers
+from fp_jax import space
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+  index: int
+  reduce: bool
+  stage: int               # 0..4, the pruning stage (DESIGN §6)
+  filters: int             # F of this cell
+  hw: tuple                # (H, W) of this cell
+  in_channels: tuple       # channels of h(i-2), h(i-1)
+  in_strides: tuple        # 1 -> ReLU-1x1-BN calibration, s > 1 -> factorized reduce
+  out_channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  in_channels: int
+  image_hw: tuple
+  stem_channels: int
+  cells: tuple
+  aux_index: int           # aux head after this cell
+  num_classes: int
+
+
+def _ceil_hw(hw, s):
+  return (-(-hw[0] // s), -(-hw[1] // s))
+
+
+def make_plan(num_layers, out_filters, image_shape, num_classes, out_nodes):
+  """out_nodes(reduce: bool) -> number of node outputs a cell concatenates."""
+  h, w, c = image_shape
+  r1, r2 = space.reduction_layers(num_layers)
+  stages = space.stage_of_layer(num_layers)
+  stem_c = 3 * out_filters
+  # (channels, hw, reductions so far) of h(i-2), h(i-1)
+  prev = [(stem_c, (h, w), 0), (stem_c, (h, w), 0)]
+  f, n_red, cells = out_filters, 0, []
+  for i in range(num_layers + 2):
+    reduce = i in (r1, r2)
+    if reduce:
+      f, n_red = 2 * f, n_red + 1
+    hw = _ceil_hw((h, w), 2 ** n_red)
+    strides = tuple(2 ** (n_red - p[2]) for p in prev)
+    out_c = out_nodes(reduce) * f
+    cells.append(CellSpec(i, reduce, stages[i], f, hw, (prev[0][0], prev[1][0]),
+                          strides, out_c))
+    prev = [prev[1], (out_c, hw, n_red)]
+  aux_index = min(r2 + 1, num_layers + 1)
+  return Plan(c, (h, w), stem_c, tuple(cells), aux_index, num_classes)
+
+
+def init_common(key, plan):
+  """Parameters and BN stats of everything but the cells' nodes."""
+  ks = jax.random.split(key, 3 + 2 * len(plan.cells))
+  p, s = {}, {}
+  p["stem"], s["stem"] = layers.conv_bn_init(ks[0], 3, plan.in_channels, plan.stem_channels)
+  p["calib"], s["calib"] = [], []
+  for spec in plan.cells:
+    cp, cs = [], []
+    for j in range(2):
+      key = ks[3 + 2 * spec.index + j]
+      if spec.in_strides[j] == 1:
+        pj, sj = layers.conv_bn_init(key, 1, spec.in_channels[j], spec.filters)
+      else:
+        pj, sj = layers.factorized_reduce_init(key, spec.in_channels[j], spec.filters)
+      cp.append(pj)
+      cs.append(sj)
+    p["calib"].append(cp)
+    s["calib"].append(cs)
+  aux_spec = plan.cells[plan.aux_index]
+  p["aux"], s["aux"] = layers.aux_head_init(ks[1], aux_spec.out_channels, aux_spec.hw[0],
+                                            plan.num_classes)
+  p["fc"] = layers.classifier_init(ks[2], plan.cells[-1].out_channels, plan.num_classes)
+  return p, s
+
+
+def calibrate(p, s, x, stride, train, axis_name):
+  if stride == 1:
+    return layers.relu_conv_bn(p, s, x, train, axis_name)
+  return layers.factorized_reduce(p, s, x, stride, train, axis_name)
+
+
+def _get(s, *keys):
+  for k in keys:
+    if s is None:
+      return None
+    s = s[k]
+  return s
+
+
+def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
+  """Applies the network; cell_fn(i, spec, h0, h1) -> (out, cell_stats_new).
+
+  h0, h1 are the calibrated inputs [B,H,W,F]. Returns (logits, aux_logits or
+  None, new_stats) where new_stats is None when stats is None.
+  """
+  new = None if stats is None else {"calib": [], "cells": []}
+  y, st = layers.relu_conv_bn(params["stem"], _get(stats, "stem"), x, train, axis_name,
+                              relu=False)
+  if new is not None:
+    new["stem"] = st
+  prev = [y, y]
+  aux_logits = None
+  for spec in plan.cells:
+    hs, cal_new = [], []
+    for j in range(2):
+      h, sj = calibrate(params["calib"][spec.index][j], _get(stats, "calib", spec.index, j),
+                        prev[j], spec.in_strides[j], train, axis_name)
+      hs.append(h)
+      cal_new.append(sj)
+    out, cell_new = cell_fn(spec.index, spec, hs[0], hs[1])
+    if new is not None:
+      new["calib"].append(cal_new)
+      new["cells"].append(cell_new)
+    if with_aux and spec.index == plan.aux_index:
+      aux_logits, sa = layers.aux_head(params["aux"], _get(stats, "aux"), out, train, axis_name)
+      if new is not None:
+        new["aux"] = sa
+    elif new is not None and spec.index == plan.aux_index:
+      new["aux"] = stats["aux"]
+    prev = [prev[1], out]
+  return layers.classifier(params["fc"], prev[1]), aux_logits, new

@@ -1,0 +1,23 @@
+"""Learning-rate schedules."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min):
+  """SGDR (Loshchilov & Hutter): cycles of t0, t0*tmul, ... epochs, lr_max -> lr_min.
+
+  Returns an optax-style schedule step -> lr, continuous within an epoch.
+  """
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    if tmul == 1:
+      start, length = jnp.floor(epoch / t0) * t0, jnp.float32(t0)
+    else:
+      # cycle n starts at t0 * (tmul^n - 1) / (tmul - 1)
+      n = jnp.floor(jnp.log1p(epoch * (tmul - 1) / t0) / jnp.log(tmul))
+      start = t0 * (tmul ** n - 1) / (tmul - 1)
+      length = t0 * tmul ** n
+    frac = jnp.clip((epoch - start) / length, 0.0, 1.0)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + jnp.cos(jnp.pi * frac))
+  return schedule
