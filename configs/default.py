@@ -26,6 +26,7 @@ def get_config():
   s.beta = 20.0                        # b of the reward
   s.ratio_choices = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
   s.importance = "l1"                  # l1 | bn
+  s.uniform_child_epochs = 0           # warm-up epochs training the supernet on uniform arcs
   s.controller_updates = 30            # per epoch
   s.controller_samples = 10            # architectures per update
   s.lr_max = 0.05

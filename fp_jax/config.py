@@ -96,6 +96,7 @@ def validate(config):
   _float(config, "search.beta", 0.0)
   ratio_choices(config)
   _choice(config, "search.importance", IMPORTANCE)
+  _int(config, "search.uniform_child_epochs", 0)
   _int(config, "search.controller_updates", 0)
   _int(config, "search.controller_samples", 1)
   _float(config, "search.lr_max", 0.0, lo_open=True)

@@ -150,8 +150,12 @@ class Search:
     """One epoch of child steps and controller updates; returns (state, metrics)."""
     s, epoch = self.config.search, state["epoch"]
     ctrl = state["controller"]
-    arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch),
-                                            self.steps_per_epoch, self.ccfg)["arc"])
+    if epoch < s.uniform_child_epochs:   # supernet warm-up on uniformly sampled arcs
+      rng = np.random.default_rng([self.config.seed, 3, epoch])
+      arcs = np.stack([space.sample_uniform(rng) for _ in range(self.steps_per_epoch)])
+    else:
+      arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch),
+                                              self.steps_per_epoch, self.ccfg)["arc"])
     child, losses, accs = state["child"], [], []
     t0 = time.perf_counter()
     for i in range(self.steps_per_epoch):
