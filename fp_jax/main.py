@@ -34,18 +34,35 @@ class UsageError(Exception):
 
 
 def fail(message):
-  message = str(message).replace("\\n", " ").replace("\\'", "'").replace("''", "'")
+  message = str(message).replace("\\n", " ").replace("\\'", "'")
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(2)
 
 
-def _flag_error(e):
+def _flag_error(e, argv=()):
   text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+
+  def field(key):  # the full dotted path of the override that named `key`
+    for a in argv[1:]:
+      m = re.match(r"--config\.([\w.]+)", a)
+      if m and key in m.group(1).split("."):
+        return f"--config.{m.group(1)}"
+    return "--config"
+
   unknown = re.search(r"(\w+)\W+Did you mean \"(\w+)\"", text)
   if unknown:
-    return f"--config: unknown field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)"
-  if re.fullmatch(r"\W*(\w+)\W*", text):
-    return f"--config: unknown field {text.strip(chr(39) + chr(92))!r}"
+    return (f"{field(unknown.group(1))}: unknown field {unknown.group(1)!r} "
+            f"(did you mean {unknown.group(2)!r}?)")
+  unknown = re.fullmatch(r"\W*(\w+)\W*", text)
+  if unknown:
+    return f"{field(unknown.group(1))}: unknown field {unknown.group(1)!r}"
+  if text.startswith("flag --"):  # absl: "flag --config.x=v: reason"
+    head, _, reason = text[len("flag "):].partition(": ")
+    for pattern, allowed in (("to float", "must be a number"), ("for int()", "must be an integer"),
+                             ("Non-boolean", "must be True or False")):
+      if pattern in reason:
+        return f"{head}: {allowed}"
+    return text[len("flag "):]
   return text if text.startswith("--") or "config" not in text else f"--config: {text}"
 
 
@@ -54,7 +71,7 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except Exception as e:  # flags.Error, or errors raised overriding the config file
-    fail(_flag_error(e))
+    fail(_flag_error(e, argv))
 
 
 def check_stage_done(path, config, stage):
@@ -74,13 +91,13 @@ def run(config, workdir):
     os.remove(probe)
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+  if "search" in stages:  # before config.json: a refused run must change nothing
+    check_stage_done(os.path.join(workdir, "search", "arch.json"), config, "search")
   import jax  # after distributed start-up
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
-  if "search" in stages:
-    check_stage_done(os.path.join(workdir, "search", "arch.json"), config, "search")
   ds = None
   if "search" in stages:
     from fp_jax.train import search

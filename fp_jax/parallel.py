@@ -26,12 +26,14 @@ def init_distributed(coordinator_address="", num_processes=0, process_id=-1):
   return False
 
 
-def make_mesh():
-  return jax.make_mesh((jax.device_count(),), (AXIS,))
+def make_mesh(devices=None):
+  """1-D mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
-def check_batch(batch_size, field):
-  n = jax.device_count()
+def check_batch(batch_size, field, mesh=None):
+  n = jax.device_count() if mesh is None else mesh.size
   if batch_size % n:
     raise config_lib.ConfigError(f"{field}={batch_size} must be divisible by the device count ({n})")
 

@@ -101,8 +101,8 @@ class Search:
   def build(cls, config, ds, ratio_choices, mesh=None):
     s = config.search
     mesh = mesh or parallel.make_mesh()
-    parallel.check_batch(s.batch_size, "search.batch_size")
-    parallel.check_batch(s.eval_batch_size, "search.eval_batch_size")
+    parallel.check_batch(s.batch_size, "search.batch_size", mesh)
+    parallel.check_batch(s.eval_batch_size, "search.eval_batch_size", mesh)
     if len(ds.y_valid) < s.eval_batch_size:
       raise config_lib.ConfigError(f"data.valid_size={len(ds.y_valid)}: must be >= "
                        f"search.eval_batch_size={s.eval_batch_size}")

@@ -1,0 +1,209 @@
+"""Tests for fp_jax.flops: analytic counts vs the parameter pytree, the traced jaxpr and XLA."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp_jax import child
+from fp_jax import flops
+from fp_jax import layers
+from fp_jax import space
+
+ARCS = {"enas": space.ENAS_ARC,
+        "random1": space.arc_to_string(space.sample_uniform(np.random.default_rng(1))),
+        "random2": space.arc_to_string(space.sample_uniform(np.random.default_rng(2)))}
+SHAPES = [(16, 16, 3), (8, 8, 1)]
+CASES = [pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}")
+         for name in ARCS for shape in SHAPES]
+
+# Hand-computed case: 4x4x1 images, 3 classes, num_layers 3 (cells: normal, reduce,
+# normal, reduce, normal), F 2; every op identity and every input h(i-2) or h(i-1),
+# so each cell concatenates all 5 nodes (out = 5F).
+ALL_IDENTITY = " ".join(["0 4 1 4"] * 10)
+# The same with the first normal-cell op a sep_conv3x3 (the cell outputs do not change).
+ONE_SEP3 = "0 0 1 4 " + " ".join(["0 4 1 4"] * 9)
+
+
+def _shapes(plan, arc):
+  """(params, stats) as ShapeDtypeStructs: child.init without running it."""
+  return jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+
+
+def _forward(plan, arc):
+  def f(params, stats, x):
+    return child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]
+  return f
+
+
+def _image(shape):
+  return jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+
+
+def _xla_flops(fn, *args):
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+@pytest.fixture
+def xla_depthwise(monkeypatch):
+  """Depthwise convolutions as grouped convolutions, so the jaxpr sees them as convs."""
+  monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "xla")
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_params_match_pytree(name, shape):
+  arc = space.parse_arc(ARCS[name])
+  plan = child.make_plan(arc, 3, 8, shape, 10)
+  counts = flops.count(plan, arc)
+  params, stats = _shapes(plan, arc)
+  assert counts["params"] == flops.param_count(params)
+  no_aux = {k: v for k, v in params.items() if k != "aux"}
+  assert set(params) - set(no_aux) == {"aux"}
+  assert counts["params_no_aux"] == flops.param_count(no_aux)
+  assert counts["params"] - counts["params_no_aux"] == flops.param_count(params["aux"]) > 0
+  assert set(counts) == {"macs", "params", "params_no_aux", "aux_macs"}
+  assert all(isinstance(v, int) for v in counts.values())
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_macs_match_jaxpr_and_xla(name, shape, xla_depthwise):
+  del xla_depthwise
+  arc = space.parse_arc(ARCS[name])
+  plan = child.make_plan(arc, 3, 8, shape, 10)
+  counts = flops.count(plan, arc)
+  params, stats = _shapes(plan, arc)
+  fwd = _forward(plan, arc)
+  x = _image(shape)
+  assert flops.jaxpr_macs(fwd, params, stats, x) == counts["macs"]
+  # the aux head adds exactly aux_macs
+  def with_aux(p, s, x):
+    return child.forward(plan, arc, p, s, x, train=False, with_aux=True)[:2]
+  assert flops.jaxpr_macs(with_aux, params, stats, x) == counts["macs"] + counts["aux_macs"]
+  # XLA: 2 flops per multiply-add, less the zero-padding taps of SAME convolutions,
+  # plus BN/ReLU/pooling/add elementwise work.
+  ratio = _xla_flops(fwd, params, stats, x) / (2 * counts["macs"])
+  assert 0.85 <= ratio <= 1.15, ratio
+
+
+def test_jaxpr_macs_of_single_ops(xla_depthwise):
+  del xla_depthwise
+  x = jax.ShapeDtypeStruct((2, 6, 5, 3), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32)
+  assert flops.jaxpr_macs(lambda x, w: layers.conv(x, w), x, w) == 2 * 6 * 5 * 4 * 9 * 3
+  assert flops.jaxpr_macs(lambda x, w: layers.conv(x, w, stride=2), x, w) \
+      == 2 * 3 * 3 * 4 * 9 * 3
+  w1 = jax.ShapeDtypeStruct((1, 1, 3, 4), jnp.float32)   # a 1x1 runs as a dot_general
+  assert flops.jaxpr_macs(lambda x, w: layers.conv(x, w), x, w1) == 2 * 6 * 5 * 3 * 4
+  dw = jax.ShapeDtypeStruct((5, 5, 1, 3), jnp.float32)
+  assert flops.jaxpr_macs(layers.depthwise_conv, x, dw) == 2 * 6 * 5 * 3 * 25
+  a = jax.ShapeDtypeStruct((7, 11), jnp.float32)
+  b = jax.ShapeDtypeStruct((11, 13), jnp.float32)
+  assert flops.jaxpr_macs(lambda a, b: jnp.tanh(a) @ b, a, b) == 7 * 11 * 13
+  # inside a nested jit the walk still finds them
+  assert flops.jaxpr_macs(jax.jit(lambda a, b: a @ b), a, b) == 7 * 11 * 13
+  assert flops.jaxpr_macs(lambda a: jnp.maximum(a, 0.0) + 1.0, a) == 0
+
+
+def test_shift_depthwise_is_not_counted_by_jaxpr(monkeypatch):
+  """With the CPU 'shift' depthwise the jaxpr has no depthwise conv: macs fall short."""
+  monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "shift")
+  arc = space.parse_arc(ONE_SEP3)
+  plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
+  params, stats = _shapes(plan, arc)
+  traced = flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1)))
+  # depthwise 3x3 twice on c channels per normal cell: 16*18*2, 4*18*4, 1*18*8
+  assert traced == flops.count(plan, arc)["macs"] - (16 * 36 + 4 * 72 + 144)
+
+
+def test_hand_computed_all_identity(xla_depthwise):
+  del xla_depthwise
+  arc = space.parse_arc(ALL_IDENTITY)
+  plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
+  assert [c.filters for c in plan.cells] == [2, 4, 4, 8, 8]
+  assert [c.hw for c in plan.cells] == [(4, 4), (2, 2), (2, 2), (1, 1), (1, 1)]
+  assert [c.in_strides for c in plan.cells] == [(1, 1), (2, 2), (2, 1), (2, 2), (2, 1)]
+  assert [c.out_channels for c in plan.cells] == [10, 20, 20, 40, 40]
+  assert plan.aux_index == 4
+  # stem: 3x3 conv 1 -> 6 on 4x4, BN
+  stem_macs, stem_params = 16 * 9 * 1 * 6, 9 * 6 + 2 * 6
+  # calibration per cell: (ReLU-1x1-BN or factorized reduce) c_in -> F per output pixel
+  calib_macs = [16 * 6 * 2 * 2, 4 * 6 * 4 + 4 * 10 * 4, 4 * 10 * 4 + 4 * 20 * 4,
+                1 * 20 * 8 * 2, 1 * 20 * 8 + 1 * 40 * 8]
+  calib_params = [2 * (6 * 2 + 4), (6 * 4 + 8) + (10 * 4 + 8), (10 * 4 + 8) + (20 * 4 + 8),
+                  2 * (20 * 8 + 16), (20 * 8 + 16) + (40 * 8 + 16)]
+  fc_macs, fc_params = 40 * 3, 40 * 3 + 3
+  # aux head on the last cell (1x1, 40 channels): pool window 1, 1x1 conv 40->128 + BN,
+  # 1x1 conv 128->768 + BN, linear 768->3
+  aux_macs = 40 * 128 + 128 * 768 + 768 * 3
+  aux_params = 40 * 128 + 256 + 128 * 768 + 2 * 768 + 768 * 3 + 3
+  macs = stem_macs + sum(calib_macs) + fc_macs
+  params_no_aux = stem_params + sum(calib_params) + fc_params
+  assert (macs, params_no_aux) == (2904, 1301)
+  expected = {"macs": macs, "params": params_no_aux + aux_params,
+              "params_no_aux": params_no_aux, "aux_macs": aux_macs}
+  assert flops.count(plan, arc) == expected
+  params, stats = _shapes(plan, arc)
+  assert flops.param_count(params) == params_no_aux + aux_params
+  assert flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1))) == macs
+
+
+def test_hand_computed_one_sep_conv(xla_depthwise):
+  del xla_depthwise
+  base = flops.count(child.make_plan(space.parse_arc(ALL_IDENTITY), 3, 2, (4, 4, 1), 3),
+                     space.parse_arc(ALL_IDENTITY))
+  arc = space.parse_arc(ONE_SEP3)
+  plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
+  counts = flops.count(plan, arc)
+  # one sep_conv3x3 in each of the 3 normal cells (c = 2 on 4x4, 4 on 2x2, 8 on 1x1):
+  # ReLU, dw 3x3 (9c), pw c->c, BN, ReLU, dw 3x3, pw c->c, BN
+  def sep_macs(hw, c):
+    return hw * (9 * c + c * c + 9 * c + c * c)
+
+  def sep_params(c):
+    return 2 * (9 * c + c * c + 2 * c)
+
+  extra_macs = sep_macs(16, 2) + sep_macs(4, 4) + sep_macs(1, 8)
+  extra_params = sep_params(2) + sep_params(4) + sep_params(8)
+  assert (extra_macs, extra_params) == (1392, 476)
+  assert counts["macs"] == base["macs"] + extra_macs
+  assert counts["params_no_aux"] == base["params_no_aux"] + extra_params
+  assert counts["params"] == base["params"] + extra_params
+  assert counts["aux_macs"] == base["aux_macs"]
+  params, stats = _shapes(plan, arc)
+  assert flops.param_count(params) == counts["params"]
+  assert flops.param_count(params["cells"][0]["nodes"][0][0]) == sep_params(2)
+  assert flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1))) \
+      == counts["macs"]
+
+
+def _fresh_widths(plan):
+  """full_widths with no shared lists, safe to edit."""
+  w = flops.full_widths(plan)
+  return {"stem": w["stem"],
+          "cells": [{"cell": c["cell"], "inner": [list(r) for r in c["inner"]]}
+                    for c in w["cells"]]}
+
+
+def test_count_with_widths():
+  arc = space.parse_arc(ONE_SEP3)
+  plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
+  full = flops.count(plan, arc)
+  assert flops.count(plan, arc, flops.full_widths(plan)) == full
+  widths = flops.full_widths(plan)
+  assert widths["stem"] == 6
+  assert [c["cell"] for c in widths["cells"]] == [2, 4, 4, 8, 8]
+  assert widths["cells"][2]["inner"] == [[4, 4]] * 5
+  # stem 6 -> 3 channels: the stem conv and the 1x1s/factorized reduce reading it shrink
+  widths = _fresh_widths(plan)
+  widths["stem"] = 3
+  counts = flops.count(plan, arc, widths)
+  assert full["macs"] - counts["macs"] == 16 * 9 * 3 + 16 * 3 * 2 * 2 + 4 * 3 * 4
+  assert full["params_no_aux"] - counts["params_no_aux"] == 9 * 3 + 2 * 3 + 2 * 3 * 2 + 3 * 4
+  # the sep_conv's inner width 2 -> 1 in cell 0 (4x4, c = 2)
+  widths = _fresh_widths(plan)
+  widths["cells"][0]["inner"][0][0] = 1
+  counts = flops.count(plan, arc, widths)
+  assert full["macs"] - counts["macs"] == 16 * (2 * 1 + 9 * 1 + 1 * 2)
+  assert full["params"] - counts["params"] == 2 * 1 + 2 * 1 + 9 * 1 + 1 * 2

@@ -1,0 +1,116 @@
+"""Search stage: one compilation, 1 vs 2 devices, rewards, learning on digits, files."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from fp_jax import data
+from fp_jax import parallel
+from fp_jax import reward as reward_lib
+from fp_jax import space
+from fp_jax.train import search
+
+RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
+
+
+def tiny_config(**search_overrides):
+  config = smoke.get_config()
+  s = config.search
+  s.num_layers, s.out_filters, s.batch_size, s.eval_batch_size = 0, 8, 32, 64
+  s.epochs, s.steps_per_epoch, s.controller_updates, s.controller_samples = 1, 4, 1, 4
+  s.num_candidates, s.final_eval_batches = 2, 1
+  s.lr_max = 0.01   # stable dynamics: float reduction order must not be amplified
+  for k, v in search_overrides.items():
+    s[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load("digits", 256)
+
+
+@pytest.fixture(scope="module")
+def one_device_search(digits):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  return search.Search.build(tiny_config(), digits, RATIOS, mesh)
+
+
+def test_one_compilation_for_all_architectures(one_device_search):
+  srch = one_device_search
+  state = srch.init_state()
+  rng = np.random.default_rng(0)
+  arcs = {space.arc_to_string(space.sample_uniform(rng)) for _ in range(22)}
+  assert len(arcs) == 22
+  child = state["child"]
+  for i, a in enumerate(sorted(arcs)):
+    x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
+    child, m = srch.child_step(child, jnp.asarray(space.parse_arc(a)), x, y)
+    assert np.isfinite(float(m["loss"]))
+  assert srch.child_step._cache_size() == 1
+  # the reward evaluation compiles once for every arc and ratio setting too
+  for i in range(6):
+    srch.evaluate_sample(child["params"], space.sample_uniform(rng), rng.integers(0, 5, 5), i)
+  assert srch.reward_eval._cache_size() == 1
+
+
+def test_one_and_two_devices_give_the_same_losses(digits, one_device_search):
+  assert jax.device_count() >= 2, "conftest forces 2 CPU devices"
+  two = search.Search.build(tiny_config(), digits, RATIOS, parallel.make_mesh(jax.devices()[:2]))
+  losses = []
+  for srch in (one_device_search, two):
+    child = srch.init_state()["child"]
+    rng = np.random.default_rng(1)
+    run = []
+    for i in range(4):
+      x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
+      child, m = srch.child_step(child, jnp.asarray(space.sample_uniform(rng)), x, y)
+      run.append(float(m["loss"]))
+    losses.append(run)
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+  assert losses[0][0] != losses[0][-1]
+
+
+def test_reward_formula_and_zero_ratios(one_device_search):
+  srch = dataclasses.replace(one_device_search, reward_fn=reward_lib.make(0.5, 20.0))
+  params = srch.init_state()["child"]["params"]
+  rng = np.random.default_rng(2)
+  for i in range(5):
+    arc = space.sample_uniform(rng)
+    r = srch.evaluate_sample(params, arc, np.zeros(5, int), i)
+    assert r["prune_acc"] == r["train_acc"] and r["ratio"] == 0.0
+    assert r["reward"] == r["train_acc"]
+    r = srch.evaluate_sample(params, arc, rng.integers(1, 5, 5), i)
+    gap = r["prune_acc"] - r["train_acc"]
+    assert r["gap"] == gap
+    assert r["reward"] == 0.5 * r["ratio"] * (1 + 20.0 * gap) + r["train_acc"]
+    stages = space.stage_of_layer(0)
+    assert r["ratio"] == pytest.approx(sum(r["ratios"][s] for s in stages))
+
+
+def test_short_digits_search_learns_and_writes_results(tmp_path, digits):
+  config = tiny_config(epochs=6, steps_per_epoch=0, uniform_child_epochs=6, out_filters=16,
+                       controller_updates=2, num_layers=0, lr_max=0.05)
+  arch = search.run(config, str(tmp_path), digits, RATIOS)
+  metrics = [json.loads(l) for l in open(tmp_path / "search" / "metrics.jsonl")]
+  samples = [json.loads(l) for l in open(tmp_path / "search" / "samples.jsonl")]
+  assert len(metrics) == 6 and len(samples) == 6 * 2 * 4
+  for key in ("step", "child_loss", "child_acc", "lr", "reward", "train_acc", "prune_acc", "gap",
+              "ratio", "baseline", "entropy", "images_per_sec"):
+    assert key in metrics[-1]
+  assert metrics[-1]["child_acc"] > 0.5, metrics   # 10 classes: chance is 0.1
+  assert metrics[-1]["child_loss"] < metrics[0]["child_loss"]
+  for r in samples:
+    assert len(r["arc"]) == 40 and len(r["ratios"]) == 5
+    assert r["reward"] == 0.5 * r["ratio"] * (1 + 20.0 * (r["prune_acc"] - r["train_acc"])) \
+        + r["train_acc"]
+  saved = json.load(open(tmp_path / "search" / "arch.json"))
+  assert saved == json.loads(json.dumps(arch))
+  assert saved["normal"] + saved["reduce"] == [int(v) for v in saved["arc_string"].split()]
+  space.parse_arc(saved["arc_string"])
+  for key in ("ratios", "train_acc", "prune_acc", "reward"):
+    assert key in saved
