@@ -21,7 +21,7 @@ from fp_jax import space
 def full_widths(plan):
   """Channel-group widths of the unpruned network (see compaction.widths)."""
   return {"stem": plan.stem_channels,
-          "cells": [{"cell": s.filters, "inner": [[s.filters] * 2] * space.NUM_NODES}
+          "cells": [{"cell": s.filters, "inner": [[s.filters] * 2 for _ in range(space.NUM_NODES)]}
                     for s in plan.cells]}
 
 
@@ -103,5 +103,9 @@ def _walk(jaxpr):
 
 
 def jaxpr_macs(fn, *args):
-  """Multiply-adds of every conv and matmul in the traced fn(*args)."""
+  """Multiply-adds of every conv and matmul in the traced fn(*args).
+
+  For straight-line networks (the fixed network): a scan body counts once and
+  every branch of a cond counts, so do not use it on the supernet.
+  """
   return _walk(jax.make_jaxpr(fn)(*args).jaxpr)

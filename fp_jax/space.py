@@ -27,7 +27,7 @@ def validate_arc(arc) -> np.ndarray:
   arc = np.asarray(arc)
   if arc.shape != (ARC_LEN,):
     raise ValueError(f"arc must have {ARC_LEN} ints (normal cell then reduction "
-                     f"cell, 4 per node), got {arc.size}")
+                     f"cell, 4 per node), got shape {arc.shape}")
   if not np.issubdtype(arc.dtype, np.integer):
     raise ValueError("arc must contain integers")
   for c, name in enumerate(("normal", "reduce")):

@@ -1,0 +1,189 @@
+"""Search-size child training step: weight-sharing supernet vs the fixed network.
+
+  python -m bench.search_step [--num_layers 6 --out_filters 20 --batch 160 --image 32]
+
+Times, interleaved, (a) the supernet step (search.make_child_step, 1-device mesh)
+with a freshly sampled arc every step, (a') the same step with one arc held
+fixed, and (b) the fixed network (child.py) of that arc compiled statically with
+the same optimizer, loss (cross-entropy + aux_weight * aux) and train-mode BN.
+Also compile times, and the controller's sample / update of `--controller_num`
+architectures. Writes bench/results/search_step.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bench import common
+from configs import default
+from fp_jax import child
+from fp_jax import controller
+from fp_jax import parallel
+from fp_jax import space
+from fp_jax import supernet
+from fp_jax.train import search
+
+
+def make_fixed_step(plan, arc, tx, aux_weight):
+  """The fixed network's train step, equivalent to search.make_child_step."""
+  def step(state, x, y):
+    def loss_fn(params):
+      logits, aux, stats = child.forward(plan, arc, params, state["stats"], x, True)
+      ce = search.xent(logits, y)
+      loss = ce + aux_weight * search.xent(aux, y) if aux is not None else ce
+      return loss, (ce, jnp.mean(jnp.argmax(logits, -1) == y), stats)
+
+    (_, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state, "stats": stats}, {"loss": ce, "acc": acc}
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def param_count(tree):
+  return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
+
+
+def bench_child(args, arc):
+  cfg = default.get_config().search
+  shape = (args.image, args.image, 3)
+  tx, _ = search.child_optimizer(cfg, steps_per_epoch=100)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  x_np, y_np = common.synthetic_batch(args.seed, args.batch, args.image, args.classes)
+
+  # (a) supernet: one compilation for every arc
+  splan = supernet.make_plan(args.num_layers, args.out_filters, shape, args.classes)
+  sparams = supernet.init(jax.random.key(args.seed), splan)
+  n_super = param_count(sparams)
+  sstate = parallel.replicate(mesh, {"params": sparams, "opt_state": tx.init(sparams)})
+  sx, sy = parallel.shard(mesh, (x_np, y_np))
+  sstep = search.make_child_step(splan, tx, cfg.aux_weight, mesh)
+  fixed_arc = jnp.asarray(arc)
+  scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, sx, sy)
+
+  # (b) the fixed network of `arc`
+  fplan = child.make_plan(arc, args.num_layers, args.out_filters, shape, args.classes)
+  fparams, fstats = child.init(jax.random.key(args.seed), fplan, arc)
+  n_fixed = param_count(fparams)
+  fstate = {"params": fparams, "opt_state": tx.init(fparams), "stats": fstats}
+  fx, fy = jnp.asarray(x_np), jnp.asarray(y_np)
+  fstep = make_fixed_step(fplan, arc, tx, cfg.aux_weight)
+  fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy)
+
+  rng = np.random.default_rng(args.seed + 1)
+  arcs = [space.sample_uniform(rng) for _ in range(args.warmup + args.steps)]
+  state = {"super": sstate, "fixed": fstate}
+  losses = {}
+
+  def run_super(a):
+    def f(rep):
+      state["super"], m = scompiled(state["super"], jnp.asarray(a(rep)), sx, sy)
+      losses.setdefault("super", []).append(float(m["loss"]))
+    return f
+
+  def run_fixed(rep):
+    state["fixed"], m = fcompiled(state["fixed"], fx, fy)
+    losses.setdefault("fixed", []).append(float(m["loss"]))
+
+  times = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),
+                             "supernet_same_arc": run_super(lambda rep: arc),
+                             "fixed": run_fixed}, args.steps, args.warmup)
+  assert all(np.isfinite(v) for l in losses.values() for v in l), losses
+  res = {k: common.summary(v) for k, v in times.items()}
+  for v in res.values():
+    v["img_s"] = args.batch / v["median_s"]
+  res["compile"] = {"supernet_trace_s": s_trace, "supernet_compile_s": s_compile,
+                    "fixed_trace_s": f_trace, "fixed_compile_s": f_compile}
+  res["params"] = {"supernet": n_super, "fixed": n_fixed}
+  res["ratio_fixed_over_supernet_sampled"] = (res["supernet_sampled"]["img_s"]
+                                              and res["fixed"]["img_s"] / res["supernet_sampled"]["img_s"])
+  res["ratio_fixed_over_supernet_same_arc"] = (res["fixed"]["img_s"]
+                                               / res["supernet_same_arc"]["img_s"])
+  return res
+
+
+def bench_controller(args):
+  ccfg = controller.ControllerConfig()
+  cstate = controller.init_state(jax.random.key(args.seed), ccfg)
+  num = args.controller_num
+  keys = jax.random.split(jax.random.key(args.seed + 2), args.controller_calls + args.warmup + 2)
+  c_sample, sample_trace, sample_compile = common.compile_timed(
+      controller.sample_jit, cstate["params"], keys[0], num=num, cfg=ccfg)
+  sampled = c_sample(cstate["params"], keys[0])
+  rewards = jnp.asarray(np.random.default_rng(args.seed).uniform(0, 1, num), jnp.float32)
+  c_update, update_trace, update_compile = common.compile_timed(
+      controller.update_jit, cstate, sampled["arc"], sampled["ratio_idx"], rewards, cfg=ccfg)
+  state = {"c": cstate, "s": sampled}
+
+  def sample(rep):
+    state["s"] = common.block(controller.sample_jit(state["c"]["params"], keys[rep + 1],
+                                                    num=num, cfg=ccfg))
+
+  def update(rep):
+    state["c"], _ = common.block(controller.update_jit(
+        state["c"], state["s"]["arc"], state["s"]["ratio_idx"], rewards, cfg=ccfg))
+
+  times = common.interleave({"sample": sample, "update": update}, args.controller_calls,
+                            max(args.warmup, 2))
+  res = {k: common.summary(v) for k, v in times.items()}
+  res["compile"] = {"sample_trace_s": sample_trace, "sample_compile_s": sample_compile,
+                    "update_trace_s": update_trace, "update_compile_s": update_compile}
+  res["num"] = num
+  return res
+
+
+def main():
+  parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=4)
+  parser.add_argument("--arc", default="enas",
+                      help="arc of the fixed network: 'enas', 'uniform' (seeded) or 40 ints")
+  parser.add_argument("--controller_num", type=int, default=10)
+  parser.add_argument("--controller_calls", type=int, default=50)
+  parser.add_argument("--skip_child", action="store_true")
+  args = parser.parse_args()
+  if args.arc == "enas":
+    arc = space.parse_arc(space.ENAS_ARC)
+  elif args.arc == "uniform":
+    arc = space.sample_uniform(np.random.default_rng(args.seed))
+  else:
+    arc = space.parse_arc(args.arc)
+
+  result = {"args": vars(args), "arc": space.arc_to_string(arc), "env": common.environment()}
+  rows = []
+  if not args.skip_child:
+    r = result["child_step"] = bench_child(args, arc)
+    c = r["compile"]
+    rows += [
+        ["supernet step, sampled arcs", r["supernet_sampled"]["img_s"],
+         1e3 * r["supernet_sampled"]["median_s"], c["supernet_trace_s"] + c["supernet_compile_s"]],
+        ["supernet step, same arc", r["supernet_same_arc"]["img_s"],
+         1e3 * r["supernet_same_arc"]["median_s"], "(same executable)"],
+        ["fixed network step", r["fixed"]["img_s"], 1e3 * r["fixed"]["median_s"],
+         c["fixed_trace_s"] + c["fixed_compile_s"]],
+        ["fixed / supernet sampled (target <= 1.5)", r["ratio_fixed_over_supernet_sampled"], "", ""],
+        ["fixed / supernet same arc", r["ratio_fixed_over_supernet_same_arc"], "", ""]]
+  r = result["controller"] = bench_controller(args)
+  c = r["compile"]
+  rows += [[f"controller sample_jit num={r['num']}", "", 1e3 * r["sample"]["median_s"],
+            c["sample_trace_s"] + c["sample_compile_s"]],
+           [f"controller update_jit num={r['num']}", "", 1e3 * r["update"]["median_s"],
+            c["update_trace_s"] + c["update_compile_s"]]]
+  result["env"]["loadavg_end"] = os.getloadavg()
+  path = common.write_json("search_step", args.out, result)
+  print(f"search step: layers={args.num_layers} filters={args.out_filters} batch={args.batch} "
+        f"image={args.image} arc='{result['arc']}' ({args.steps} timed reps, medians)")
+  print(common.table(["what", "img/s", "median ms", "compile s"], rows))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
