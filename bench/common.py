@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -49,10 +50,11 @@ def timed(fn, *args):
   return time.perf_counter() - t, out
 
 
-def compile_timed(jitted, *args):
-  """Lowers and compiles a jitted function; returns (compiled, trace_s, compile_s)."""
+def compile_timed(jitted, *args, **kwargs):
+  """Lowers and compiles a jitted function; returns (compiled, trace_s, compile_s).
+  Static arguments go in kwargs and are not passed to the compiled function."""
   t0 = time.perf_counter()
-  lowered = jitted.lower(*args)
+  lowered = jitted.lower(*args, **kwargs)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   return compiled, t1 - t0, time.perf_counter() - t1
@@ -72,6 +74,10 @@ def interleave(fns, reps, warmup=1):
       if rep >= warmup:
         times[n].append(dt)
   return times
+
+
+def log(msg):
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def summary(seconds):

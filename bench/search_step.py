@@ -69,7 +69,9 @@ def bench_child(args, arc):
   sx, sy = parallel.shard(mesh, (x_np, y_np))
   sstep = search.make_child_step(splan, tx, cfg.aux_weight, mesh)
   fixed_arc = jnp.asarray(arc)
+  common.log(f"supernet: {n_super} params, compiling the step")
   scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, sx, sy)
+  common.log(f"supernet step: trace {s_trace:.1f}s compile {s_compile:.1f}s")
 
   # (b) the fixed network of `arc`
   fplan = child.make_plan(arc, args.num_layers, args.out_filters, shape, args.classes)
@@ -79,6 +81,7 @@ def bench_child(args, arc):
   fx, fy = jnp.asarray(x_np), jnp.asarray(y_np)
   fstep = make_fixed_step(fplan, arc, tx, cfg.aux_weight)
   fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy)
+  common.log(f"fixed step ({n_fixed} params): trace {f_trace:.1f}s compile {f_compile:.1f}s")
 
   rng = np.random.default_rng(args.seed + 1)
   arcs = [space.sample_uniform(rng) for _ in range(args.warmup + args.steps)]
@@ -98,6 +101,7 @@ def bench_child(args, arc):
   times = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),
                              "supernet_same_arc": run_super(lambda rep: arc),
                              "fixed": run_fixed}, args.steps, args.warmup)
+  common.log("child steps timed")
   assert all(np.isfinite(v) for l in losses.values() for v in l), losses
   res = {k: common.summary(v) for k, v in times.items()}
   for v in res.values():
@@ -126,12 +130,11 @@ def bench_controller(args):
   state = {"c": cstate, "s": sampled}
 
   def sample(rep):
-    state["s"] = common.block(controller.sample_jit(state["c"]["params"], keys[rep + 1],
-                                                    num=num, cfg=ccfg))
+    state["s"] = common.block(c_sample(state["c"]["params"], keys[rep + 1]))
 
   def update(rep):
-    state["c"], _ = common.block(controller.update_jit(
-        state["c"], state["s"]["arc"], state["s"]["ratio_idx"], rewards, cfg=ccfg))
+    state["c"], _ = common.block(c_update(state["c"], state["s"]["arc"],
+                                          state["s"]["ratio_idx"], rewards))
 
   times = common.interleave({"sample": sample, "update": update}, args.controller_calls,
                             max(args.warmup, 2))

@@ -110,8 +110,8 @@ def _kept(m):
 
 
 def _take(tree, idx, axis=-1):
-  """Gathers `idx` along `axis` of every leaf (None passes through)."""
-  return jax.tree.map(lambda a: jnp.take(a, idx, axis=axis), tree)
+  """Gathers `idx` along `axis` of every leaf on the host (None passes through)."""
+  return jax.tree.map(lambda a: np.take(np.asarray(a), idx, axis=axis), tree)
 
 
 def _compact_producer(p, s, in_idx, out_idx):
@@ -192,7 +192,7 @@ def compact(plan, arc, params, stats, masks):
   p["fc"] = {**params["fc"], "w": _take(params["fc"]["w"], prev[1], axis=0)}
   if st is not None:
     st["stem"], st["calib"], st["cells"] = stem_s, calib_s, cells_s
-  return widths_of(masks), p, st
+  return widths_of(masks), jax.tree.map(jnp.asarray, p), jax.tree.map(jnp.asarray, st)
 
 
 def prune(plan, arc, params, stats, ratios, criterion="l1"):

@@ -149,7 +149,7 @@ def _run(params, cfg: ControllerConfig, key, actions=None):
   def ratio_step(carry, xs):
     c, h, x = carry
     c, h = _lstm(p["w_lstm"], x, c, h)
-    logits = op_tanh * jnp.tanh((h @ p["w_ratio"] + p["b_ratio"]) / cfg.temperature)
+    logits = cfg.tanh_constant * jnp.tanh((h @ p["w_ratio"] + p["b_ratio"]) / cfg.temperature)
     idx, lp, ent = _decide(logits, *xs)
     return (c, h, p["w_ratio_emb"][idx]), (idx, lp, ent)
 

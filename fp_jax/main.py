@@ -91,14 +91,16 @@ def run(config, workdir):
     os.remove(probe)
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not writable ({e.strerror})") from None
-  if "search" in stages:  # before config.json: a refused run must change nothing
+  # before config.json: a refused run must change nothing
+  if "search" in stages:
     check_stage_done(os.path.join(workdir, "search", "arch.json"), config, "search")
+  if "profile" in stages:
+    check_stage_done(os.path.join(workdir, "profile.json"), config, "profile")
   import jax  # after distributed start-up
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
-  ds = None
   if "search" in stages:
     from fp_jax.train import search
     ds = data.load(config.data.name, config.data.valid_size,

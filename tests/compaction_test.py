@@ -11,7 +11,7 @@ from fp_jax import layers
 from fp_jax import pruning
 from fp_jax import space
 
-F, HW, CLASSES, BATCH = 4, 8, 10, 4
+F, HW, CLASSES, BATCH = 4, 8, 10, 8
 RATIO_CHOICES = np.round(np.arange(9) * 0.1, 1)
 X = jax.random.normal(jax.random.PRNGKey(1), (BATCH, HW, HW, 3))
 
@@ -39,19 +39,35 @@ CASES = {
 _CACHE = {}
 
 
-def _randomize_bn(tree, key):
-  """Random BN scales (0.3..1.5) and biases, so the 'bn' criterion has no ties."""
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda t: isinstance(t, dict) and "scale" in t)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for leaf, k in zip(leaves, keys):
-    if isinstance(leaf, dict) and "scale" in leaf:
-      ka, kb = jax.random.split(k)
-      c = leaf["scale"].shape
-      leaf = {"scale": jax.random.uniform(ka, c, minval=0.3, maxval=1.5),
-              "bias": 0.2 * jax.random.normal(kb, c)}
-    out.append(leaf)
-  return jax.tree.unflatten(treedef, out)
+@pytest.fixture(autouse=True, scope="module")
+def _xla_depthwise():
+  """Grouped-conv depthwise: eager mode compiles one op per shape instead of k*k slices."""
+  old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "xla"
+  yield
+  layers.DEPTHWISE_IMPL = old
+
+
+def _random_init(plan, arc, seed):
+  """child.init's pytrees filled on the host (fast: no per-shape PRNG compiles):
+  He-normal convs, random BN scales (0.3..1.5, so 'bn' has no ties) and biases."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: child.init(jax.random.PRNGKey(0), plan, arc))
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      a = rng.uniform(0.3, 1.5, leaf.shape)
+    elif name.endswith("['bias']"):
+      a = 0.2 * rng.standard_normal(leaf.shape)
+    elif name.endswith(("['b']", "['mean']")):
+      a = np.zeros(leaf.shape)
+    elif name.endswith("['var']"):
+      a = np.ones(leaf.shape)
+    else:
+      a = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+    return jnp.asarray(a, jnp.float32)
+
+  return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
 
 
 def _net(name):
@@ -59,8 +75,7 @@ def _net(name):
   if name not in _CACHE:
     arc, num_layers, _ = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
-    params, stats = child.init(jax.random.PRNGKey(len(_CACHE)), plan, arc)
-    params = _randomize_bn(params, jax.random.PRNGKey(7))
+    params, stats = _random_init(plan, arc, len(_CACHE))
     for i in range(3):
       x = jax.random.normal(jax.random.PRNGKey(10 + i), X.shape) * (1.0 + 0.3 * i)
       _, _, stats = child.forward(plan, arc, params, stats, x, True)
@@ -104,6 +119,17 @@ def test_masked_logits_equal_compact(name):
   plan, arc, params, stats = _net(name)
   _, masked, _, cp, cs = _pruned(name)
   _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), name)
+
+
+def test_compact_with_shift_depthwise():
+  """The CPU default depthwise implementation also runs compact widths."""
+  plan, arc, params, stats = _net("uniform2_l1")
+  _, masked, _, cp, cs = _pruned("uniform2_l1")
+  old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "shift"
+  try:
+    _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "uniform2_l1/shift")
+  finally:
+    layers.DEPTHWISE_IMPL = old
 
 
 @pytest.mark.parametrize("name", ["uniform0", "uniform2_l1", "pool_identity"])

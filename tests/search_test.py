@@ -114,3 +114,35 @@ def test_short_digits_search_learns_and_writes_results(tmp_path, digits):
   space.parse_arc(saved["arc_string"])
   for key in ("ratios", "train_acc", "prune_acc", "reward"):
     assert key in saved
+
+
+def test_alpha_drives_ratios_up(one_device_search):
+  """a = 0.5 (b = 0: ratio term only) samples and chooses higher ratios than a = 0."""
+  means, chosen = {}, {}
+  for alpha in (0.0, 0.5):
+    config = tiny_config(alpha=alpha, beta=0.0, steps_per_epoch=1, controller_updates=25,
+                         controller_samples=5, num_candidates=3)
+    srch = dataclasses.replace(
+        one_device_search, config=config, reward_fn=reward_lib.make(alpha, 0.0),
+        ccfg=dataclasses.replace(one_device_search.ccfg, lr=0.05))
+    state, _, samples = srch.run_epoch(srch.init_state())
+    means[alpha] = np.mean([np.mean(r["ratios"]) for r in samples[-25:]])
+    chosen[alpha] = np.mean(srch.choose(state, samples)["ratios"])
+  assert means[0.5] > means[0.0] + 0.1, means
+  assert chosen[0.5] > chosen[0.0], chosen
+
+
+def test_cifar10_path_under_tfds_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=48):
+    ds = data.load("cifar10", 16)
+  assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
+  config = tiny_config(out_filters=4, batch_size=8, eval_batch_size=8, steps_per_epoch=2,
+                       controller_samples=2)
+  config.data.name, config.data.valid_size, config.data.crop_pad = "cifar10", 16, 4
+  config.data.flip = True
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  srch = search.Search.build(config, ds, RATIOS, mesh)
+  state, metrics, samples = srch.run_epoch(srch.init_state())
+  assert np.isfinite(metrics["child_loss"]) and len(samples) == 2
+  assert state["epoch"] == 1
