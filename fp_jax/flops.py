@@ -19,7 +19,7 @@ from fp_jax import space
 
 
 def full_widths(plan):
-  """Channel-group widths of the unpruned network (see compaction.widths)."""
+  """Channel-group widths of the unpruned network (see compaction.widths_of)."""
   return {"stem": plan.stem_channels,
           "cells": [{"cell": s.filters, "inner": [[s.filters] * 2 for _ in range(space.NUM_NODES)]}
                     for s in plan.cells]}

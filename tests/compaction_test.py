@@ -210,6 +210,9 @@ def test_bn_criterion_compacts_exactly():
   _, masked, widths, cp, cs = _pruned("uniform1", "bn")
   _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "uniform1/bn")
   assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
+  widths2, cp2, _ = compaction.prune(plan, arc, params, stats, CASES["uniform1"][2], "bn")
+  assert widths2 == widths
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(cp2), jax.tree.leaves(cp)))
 
 
 @pytest.mark.parametrize("name", ["uniform0", "pool_identity", "identity_only"])
