@@ -76,10 +76,18 @@ def _is_sep(op):
   return (op == space.SEP3) | (op == space.SEP5)
 
 
-def _slot_importance(cell_p, k, s, op, idx, criterion):
-  """(inner, output) importance of the sep_conv node k slot s runs (sep3 or sep5 at idx)."""
-  at = lambda name: sep_importance(jax.tree.map(lambda a: a[k, s, idx], cell_p[name]), criterion)
-  return jax.tree.map(lambda a, b: jnp.where(op == space.SEP5, b, a), at("sep3"), at("sep5"))
+def _stacked_importance(p, criterion):
+  """(inner, output) importance [5, 2, inputs, C] of a cell's stacked sep_conv params."""
+  if criterion == "bn":
+    return jnp.abs(p["bn1"]["scale"]), jnp.abs(p["bn2"]["scale"])
+  l1 = lambda w: jnp.sum(jnp.abs(w), axis=(-4, -3, -2))   # HWIO kernels, keep O
+  return l1(p["pw1"]), l1(p["pw2"])
+
+
+def _slots(cell_arc):
+  """(input idx [5, 2], op [5, 2]) of a traced cell arc [20]."""
+  rows = cell_arc.reshape(space.NUM_NODES, 4)
+  return rows[:, 0::2], rows[:, 1::2]
 
 
 def supernet_masks(plan, params, arc, ratios, criterion="l1"):
@@ -88,41 +96,47 @@ def supernet_masks(plan, params, arc, ratios, criterion="l1"):
   masks = {"stem": keep_mask(producer_importance(params["stem"], criterion), ratios[0]),
            "cells": []}
   for spec in plan.cells:
-    cell_arc = arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
+    idx, op = _slots(arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN])
     ratio = ratios[spec.stage]
+    onehot = jax.nn.one_hot(idx, params["cells"][spec.index]["sep3"]["bn1"]["scale"].shape[2])
+    picked = [jnp.einsum("ksi,ksic->ksc", onehot, imp) for name in ("sep3", "sep5")
+              for imp in _stacked_importance(params["cells"][spec.index][name], criterion)]
+    is5 = (op == space.SEP5)[..., None]
+    imp_in = jnp.where(is5, picked[2], picked[0])                        # [5, 2, F]
+    imp_out = jnp.where(is5, picked[3], picked[1]) * _is_sep(op)[..., None]
     imp = sum(producer_importance(params["calib"][spec.index][j], criterion) for j in range(2))
-    inner = []
-    for k in range(space.NUM_NODES):
-      row = []
-      for s in range(2):
-        idx, op = cell_arc[4 * k + 2 * s], cell_arc[4 * k + 2 * s + 1]
-        imp_in, imp_out = _slot_importance(params["cells"][spec.index], k, s, op, idx, criterion)
-        imp = imp + jnp.where(_is_sep(op), imp_out, 0.0)
-        row.append(keep_mask(imp_in, ratio))
-      inner.append(jnp.stack(row))
-    masks["cells"].append({"cell": keep_mask(imp, ratio), "inner": jnp.stack(inner)})
+    imp = imp + imp_out.sum(axis=(0, 1))
+    inner = jax.vmap(jax.vmap(keep_mask, (0, None)), (0, None))(imp_in, ratio)
+    masks["cells"].append({"cell": keep_mask(imp, ratio), "inner": inner})
   return masks
 
 
 def apply_supernet_masks(plan, params, arc, masks):
-  """Supernet params with the sampled architecture's masked channels zeroed."""
+  """Supernet params with the sampled architecture's masked channels zeroed.
+
+  Each stacked sep_conv leaf [5, 2, inputs, ..., C] is multiplied by a mask that
+  is the node's group mask at the chosen input and 1 elsewhere.
+  """
   out = dict(params)
   out["stem"] = mask_producer(params["stem"], masks["stem"])
   out["calib"] = [[mask_producer(params["calib"][spec.index][j], masks["cells"][spec.index]["cell"])
                    for j in range(2)] for spec in plan.cells]
   out["cells"] = []
   for spec in plan.cells:
-    cell_arc = arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
+    idx, _ = _slots(arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN])
     m = masks["cells"][spec.index]
-    cell_p = dict(params["cells"][spec.index])
-    for name in ("sep3", "sep5"):
-      for k in range(space.NUM_NODES):
-        for s in range(2):
-          idx = cell_arc[4 * k + 2 * s]
-          sep = jax.tree.map(lambda a: a[k, s, idx], cell_p[name])
-          masked = mask_sep(sep, m["inner"][k, s], m["cell"])
-          cell_p[name] = jax.tree.map(lambda a, v: a.at[k, s, idx].set(v), cell_p[name], masked)
-    out["cells"].append(cell_p)
+    cell_p = params["cells"][spec.index]
+    onehot = jax.nn.one_hot(idx, cell_p["sep3"]["bn1"]["scale"].shape[2])[..., None]
+    inner = 1.0 + onehot * (m["inner"][:, :, None, :] - 1.0)            # [5, 2, inputs, F]
+    outer = 1.0 + onehot * (m["cell"] - 1.0)
+    new = {}
+    for name, p in cell_p.items():
+      kernel = lambda w, mult: w * mult[:, :, :, None, None, None, :]
+      new[name] = dict(p, pw1=kernel(p["pw1"], inner), dw2=kernel(p["dw2"], inner),
+                       pw2=kernel(p["pw2"], outer),
+                       bn1={"scale": p["bn1"]["scale"] * inner, "bias": p["bn1"]["bias"] * inner},
+                       bn2={"scale": p["bn2"]["scale"] * outer, "bias": p["bn2"]["bias"] * outer})
+    out["cells"].append(new)
   return out
 
 

@@ -27,7 +27,8 @@ def validate_arc(arc) -> np.ndarray:
   arc = np.asarray(arc)
   if arc.shape != (ARC_LEN,):
     raise ValueError(f"arc must have {ARC_LEN} ints (normal cell then reduction "
-                     f"cell, 4 per node), got shape {arc.shape}")
+                     f"cell, 4 per node), got {arc.size}"
+                     + (f" in shape {arc.shape}" if arc.ndim != 1 else ""))
   if not np.issubdtype(arc.dtype, np.integer):
     raise ValueError("arc must contain integers")
   for c, name in enumerate(("normal", "reduce")):

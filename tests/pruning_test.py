@@ -1,4 +1,6 @@
 """Supernet fake pruning: masks zero exactly the kept-fraction complement of every group."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,23 +33,31 @@ def test_supernet_masks_zero_masked_channels_exactly(criterion):
     assert m.sum() == round(0.5 * plan.stem_channels)
     assert np.all(np.asarray(stem)[..., m == 0] == 0) and np.any(np.asarray(stem)[..., m == 1])
 
-    seen = []
-
-    def cell_fn(i, spec, h0, h1):
-      m = np.asarray(masks["cells"][i]["cell"])
+    cells = collect(plan, masked, arc, x)
+    assert len(cells) == len(plan.cells)
+    for spec, (h0, h1, out) in zip(plan.cells, cells):
+      m = np.asarray(masks["cells"][spec.index]["cell"])
       assert m.sum() == max(1, round((1 - float(ratios[spec.stage])) * spec.filters))
       for h in (h0, h1):
         assert np.all(np.asarray(h)[..., m == 0] == 0)
-      part = arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
-      out = supernet.cell(masked["cells"][i], part, h0, h1)
       segments = np.asarray(out).reshape(out.shape[:3] + (space.NUM_NODES, spec.filters))
       assert np.all(segments[..., m == 0] == 0)
       assert np.any(segments[..., m == 1])
-      seen.append(i)
-      return out, None
 
-    network.run(plan, cell_fn, masked, None, x, True)
-    assert seen == list(range(len(plan.cells)))
+
+@functools.partial(jax.jit, static_argnums=0)
+def collect(plan, params, arc, x):
+  """(calibrated h0, h1, output) of every cell of the supernet."""
+  cells = []
+
+  def cell_fn(i, spec, h0, h1):
+    part = arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
+    out = supernet.cell(params["cells"][i], part, h0, h1)
+    cells.append((h0, h1, out))
+    return out, None
+
+  network.run(plan, cell_fn, params, None, x, True)
+  return cells
 
 
 def test_keep_mask_counts_and_ties():

@@ -21,9 +21,9 @@ def tiny_config(**search_overrides):
   config = smoke.get_config()
   s = config.search
   s.num_layers, s.out_filters, s.batch_size, s.eval_batch_size = 0, 8, 32, 64
-  s.epochs, s.steps_per_epoch, s.controller_updates, s.controller_samples = 1, 4, 1, 4
+  s.epochs, s.steps_per_epoch, s.controller_updates, s.controller_samples = 1, 0, 1, 4
   s.num_candidates, s.final_eval_batches = 2, 1
-  s.lr_max = 0.01   # stable dynamics: float reduction order must not be amplified
+  s.uniform_child_epochs = 100
   for k, v in search_overrides.items():
     s[k] = v
   return config
@@ -58,11 +58,12 @@ def test_one_compilation_for_all_architectures(one_device_search):
   assert srch.reward_eval._cache_size() == 1
 
 
-def test_one_and_two_devices_give_the_same_losses(digits, one_device_search):
+def test_one_and_two_devices_give_the_same_losses(digits):
   assert jax.device_count() >= 2, "conftest forces 2 CPU devices"
-  two = search.Search.build(tiny_config(), digits, RATIOS, parallel.make_mesh(jax.devices()[:2]))
+  config = tiny_config(lr_max=0.01)   # stable dynamics: reduction order is not amplified
   losses = []
-  for srch in (one_device_search, two):
+  for n in (1, 2):
+    srch = search.Search.build(config, digits, RATIOS, parallel.make_mesh(jax.devices()[:n]))
     child = srch.init_state()["child"]
     rng = np.random.default_rng(1)
     run = []
@@ -93,16 +94,15 @@ def test_reward_formula_and_zero_ratios(one_device_search):
 
 
 def test_short_digits_search_learns_and_writes_results(tmp_path, digits):
-  config = tiny_config(epochs=6, steps_per_epoch=0, uniform_child_epochs=6, out_filters=16,
-                       controller_updates=2, num_layers=0, lr_max=0.05)
+  config = tiny_config(epochs=8)   # same settings as the fixture: its compilations are reused
   arch = search.run(config, str(tmp_path), digits, RATIOS)
   metrics = [json.loads(l) for l in open(tmp_path / "search" / "metrics.jsonl")]
   samples = [json.loads(l) for l in open(tmp_path / "search" / "samples.jsonl")]
-  assert len(metrics) == 6 and len(samples) == 6 * 2 * 4
+  assert len(metrics) == 8 and len(samples) == 8 * 1 * 4
   for key in ("step", "child_loss", "child_acc", "lr", "reward", "train_acc", "prune_acc", "gap",
               "ratio", "baseline", "entropy", "images_per_sec"):
     assert key in metrics[-1]
-  assert metrics[-1]["child_acc"] > 0.5, metrics   # 10 classes: chance is 0.1
+  assert metrics[-1]["child_acc"] > 0.4, metrics   # 10 classes: chance is 0.1
   assert metrics[-1]["child_loss"] < metrics[0]["child_loss"]
   for r in samples:
     assert len(r["arc"]) == 40 and len(r["ratios"]) == 5
@@ -120,15 +120,15 @@ def test_alpha_drives_ratios_up(one_device_search):
   """a = 0.5 (b = 0: ratio term only) samples and chooses higher ratios than a = 0."""
   means, chosen = {}, {}
   for alpha in (0.0, 0.5):
-    config = tiny_config(alpha=alpha, beta=0.0, steps_per_epoch=1, controller_updates=25,
+    config = tiny_config(alpha=alpha, beta=0.0, controller_updates=40,
                          controller_samples=5, num_candidates=3)
     srch = dataclasses.replace(
         one_device_search, config=config, reward_fn=reward_lib.make(alpha, 0.0),
-        ccfg=dataclasses.replace(one_device_search.ccfg, lr=0.05))
+        ccfg=dataclasses.replace(one_device_search.ccfg, lr=0.05, baseline_decay=0.8))
     state, _, samples = srch.run_epoch(srch.init_state())
-    means[alpha] = np.mean([np.mean(r["ratios"]) for r in samples[-25:]])
-    chosen[alpha] = np.mean(srch.choose(state, samples)["ratios"])
-  assert means[0.5] > means[0.0] + 0.1, means
+    means[alpha] = np.mean([r["ratio"] for r in samples[-75:]])   # Ratio: sum over cells
+    chosen[alpha] = srch.choose(state, samples)["ratio"]
+  assert means[0.5] > means[0.0] + 0.2, means
   assert chosen[0.5] > chosen[0.0], chosen
 
 
@@ -138,11 +138,11 @@ def test_cifar10_path_under_tfds_mock_data(tmp_path):
     ds = data.load("cifar10", 16)
   assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
   config = tiny_config(out_filters=4, batch_size=8, eval_batch_size=8, steps_per_epoch=2,
-                       controller_samples=2)
+                       controller_updates=0)   # the reward path is tested on digits
   config.data.name, config.data.valid_size, config.data.crop_pad = "cifar10", 16, 4
   config.data.flip = True
   mesh = parallel.make_mesh(jax.devices()[:2])
   srch = search.Search.build(config, ds, RATIOS, mesh)
   state, metrics, samples = srch.run_epoch(srch.init_state())
-  assert np.isfinite(metrics["child_loss"]) and len(samples) == 2
+  assert np.isfinite(metrics["child_loss"]) and metrics["images_per_sec"] > 0
   assert state["epoch"] == 1

@@ -9,6 +9,7 @@ one pytree; batches and controller keys are pure functions of (seed, position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -43,10 +44,20 @@ def controller_config(config, num_ratio_choices):
       entropy_weight=c.entropy_weight, baseline_decay=c.baseline_decay, lr=c.lr)
 
 
+def _opt_key(s, steps_per_epoch):
+  return (steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min, s.momentum, s.l2, s.grad_clip)
+
+
 def child_optimizer(s, steps_per_epoch):
-  schedule = schedules.cosine_restarts(steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min)
-  tx = optax.chain(optax.add_decayed_weights(2 * s.l2), optax.clip_by_global_norm(s.grad_clip),
-                   optax.sgd(schedule, momentum=s.momentum, nesterov=True))
+  """(optax transform, lr schedule) of the supernet: L2, clipping, Nesterov SGDR."""
+  return _optimizer(_opt_key(s, steps_per_epoch))
+
+
+def _optimizer(opt):
+  spe, t0, tmul, lr_max, lr_min, momentum, l2, clip = opt
+  schedule = schedules.cosine_restarts(spe, t0, tmul, lr_max, lr_min)
+  tx = optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(clip),
+                   optax.sgd(schedule, momentum=momentum, nesterov=True))
   return tx, schedule
 
 
@@ -81,6 +92,14 @@ def make_reward_eval(plan, criterion, mesh):
                                 (REPLICATED, REPLICATED))
 
 
+@functools.lru_cache(maxsize=8)
+def _steps(plan, mesh, opt, aux_weight, criterion):
+  """Optimizer and compiled steps, shared by every Search with the same settings."""
+  tx, schedule = _optimizer(opt)
+  return (tx, schedule, make_child_step(plan, tx, aux_weight, mesh),
+          make_reward_eval(plan, criterion, mesh))
+
+
 @dataclasses.dataclass
 class Search:
   """Everything static about one search run (built from config and data)."""
@@ -108,12 +127,11 @@ class Search:
                        f"search.eval_batch_size={s.eval_batch_size}")
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
-    tx, schedule = child_optimizer(s, spe)
+    tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
+                                                   s.importance)
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
-               np.asarray(ratio_choices, np.float32), spe, tx, schedule,
-               make_child_step(plan, tx, s.aux_weight, mesh),
-               make_reward_eval(plan, s.importance, mesh),
-               reward_lib.make(s.alpha, s.beta))
+               np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
+               reward_eval, reward_lib.make(s.alpha, s.beta))
 
   def init_state(self):
     k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
