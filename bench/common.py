@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -62,27 +63,36 @@ def compile_timed(jitted, *args, **kwargs):
 
 def interleave(fns, reps, warmup=1):
   """fns: {name: f(rep)} (each waits for its result). Runs one call of each per
-  repetition, rotating the order; returns {name: [seconds of the timed reps]}."""
+  repetition, rotating the order. Returns ({name: [wall seconds]}, {name: {'user':
+  [...], 'sys': [...]}}) of the timed reps; this process's CPU seconds are less
+  disturbed by other processes than wall time, and 'sys' shows page-fault costs."""
   names = list(fns)
-  times = {n: [] for n in names}
+  wall = {n: [] for n in names}
+  cpu = {n: {"user": [], "sys": []} for n in names}
   for rep in range(warmup + reps):
     shift = rep % len(names)
     for n in names[shift:] + names[:shift]:
-      t = time.perf_counter()
+      r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       fns[n](rep)
-      dt = time.perf_counter() - t
+      dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
       if rep >= warmup:
-        times[n].append(dt)
-  return times
+        wall[n].append(dt)
+        cpu[n]["user"].append(r1.ru_utime - r0.ru_utime)
+        cpu[n]["sys"].append(r1.ru_stime - r0.ru_stime)
+  return wall, cpu
 
 
 def log(msg):
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def summary(seconds):
-  return {"median_s": statistics.median(seconds), "min_s": min(seconds),
-          "max_s": max(seconds), "n": len(seconds), "all_s": seconds}
+def summary(seconds, cpu=None):
+  out = {"median_s": statistics.median(seconds), "min_s": min(seconds),
+         "max_s": max(seconds), "n": len(seconds), "all_s": seconds}
+  if cpu:
+    out["median_user_s"] = statistics.median(cpu["user"])
+    out["median_sys_s"] = statistics.median(cpu["sys"])
+  return out
 
 
 def environment():

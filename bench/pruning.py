@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,7 +40,10 @@ def main():
   mesh = parallel.make_mesh(jax.devices()[:1])
   plan = supernet.make_plan(args.num_layers, args.out_filters, shape, args.classes)
   common.log("initialising the supernet")
-  params = parallel.replicate(mesh, supernet.init(jax.random.key(args.seed), plan))
+  t = time.perf_counter()
+  params = common.block(supernet.init(jax.random.key(args.seed), plan))
+  init_s = time.perf_counter() - t
+  params = parallel.replicate(mesh, params)
   n_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
   x, y = parallel.shard(mesh, common.synthetic_batch(args.seed, args.batch, args.image,
                                                      args.classes))
@@ -83,17 +87,18 @@ def main():
   ratios = [jnp.asarray(rng.choice(choices, 5)) for _ in range(reps)]
   run = lambda name: lambda rep: common.block(compiled[name](*call_args[name](arcs[rep],
                                                                                   ratios[rep])))
-  times = common.interleave({n: run(n) for n in fns}, args.steps, args.warmup)
+  times, cpu = common.interleave({n: run(n) for n in fns}, args.steps, args.warmup)
   common.log("timed")
-  res = {n: dict(common.summary(t), compile_s=compile_s[n]) for n, t in times.items()}
+  res = {n: dict(common.summary(t, cpu[n]), compile_s=compile_s[n]) for n, t in times.items()}
   med = {n: r["median_s"] for n, r in res.items()}
   res["ratio_prune_over_train"] = med["prune_acc"] / med["train_acc"]
   res["ratio_reward_over_train"] = med["reward_eval"] / med["train_acc"]
   res["ratio_reward_over_train_plus_prune"] = med["reward_eval"] / (med["train_acc"]
                                                                      + med["prune_acc"])
   res["params"] = n_params
+  res["supernet_init_s"] = init_s
   result = {"args": vars(args), "env": dict(common.environment(), loadavg_end=os.getloadavg()),
-            "results": res}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": res}
   path = common.write_json("pruning", args.out, result)
   img = lambda n: args.batch / med[n]
   rows = [["(a) TrainAcc eval: forward + acc", 1e3 * med["train_acc"], img("train_acc"),
@@ -107,7 +112,8 @@ def main():
           ["(d) reward eval (both accs, make_reward_eval)", 1e3 * med["reward_eval"],
            img("reward_eval"), compile_s["reward_eval"]],
           ["(d) / (a)", res["ratio_reward_over_train"], "", ""],
-          ["(d) / ((a) + (b))", res["ratio_reward_over_train_plus_prune"], "", ""]]
+          ["(d) / ((a) + (b))", res["ratio_reward_over_train_plus_prune"], "", ""],
+          ["supernet.init (eager)", 1e3 * init_s, "", ""]]
   print(f"pruning: layers={args.num_layers} filters={args.out_filters} eval batch={args.batch} "
         f"image={args.image} criterion={args.criterion} supernet params={n_params} "
         f"({args.steps} timed reps over random arcs/ratios, medians)")

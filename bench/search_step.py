@@ -15,6 +15,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,7 +64,9 @@ def bench_child(args, arc):
 
   # (a) supernet: one compilation for every arc
   splan = supernet.make_plan(args.num_layers, args.out_filters, shape, args.classes)
-  sparams = supernet.init(jax.random.key(args.seed), splan)
+  t = time.perf_counter()
+  sparams = common.block(supernet.init(jax.random.key(args.seed), splan))
+  init_s = time.perf_counter() - t
   n_super = param_count(sparams)
   sstate = parallel.replicate(mesh, {"params": sparams, "opt_state": tx.init(sparams)})
   sx, sy = parallel.shard(mesh, (x_np, y_np))
@@ -98,16 +101,17 @@ def bench_child(args, arc):
     state["fixed"], m = fcompiled(state["fixed"], fx, fy)
     losses.setdefault("fixed", []).append(float(m["loss"]))
 
-  times = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),
+  times, cpu = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),
                              "supernet_same_arc": run_super(lambda rep: arc),
                              "fixed": run_fixed}, args.steps, args.warmup)
   common.log("child steps timed")
   assert all(np.isfinite(v) for l in losses.values() for v in l), losses
-  res = {k: common.summary(v) for k, v in times.items()}
+  res = {k: common.summary(v, cpu[k]) for k, v in times.items()}
   for v in res.values():
     v["img_s"] = args.batch / v["median_s"]
   res["compile"] = {"supernet_trace_s": s_trace, "supernet_compile_s": s_compile,
                     "fixed_trace_s": f_trace, "fixed_compile_s": f_compile}
+  res["supernet_init_s"] = init_s
   res["params"] = {"supernet": n_super, "fixed": n_fixed}
   res["ratio_fixed_over_supernet_sampled"] = (res["supernet_sampled"]["img_s"]
                                               and res["fixed"]["img_s"] / res["supernet_sampled"]["img_s"])
@@ -136,9 +140,9 @@ def bench_controller(args):
     state["c"], _ = common.block(c_update(state["c"], state["s"]["arc"],
                                           state["s"]["ratio_idx"], rewards))
 
-  times = common.interleave({"sample": sample, "update": update}, args.controller_calls,
+  times, cpu = common.interleave({"sample": sample, "update": update}, args.controller_calls,
                             max(args.warmup, 2))
-  res = {k: common.summary(v) for k, v in times.items()}
+  res = {k: common.summary(v, cpu[k]) for k, v in times.items()}
   res["compile"] = {"sample_trace_s": sample_trace, "sample_compile_s": sample_compile,
                     "update_trace_s": update_trace, "update_compile_s": update_compile}
   res["num"] = num
@@ -146,7 +150,7 @@ def bench_controller(args):
 
 
 def main():
-  parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=4)
+  parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=3)
   parser.add_argument("--arc", default="enas",
                       help="arc of the fixed network: 'enas', 'uniform' (seeded) or 40 ints")
   parser.add_argument("--controller_num", type=int, default=10)
@@ -160,31 +164,37 @@ def main():
   else:
     arc = space.parse_arc(args.arc)
 
-  result = {"args": vars(args), "arc": space.arc_to_string(arc), "env": common.environment()}
+  result = {"args": vars(args), "arc": space.arc_to_string(arc), "env": common.environment(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
   rows = []
   if not args.skip_child:
     r = result["child_step"] = bench_child(args, arc)
     c = r["compile"]
+    cpu = lambda k: [r[k]["median_user_s"], r[k]["median_sys_s"]]
     rows += [
         ["supernet step, sampled arcs", r["supernet_sampled"]["img_s"],
-         1e3 * r["supernet_sampled"]["median_s"], c["supernet_trace_s"] + c["supernet_compile_s"]],
+         1e3 * r["supernet_sampled"]["median_s"], *cpu("supernet_sampled"),
+         c["supernet_trace_s"] + c["supernet_compile_s"]],
         ["supernet step, same arc", r["supernet_same_arc"]["img_s"],
-         1e3 * r["supernet_same_arc"]["median_s"], "(same executable)"],
-        ["fixed network step", r["fixed"]["img_s"], 1e3 * r["fixed"]["median_s"],
+         1e3 * r["supernet_same_arc"]["median_s"], *cpu("supernet_same_arc"), "(same executable)"],
+        ["fixed network step", r["fixed"]["img_s"], 1e3 * r["fixed"]["median_s"], *cpu("fixed"),
          c["fixed_trace_s"] + c["fixed_compile_s"]],
-        ["fixed / supernet sampled (target <= 1.5)", r["ratio_fixed_over_supernet_sampled"], "", ""],
-        ["fixed / supernet same arc", r["ratio_fixed_over_supernet_same_arc"], "", ""]]
+        ["fixed / supernet sampled (target <= 1.5)", r["ratio_fixed_over_supernet_sampled"],
+         "", "", "", ""],
+        ["fixed / supernet same arc", r["ratio_fixed_over_supernet_same_arc"], "", "", "", ""],
+        ["supernet.init (eager)", "", 1e3 * r["supernet_init_s"], "", "", ""]]
   r = result["controller"] = bench_controller(args)
   c = r["compile"]
-  rows += [[f"controller sample_jit num={r['num']}", "", 1e3 * r["sample"]["median_s"],
+  rows += [[f"controller sample_jit num={r['num']}", "", 1e3 * r["sample"]["median_s"], "", "",
             c["sample_trace_s"] + c["sample_compile_s"]],
-           [f"controller update_jit num={r['num']}", "", 1e3 * r["update"]["median_s"],
+           [f"controller update_jit num={r['num']}", "", 1e3 * r["update"]["median_s"], "", "",
             c["update_trace_s"] + c["update_compile_s"]]]
   result["env"]["loadavg_end"] = os.getloadavg()
   path = common.write_json("search_step", args.out, result)
   print(f"search step: layers={args.num_layers} filters={args.out_filters} batch={args.batch} "
         f"image={args.image} arc='{result['arc']}' ({args.steps} timed reps, medians)")
-  print(common.table(["what", "img/s", "median ms", "compile s"], rows))
+  print(common.table(["what", "img/s", "median ms", "user cpu s", "sys cpu s", "compile s"],
+                     rows))
   print(f"wrote {path}")
 
 

@@ -26,8 +26,9 @@ def test_supernet_masks_zero_masked_channels_exactly(criterion):
   arcs = [space.sample_uniform(rng), np.array([0, 4, 1, 2] * 5 + [1, 3, 0, 4] * 5)]
   for arc in arcs if criterion == "l1" else arcs[:1]:   # the second: pooling / identity only
     arc = jnp.asarray(arc)
-    masks = pruning.supernet_masks(plan, params, arc, ratios, criterion)
-    masked = pruning.apply_supernet_masks(plan, params, arc, masks)
+    masks = jax.jit(pruning.supernet_masks, static_argnums=(0, 4))(plan, params, arc, ratios,
+                                                                  criterion)
+    masked = jax.jit(pruning.apply_supernet_masks, static_argnums=0)(plan, params, arc, masks)
     stem, _ = layers.relu_conv_bn(masked["stem"], None, x, True, relu=False)
     m = np.asarray(masks["stem"])
     assert m.sum() == round(0.5 * plan.stem_channels)
