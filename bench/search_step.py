@@ -51,6 +51,14 @@ def make_fixed_step(plan, arc, tx, aux_weight):
   return jax.jit(step, donate_argnums=(0,))
 
 
+def temp_mb(compiled):
+  """XLA's scratch memory of one call (allocated, and page-faulted, every call on CPU)."""
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+  except Exception:   # not every backend reports it
+    return None
+
+
 def param_count(tree):
   return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
@@ -110,11 +118,12 @@ def bench_child(args, arc):
   for v in res.values():
     v["img_s"] = args.batch / v["median_s"]
   res["compile"] = {"supernet_trace_s": s_trace, "supernet_compile_s": s_compile,
-                    "fixed_trace_s": f_trace, "fixed_compile_s": f_compile}
+                    "fixed_trace_s": f_trace, "fixed_compile_s": f_compile,
+                    "supernet_temp_mb": temp_mb(scompiled), "fixed_temp_mb": temp_mb(fcompiled)}
   res["supernet_init_s"] = init_s
   res["params"] = {"supernet": n_super, "fixed": n_fixed}
-  res["ratio_fixed_over_supernet_sampled"] = (res["supernet_sampled"]["img_s"]
-                                              and res["fixed"]["img_s"] / res["supernet_sampled"]["img_s"])
+  res["ratio_fixed_over_supernet_sampled"] = (res["fixed"]["img_s"]
+                                              / res["supernet_sampled"]["img_s"])
   res["ratio_fixed_over_supernet_same_arc"] = (res["fixed"]["img_s"]
                                                / res["supernet_same_arc"]["img_s"])
   return res
@@ -182,7 +191,9 @@ def main():
         ["fixed / supernet sampled (target <= 1.5)", r["ratio_fixed_over_supernet_sampled"],
          "", "", "", ""],
         ["fixed / supernet same arc", r["ratio_fixed_over_supernet_same_arc"], "", "", "", ""],
-        ["supernet.init (eager)", "", 1e3 * r["supernet_init_s"], "", "", ""]]
+        ["supernet.init (eager)", "", 1e3 * r["supernet_init_s"], "", "", ""],
+        ["XLA temp MB per step: supernet / fixed", f"{c['supernet_temp_mb']:.0f} / "
+         f"{c['fixed_temp_mb']:.0f}", "", "", "", ""]]
   r = result["controller"] = bench_controller(args)
   c = r["compile"]
   rows += [[f"controller sample_jit num={r['num']}", "", 1e3 * r["sample"]["median_s"], "", "",

@@ -63,6 +63,11 @@ def depthwise_conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
+  return _depthwise_shift(x, w)
+
+
+@jax.checkpoint   # keep only x and w for the backward, not k*k shifted copies of x
+def _depthwise_shift(x, w):
   k, (h, wd) = w.shape[0], x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
   out = 0.0
