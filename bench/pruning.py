@@ -33,7 +33,7 @@ from fp_jax.train import search
 
 
 def main():
-  parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=6)
+  parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=10)
   parser.add_argument("--criterion", default="l1", choices=pruning.CRITERIA)
   args = parser.parse_args()
   shape = (args.image, args.image, 3)
