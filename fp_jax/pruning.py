@@ -138,9 +138,3 @@ def apply_supernet_masks(plan, params, arc, masks):
                        bn2={"scale": p["bn2"]["scale"] * outer, "bias": p["bn2"]["bias"] * outer})
     out["cells"].append(new)
   return out
-
-
-def ratio_sum(plan, ratios):
-  """Ratio = sum over the network's cells of its stage's ratio (DESIGN §6)."""
-  stages = jnp.array([spec.stage for spec in plan.cells])
-  return jnp.sum(jnp.asarray(ratios)[stages])

@@ -15,8 +15,6 @@ way). Masked forward passes (fake pruning) use `pruning.apply_supernet_masks`.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -102,8 +100,3 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True):
 
   logits, aux, _ = network.run(plan, cell_fn, params, None, x, True, axis_name, with_aux)
   return logits, aux
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def forward_jit(plan, params, arc, x):
-  return forward(plan, params, arc, x)
