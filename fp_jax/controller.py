@@ -4,8 +4,10 @@ An LSTM (1 layer, no bias, as ENAS) emits, for the normal then the reduction
 cell, per node: input a, input b (attention over anchors), op a, op b (softmax),
 and then one extra step whose output becomes the node's anchor. The LSTM state
 carries over from the normal into the reduction cell and then into 5 pruning
-ratio decisions (stages 0..4, see `space.stage_of_layer`). One function, `_run`,
-either samples all decisions or teacher-forces given ones (scoring).
+ratio decisions (stages 0..4, see `space.stage_of_layer`), whose logits are
+bounded by the full tanh constant (ops use tanh_constant / op_tanh_reduce; that
+bound left the ratios almost unmovable). One function, `_run`, either samples
+all decisions or teacher-forces given ones (scoring).
 """
 from __future__ import annotations
 
