@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp_jax import child
+from fp_jax import network
 from fp_jax import pruning
 from fp_jax import space
 
@@ -143,14 +144,6 @@ def _compact_sep(p, s, cell_idx, inner_idx):
   return q, t
 
 
-def _get(tree, *keys):
-  for k in keys:
-    if tree is None:
-      return None
-    tree = tree[k]
-  return tree
-
-
 def compact(plan, arc, params, stats, masks):
   """(widths, params, stats) of the network holding only the kept channels.
 
@@ -163,20 +156,20 @@ def compact(plan, arc, params, stats, masks):
   """
   p, st = dict(params), (None if stats is None else dict(stats))
   stem_idx = _kept(masks["stem"])
-  p["stem"], stem_s = _compact_producer(params["stem"], _get(stats, "stem"), None, stem_idx)
+  p["stem"], stem_s = _compact_producer(params["stem"], network.get(stats, "stem"), None, stem_idx)
   calib_p, calib_s, cells_p, cells_s = [], [], [], []
   prev = [stem_idx, stem_idx]    # kept channel indices of h(i-2), h(i-1)
   for spec in plan.cells:
     i, m = spec.index, masks["cells"][spec.index]
     cell_idx = _kept(m["cell"])
-    pairs = [_compact_producer(params["calib"][i][j], _get(stats, "calib", i, j), prev[j],
+    pairs = [_compact_producer(params["calib"][i][j], network.get(stats, "calib", i, j), prev[j],
                                cell_idx) for j in range(2)]
     calib_p.append([q for q, _ in pairs])
     calib_s.append([t for _, t in pairs])
     nodes_p = [list(row) for row in params["cells"][i]["nodes"]]
     nodes_s = None if stats is None else [list(row) for row in stats["cells"][i]["nodes"]]
     for k, s in sep_slots(arc, spec):
-      q, t = _compact_sep(nodes_p[k][s], _get(nodes_s, k, s), cell_idx, _kept(m["inner"][k][s]))
+      q, t = _compact_sep(nodes_p[k][s], network.get(nodes_s, k, s), cell_idx, _kept(m["inner"][k][s]))
       nodes_p[k][s] = q
       if nodes_s is not None:
         nodes_s[k][s] = t

@@ -100,7 +100,8 @@ def calibrate(p, s, x, stride, train, axis_name):
   return layers.factorized_reduce(p, s, x, stride, train, axis_name)
 
 
-def _get(s, *keys):
+def get(s, *keys):
+  """s[k0][k1]..., or None as soon as a level is None (stats of the supernet)."""
   for k in keys:
     if s is None:
       return None
@@ -115,7 +116,7 @@ def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
   None, new_stats) where new_stats is None when stats is None.
   """
   new = None if stats is None else {"calib": [], "cells": []}
-  y, st = layers.relu_conv_bn(params["stem"], _get(stats, "stem"), x, train, axis_name,
+  y, st = layers.relu_conv_bn(params["stem"], get(stats, "stem"), x, train, axis_name,
                               relu=False)
   if new is not None:
     new["stem"] = st
@@ -124,7 +125,7 @@ def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
   for spec in plan.cells:
     hs, cal_new = [], []
     for j in range(2):
-      h, sj = calibrate(params["calib"][spec.index][j], _get(stats, "calib", spec.index, j),
+      h, sj = calibrate(params["calib"][spec.index][j], get(stats, "calib", spec.index, j),
                         prev[j], spec.in_strides[j], train, axis_name)
       hs.append(h)
       cal_new.append(sj)
@@ -133,7 +134,7 @@ def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
       new["calib"].append(cal_new)
       new["cells"].append(cell_new)
     if with_aux and spec.index == plan.aux_index:
-      aux_logits, sa = layers.aux_head(params["aux"], _get(stats, "aux"), out, train, axis_name)
+      aux_logits, sa = layers.aux_head(params["aux"], get(stats, "aux"), out, train, axis_name)
       if new is not None:
         new["aux"] = sa
     elif new is not None and spec.index == plan.aux_index:
