@@ -56,5 +56,33 @@ def get_config():
   f.batch_size = 144
   f.epochs = 630
   f.steps_per_epoch = 0
-  f.cutout = 0
+  f.cutout = 0                         # cutout square side (0: off; paper 16)
+  f.eval_batch_size = 500
+  f.lr_max = 0.05
+  f.lr_min = 0.0001
+  f.lr_t0 = 10                         # 10 + 20 + 40 + 80 + 160 + 320 = 630 epochs
+  f.lr_tmul = 2
+  f.momentum = 0.9
+  f.l2 = 2e-4
+  f.aux_weight = 0.4
+  f.grad_clip = 5.0
+  f.keep_prob = 0.8                    # dropout before the classifier
+  f.drop_path_keep_prob = 0.6          # of the last cell; scaled by depth, ramped over training
+
+  k = config.compress = ml_collections.ConfigDict()
+  k.ratios = ""                        # 5 floats (one per stage); empty: search/arch.json
+  k.importance = "l1"                  # l1 | bn
+  k.mode = "finetune"                  # finetune (masks held fixed) | scratch (thin net anew)
+  k.finetune_epochs = 20
+  k.steps_per_epoch = 0
+  k.batch_size = 144
+  k.lr_max = 0.01
+  k.lr_min = 0.0001
+
+  t = config.latency = ml_collections.ConfigDict()
+  t.init = "trained"                   # trained (final/ and compress/ weights) | random
+  t.images = 1000                      # batch-1 latency averaged over this many images
+  t.batch_size = 64                    # throughput batch
+  t.warmup = 20
+  t.im2col = False                     # fused convs as explicit im2col + GEMM
   return config

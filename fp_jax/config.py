@@ -5,8 +5,10 @@ import numbers
 
 from fp_jax import space
 
-STAGES = ("search", "profile")
+STAGES = ("search", "final", "compress", "latency", "profile")
 IMPORTANCE = ("l1", "bn")
+COMPRESS_MODES = ("finetune", "scratch")
+LATENCY_INIT = ("trained", "random")
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,23 @@ def ratio_choices(config):
   return tuple(values)
 
 
+def compress_ratios(config):
+  """compress.ratios as 5 floats in [0, 1), or None when empty (take search/arch.json)."""
+  v = _get(config, "compress.ratios")
+  if isinstance(v, str):
+    if not v.strip():
+      return None
+    v = v.replace(",", " ").split()
+  try:
+    values = [float(x) for x in v]
+  except (TypeError, ValueError):
+    values = None
+  if values is None or len(values) != 5 or any(not 0.0 <= x < 1.0 for x in values):
+    raise ConfigError(f"compress.ratios={v!r}: must be 5 numbers in [0, 1) (one per stage: "
+                      "3 normal stages and 2 reduction cells), e.g. '0.5 0.5 0.5 0.5 0.5'")
+  return tuple(values)
+
+
 def validate(config):
   """Checks every field this program reads; raises ConfigError on the first bad one."""
   _int(config, "seed", 0)
@@ -116,7 +135,32 @@ def validate(config):
   _float(config, "controller.entropy_weight", 0.0)
   _float(config, "controller.baseline_decay", 0.0, 1.0)
   _float(config, "controller.lr", 0.0, lo_open=True)
-  _int(config, "final.cutout", 0)
+  _int(config, "final.cutout", 0, 1024)
+  _int(config, "final.eval_batch_size", 1)
+  _float(config, "final.lr_max", 0.0, lo_open=True)
+  _float(config, "final.lr_min", 0.0)
+  _int(config, "final.lr_t0", 1)
+  _int(config, "final.lr_tmul", 1)
+  _float(config, "final.momentum", 0.0, 1.0)
+  _float(config, "final.l2", 0.0)
+  _float(config, "final.aux_weight", 0.0)
+  _float(config, "final.grad_clip", 0.0, lo_open=True)
+  _float(config, "final.keep_prob", 0.0, 1.0, lo_open=True)
+  _float(config, "final.drop_path_keep_prob", 0.0, 1.0, lo_open=True)
+  compress_ratios(config)
+  _choice(config, "compress.importance", IMPORTANCE)
+  _choice(config, "compress.mode", COMPRESS_MODES)
+  _int(config, "compress.finetune_epochs", 0)
+  _int(config, "compress.steps_per_epoch", 0)
+  _int(config, "compress.batch_size", 1)
+  _float(config, "compress.lr_max", 0.0, lo_open=True)
+  _float(config, "compress.lr_min", 0.0)
+  _choice(config, "latency.init", LATENCY_INIT)
+  _int(config, "latency.images", 1)
+  _int(config, "latency.batch_size", 1)
+  _int(config, "latency.warmup", 0)
+  if not isinstance(_get(config, "latency.im2col"), bool):
+    raise ConfigError(f"latency.im2col={config.latency.im2col!r}: must be True or False")
   arc = _get(config, "final.arc")
   if arc:
     try:

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax import parallel
+from fp_jax import weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -74,6 +75,11 @@ def parse_flags(argv):
     fail(_flag_error(e, argv))
 
 
+DONE_FILE = {"search": "search/arch.json", "final": "final/result.json",
+             "compress": "compress/result.json", "latency": "latency/latency.json",
+             "profile": "profile.json"}
+
+
 def check_stage_done(path, config, stage):
   if os.path.exists(path) and not config.overwrite:
     raise UsageError(f"stage {stage} already finished in {os.path.dirname(path)} "
@@ -92,23 +98,35 @@ def run(config, workdir):
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not writable ({e.strerror})") from None
   # before config.json: a refused run must change nothing
-  if "search" in stages:
-    check_stage_done(os.path.join(workdir, "search", "arch.json"), config, "search")
-  if "profile" in stages:
-    check_stage_done(os.path.join(workdir, "profile.json"), config, "profile")
+  for stage in stages:
+    check_stage_done(os.path.join(workdir, DONE_FILE[stage]), config, stage)
   import jax  # after distributed start-up
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
-  if "search" in stages:
-    from fp_jax.train import search
+  ds = None
+  if {"search", "final", "compress"} & set(stages):
     ds = data.load(config.data.name, config.data.valid_size,
                    tfds_data_dir=config.data.tfds_data_dir)
+  if "search" in stages:
+    from fp_jax.train import search
     search.run(config, workdir, ds, config_lib.ratio_choices(config))
+  if "final" in stages:
+    from fp_jax.train import final
+    final.run(config, workdir, ds)
+  if "compress" in stages:
+    from fp_jax.train import compress
+    compress.run(config, workdir, ds)
+  if "latency" in stages:
+    from fp_jax.infer import latency
+    latency.run(config, workdir)
   if "profile" in stages:
     from fp_jax import profile
     profile.run(config, workdir)
+  if jax.process_index() == 0:
+    from fp_jax import summary
+    summary.write(workdir)
 
 
 def main(argv):
@@ -125,7 +143,7 @@ def main(argv):
     fail("--workdir is required")
   try:
     run(config, FLAGS.workdir)
-  except (config_lib.ConfigError, data.DataError, UsageError) as e:
+  except (config_lib.ConfigError, data.DataError, weights.WeightsError, UsageError) as e:
     logging.flush()
     fail(str(e).splitlines()[0])
 

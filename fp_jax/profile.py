@@ -10,29 +10,15 @@ import os
 
 from absl import logging
 import jax
-import numpy as np
 
 from fp_jax import child
-from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax import flops
+from fp_jax import results
 from fp_jax import space
 
 KNOWN_SHAPES = {"cifar10": ((32, 32, 3), 10), "synthetic": ((32, 32, 3), 10),
                 "digits": ((8, 8, 1), 10)}
-
-
-def configured_arc(config, workdir):
-  """final.arc, else DIR/search/arch.json; ConfigError when neither exists."""
-  if config.final.arc:
-    return space.parse_arc(config.final.arc)
-  path = os.path.join(workdir, "search", "arch.json")
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(
-        f"final.arc: empty and {path} does not exist; give --config.final.arc='40 ints' or "
-        "run the search stage first")
-  with open(path) as f:
-    return space.parse_arc(json.load(f)["arc_string"])
 
 
 def image_shape(config):
@@ -43,7 +29,7 @@ def image_shape(config):
 
 
 def run(config, workdir):
-  arc = configured_arc(config, workdir)
+  arc = results.configured_arc(config, workdir)
   shape, num_classes = image_shape(config)
   f = config.final
   plan = child.make_plan(arc, f.num_layers, f.out_filters, shape, num_classes)
