@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from fp_jax import config as config_lib
 from fp_jax import data
+from fp_jax import errors
 from fp_jax import parallel
 from fp_jax import weights
 
@@ -143,7 +144,8 @@ def main(argv):
     fail("--workdir is required")
   try:
     run(config, FLAGS.workdir)
-  except (config_lib.ConfigError, data.DataError, weights.WeightsError, UsageError) as e:
+  except (config_lib.ConfigError, data.DataError, weights.WeightsError, errors.RunError,
+          UsageError) as e:
     logging.flush()
     fail(str(e).splitlines()[0])
 
