@@ -25,6 +25,24 @@ def full_widths(plan):
                     for s in plan.cells]}
 
 
+def kept(channels, ratio):
+  """Channels a group of `channels` keeps at `ratio` (pruning.keep_mask's count)."""
+  return max(1, int(np.round((1.0 - ratio) * channels)))
+
+
+def ratio_widths(plan, arc, ratios):
+  """Widths of the network masked with per-stage `ratios` [5] (as compaction.widths_of)."""
+  normal, reduce = space.split(np.asarray(arc))
+  cells = []
+  for spec in plan.cells:
+    rows = (reduce if spec.reduce else normal).reshape(space.NUM_NODES, 4)
+    k = kept(spec.filters, ratios[spec.stage])
+    inner = [[k if int(row[2 * s + 1]) in (space.SEP3, space.SEP5) else spec.filters
+              for s in range(2)] for row in rows]
+    cells.append({"cell": k, "inner": inner})
+  return {"stem": kept(plan.stem_channels, ratios[0]), "cells": cells}
+
+
 def count(plan, arc, widths=None):
   """{'macs', 'params', 'params_no_aux', 'aux_macs'} of the fixed network, batch 1."""
   widths = widths or full_widths(plan)

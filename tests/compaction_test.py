@@ -137,6 +137,7 @@ def test_counts_match_flops(name):
   plan, arc, _, _ = _net(name)
   masks, _, widths, cp, cs = _pruned(name)
   assert widths == compaction.widths_of(masks)
+  assert widths == flops.ratio_widths(plan, arc, CASES[name][2])
   expected = flops.count(plan, arc, widths)
   assert flops.param_count(cp) == expected["params"]
   old = layers.DEPTHWISE_IMPL

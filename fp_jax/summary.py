@@ -1,0 +1,149 @@
+"""DIR/summary.md and DIR/plots/*.png, written from the run's own result files.
+
+The table follows the paper's (method, error %, multiply-adds M, params M):
+the unpruned final network, the same network masked with the chosen ratios,
+and the compact network after fine-tuning (or retraining). Params are those of
+the inference network (the aux head is training-only). Plots:
+
+  plots/search_samples.png  validation accuracy (masked) vs multiply-adds of every
+                            rewarded architecture at search size, the chosen one marked
+  plots/search_curves.png   reward, Ratio and Gap over the search
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fp_jax import child
+from fp_jax import flops
+from fp_jax import profile
+from fp_jax import results
+from fp_jax import space
+
+
+def _mega(n):
+  return f"{n / 1e6:.2f}" if n is not None else "-"
+
+
+def _pct(v):
+  return f"{v:.2f}" if v is not None else "-"
+
+
+def table_rows(final, compress):
+  """[(method, error %, macs, params)] from final/result.json and compress/result.json."""
+  rows = []
+  if final:
+    rows.append(("final network (unpruned)", final["test_error"], final["macs"],
+                 final["params_no_aux"]))
+  if compress:
+    ratios = " ".join(f"{r:g}" for r in compress["ratios"])
+    rows.append((f"masked, ratios {ratios} (no fine-tuning)", compress["test_error_masked"],
+                 compress["pruned_macs"], compress["pruned_params"]))
+    rows.append((f"compact, {compress['mode']} ({compress['finetune_epochs']} epochs)",
+                 compress["test_error_finetuned"], compress["pruned_macs"],
+                 compress["pruned_params"]))
+  return rows
+
+
+def sample_costs(config, samples):
+  """Multiply-adds of each sampled (arc, ratios) at the search size, masked."""
+  shape, classes = profile.KNOWN_SHAPES.get(config["data"]["name"], (None, None))
+  if shape is None:
+    return None
+  s = config["search"]
+  out = []
+  for r in samples:
+    arc = np.asarray(r["arc"])
+    plan = child.make_plan(arc, s["num_layers"], s["out_filters"], shape, classes)
+    out.append(flops.count(plan, arc, flops.ratio_widths(plan, arc, r["ratios"]))["macs"])
+  return np.asarray(out)
+
+
+def _plots(workdir, config, samples, metrics, arch):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  made = []
+  costs = sample_costs(config, samples) if samples and config else None
+  if costs is not None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    steps = [r["step"] for r in samples]
+    sc = ax.scatter(costs / 1e6, [r["prune_acc"] for r in samples], c=steps, s=10, cmap="viridis",
+                    alpha=0.7)
+    fig.colorbar(sc, ax=ax, label="search step")
+    if arch:
+      chosen = sample_costs(config, [{"arc": arch["normal"] + arch["reduce"],
+                                      "ratios": arch["ratios"]}])[0]
+      ax.scatter([chosen / 1e6], [arch["prune_acc"]], marker="*", s=250, c="red",
+                 edgecolors="black", label="chosen")
+      ax.legend()
+    ax.set_xlabel("multiply-adds (M), masked, search size")
+    ax.set_ylabel("validation accuracy, masked (PruneAcc)")
+    ax.set_title("sampled architectures")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "plots", "search_samples.png"), dpi=100)
+    plt.close(fig)
+    made.append("plots/search_samples.png")
+  rows = [m for m in metrics if m.get("reward") is not None]
+  if rows:
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    steps = [m["step"] for m in rows]
+    for ax, key, label in zip(axes, ("reward", "ratio", "gap"), ("reward", "Ratio", "Gap")):
+      ax.plot(steps, [m[key] for m in rows], marker=".")
+      ax.set_ylabel(label)
+      ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("search step")
+    axes[0].set_title("controller samples, mean per epoch")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "plots", "search_curves.png"), dpi=100)
+    plt.close(fig)
+    made.append("plots/search_curves.png")
+  return made
+
+
+def write(workdir):
+  """Writes DIR/summary.md (and plots) from whatever result files DIR holds."""
+  config = results.read_json(workdir, "config.json")
+  arch = results.read_json(workdir, os.path.join("search", "arch.json"))
+  final = results.read_json(workdir, os.path.join("final", "result.json"))
+  compress = results.read_json(workdir, os.path.join("compress", "result.json"))
+  latency = results.read_json(workdir, os.path.join("latency", "latency.json"))
+  samples = results.read_jsonl(workdir, os.path.join("search", "samples.jsonl"))
+  metrics = results.read_jsonl(workdir, os.path.join("search", "metrics.jsonl"))
+  lines = [f"# fp_jax results: {os.path.abspath(workdir)}", ""]
+  if config:
+    s = config["search"]
+    lines += [f"data `{config['data']['name']}`, seed {config['seed']}, reward a={s['alpha']:g} "
+              f"b={s['beta']:g}", ""]
+  if arch:
+    lines += ["## Search", "", f"- chosen arc: `{arch['arc_string']}`",
+              f"- ratios per stage: {arch['ratios']}",
+              f"- reward {arch['reward']:.4f}, TrainAcc {arch['train_acc']:.4f}, "
+              f"PruneAcc {arch['prune_acc']:.4f}", "", "```",
+              space.render_arc(np.asarray(arch["normal"] + arch["reduce"])), "```", ""]
+  rows = table_rows(final, compress)
+  if rows:
+    lines += ["## Results (test split)", "",
+              "| method | error % | multiply-adds (M) | params (M) |", "|---|---|---|---|"]
+    lines += [f"| {m} | {_pct(e)} | {_mega(c)} | {_mega(p)} |" for m, e, c, p in rows]
+    lines.append("")
+    if compress:
+      lines += [f"Multiply-adds {100 * (1 - compress['pruned_macs'] / compress['macs']):.1f}% "
+                f"fewer, params {100 * (1 - compress['pruned_params'] / compress['params']):.1f}% "
+                f"fewer; masked vs compact logits max abs diff "
+                f"{compress['max_abs_diff_masked_vs_compact']:.2e}.", ""]
+  if latency:
+    n = latency["network"]
+    lines += ["## Latency (batch 1, ms per image)", "", "| network | per-op | fused |",
+              "|---|---|---|",
+              f"| unpruned | {n['baseline_perop_ms']:.3f} | {n['baseline_fused_ms']:.3f} |",
+              f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
+              f"On {latency['device']}; details in latency/latency.md.", ""]
+  plots = _plots(workdir, config, samples, metrics, arch)
+  if plots:
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write("\n".join(lines))
+  return "\n".join(lines)
