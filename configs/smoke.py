@@ -26,6 +26,14 @@ def get_config():
   s.controller_samples = 10
   s.num_candidates = 4
   s.final_eval_batches = 2
-  config.final.num_layers = 3
-  config.final.out_filters = 8
+  f = config.final
+  f.num_layers = 3
+  f.out_filters = 8
+  f.epochs = 10
+  f.batch_size = 64
+  f.lr_t0 = 10                         # one cosine cycle
+  k = config.compress
+  k.finetune_epochs = 10
+  k.batch_size = 64
+  k.lr_max = 0.02
   return config

@@ -206,6 +206,20 @@ def classifier_init(key, c_in, num_classes):
           "b": jnp.zeros((num_classes,))}
 
 
-def classifier(p, x):
-  """ReLU, global average pool, linear: [B,H,W,C] -> [B,classes]."""
-  return jnp.mean(jax.nn.relu(x), axis=(1, 2)) @ p["w"] + p["b"]
+def classifier(p, x, dropout=None):
+  """ReLU, global average pool, [dropout(features)], linear: [B,H,W,C] -> [B,classes]."""
+  feats = jnp.mean(jax.nn.relu(x), axis=(1, 2))
+  if dropout is not None:
+    feats = dropout(feats)
+  return feats @ p["w"] + p["b"]
+
+
+def dropout(x, key, keep):
+  """Inverted dropout: each element kept with probability `keep` and scaled by 1/keep."""
+  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
+
+
+def drop_path(x, key, keep):
+  """Drops whole examples of x [B, ...] with probability 1 - keep, scales the rest by 1/keep."""
+  m = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(m, x / keep, 0.0)

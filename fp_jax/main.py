@@ -26,9 +26,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory for results and checkpoints.")
-flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
-flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
+flags.DEFINE_string("coordinator_address", "",
+                    "Multi-host: jax.distributed coordinator HOST:PORT (process 0's host), or "
+                    "'auto' to detect a Cloud TPU pod, SLURM or Open MPI job.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (>= 1).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id in [0, num_processes).")
 
 
 class UsageError(Exception):
@@ -43,6 +45,9 @@ def fail(message):
 
 def _flag_error(e, argv=()):
   text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+  if "Error whilst parsing config file" in text:  # get_config raised: keep its last line
+    last = text.strip().splitlines()[-1].strip()
+    return re.sub(r"^\w+(Error|Exception): ", "", last)
 
   def field(key):  # the full dotted path of the override that named `key`
     for a in argv[1:]:

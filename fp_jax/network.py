@@ -109,10 +109,11 @@ def get(s, *keys):
   return s
 
 
-def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
+def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True, dropout=None):
   """Applies the network; cell_fn(i, spec, h0, h1) -> (out, cell_stats_new).
 
-  h0, h1 are the calibrated inputs [B,H,W,F]. Returns (logits, aux_logits or
+  h0, h1 are the calibrated inputs [B,H,W,F]; dropout (optional) maps the
+  pooled features [B,C] before the classifier. Returns (logits, aux_logits or
   None, new_stats) where new_stats is None when stats is None.
   """
   new = None if stats is None else {"calib": [], "cells": []}
@@ -140,4 +141,4 @@ def run(plan, cell_fn, params, stats, x, train, axis_name=None, with_aux=True):
     elif new is not None and spec.index == plan.aux_index:
       new["aux"] = stats["aux"]
     prev = [prev[1], out]
-  return layers.classifier(params["fc"], prev[1]), aux_logits, new
+  return layers.classifier(params["fc"], prev[1], dropout), aux_logits, new

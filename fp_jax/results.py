@@ -54,4 +54,5 @@ def configured_ratios(config, workdir):
   ratios = config_lib.compress_ratios(config)
   if ratios is not None:
     return ratios
-  return tuple(float(r) for r in _arch(workdir, "compress.ratios", "'r0 r1 r2 r3 r4'")["ratios"])
+  arch = _arch(workdir, "compress.ratios", "'r0 r1 r2 r3 r4'")
+  return tuple(round(float(r), 6) for r in arch["ratios"])   # arch.json holds float32 values

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import optax
 
 
 def cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min):
@@ -21,3 +22,12 @@ def cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min):
     frac = jnp.clip((epoch - start) / length, 0.0, 1.0)
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + jnp.cos(jnp.pi * frac))
   return schedule
+
+
+def sgdr_momentum(steps_per_epoch, t0, tmul, lr_max, lr_min, momentum, l2, grad_clip):
+  """(optax transform, schedule): L2 (gradient 2*l2*w, as ENAS's l2 * sum w^2), global-norm
+  clipping, Nesterov momentum SGD on cosine restarts. Used by search, final and compress."""
+  schedule = cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min)
+  tx = optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(grad_clip),
+                   optax.sgd(schedule, momentum=momentum, nesterov=True))
+  return tx, schedule

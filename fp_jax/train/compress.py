@@ -1,0 +1,142 @@
+"""The compress stage: mask the trained network, fine-tune (or retrain) it, remove channels.
+
+  1. load DIR/final/weights.npz; ratios from compress.ratios or search/arch.json;
+  2. masks of every channel group by importance (compress.importance), applied:
+     test_error_masked is the masked network with no further training;
+  3. mode 'finetune': train the masked network with the masks held in optimizer
+     state and applied after every update (pruned weights stay exactly zero);
+     mode 'scratch': train the thin network from a fresh initialisation;
+     both for compress.finetune_epochs epochs, one cosine cycle from
+     compress.lr_max, otherwise the final recipe;
+  4. compact (channels really removed) and test it: test_error_finetuned;
+     max_abs_diff_masked_vs_compact compares the masked and compact logits of
+     the same weights on the first test batch (eval mode);
+  5. write DIR/compress/{result.json, weights.npz, metrics.jsonl}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from fp_jax import child
+from fp_jax import compaction
+from fp_jax import config as config_lib
+from fp_jax import data
+from fp_jax import flops
+from fp_jax import results
+from fp_jax import space
+from fp_jax import weights
+from fp_jax.train import final
+
+
+def load_trained(workdir):
+  """(plan, arc, params, stats, meta) of DIR/final/weights.npz."""
+  path = os.path.join(workdir, results.FINAL_WEIGHTS)
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"compress: {path} does not exist; run the final stage first "
+                                 "(--config.stages=final,compress)")
+  tree, meta = weights.load(path)
+  arc = space.parse_arc(meta["arc_string"])
+  plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
+                         tuple(meta["image_shape"]), meta["num_classes"])
+  to_jax = lambda t: jax.tree.map(jax.numpy.asarray, t)
+  return plan, arc, to_jax(tree["params"]), to_jax(tree["stats"]), meta
+
+
+def compress_recipe(config, num_train):
+  c = config.compress
+  base = final.final_recipe(config, num_train)
+  spe = c.steps_per_epoch or data.batches_per_epoch(num_train, c.batch_size)
+  lr_max = config.final.lr_max if c.mode == "scratch" else c.lr_max
+  return dataclasses.replace(base, epochs=c.finetune_epochs, steps_per_epoch=spe,
+                             batch_size=c.batch_size, lr_max=lr_max, lr_min=c.lr_min,
+                             lr_t0=max(c.finetune_epochs, 1), lr_tmul=1)
+
+
+def max_abs_diff(plan, arc, params_a, stats_a, params_b, stats_b, x):
+  """max |logits_a - logits_b| on x in eval mode (two networks of the same arc)."""
+  run = lambda p, s: child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
+  return float(np.max(np.abs(np.asarray(run(params_a, stats_a)) -
+                             np.asarray(run(params_b, stats_b)))))
+
+
+def run(config, workdir, ds):
+  c = config.compress
+  out = os.path.join(workdir, "compress")
+  os.makedirs(out, exist_ok=True)
+  plan, arc, params, stats, meta = load_trained(workdir)
+  if tuple(meta["image_shape"]) != tuple(ds.image_shape) or meta["num_classes"] != ds.num_classes:
+    raise config_lib.ConfigError(
+        f"data.name={config.data.name!r}: images {ds.image_shape} / {ds.num_classes} classes, "
+        f"but final/weights.npz was trained on {tuple(meta['image_shape'])} / "
+        f"{meta['num_classes']} classes")
+  ratios = results.configured_ratios(config, workdir)
+  x, y = final.training_images(ds)
+  recipe = compress_recipe(config, len(y))
+
+  masks = jax.device_get(jax.jit(
+      lambda p, r: compaction.child_masks(plan, arc, p, r, c.importance))(params, np.float32(ratios)))
+  apply = lambda p, m: compaction.apply_child_masks(plan, arc, p, m)
+  masked = jax.jit(apply)(params, masks)
+  full = flops.count(plan, arc)
+  pruned = flops.count(plan, arc, compaction.widths_of(masks))
+  trainer = final.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
+                                     masks=masks if c.mode == "finetune" else None,
+                                     apply_masks=apply)
+  acc_masked = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
+  logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f",
+               ratios, full["macs"] / 1e6, pruned["macs"] / 1e6, acc_masked)
+
+  x_check = data.eval_batches(ds.x_test, ds.y_test, batch_size=min(64, len(ds.y_test)),
+                              mean=ds.mean, std=ds.std).__next__()[0]
+  if c.mode == "finetune":
+    state = trainer.init_state(masked, stats)
+  else:  # scratch: a fresh initialisation of the thin network, trained alone
+    fresh_p, fresh_s = child.init(jax.random.fold_in(jax.random.key(config.seed), 20), plan, arc)
+    _, thin_p, thin_s = compaction.compact(plan, arc, fresh_p, fresh_s, masks)
+    trainer = final.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
+    state = trainer.init_state(thin_p, thin_s)
+  state = final.train_epochs(trainer, state, x, y, f"compress ({c.mode})",
+                             final._jsonl_writer(os.path.join(out, "metrics.jsonl")))
+  net = jax.device_get(state["net"])
+  if c.mode == "finetune":
+    tuned_p, tuned_s = net["params"], net["stats"]
+    widths, cp, cs = compaction.compact(plan, arc, tuned_p, tuned_s, masks)
+    diff = max_abs_diff(plan, arc, tuned_p, tuned_s, cp, cs, x_check)
+  else:
+    widths, mcp, mcs = compaction.compact(plan, arc, masked, stats, masks)
+    diff = max_abs_diff(plan, arc, masked, stats, mcp, mcs, x_check)
+    cp, cs = jax.tree.map(jax.numpy.asarray, (net["params"], net["stats"]))
+  acc_tuned = trainer.evaluate(cp, cs, ds.x_test, ds.y_test)
+  if flops.param_count(cp) != pruned["params"]:
+    raise AssertionError("compact params differ from the analytic count")
+  result = {
+      "ratios": [float(r) for r in ratios], "importance": c.importance, "mode": c.mode,
+      "finetune_epochs": c.finetune_epochs,
+      "macs": full["macs"], "params": full["params"], "params_no_aux": full["params_no_aux"],
+      "pruned_macs": pruned["macs"], "pruned_params": pruned["params"],
+      "pruned_params_no_aux": pruned["params_no_aux"],
+      "test_error_masked": 100.0 * (1.0 - acc_masked),
+      "test_error_finetuned": 100.0 * (1.0 - acc_tuned),
+      "max_abs_diff_masked_vs_compact": diff, "widths": widths,
+      "arc_string": meta["arc_string"]}
+  if jax.process_index() == 0:
+    weights.save(os.path.join(workdir, results.COMPRESS_WEIGHTS),
+                 {"params": jax.device_get(cp), "stats": jax.device_get(cs)},
+                 {**{k: meta[k] for k in ("arc_string", "num_layers", "out_filters",
+                                          "image_shape", "num_classes")},
+                  "ratios": result["ratios"], "widths": widths})
+    with open(os.path.join(out, "result.json"), "w") as fh:
+      json.dump(result, fh, indent=1)
+  msg = (f"compress: {full['macs'] / 1e6:.2f}M -> {pruned['macs'] / 1e6:.2f}M multiply-adds, "
+         f"{full['params_no_aux'] / 1e6:.3f}M -> {pruned['params_no_aux'] / 1e6:.3f}M params; "
+         f"test error masked {result['test_error_masked']:.2f}%, {c.mode} "
+         f"{result['test_error_finetuned']:.2f}%")
+  logging.info(msg)
+  print(msg)
+  return result

@@ -1,0 +1,185 @@
+"""Tests for the final and compress stages: regularisation, masks held through fine-tuning,
+the stages end to end on digits, summary.md and the paper config variants."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp_jax import child
+from fp_jax import compaction
+from fp_jax import data
+from fp_jax import flops
+from fp_jax import layers
+from fp_jax import space
+from fp_jax import weights
+from fp_jax.train import compress
+from fp_jax.train import final
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARC = space.parse_arc(space.ENAS_ARC)
+
+
+def test_drop_path_schedule():
+  keep = lambda i, t: float(child.path_keep_prob(0.6, i, 5, t))
+  assert keep(4, 0.0) == 1.0 and keep(0, 0.0) == 1.0          # ramped in from 1
+  assert keep(4, 1.0) == pytest.approx(0.6)                   # last cell: the configured keep
+  assert keep(0, 1.0) == pytest.approx(1 - 0.4 / 5)           # scaled by depth
+  assert keep(4, 0.5) == pytest.approx(0.8)
+  assert keep(4, 3.0) == pytest.approx(0.6)                   # clipped at the end of training
+
+
+def test_drop_path_drops_whole_examples():
+  x = jnp.ones((64, 4, 4, 3))
+  y = np.asarray(layers.drop_path(x, jax.random.key(0), 0.5))
+  per_example = y.reshape(64, -1)
+  assert set(np.unique(per_example)) <= {0.0, 2.0}
+  assert np.all(per_example.min(1) == per_example.max(1))     # all or nothing per example
+  assert 10 < np.sum(per_example[:, 0] == 0) < 54
+
+
+def _tiny(num_layers=1, f=4, seed=0):
+  plan = child.make_plan(ARC, num_layers, f, (8, 8, 1), 10)
+  params, stats = child.init(jax.random.key(seed), plan, ARC)
+  return plan, params, stats
+
+
+def test_regularisation_off_is_the_plain_forward():
+  plan, params, stats = _tiny()
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  reg = {"key": jax.random.key(2), "keep_prob": 1.0, "drop_path_keep_prob": 1.0, "progress": 1.0}
+  plain = child.forward(plan, ARC, params, stats, x, True)[0]
+  off = child.forward(plan, ARC, params, stats, x, True, reg=reg)[0]
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(off))
+  on = child.forward(plan, ARC, params, stats, x, True,
+                     reg={**reg, "keep_prob": 0.5, "drop_path_keep_prob": 0.5})[0]
+  assert np.max(np.abs(np.asarray(on) - np.asarray(plain))) > 1e-3
+
+
+def _digits():
+  return data.load("digits", 64)
+
+
+def _recipe(epochs=2, spe=3, **kw):
+  base = dict(epochs=epochs, steps_per_epoch=spe, batch_size=16, eval_batch_size=64,
+              lr_max=0.05, lr_min=0.001, lr_t0=epochs, lr_tmul=1, momentum=0.9, l2=2e-4,
+              grad_clip=5.0, aux_weight=0.4, keep_prob=0.8, drop_path_keep_prob=0.6, cutout=2,
+              crop_pad=0, flip=False)
+  return final.Recipe(**{**base, **kw})
+
+
+def test_finetune_keeps_masks_exact():
+  """Masks held in optimizer state: pruned weights stay exactly zero through training,
+  the kept ones move, and the compacted network still gives the masked logits."""
+  ds = _digits()
+  plan, params, stats = _tiny(num_layers=1, f=6)
+  ratios = np.float32([0.5, 0.3, 0.5, 0.5, 0.6])
+  masks = jax.device_get(compaction.child_masks(plan, ARC, params, ratios))
+  apply = lambda p, m: compaction.apply_child_masks(plan, ARC, p, m)
+  masked = apply(params, masks)
+  trainer = final.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std,
+                                     masks=masks, apply_masks=apply)
+  state = final.train_epochs(trainer, trainer.init_state(masked, stats), ds.x_train, ds.y_train,
+                             "test")
+  tuned = jax.device_get(state["net"]["params"])
+  remasked = jax.device_get(apply(tuned, masks))
+  for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(remasked)):
+    np.testing.assert_array_equal(a, b)                       # pruned entries are exactly 0
+  moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(tuned),
+                                                  jax.tree.leaves(jax.device_get(masked)))]
+  assert max(moved) > 1e-3
+  tuned_stats = jax.device_get(state["net"]["stats"])
+  _, cp, cs = compaction.compact(plan, ARC, tuned, tuned_stats, masks)
+  x = jnp.asarray(next(data.eval_batches(ds.x_test, ds.y_test, batch_size=32, mean=ds.mean,
+                                         std=ds.std))[0])
+  diff = compress.max_abs_diff(plan, ARC, tuned, tuned_stats, cp, cs, x)
+  assert diff < 1e-4
+  assert flops.param_count(cp) == flops.count(plan, ARC, compaction.widths_of(masks))["params"]
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, "-m", "fp_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["--config=configs/smoke.py", "--config.stages=final,compress",
+        f"--config.final.arc={space.ENAS_ARC}", "--config.final.num_layers=1",
+        "--config.final.out_filters=6", "--config.final.epochs=6", "--config.final.batch_size=32",
+        "--config.final.lr_t0=6", "--config.compress.ratios=0.5 0.4 0.4 0.5 0.5",
+        "--config.compress.finetune_epochs=2"]
+
+
+def test_final_and_compress_stages(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _run(*TINY, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fin = json.loads((workdir / "final" / "result.json").read_text())
+  com = json.loads((workdir / "compress" / "result.json").read_text())
+  plan = child.make_plan(ARC, 1, 6, (8, 8, 1), 10)
+  counts = flops.count(plan, ARC)
+  assert (fin["macs"], fin["params"], fin["params_no_aux"]) == (
+      counts["macs"], counts["params"], counts["params_no_aux"])
+  assert fin["test_error"] < 50.0                              # chance is 90%
+  assert fin["test_error"] == pytest.approx(100 * (1 - fin["test_acc"]))
+  for key in ("ratios", "macs", "params", "pruned_macs", "pruned_params", "test_error_masked",
+              "test_error_finetuned", "max_abs_diff_masked_vs_compact"):
+    assert key in com, key
+  assert com["pruned_macs"] < com["macs"] and com["pruned_params"] < com["params"]
+  assert com["max_abs_diff_masked_vs_compact"] < 1e-4
+  assert com["test_error_finetuned"] <= com["test_error_masked"]
+  tree, meta = weights.load(str(workdir / "compress" / "weights.npz"))
+  assert flops.param_count(tree["params"]) == com["pruned_params"]
+  assert meta["ratios"] == [0.5, 0.4, 0.4, 0.5, 0.5] and meta["arc_string"] == space.ENAS_ARC
+  summary = (workdir / "summary.md").read_text()
+  assert f"| {fin['test_error']:.2f} | {fin['macs'] / 1e6:.2f} |" in summary
+  assert f"| {com['test_error_finetuned']:.2f} | {com['pruned_macs'] / 1e6:.2f} |" in summary
+  again = _run(*TINY, f"--workdir={workdir}")                 # finished: refused, nothing lost
+  assert again.returncode != 0 and "error: stage final already finished" in again.stderr
+  assert json.loads((workdir / "final" / "result.json").read_text()) == fin
+
+
+def test_scratch_mode_trains_the_thin_network(tmp_path):
+  ds = _digits()
+  plan, params, stats = _tiny(num_layers=1, f=6, seed=3)
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "final")
+  weights.save(str(workdir / "final" / "weights.npz"), {"params": params, "stats": stats},
+               final.meta_of(plan, ARC, 1, 6))
+  from configs import smoke
+  config = smoke.get_config()
+  config.compress.mode = "scratch"
+  config.compress.ratios = "0.5 0.5 0.5 0.5 0.5"
+  config.compress.finetune_epochs = 2
+  config.compress.steps_per_epoch = 3
+  config.compress.batch_size = 16
+  result = compress.run(config, str(workdir), ds)
+  tree, _ = weights.load(str(workdir / "compress" / "weights.npz"))
+  assert flops.param_count(tree["params"]) == result["pruned_params"] < result["params"]
+  _, thin_from_trained, _ = compaction.prune(plan, ARC, params, stats, np.full(5, 0.5))
+  same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree["params"]),
+                                                jax.tree.leaves(thin_from_trained))]
+  assert not any(same)                                         # not the trained weights
+
+
+@pytest.mark.parametrize("variant,alpha,beta,cutout", [
+    ("a0.02_b20", 0.02, 20.0, 0), ("a0.5_b20_cutout", 0.5, 20.0, 16),
+    ("a0.02_b0", 0.02, 0.0, 0), ("a0.005_b5_cutout", 0.005, 5.0, 16)])
+def test_paper_variants(variant, alpha, beta, cutout):
+  from configs import cifar
+  config = cifar.get_config(variant)
+  assert (config.search.alpha, config.search.beta, config.final.cutout) == (alpha, beta, cutout)
+  assert (config.final.num_layers, config.final.out_filters) == (15, 36)
+  assert f"--config=configs/cifar.py:{variant} " in cifar.__doc__
+
+
+def test_unknown_variant_is_one_error_line(tmp_path):
+  proc = _run("--config=configs/cifar.py:a0.3_b1", f"--workdir={tmp_path}", timeout=60)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "unknown variant" in lines[0] and "a0.005_b5" in lines[0]
