@@ -23,7 +23,7 @@ from fp_jax import space
 
 
 def _mega(n):
-  return f"{n / 1e6:.2f}" if n is not None else "-"
+  return f"{n / 1e6:.3f}" if n is not None else "-"
 
 
 def _pct(v):
@@ -39,10 +39,10 @@ def table_rows(final, compress):
   if compress:
     ratios = " ".join(f"{r:g}" for r in compress["ratios"])
     rows.append((f"masked, ratios {ratios} (no fine-tuning)", compress["test_error_masked"],
-                 compress["pruned_macs"], compress["pruned_params"]))
+                 compress["pruned_macs"], compress["pruned_params_no_aux"]))
     rows.append((f"compact, {compress['mode']} ({compress['finetune_epochs']} epochs)",
                  compress["test_error_finetuned"], compress["pruned_macs"],
-                 compress["pruned_params"]))
+                 compress["pruned_params_no_aux"]))
   return rows
 
 
@@ -131,7 +131,7 @@ def write(workdir):
     lines.append("")
     if compress:
       lines += [f"Multiply-adds {100 * (1 - compress['pruned_macs'] / compress['macs']):.1f}% "
-                f"fewer, params {100 * (1 - compress['pruned_params'] / compress['params']):.1f}% "
+                f"fewer, params {100 * (1 - compress['pruned_params_no_aux'] / compress['params_no_aux']):.1f}% "
                 f"fewer; masked vs compact logits max abs diff "
                 f"{compress['max_abs_diff_masked_vs_compact']:.2e}.", ""]
   if latency:

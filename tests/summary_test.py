@@ -1,0 +1,64 @@
+"""Tests for summary.md and the plots, from hand-written result files."""
+import json
+
+import numpy as np
+
+from fp_jax import child
+from fp_jax import flops
+from fp_jax import space
+from fp_jax import summary
+
+
+def _workdir(tmp_path):
+  from configs import smoke
+  (tmp_path / "search").mkdir()
+  (tmp_path / "config.json").write_text(smoke.get_config().to_json_best_effort())
+  rng = np.random.default_rng(0)
+  samples = [dict(step=i, arc=space.sample_uniform(rng).tolist(), ratios=[0.1 * (i % 5)] * 5,
+                  train_acc=0.5, prune_acc=0.4 + 0.01 * i, gap=-0.1, ratio=1.0, reward=0.3)
+             for i in range(12)]
+  (tmp_path / "search" / "samples.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in samples))
+  (tmp_path / "search" / "metrics.jsonl").write_text("".join(
+      json.dumps(dict(step=i, reward=0.1 * i, ratio=1.0, gap=-0.1)) + "\n" for i in range(4)))
+  chosen = samples[3]
+  normal, reduce = space.split(np.asarray(chosen["arc"]))
+  (tmp_path / "search" / "arch.json").write_text(json.dumps(dict(
+      normal=normal.tolist(), reduce=reduce.tolist(),
+      arc_string=space.arc_to_string(chosen["arc"]), ratios=chosen["ratios"], train_acc=0.5,
+      prune_acc=0.43, reward=0.3)))
+  return samples
+
+
+def test_sample_costs_are_the_masked_counts(tmp_path):
+  samples = _workdir(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  costs = summary.sample_costs(config, samples[:3])
+  for r, c in zip(samples[:3], costs):
+    arc = np.asarray(r["arc"])
+    plan = child.make_plan(arc, 2, 16, (8, 8, 1), 10)       # smoke's search size
+    assert c == flops.count(plan, arc, flops.ratio_widths(plan, arc, r["ratios"]))["macs"]
+  assert costs[1] < summary.sample_costs(config, [{**samples[1], "ratios": [0.0] * 5}])[0]
+
+
+def test_summary_table_and_plots(tmp_path):
+  _workdir(tmp_path)
+  (tmp_path / "final").mkdir()
+  (tmp_path / "compress").mkdir()
+  (tmp_path / "final" / "result.json").write_text(json.dumps(dict(
+      test_error=3.5, test_acc=0.965, macs=751_000_000, params=5_000_000,
+      params_no_aux=4_600_000, epochs=630)))
+  (tmp_path / "compress" / "result.json").write_text(json.dumps(dict(
+      ratios=[0.6] * 5, mode="finetune", finetune_epochs=20, macs=751_000_000,
+      params=5_000_000, params_no_aux=4_600_000, pruned_macs=306_000_000,
+      pruned_params=2_100_000, pruned_params_no_aux=1_700_000, test_error_masked=40.0,
+      test_error_finetuned=3.85, max_abs_diff_masked_vs_compact=1e-6)))
+  text = summary.write(str(tmp_path))
+  assert text == (tmp_path / "summary.md").read_text()
+  assert "| final network (unpruned) | 3.50 | 751.000 | 4.600 |" in text
+  assert "| compact, finetune (20 epochs) | 3.85 | 306.000 | 1.700 |" in text
+  assert "Multiply-adds 59.3% fewer, params 63.0% fewer" in text
+  for name in ("search_samples.png", "search_curves.png"):
+    png = (tmp_path / "plots" / name).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert f"![plots/{name}](plots/{name})" in text
