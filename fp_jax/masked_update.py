@@ -20,13 +20,17 @@ class MaskedState(NamedTuple):
 
 
 def hold_masks(tx, masks, apply_masks):
-  """tx: optax transform; apply_masks(params, masks) -> params with masked channels zero."""
+  """tx: optax transform; apply_masks(params, masks) -> params with masked channels zero.
+
+  The returned transform's update reads the masks from its state only, so one
+  compiled step serves any masks; extra keyword arguments go to `tx`.
+  """
   def init(params):
     return MaskedState(tx.init(params), masks)
 
-  def update(updates, state, params):
-    inner_updates, inner = tx.update(updates, state.inner, params)
+  def update(updates, state, params, **extra_args):
+    inner_updates, inner = tx.update(updates, state.inner, params, **extra_args)
     new = apply_masks(optax.apply_updates(params, inner_updates), state.masks)
     return jax.tree.map(lambda n, p: n - p, new, params), MaskedState(inner, state.masks)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)

@@ -1,6 +1,7 @@
 """Learning-rate schedules."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -31,3 +32,19 @@ def sgdr_momentum(steps_per_epoch, t0, tmul, lr_max, lr_min, momentum, l2, grad_
   tx = optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(grad_clip),
                    optax.sgd(schedule, momentum=momentum, nesterov=True))
   return tx, schedule
+
+
+def scale_by_lr_arg():
+  """optax transform scaling updates by -lr, with lr passed to update(..., lr=...): a step
+  that takes the learning rate as an input compiles once for every schedule."""
+  def update(updates, state, params=None, *, lr):
+    del params
+    return jax.tree.map(lambda u: -lr * u, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def momentum_lr_arg(momentum, l2, grad_clip):
+  """sgdr_momentum's transform with the learning rate an argument of update (lr=...)."""
+  return optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(grad_clip),
+                     optax.trace(decay=momentum, nesterov=True), scale_by_lr_arg())

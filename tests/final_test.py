@@ -81,8 +81,7 @@ def test_finetune_keeps_masks_exact():
   masks = jax.device_get(compaction.child_masks(plan, ARC, params, ratios))
   apply = lambda p, m: compaction.apply_child_masks(plan, ARC, p, m)
   masked = apply(params, masks)
-  trainer = final.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std,
-                                     masks=masks, apply_masks=apply)
+  trainer = final.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
   state = final.train_epochs(trainer, trainer.init_state(masked, stats), ds.x_train, ds.y_train,
                              "test")
   tuned = jax.device_get(state["net"]["params"])
@@ -108,20 +107,33 @@ def _run(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-TINY = ["--config=configs/smoke.py", "--config.stages=final,compress",
-        f"--config.final.arc={space.ENAS_ARC}", "--config.final.num_layers=1",
-        "--config.final.out_filters=6", "--config.final.epochs=4", "--config.final.batch_size=32",
-        "--config.final.steps_per_epoch=15", "--config.final.lr_t0=4",
-        "--config.compress.ratios=0.5 0.4 0.4 0.5 0.5", "--config.compress.finetune_epochs=2",
-        "--config.compress.steps_per_epoch=10"]
+def _tiny_config(**compress):
+  """smoke.py shrunk: final 1 layer, F 6 on digits (the network of _tiny(f=6))."""
+  from configs import smoke
+  config = smoke.get_config()
+  config.stages = "final,compress"
+  f = config.final
+  f.arc, f.num_layers, f.out_filters, f.epochs, f.batch_size = space.ENAS_ARC, 1, 6, 4, 32
+  f.steps_per_epoch, f.lr_t0 = 15, 4
+  k = config.compress
+  k.ratios, k.finetune_epochs, k.steps_per_epoch = "0.5 0.4 0.4 0.5 0.5", 2, 10
+  for key, value in compress.items():
+    k[key] = value
+  return config
 
 
 def test_final_and_compress_stages(tmp_path):
+  """The stages in process (sharing compiled steps with the tests above), then the CLI's
+  refusal to redo a finished stage."""
+  from fp_jax import summary
   workdir = tmp_path / "run"
-  proc = _run(*TINY, f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  fin = json.loads((workdir / "final" / "result.json").read_text())
-  com = json.loads((workdir / "compress" / "result.json").read_text())
+  config = _tiny_config()
+  ds = _digits()
+  fin = final.run(config, str(workdir), ds)
+  com = compress.run(config, str(workdir), ds)
+  summary.write(str(workdir))
+  assert fin == json.loads((workdir / "final" / "result.json").read_text())
+  assert com == json.loads((workdir / "compress" / "result.json").read_text())
   plan = child.make_plan(ARC, 1, 6, (8, 8, 1), 10)
   counts = flops.count(plan, ARC)
   assert (fin["macs"], fin["params"], fin["params_no_aux"]) == (
@@ -137,10 +149,12 @@ def test_final_and_compress_stages(tmp_path):
   tree, meta = weights.load(str(workdir / "compress" / "weights.npz"))
   assert flops.param_count(tree["params"]) == com["pruned_params"]
   assert meta["ratios"] == [0.5, 0.4, 0.4, 0.5, 0.5] and meta["arc_string"] == space.ENAS_ARC
-  summary = (workdir / "summary.md").read_text()
-  assert f"| {fin['test_error']:.2f} | {fin['macs'] / 1e6:.3f} |" in summary
-  assert f"| {com['test_error_finetuned']:.2f} | {com['pruned_macs'] / 1e6:.3f} |" in summary
-  again = _run(*TINY, f"--workdir={workdir}")                 # finished: refused, nothing lost
+  text = (workdir / "summary.md").read_text()
+  assert f"| {fin['test_error']:.2f} | {fin['macs'] / 1e6:.3f} |" in text
+  assert f"| {com['test_error_finetuned']:.2f} | {com['pruned_macs'] / 1e6:.3f} |" in text
+  args = ["--config=configs/smoke.py", "--config.stages=final,compress",
+          f"--config.final.arc={space.ENAS_ARC}", f"--workdir={workdir}"]
+  again = _run(*args, timeout=120)                           # finished: refused, nothing lost
   assert again.returncode != 0 and "error: stage final already finished" in again.stderr
   assert json.loads((workdir / "final" / "result.json").read_text()) == fin
 
@@ -152,13 +166,8 @@ def test_scratch_mode_trains_the_thin_network(tmp_path):
   os.makedirs(workdir / "final")
   weights.save(str(workdir / "final" / "weights.npz"), {"params": params, "stats": stats},
                final.meta_of(plan, ARC, 1, 6))
-  from configs import smoke
-  config = smoke.get_config()
-  config.compress.mode = "scratch"
-  config.compress.ratios = "0.5 0.5 0.5 0.5 0.5"
-  config.compress.finetune_epochs = 2
-  config.compress.steps_per_epoch = 3
-  config.compress.batch_size = 16
+  config = _tiny_config(mode="scratch", ratios="0.5 0.5 0.5 0.5 0.5", steps_per_epoch=3,
+                        batch_size=16)
   result = compress.run(config, str(workdir), ds)
   tree, _ = weights.load(str(workdir / "compress" / "weights.npz"))
   assert flops.param_count(tree["params"]) == result["pruned_params"] < result["params"]

@@ -60,7 +60,7 @@ def compress_recipe(config, num_train):
 
 def max_abs_diff(plan, arc, params_a, stats_a, params_b, stats_b, x):
   """max |logits_a - logits_b| on x in eval mode (two networks of the same arc)."""
-  run = lambda p, s: child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
+  run = jax.jit(lambda p, s: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])
   return float(np.max(np.abs(np.asarray(run(params_a, stats_a)) -
                              np.asarray(run(params_b, stats_b)))))
 
@@ -81,13 +81,11 @@ def run(config, workdir, ds):
 
   masks = jax.device_get(jax.jit(
       lambda p, r: compaction.child_masks(plan, arc, p, r, c.importance))(params, np.float32(ratios)))
-  apply = lambda p, m: compaction.apply_child_masks(plan, arc, p, m)
-  masked = jax.jit(apply)(params, masks)
+  masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
   pruned = flops.count(plan, arc, compaction.widths_of(masks))
   trainer = final.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
-                                     masks=masks if c.mode == "finetune" else None,
-                                     apply_masks=apply)
+                                     masks=masks if c.mode == "finetune" else None)
   acc_masked = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f",
                ratios, full["macs"] / 1e6, pruned["macs"] / 1e6, acc_masked)

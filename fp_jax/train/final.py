@@ -15,6 +15,7 @@ result.json, weights.npz}.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 
 from fp_jax import child
+from fp_jax import compaction
 from fp_jax import data
 from fp_jax import errors
 from fp_jax import flops
@@ -81,30 +83,31 @@ def training_images(ds):
   return (np.concatenate([ds.x_train, ds.x_valid]), np.concatenate([ds.y_train, ds.y_valid]))
 
 
-def make_train_step(plan, arc, tx, recipe, seed, mesh):
-  """Data-parallel step: (state{params, stats, opt_state}, x, y, step) -> (state, metrics)."""
+def make_train_step(plan, arc, tx, hparams, seed, mesh):
+  """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
+  (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
+  one compilation serves every schedule and length."""
   arc = np.asarray(arc)
-  r = recipe
+  aux_weight, keep_prob, drop_path_keep_prob = hparams
 
-  def step(state, x, y, step_idx):
-    reg = {"key": jax.random.fold_in(jax.random.key(seed), step_idx), "keep_prob": r.keep_prob,
-           "drop_path_keep_prob": r.drop_path_keep_prob,
-           "progress": (step_idx + 1).astype(jnp.float32) / max(r.total_steps, 1)}
+  def step(state, x, y, step_idx, lr, progress):
+    reg = {"key": jax.random.fold_in(jax.random.key(seed), step_idx), "keep_prob": keep_prob,
+           "drop_path_keep_prob": drop_path_keep_prob, "progress": progress}
 
     def loss_fn(params):
       logits, aux, stats = child.forward(plan, arc, params, state["stats"], x, True, AXIS,
-                                         with_aux=r.aux_weight > 0, reg=reg)
+                                         with_aux=aux_weight > 0, reg=reg)
       ce = xent(logits, y)
-      loss = ce + r.aux_weight * xent(aux, y) if aux is not None else ce
+      loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
       return jax.lax.pmean(loss, AXIS), (jax.lax.pmean((ce, acc), AXIS), stats)
 
     (_, ((ce, acc), stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], lr=lr)
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "stats": stats, "opt_state": opt_state}, {"loss": ce, "acc": acc}
 
-  return parallel.data_parallel(step, mesh, (REPLICATED, BATCH, BATCH, REPLICATED),
+  return parallel.data_parallel(step, mesh, (REPLICATED, BATCH, BATCH) + (REPLICATED,) * 3,
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
@@ -121,6 +124,23 @@ def make_eval_step(plan, arc, mesh):
                                 (REPLICATED, REPLICATED))
 
 
+def _transform(optim, plan, arc, masked):
+  tx = schedules.momentum_lr_arg(*optim)
+  if masked:
+    tx = masked_update.hold_masks(tx, None, lambda p, m: compaction.apply_child_masks(plan, arc,
+                                                                                        p, m))
+  return tx
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(plan, arc_key, optim, hparams, seed, mesh, masked):
+  """Compiled steps shared by every trainer of the same network and hyperparameters
+  (the final network and its compress stage share the eval step)."""
+  arc = np.asarray(arc_key)
+  return (make_train_step(plan, arc, _transform(optim, plan, arc, masked), hparams, seed, mesh),
+          make_eval_step(plan, arc, mesh))
+
+
 @dataclasses.dataclass
 class FixedTrainer:
   """The fixed network's training loop (final stage; compress fine-tuning with masks)."""
@@ -132,29 +152,35 @@ class FixedTrainer:
   mean: np.ndarray
   std: np.ndarray
   mesh: object
-  tx: object
+  masks: object             # held in optimizer state during training, or None
   schedule: object
   train_step: object
   eval_step: object
 
   @classmethod
-  def build(cls, plan, arc, recipe, seed, stream, mean, std, mesh=None, masks=None,
-            apply_masks=None):
-    """masks (optional): held fixed in optimizer state, applied after every update."""
+  def build(cls, plan, arc, recipe, seed, stream, mean, std, mesh=None, masks=None):
+    """masks (optional, compaction.child_masks layout): held fixed in optimizer state and
+    applied after every update, so masked channels stay exactly zero."""
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch(recipe.batch_size, "batch_size", mesh)
     parallel.check_batch(recipe.eval_batch_size, "eval_batch_size", mesh)
-    tx, schedule = schedules.sgdr_momentum(recipe.steps_per_epoch, recipe.lr_t0, recipe.lr_tmul,
-                                           recipe.lr_max, recipe.lr_min, recipe.momentum,
-                                           recipe.l2, recipe.grad_clip)
-    if masks is not None:
-      tx = masked_update.hold_masks(tx, masks, apply_masks)
-    return cls(plan, np.asarray(arc), recipe, seed, stream, mean, std, mesh, tx, schedule,
-               make_train_step(plan, arc, tx, recipe, seed, mesh), make_eval_step(plan, arc, mesh))
+    r = recipe
+    schedule = schedules.cosine_restarts(r.steps_per_epoch, r.lr_t0, r.lr_tmul, r.lr_max,
+                                         r.lr_min)
+    train_step, eval_step = _steps(
+        plan, tuple(int(a) for a in arc), (r.momentum, r.l2, r.grad_clip),
+        (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None)
+    return cls(plan, np.asarray(arc), recipe, seed, stream, mean, std, mesh, masks, schedule,
+               train_step, eval_step)
 
   def init_state(self, params, stats):
     """Training state from host copies (the steps donate their input buffers)."""
-    net = jax.device_get({"params": params, "stats": stats, "opt_state": self.tx.init(params)})
+    r = self.recipe
+    tx = _transform((r.momentum, r.l2, r.grad_clip), self.plan, self.arc, self.masks is not None)
+    opt_state = tx.init(params)
+    if self.masks is not None:
+      opt_state = masked_update.MaskedState(opt_state.inner, self.masks)
+    net = jax.device_get({"params": params, "stats": stats, "opt_state": opt_state})
     return {"net": parallel.replicate(self.mesh, net), "epoch": 0}
 
   def run_epoch(self, state, x, y):
@@ -170,7 +196,9 @@ class FixedTrainer:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
       net, m = self.train_step(net, *parallel.shard(self.mesh, (xb, yb)),
-                               jnp.asarray(step, jnp.int32))
+                               jnp.asarray(step, jnp.int32),
+                               jnp.asarray(self.schedule(step), jnp.float32),
+                               jnp.asarray((step + 1) / max(r.total_steps, 1), jnp.float32))
       losses.append(m["loss"])
       accs.append(m["acc"])
     losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
