@@ -19,9 +19,19 @@ from fp_jax import space
 from fp_jax import weights
 from fp_jax.train import compress
 from fp_jax.train import final
+from fp_jax.train import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARC = space.parse_arc(space.ENAS_ARC)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _xla_depthwise():
+  """Grouped-conv depthwise: XLA:CPU compiles it in about half the time of the k*k shifts
+  (tests here are compile-bound; the two are exactly equal, see compaction_test)."""
+  old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "xla"
+  yield
+  layers.DEPTHWISE_IMPL = old
 
 
 def test_drop_path_schedule():
@@ -69,10 +79,10 @@ def _recipe(epochs=2, spe=3, **kw):
               lr_max=0.05, lr_min=0.001, lr_t0=epochs, lr_tmul=1, momentum=0.9, l2=2e-4,
               grad_clip=5.0, aux_weight=0.4, keep_prob=0.8, drop_path_keep_prob=0.6, cutout=2,
               crop_pad=0, flip=False)
-  return final.Recipe(**{**base, **kw})
+  return trainer_lib.Recipe(**{**base, **kw})
 
 
-def test_finetune_keeps_masks_exact():
+def test_finetune_keeps_masks_exact(tmp_path):
   """Masks held in optimizer state: pruned weights stay exactly zero through training,
   the kept ones move, and the compacted network still gives the masked logits."""
   ds = _digits()
@@ -81,9 +91,9 @@ def test_finetune_keeps_masks_exact():
   masks = jax.device_get(compaction.child_masks(plan, ARC, params, ratios))
   apply = lambda p, m: compaction.apply_child_masks(plan, ARC, p, m)
   masked = apply(params, masks)
-  trainer = final.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
-  state = final.train_epochs(trainer, trainer.init_state(masked, stats), ds.x_train, ds.y_train,
-                             "test")
+  trainer = trainer_lib.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
+  state = trainer_lib.train(trainer, lambda: trainer.init_state(masked, stats), ds.x_train,
+                            ds.y_train, str(tmp_path), "test")
   tuned = jax.device_get(state["net"]["params"])
   remasked = jax.device_get(apply(tuned, masks))
   for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(remasked)):
@@ -193,3 +203,40 @@ def test_unknown_variant_is_one_error_line(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "unknown variant" in lines[0] and "a0.005_b5" in lines[0]
+
+
+def test_final_preempted_and_resumed_equals_unbroken(tmp_path, monkeypatch):
+  """SIGTERM in the middle of an epoch: the step finishes, a checkpoint is saved, the run
+  exits cleanly; rerunning resumes and ends with the same metrics, result and weights."""
+  import signal
+  from fp_jax import preemption
+  config = _tiny_config()
+  config.final.epochs, config.final.steps_per_epoch, config.final.lr_t0 = 2, 4, 2
+  ds = _digits()
+  unbroken = final.run(config, str(tmp_path / "a"), ds)
+  original = trainer_lib.FixedTrainer.run_epoch
+  calls = []
+
+  def sigterm_in_second_epoch(self, state, x, y, stop=None):
+    calls.append(state["epoch"])
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)        # handled: the loop stops after one step
+    return original(self, state, x, y, stop)
+
+  monkeypatch.setattr(trainer_lib.FixedTrainer, "run_epoch", sigterm_in_second_epoch)
+  with pytest.raises(preemption.Preempted) as stopped:
+    final.run(config, str(tmp_path / "b"), ds)
+  assert stopped.value.code == 0 and "rerun the same command" in str(stopped.value)
+  assert not (tmp_path / "b" / "final" / "result.json").exists()
+  monkeypatch.setattr(trainer_lib.FixedTrainer, "run_epoch", original)
+  resumed = final.run(config, str(tmp_path / "b"), ds)
+  assert resumed == unbroken
+  timing = ("images_per_sec", "step_time")
+  lines = [[{k: v for k, v in json.loads(l).items() if k not in timing}
+            for l in (tmp_path / run / "final" / "metrics.jsonl").read_text().splitlines()]
+           for run in ("a", "b")]
+  assert lines[0] == lines[1] and len(lines[0]) == 2
+  wa, _ = weights.load(str(tmp_path / "a" / "final" / "weights.npz"))
+  wb, _ = weights.load(str(tmp_path / "b" / "final" / "weights.npz"))
+  for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
+    np.testing.assert_array_equal(a, b)

@@ -11,7 +11,7 @@
   4. compact (channels really removed) and test it: test_error_finetuned;
      max_abs_diff_masked_vs_compact compares the masked and compact logits of
      the same weights on the first test batch (eval mode);
-  5. write DIR/compress/{result.json, weights.npz, metrics.jsonl}.
+  5. write DIR/compress/{result.json, weights.npz, metrics.jsonl, tb/, ckpt/}.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from fp_jax import results
 from fp_jax import space
 from fp_jax import weights
 from fp_jax.train import final
+from fp_jax.train import trainer as trainer_lib
 
 
 def load_trained(workdir):
@@ -84,8 +85,8 @@ def run(config, workdir, ds):
   masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
   pruned = flops.count(plan, arc, compaction.widths_of(masks))
-  trainer = final.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
-                                     masks=masks if c.mode == "finetune" else None)
+  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
+                                           masks=masks if c.mode == "finetune" else None)
   acc_masked = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f",
                ratios, full["macs"] / 1e6, pruned["macs"] / 1e6, acc_masked)
@@ -93,14 +94,17 @@ def run(config, workdir, ds):
   x_check = data.eval_batches(ds.x_test, ds.y_test, batch_size=min(64, len(ds.y_test)),
                               mean=ds.mean, std=ds.std).__next__()[0]
   if c.mode == "finetune":
-    state = trainer.init_state(masked, stats)
+    init_state = lambda: trainer.init_state(masked, stats)
   else:  # scratch: a fresh initialisation of the thin network, trained alone
-    fresh_p, fresh_s = child.init(jax.random.fold_in(jax.random.key(config.seed), 20), plan, arc)
-    _, thin_p, thin_s = compaction.compact(plan, arc, fresh_p, fresh_s, masks)
-    trainer = final.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
-    state = trainer.init_state(thin_p, thin_s)
-  state = final.train_epochs(trainer, state, x, y, f"compress ({c.mode})",
-                             final._jsonl_writer(os.path.join(out, "metrics.jsonl")))
+    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
+
+    def init_state():
+      fresh_p, fresh_s = child.init(jax.random.fold_in(jax.random.key(config.seed), 20), plan,
+                                    arc)
+      _, thin_p, thin_s = compaction.compact(plan, arc, fresh_p, fresh_s, masks)
+      return trainer.init_state(thin_p, thin_s)
+  state = trainer_lib.train(trainer, init_state, x, y, out, f"compress ({c.mode})",
+                            config.overwrite)
   net = jax.device_get(state["net"])
   if c.mode == "finetune":
     tuned_p, tuned_s = net["params"], net["stats"]

@@ -1,0 +1,280 @@
+"""The fixed network's training loop, shared by the final and compress stages.
+
+`FixedTrainer` holds the compiled data-parallel steps (shared by every trainer of
+the same network and hyperparameters: learning rate and drop-path progress are
+step inputs) and runs epochs from a state {net: {params, stats, opt_state},
+epoch, pos, loss_sum, acc_sum}; `train` adds checkpoints (orbax, DIR/<stage>/ckpt),
+resume, SIGTERM handling, metrics (jsonl + TensorBoard) and progress.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fp_jax import checkpoint
+from fp_jax import child
+from fp_jax import compaction
+from fp_jax import data
+from fp_jax import errors
+from fp_jax import logs
+from fp_jax import masked_update
+from fp_jax import parallel
+from fp_jax import preemption
+from fp_jax import schedules
+from fp_jax.parallel import AXIS, BATCH, REPLICATED
+
+
+def xent(logits, labels):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Everything the fixed network's training loop reads (hashable: keys compiled steps)."""
+  epochs: int
+  steps_per_epoch: int      # resolved (> 0)
+  batch_size: int
+  eval_batch_size: int
+  lr_max: float
+  lr_min: float
+  lr_t0: int                # epochs of the first cosine cycle
+  lr_tmul: int
+  momentum: float
+  l2: float
+  grad_clip: float
+  aux_weight: float
+  keep_prob: float
+  drop_path_keep_prob: float
+  cutout: int
+  crop_pad: int
+  flip: bool
+
+  @property
+  def total_steps(self):
+    return self.epochs * self.steps_per_epoch
+
+
+def make_train_step(plan, arc, tx, hparams, seed, mesh):
+  """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
+  (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
+  one compilation serves every schedule and length."""
+  arc = np.asarray(arc)
+  aux_weight, keep_prob, drop_path_keep_prob = hparams
+
+  def step(state, x, y, step_idx, lr, progress):
+    reg = {"key": jax.random.fold_in(jax.random.key(seed), step_idx), "keep_prob": keep_prob,
+           "drop_path_keep_prob": drop_path_keep_prob, "progress": progress}
+
+    def loss_fn(params):
+      logits, aux, stats = child.forward(plan, arc, params, state["stats"], x, True, AXIS,
+                                         with_aux=aux_weight > 0, reg=reg)
+      ce = xent(logits, y)
+      loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
+      acc = jnp.mean(jnp.argmax(logits, -1) == y)
+      return jax.lax.pmean(loss, AXIS), (jax.lax.pmean((ce, acc), AXIS), stats)
+
+    (_, ((ce, acc), stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], lr=lr)
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "stats": stats, "opt_state": opt_state}, {"loss": ce, "acc": acc}
+
+  return parallel.data_parallel(step, mesh, (REPLICATED, BATCH, BATCH) + (REPLICATED,) * 3,
+                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+
+
+def make_eval_step(plan, arc, mesh):
+  """(params, stats, x, y, weight) -> (correct, count) summed over the global batch."""
+  arc = np.asarray(arc)
+
+  def evaluate(params, stats, x, y, w):
+    logits = child.forward(plan, arc, params, stats, x, False, AXIS, with_aux=False)[0]
+    correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
+    return jax.lax.psum(correct, AXIS), jax.lax.psum(jnp.sum(w), AXIS)
+
+  return parallel.data_parallel(evaluate, mesh, (REPLICATED, REPLICATED, BATCH, BATCH, BATCH),
+                                (REPLICATED, REPLICATED))
+
+
+def _transform(optim, plan, arc, masked):
+  tx = schedules.momentum_lr_arg(*optim)
+  if masked:
+    tx = masked_update.hold_masks(tx, None, lambda p, m: compaction.apply_child_masks(plan, arc,
+                                                                                        p, m))
+  return tx
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(plan, arc_key, optim, hparams, seed, mesh, masked):
+  """Compiled steps shared by every trainer of the same network and hyperparameters
+  (the final network and its compress stage share the eval step)."""
+  arc = np.asarray(arc_key)
+  return (make_train_step(plan, arc, _transform(optim, plan, arc, masked), hparams, seed, mesh),
+          make_eval_step(plan, arc, mesh))
+
+
+@dataclasses.dataclass
+class FixedTrainer:
+  """The fixed network's training loop (final stage; compress fine-tuning with masks)."""
+  plan: object
+  arc: np.ndarray
+  recipe: Recipe
+  seed: int
+  stream: int               # data stream (final 10, compress 20): different batch orders
+  mean: np.ndarray
+  std: np.ndarray
+  mesh: object
+  masks: object             # held in optimizer state during training, or None
+  schedule: object
+  train_step: object
+  eval_step: object
+
+  @classmethod
+  def build(cls, plan, arc, recipe, seed, stream, mean, std, mesh=None, masks=None):
+    """masks (optional, compaction.child_masks layout): held fixed in optimizer state and
+    applied after every update, so masked channels stay exactly zero."""
+    mesh = mesh or parallel.make_mesh()
+    parallel.check_batch(recipe.batch_size, "batch_size", mesh)
+    parallel.check_batch(recipe.eval_batch_size, "eval_batch_size", mesh)
+    r = recipe
+    schedule = schedules.cosine_restarts(r.steps_per_epoch, r.lr_t0, r.lr_tmul, r.lr_max,
+                                         r.lr_min)
+    train_step, eval_step = _steps(
+        plan, tuple(int(a) for a in arc), (r.momentum, r.l2, r.grad_clip),
+        (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None)
+    return cls(plan, np.asarray(arc), recipe, seed, stream, mean, std, mesh, masks, schedule,
+               train_step, eval_step)
+
+  def init_state(self, params, stats):
+    """Training state from host copies (the steps donate their input buffers)."""
+    r = self.recipe
+    tx = _transform((r.momentum, r.l2, r.grad_clip), self.plan, self.arc, self.masks is not None)
+    opt_state = tx.init(params)
+    if self.masks is not None:
+      opt_state = masked_update.MaskedState(opt_state.inner, self.masks)
+    net = jax.device_get({"params": params, "stats": stats, "opt_state": opt_state})
+    return {"net": parallel.replicate(self.mesh, net), "epoch": 0, "pos": 0, "loss_sum": 0.0,
+            "acc_sum": 0.0}
+
+  def run_epoch(self, state, x, y, stop=None):
+    """The rest of the current epoch over (x uint8 [N,H,W,C], y [N]).
+
+    Returns (state, metrics) at the epoch's end, or (state, None) part-way when
+    stop() turned True after a step (the state then records the position and the
+    partial loss sums, so a resumed epoch reports what an uninterrupted one would).
+    """
+    r, epoch = self.recipe, state["epoch"]
+    net, losses, accs = state["net"], [], []
+    t0 = time.perf_counter()
+    i = state["pos"]
+    while i < r.steps_per_epoch:
+      step = epoch * r.steps_per_epoch + i
+      xb, yb = data.train_batch(x, y, step=step, batch_size=r.batch_size, seed=self.seed,
+                                stream=self.stream, mean=self.mean, std=self.std,
+                                crop_pad=r.crop_pad, flip=r.flip, cutout=r.cutout,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+      net, m = self.train_step(net, *parallel.shard(self.mesh, (xb, yb)),
+                               jnp.asarray(step, jnp.int32),
+                               jnp.asarray(self.schedule(step), jnp.float32),
+                               jnp.asarray((step + 1) / max(r.total_steps, 1), jnp.float32))
+      losses.append(m["loss"])
+      accs.append(m["acc"])
+      i += 1
+      if stop is not None and i < r.steps_per_epoch and stop():
+        break
+    losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
+    seconds = time.perf_counter() - t0
+    if not np.all(np.isfinite(losses)):
+      raise errors.RunError(f"training loss became {losses[~np.isfinite(losses)][0]} in epoch "
+                            f"{epoch + 1}; lower the learning rate (lr_max) or check the data")
+    loss_sum, acc_sum = state["loss_sum"], state["acc_sum"]
+    for loss, acc in zip(losses.tolist(), accs.tolist()):   # in order: a resumed epoch sums
+      loss_sum, acc_sum = loss_sum + loss, acc_sum + acc    # exactly as an unbroken one
+
+    if i < r.steps_per_epoch:
+      return {"net": net, "epoch": epoch, "pos": i, "loss_sum": loss_sum,
+              "acc_sum": acc_sum}, None
+    step = (epoch + 1) * r.steps_per_epoch
+    done = len(losses)
+    metrics = {"step": step, "epoch": epoch + 1, "loss": loss_sum / r.steps_per_epoch,
+               "train_acc": acc_sum / r.steps_per_epoch, "lr": float(self.schedule(step - 1)),
+               "images_per_sec": done * r.batch_size / seconds, "step_time": seconds / done}
+    return {"net": net, "epoch": epoch + 1, "pos": 0, "loss_sum": 0.0, "acc_sum": 0.0}, metrics
+
+  def evaluate(self, params, stats, x, y):
+    """Accuracy of (params, stats) on all of x, y in eval mode (running BN statistics)."""
+    correct = count = 0.0
+    for xb, yb, wb in data.eval_batches(x, y, batch_size=self.recipe.eval_batch_size,
+                                        mean=self.mean, std=self.std,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count()):
+      c, n = self.eval_step(params, stats, *parallel.shard(self.mesh, (xb, yb, wb)))
+      correct, count = correct + float(c), count + float(n)
+    return correct / count
+
+
+
+
+def _position(trainer, state):
+  return state["epoch"] * trainer.recipe.steps_per_epoch + state["pos"]
+
+
+def train(trainer, init_state, x, y, out, stage, overwrite=False):
+  """Trains to the end of trainer.recipe with checkpoints in out/ckpt; resumes from the latest.
+
+  init_state() builds the fresh state (called only without a checkpoint). Metrics go to
+  out/metrics.jsonl and out/tb/ (process 0). SIGTERM: the current step finishes, a
+  checkpoint is saved, preemption.Preempted (exit status 0) is raised; rerunning the same
+  command resumes. A non-finite loss raises RunError and keeps the last good checkpoint.
+  """
+  r, is_main = trainer.recipe, jax.process_index() == 0
+  ckpt_dir = os.path.join(out, "ckpt")
+  if overwrite:
+    checkpoint.clear(ckpt_dir)
+  writer = logs.MetricsWriter(out, "metrics", enabled=is_main)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
+  try:
+    with preemption.Preemption() as preempt:
+      state = init_state()
+      latest = ckpt.latest_step()
+      if latest is None:
+        writer.reset()
+      else:
+        state = ckpt.restore(latest, state)
+        writer.truncate_after(state["epoch"] * r.steps_per_epoch)
+        logging.info("%s: resuming from checkpoint %d in %s (epoch %d, step %d of it)", stage,
+                     latest, ckpt_dir, state["epoch"] + 1, state["pos"])
+      bar = logs.Progress(r.epochs, stage, initial=state["epoch"], unit="epoch", enabled=is_main)
+      try:
+        while state["epoch"] < r.epochs:
+          state, metrics = trainer.run_epoch(state, x, y, stop=lambda: preempt.requested)
+          if metrics is not None:
+            writer.write(metrics)
+            bar.update(1, loss=metrics["loss"], acc=metrics["train_acc"])
+          step = _position(trainer, state)
+          ckpt.save(step, state)
+          if preempt.requested and state["epoch"] < r.epochs:
+            raise preemption.Preempted(
+                f"{stage}: stopped by {preempt.signal_name or 'request'} after saving "
+                f"checkpoint {step} in {ckpt_dir}; rerun the same command to resume")
+      finally:
+        bar.close()
+  except errors.RunError as e:
+    if isinstance(e, checkpoint.CheckpointError):
+      raise
+    kept = ckpt.latest_step()
+    raise errors.RunError(f"{stage}: {e}; " + (
+        f"the last good checkpoint ({kept}) in {ckpt_dir} is kept" if kept is not None
+        else "no checkpoint had been saved")) from None
+  finally:
+    ckpt.close()
+    writer.close()
+  return state
