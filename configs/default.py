@@ -39,6 +39,7 @@ def get_config():
   s.grad_clip = 5.0
   s.num_candidates = 5                 # best distinct samples re-evaluated at the end
   s.final_eval_batches = 10            # validation batches for that re-evaluation
+  s.ckpt_every_steps = 0               # extra checkpoints every N child steps (epoch ends: always)
 
   c = config.controller = ml_collections.ConfigDict()
   c.lstm_size = 64

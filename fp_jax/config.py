@@ -128,6 +128,7 @@ def validate(config):
   _float(config, "search.grad_clip", 0.0, lo_open=True)
   _int(config, "search.num_candidates", 1)
   _int(config, "search.final_eval_batches", 1)
+  _int(config, "search.ckpt_every_steps", 0)
   _int(config, "controller.lstm_size", 1)
   _float(config, "controller.temperature", 0.0, lo_open=True)
   _float(config, "controller.tanh_constant", 0.0, lo_open=True)
