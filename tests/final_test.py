@@ -240,3 +240,25 @@ def test_final_preempted_and_resumed_equals_unbroken(tmp_path, monkeypatch):
   wb, _ = weights.load(str(tmp_path / "b" / "final" / "weights.npz"))
   for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.compress.ratios=0.5 0.5", "compress.ratios="),
+    ("--config.compress.mode=prune", "compress.mode='prune': must be one of finetune, scratch"),
+    ("--config.final.keep_prob=0", "final.keep_prob=0"),
+    ("--config.stages=final,compres", "unknown stage 'compres'"),
+])
+def test_bad_stage_config_is_one_error_line(tmp_path, override, expected):
+  proc = _run("--config=configs/smoke.py", f"--workdir={tmp_path}", override, timeout=120)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_compress_without_final_weights_is_one_error_line(tmp_path):
+  proc = _run("--config=configs/smoke.py", f"--workdir={tmp_path}", "--config.stages=compress",
+              "--config.compress.ratios=0.5 0.5 0.5 0.5 0.5", timeout=120)
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert len(lines) == 1 and "run the final stage first" in lines[0]
