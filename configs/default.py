@@ -58,7 +58,7 @@ def get_config():
   f.epochs = 630
   f.steps_per_epoch = 0
   f.cutout = 0                         # cutout square side (0: off; paper 16)
-  f.eval_batch_size = 500
+  f.eval_batch_size = 512              # divisible by 8 and 16 devices
   f.lr_max = 0.05
   f.lr_min = 0.0001
   f.lr_t0 = 10                         # 10 + 20 + 40 + 80 + 160 + 320 = 630 epochs

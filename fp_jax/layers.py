@@ -22,14 +22,29 @@ AUX_WIDTHS = (128, 768)
 # ---------------------------------------------------------------- init
 
 
-def conv_init(key, shape):
-  """He-normal init for an HWIO kernel (depthwise kernels have I = 1)."""
+def normal(key, shape):
+  """Standard normal f32 `shape`, drawn on the host from the key's bits.
+
+  XLA:CPU compiles a threefry kernel per shape (about 1 s each, 15-30 s for a
+  supernet); numpy draws them at once. Deterministic in the key. Under tracing
+  (e.g. jax.eval_shape) the key has no value and jax.random draws the same shape.
+  """
+  if isinstance(key, jax.core.Tracer):
+    return jax.random.normal(key, shape, jnp.float32)
+  seed = np.asarray(jax.random.key_data(key)).ravel()
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def conv_init(key, shape, lead=()):
+  """He-normal init for an HWIO kernel (depthwise kernels have I = 1); `lead` stacks
+  independent kernels: [*lead, *shape]."""
   fan_in = shape[0] * shape[1] * shape[2]
-  return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
+  return normal(key, tuple(lead) + tuple(shape)) * np.float32(np.sqrt(2.0 / fan_in))
 
 
-def bn_init(c):
-  return {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}
+def bn_init(c, lead=()):
+  return {"scale": jnp.ones(tuple(lead) + (c,), jnp.float32),
+          "bias": jnp.zeros(tuple(lead) + (c,), jnp.float32)}
 
 
 def bn_stats_init(c):
@@ -118,12 +133,13 @@ def _sub(s, key):
 # ---------------------------------------------------------------- blocks
 
 
-def sep_conv_init(key, k, c):
-  """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; inner width = c."""
+def sep_conv_init(key, k, c, lead=()):
+  """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; inner width = c. `lead` stacks
+  independent copies (the supernet's [node, slot, input] axes) in one draw per leaf."""
   ks = jax.random.split(key, 4)
-  p = {"dw1": conv_init(ks[0], (k, k, 1, c)), "pw1": conv_init(ks[1], (1, 1, c, c)),
-       "bn1": bn_init(c), "dw2": conv_init(ks[2], (k, k, 1, c)),
-       "pw2": conv_init(ks[3], (1, 1, c, c)), "bn2": bn_init(c)}
+  p = {"dw1": conv_init(ks[0], (k, k, 1, c), lead), "pw1": conv_init(ks[1], (1, 1, c, c), lead),
+       "bn1": bn_init(c, lead), "dw2": conv_init(ks[2], (k, k, 1, c), lead),
+       "pw2": conv_init(ks[3], (1, 1, c, c), lead), "bn2": bn_init(c, lead)}
   s = {"bn1": bn_stats_init(c), "bn2": bn_stats_init(c)}
   return p, s
 
@@ -175,7 +191,7 @@ def aux_head_init(key, c_in, hw, num_classes):
   r = aux_pool_size(hw)
   p = {"conv1": conv_init(k1, (1, 1, c_in, w1)), "bn1": bn_init(w1),
        "conv2": conv_init(k2, (r, r, w1, w2)), "bn2": bn_init(w2),
-       "fc": {"w": jax.random.normal(k3, (w2, num_classes)) / np.sqrt(w2),
+       "fc": {"w": normal(k3, (w2, num_classes)) / np.float32(np.sqrt(w2)),
               "b": jnp.zeros((num_classes,))}}
   s = {"bn1": bn_stats_init(w1), "bn2": bn_stats_init(w2)}
   return p, s
@@ -202,7 +218,7 @@ def aux_head(p, s, x, train, axis_name=None):
 
 
 def classifier_init(key, c_in, num_classes):
-  return {"w": jax.random.normal(key, (c_in, num_classes)) / np.sqrt(c_in),
+  return {"w": normal(key, (c_in, num_classes)) / np.float32(np.sqrt(c_in)),
           "b": jnp.zeros((num_classes,))}
 
 

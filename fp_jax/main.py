@@ -40,6 +40,13 @@ class UsageError(Exception):
 def fail(message):
   message = str(message).replace("\\n", " ").replace("\\'", "'")
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  if "jax" in sys.modules:
+    import jax
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+      # sys.exit would wait at jax's shutdown barrier for processes stuck in collectives
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(2)
   sys.exit(2)
 
 
@@ -86,6 +93,11 @@ DONE_FILE = {"search": "search/arch.json", "final": "final/result.json",
              "profile": "profile.json"}
 
 
+BATCH_FIELDS = {"search": ("search.batch_size", "search.eval_batch_size"),
+                "final": ("final.batch_size", "final.eval_batch_size"),
+                "compress": ("compress.batch_size", "final.eval_batch_size")}
+
+
 def check_stage_done(path, config, stage):
   if os.path.exists(path) and not config.overwrite:
     raise UsageError(f"stage {stage} already finished in {os.path.dirname(path)} "
@@ -98,7 +110,7 @@ def run(config, workdir):
   parallel.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     open(probe, "w").close()
     os.remove(probe)
   except OSError as e:
@@ -106,6 +118,8 @@ def run(config, workdir):
   # before config.json: a refused run must change nothing
   for stage in stages:
     check_stage_done(os.path.join(workdir, DONE_FILE[stage]), config, stage)
+    for field in BATCH_FIELDS.get(stage, ()):
+      parallel.check_batch(config_lib._get(config, field), field)
   import jax  # after distributed start-up
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

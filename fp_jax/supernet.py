@@ -46,9 +46,8 @@ def init(key, plan):
   for spec, kc in zip(plan.cells, jax.random.split(k_cells, len(plan.cells))):
     cell_p = {}
     for name, size, kk in (("sep3", 3, 0), ("sep5", 5, 1)):
-      keys = jax.random.split(jax.random.fold_in(kc, kk), shape)
-      init_one = lambda k: layers.sep_conv_init(k, size, spec.filters)[0]
-      cell_p[name] = jax.vmap(jax.vmap(jax.vmap(init_one)))(keys)
+      cell_p[name] = layers.sep_conv_init(jax.random.fold_in(kc, kk), size, spec.filters,
+                                          lead=shape)[0]
     params["cells"].append(cell_p)
   return params
 

@@ -63,7 +63,7 @@ BAD = [
                  id="unknown_field"),
     pytest.param(["--config.search.alpha=abc"], ["search.alpha", "number"], id="bad_type"),
     pytest.param(["--config.search.alpha=-1"], ["search.alpha", ">= 0"], id="negative"),
-    pytest.param(["--config.stages=serch"], ["stages", "serch", "search, profile"],
+    pytest.param(["--config.stages=serch"], ["stages", "serch", "search, final, compress, latency, profile"],
                  id="bad_stage"),
     pytest.param(["--config.stages=profile", "--config.final.arc=1 2 3"],
                  ["final.arc", "40 ints", "got 3"], id="short_arc"),

@@ -5,12 +5,23 @@ step, then makes `controller_updates` REINFORCE updates over
 `controller_samples` architectures each, rewarded on validation minibatches
 (unmasked TrainAcc and masked PruneAcc on the same batch). All state lives in
 one pytree; batches and controller keys are pure functions of (seed, position).
+
+Operability (DESIGN §3): the whole state, including the position inside an
+epoch, is checkpointed in DIR/search/ckpt at every epoch end, every
+`search.ckpt_every_steps` child steps (0: off) and when SIGTERM arrives (the
+current step finishes, then the run saves and exits with status 0). Rerunning
+the same command resumes from the latest checkpoint and truncates
+metrics.jsonl / samples.jsonl back to it, so a killed-and-resumed run writes
+the same lines and arch.json as one never killed (timing fields aside).
+--config.overwrite=True starts afresh. A non-finite child loss stops the run
+with an error before anything non-finite is saved.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 
@@ -20,16 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fp_jax import checkpoint
 from fp_jax import config as config_lib
 from fp_jax import controller
 from fp_jax import data
+from fp_jax import errors
+from fp_jax import logs
 from fp_jax import parallel
+from fp_jax import preemption
 from fp_jax import pruning
 from fp_jax import reward as reward_lib
 from fp_jax import schedules
 from fp_jax import space
 from fp_jax import supernet
 from fp_jax.parallel import AXIS, BATCH, REPLICATED
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def xent(logits, labels):
@@ -134,10 +150,27 @@ class Search:
                reward_eval, reward_lib.make(s.alpha, s.beta))
 
   def init_state(self):
+    """The state at the start of the search (epoch 0, position 0)."""
     k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
     params = supernet.init(k_child, self.plan)
     child = parallel.replicate(self.mesh, {"params": params, "opt_state": self.tx.init(params)})
-    return {"child": child, "controller": controller.init_state(k_ctrl, self.ccfg), "epoch": 0}
+    return self._epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [])
+
+  def _epoch_start(self, child, ctrl, epoch, last_samples):
+    """State at the start of `epoch`; the position fields say how far into it a run got."""
+    spe = self.steps_per_epoch
+    return {"child": child, "controller": ctrl, "epoch": epoch,
+            "pos": 0,                    # child steps done in this epoch
+            "updates": 0,                # controller updates done in this epoch
+            "losses": np.zeros(spe, np.float32), "accs": np.zeros(spe, np.float32),
+            "samples": [],               # this epoch's rewarded samples so far
+            "entropy": None,             # of the epoch's latest controller update
+            "last_samples": last_samples}   # the previous epoch's (choose() takes them)
+
+  def position(self, state):
+    """Monotone checkpoint number: child steps plus controller updates done so far."""
+    per_epoch = self.steps_per_epoch + self.config.search.controller_updates
+    return state["epoch"] * per_epoch + state["pos"] + state["updates"]
 
   def _key(self, purpose, *ints):
     key = jax.random.fold_in(jax.random.key(self.config.seed), purpose)
@@ -164,29 +197,79 @@ class Search:
     out = self.reward_fn(float(train_acc), float(prune_acc), ratio)
     return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios], **out)
 
-  def run_epoch(self, state, on_sample=None):
-    """One epoch of child steps and controller updates; returns (state, metrics)."""
-    s, epoch = self.config.search, state["epoch"]
-    ctrl = state["controller"]
-    if epoch < s.uniform_child_epochs:   # supernet warm-up on uniformly sampled arcs
-      rng = np.random.default_rng([self.config.seed, 3, epoch])
-      arcs = np.stack([space.sample_uniform(rng) for _ in range(self.steps_per_epoch)])
-    else:
-      arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch),
-                                              self.steps_per_epoch, self.ccfg)["arc"])
-    child, losses, accs = state["child"], [], []
-    t0 = time.perf_counter()
-    for i in range(self.steps_per_epoch):
-      step = epoch * self.steps_per_epoch + i
-      x, y = self._batch(self.ds.x_train, self.ds.y_train, step, s.batch_size, 0, True)
-      child, m = self.child_step(child, jnp.asarray(arcs[i]), x, y)
-      losses.append(m["loss"])
-      accs.append(m["acc"])
-    losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
-    images_per_sec = self.steps_per_epoch * s.batch_size / (time.perf_counter() - t0)
+  def run_epoch(self, state, on_sample=None, hooks=None, progress=False):
+    """One epoch of child steps and controller updates, from the state's position.
 
-    samples, cmetrics = [], {}
-    for u in range(s.controller_updates):
+    hooks: optional object with `due(state_position) -> bool`, asked after every child step
+      and controller update, and `save(state) -> bool`, called with the resumable state when
+      due (True: stop here). Nothing non-finite reaches `save`: a non-finite child loss raises
+      NonFinite first.
+    progress: show a progress bar (log lines when not on a terminal) for the child steps.
+
+    Returns:
+      (state, metrics, samples): the state at the next epoch's start, the epoch's metrics and
+      rewarded samples; or (the mid-epoch state, None, samples so far) when hooks stopped it.
+    """
+    s, epoch, spe = self.config.search, state["epoch"], self.steps_per_epoch
+    child, ctrl = state["child"], state["controller"]
+    losses, accs = state["losses"].copy(), state["accs"].copy()
+    samples, entropy = list(state["samples"]), state["entropy"]
+    pos0 = pos = state["pos"]
+    updates = state["updates"]
+
+    def snapshot():
+      return {"child": child, "controller": ctrl, "epoch": epoch, "pos": pos,
+              "updates": updates, "losses": losses.copy(), "accs": accs.copy(),
+              "samples": list(samples), "entropy": entropy,
+              "last_samples": state["last_samples"]}
+
+    def checkpoint_due():
+      return hooks is not None and hooks.due(
+          epoch * (spe + s.controller_updates) + pos + updates)
+
+    pending = []   # child steps whose loss is not read yet (one step of lag keeps the
+                   # device busy while the host prepares the next batch)
+
+    def resolve(keep=0):
+      while len(pending) > keep:
+        i, m = pending.pop(0)
+        loss, acc = float(m["loss"]), float(m["acc"])
+        if not math.isfinite(loss):
+          raise NonFinite(f"search: child loss is {loss} at step {epoch * spe + i + 1} "
+                          f"(epoch {epoch + 1}, step {i + 1} of {spe})")
+        losses[i], accs[i] = loss, acc
+
+    bar = logs.Progress(spe, f"search epoch {epoch + 1}/{s.epochs}", initial=pos,
+                        enabled=progress)
+    t0, timed = time.perf_counter(), 0
+    try:
+      if pos < spe:
+        if epoch < s.uniform_child_epochs:   # supernet warm-up on uniformly sampled arcs
+          rng = np.random.default_rng([self.config.seed, 3, epoch])
+          arcs = np.stack([space.sample_uniform(rng) for _ in range(spe)])
+        else:
+          arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch), spe,
+                                                  self.ccfg)["arc"])
+      for i in range(pos0, spe):
+        x, y = self._batch(self.ds.x_train, self.ds.y_train, epoch * spe + i, s.batch_size, 0,
+                           True)
+        child, m = self.child_step(child, jnp.asarray(arcs[i]), x, y)
+        pending.append((i, m))
+        resolve(keep=1)
+        pos, timed = i + 1, timed + 1
+        bar.update(1, **({"loss": float(losses[i - 1])} if i > pos0 else {}))
+        if checkpoint_due():
+          resolve()
+          if hooks.save(snapshot()):
+            return snapshot(), None, samples
+      resolve()
+    finally:
+      bar.close()
+    elapsed = time.perf_counter() - t0
+    images_per_sec = timed * s.batch_size / elapsed if timed else None
+    step_time = elapsed / timed if timed else None
+
+    for u in range(updates, s.controller_updates):
       update = epoch * s.controller_updates + u
       sampled = controller.sample_jit(ctrl["params"], self._key(1, update),
                                       s.controller_samples, self.ccfg)
@@ -195,26 +278,109 @@ class Search:
         r = self.evaluate_sample(child["params"], np.asarray(sampled["arc"][m]),
                                  np.asarray(sampled["ratio_idx"][m]),
                                  update * s.controller_samples + m)
-        r["step"] = (epoch + 1) * self.steps_per_epoch
+        r["step"] = (epoch + 1) * spe
+        r["update"] = update + 1   # the controller update this sample was used in
         batch.append(r)
       rewards = jnp.asarray([r["reward"] for r in batch], jnp.float32)
       ctrl, cmetrics = controller.update_jit(ctrl, sampled["arc"], sampled["ratio_idx"],
                                              rewards, self.ccfg)
+      entropy = float(cmetrics["entropy"])
       samples += batch
+      updates = u + 1
       if on_sample:
         for r in batch:
           on_sample(r)
-    step = (epoch + 1) * self.steps_per_epoch
+      if checkpoint_due() and hooks.save(snapshot()):
+        return snapshot(), None, samples
+    step = (epoch + 1) * spe
     mean = lambda k: float(np.mean([r[k] for r in samples])) if samples else None
     metrics = {
         "step": step, "epoch": epoch + 1, "child_loss": float(losses.mean()),
         "child_acc": float(accs.mean()), "lr": float(self.schedule(step - 1)),
         "reward": mean("reward"), "train_acc": mean("train_acc"),
         "prune_acc": mean("prune_acc"), "gap": mean("gap"), "ratio": mean("ratio"),
-        "baseline": float(ctrl["baseline"]),
-        "entropy": float(cmetrics["entropy"]) if cmetrics else None,
-        "images_per_sec": images_per_sec}
-    return {"child": child, "controller": ctrl, "epoch": epoch + 1}, metrics, samples
+        "baseline": float(ctrl["baseline"]), "entropy": entropy,
+        "images_per_sec": images_per_sec, "step_time": step_time}
+    return self._epoch_start(child, ctrl, epoch + 1, samples), metrics, samples
+
+  # ---- checkpoints
+
+  def settings(self):
+    """The config values a resumed run must share with the checkpoint's run."""
+    c, s = self.config, self.config.search
+    hard = {"seed": c.seed, "data.name": c.data.name, "data.valid_size": c.data.valid_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "ratio_choices": [float(r) for r in self.ratio_choices]}
+    for k in ("num_layers", "out_filters", "batch_size", "eval_batch_size",
+              "controller_updates", "controller_samples"):
+      hard[f"search.{k}"] = s[k]
+    soft = {f"data.{k}": c.data[k] for k in ("crop_pad", "flip")}
+    for k in ("alpha", "beta", "importance", "uniform_child_epochs", "lr_max", "lr_min",
+              "lr_t0", "lr_tmul", "momentum", "l2", "aux_weight", "grad_clip"):
+      soft[f"search.{k}"] = s[k]
+    for k in c.controller.keys():
+      soft[f"controller.{k}"] = c.controller[k]
+    return {"hard": hard, "soft": soft}
+
+  def to_checkpoint(self, state):
+    """The state as checkpoint leaves (arrays, numbers, JSON strings)."""
+    return {"child": state["child"],
+            # on the host: small, and written once (by process 0) in multi-process runs
+            "controller": jax.tree.map(np.asarray, jax.device_get(state["controller"])),
+            "epoch": int(state["epoch"]), "pos": int(state["pos"]),
+            "updates": int(state["updates"]),
+            "losses": np.asarray(state["losses"], np.float32),
+            "accs": np.asarray(state["accs"], np.float32),
+            "entropy": float("nan") if state["entropy"] is None else float(state["entropy"]),
+            "samples": json.dumps(state["samples"]),
+            "last_samples": json.dumps(state["last_samples"]),
+            "settings": json.dumps(self.settings(), sort_keys=True)}
+
+  def _template(self):
+    """to_checkpoint(init_state()) as shapes (child) and zeros (controller): nothing computed."""
+    def init():
+      params = supernet.init(jax.random.key(0), self.plan)
+      return ({"params": params, "opt_state": self.tx.init(params)},
+              controller.init_state(jax.random.key(0), self.ccfg))
+
+    child, ctrl = jax.eval_shape(init)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    child = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                         child)
+    ctrl = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), ctrl)
+    return self.to_checkpoint(self._epoch_start(child, ctrl, 0, []))
+
+  def restore(self, ckpt, step):
+    """The state saved as checkpoint `step` by a run with compatible settings."""
+    saved = ckpt.restore(step, self._template())
+    where = f"checkpoint {step} in {ckpt.directory}"
+    fresh = f"delete {ckpt.directory} or pass --config.overwrite=True to start afresh"
+    try:
+      settings = json.loads(saved["settings"])
+      samples, last = json.loads(saved["samples"]), json.loads(saved["last_samples"])
+    except ValueError as e:
+      raise checkpoint.CheckpointError(f"{where} is unreadable ({e}); {fresh}") from None
+    now = self.settings()
+    for key, value in now["hard"].items():
+      if settings["hard"].get(key) != json.loads(json.dumps(value)):
+        raise checkpoint.CheckpointError(
+            f"{where} was written with {key}={settings['hard'].get(key)!r}, this run has "
+            f"{value!r}: rerun with the same settings, or {fresh}")
+    for key, value in now["soft"].items():
+      if settings["soft"].get(key) != json.loads(json.dumps(value)):
+        logging.warning("search: resuming %s, written with %s=%r; this run has %r (the result "
+                        "will differ from an uninterrupted run with either setting)", where, key,
+                        settings["soft"].get(key), value)
+    epochs = self.config.search.epochs
+    if saved["epoch"] > epochs or (saved["epoch"] == epochs and saved["pos"] + saved["updates"]):
+      raise checkpoint.CheckpointError(
+          f"{where} is at epoch {saved['epoch']}, beyond search.epochs={epochs}: raise "
+          f"search.epochs, or {fresh}")
+    entropy = saved["entropy"]
+    return {"child": saved["child"], "controller": jax.tree.map(jnp.asarray, saved["controller"]),
+            "epoch": saved["epoch"], "pos": saved["pos"], "updates": saved["updates"],
+            "losses": saved["losses"], "accs": saved["accs"], "samples": samples,
+            "entropy": None if math.isnan(entropy) else entropy, "last_samples": last}
 
   def choose(self, state, samples):
     """Re-evaluates the best distinct samples on more batches; returns arch.json."""
@@ -251,44 +417,145 @@ class Search:
             "candidates_evaluated": len(cands), "eval_batches": s.final_eval_batches}
 
 
-def _append_jsonl(path, record):
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+class NonFinite(errors.RunError):
+  pass
+
+
+def _all_finite(tree):
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      leaf = leaf.addressable_data(0)
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+      return False
+  return True
+
+
+class _Checkpoints:
+  """run_epoch hooks: save every `every` child steps and when SIGTERM arrives."""
+
+  def __init__(self, search, ckpt, preempt, every):
+    self.search, self.ckpt, self.preempt, self.every = search, ckpt, preempt, every
+    self.last = None   # (checkpoint number, epoch, pos, updates) of the latest save
+
+  def due(self, position):
+    if self.preempt.requested:
+      return True
+    per_epoch = self.search.steps_per_epoch + self.search.config.search.controller_updates
+    epoch, rest = divmod(position, per_epoch)
+    child_steps = epoch * self.search.steps_per_epoch + rest
+    # child steps only; the epoch's last one is followed by the epoch-end checkpoint
+    return bool(self.every) and 0 < rest < self.search.steps_per_epoch \
+        and child_steps % self.every == 0
+
+  def save(self, state):
+    step = self.search.position(state)
+    if state["pos"] == 0 and state["updates"] == 0:
+      where = f"end of epoch {state['epoch']}"
+    else:
+      where = (f"epoch {state['epoch'] + 1}: {state['pos']}/{self.search.steps_per_epoch} "
+               f"child steps, {state['updates']}/"
+               f"{self.search.config.search.controller_updates} controller updates")
+    if not _all_finite((state["child"], state["controller"]["params"])):
+      raise NonFinite(f"search: parameters became non-finite ({where})")
+    self.ckpt.save(step, self.search.to_checkpoint(state))
+    self.last = (step, state["epoch"], state["pos"], state["updates"])
+    logging.info("search: saved checkpoint %d (%s) in %s", step, where, self.ckpt.directory)
+    return self.preempt.requested
 
 
 def run(config, workdir, ds, ratio_choices):
-  """Runs the search stage, writing DIR/search/{metrics,samples}.jsonl and arch.json."""
+  """Runs (or resumes) the search stage: DIR/search/{metrics,samples}.jsonl, tb/, ckpt/, arch.json.
+
+  SIGTERM at any point (start-up included) stops the run after its next step with a
+  checkpoint: `preemption.Preempted` (a SystemExit with status 0) is raised.
+  """
+  with preemption.Preemption() as preempt:
+    return _run(config, workdir, ds, ratio_choices, preempt)
+
+
+def _run(config, workdir, ds, ratio_choices, preempt):
+  s = config.search
   out = os.path.join(workdir, "search")
   os.makedirs(out, exist_ok=True)
   search = Search.build(config, ds, ratio_choices)
-  state = search.init_state()
   is_main = jax.process_index() == 0
-  metrics_path, samples_path = (os.path.join(out, n) for n in ("metrics.jsonl", "samples.jsonl"))
+  ckpt_dir = os.path.join(out, "ckpt")
+  every = int(s.get("ckpt_every_steps", 0))
+  if config.overwrite:
+    checkpoint.clear(ckpt_dir)
+  metrics_w = logs.MetricsWriter(out, "metrics", enabled=is_main)
+  samples_w = logs.MetricsWriter(out, "samples", enabled=is_main, tensorboard=False)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
+  hooks = _Checkpoints(search, ckpt, preempt, every)
+
+  def stop():
+    how = ("rerun the same command without --config.overwrite=True to resume (with it, the "
+           "search starts afresh)" if config.overwrite else "rerun the same command to resume")
+    return preemption.Preempted(
+        f"search: stopped by {preempt.signal_name or 'request'} after saving checkpoint "
+        f"{hooks.last[0]} in {ckpt_dir}; {how}")
+
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = search.init_state()
+      metrics_w.reset()
+      samples_w.reset()
+      if is_main and os.path.exists(os.path.join(out, "arch.json")):   # overwrite=True
+        os.remove(os.path.join(out, "arch.json"))   # stale now; lets a rerun resume
+      logging.info("search: %d epochs x %d steps, %d devices; checkpoints in %s", s.epochs,
+                   search.steps_per_epoch, jax.device_count(), ckpt_dir)
+    else:
+      state = search.restore(ckpt, latest)
+      metrics_w.truncate_after(state["epoch"] * search.steps_per_epoch)   # one line per epoch
+      samples_w.truncate_after(int(state["controller"]["step"]), key="update")
+      logging.info("search: resuming from checkpoint %d in %s: %d of %d epochs done, then "
+                   "%d/%d child steps and %d/%d controller updates", latest, ckpt_dir,
+                   state["epoch"], s.epochs, state["pos"], search.steps_per_epoch,
+                   state["updates"], s.controller_updates)
+    bar = logs.Progress(s.epochs, "search", initial=state["epoch"], unit="epoch",
+                        enabled=is_main)
+    try:
+      while state["epoch"] < s.epochs:
+        t = time.perf_counter()
+        state, metrics, _ = search.run_epoch(state, on_sample=samples_w.write, hooks=hooks,
+                                             progress=is_main)
+        if metrics is None:   # stopped by SIGTERM, after saving
+          raise stop()
+        metrics_w.write(metrics)   # before the checkpoint: a resume truncates it if need be
+        hooks.save(state)
+        bar.update(1, reward=metrics["reward"], loss=metrics["child_loss"])
+        logging.info("search epoch %d/%d (%.1fs): loss %.4f acc %.3f reward %s ratio %s "
+                     "prune_acc %s %s img/s", state["epoch"], s.epochs,
+                     time.perf_counter() - t, metrics["child_loss"], metrics["child_acc"],
+                     _fmt(metrics["reward"]), _fmt(metrics["ratio"]),
+                     _fmt(metrics["prune_acc"]), _fmt(metrics["images_per_sec"], ".0f"))
+        if preempt.requested:
+          raise stop()
+    finally:
+      bar.close()
+  except NonFinite as e:
+    kept = ckpt.latest_step()
+    raise errors.RunError(
+        f"{e}; stopped without saving it: " +
+        (f"the last good checkpoint ({kept}) in {ckpt_dir} is kept" if kept is not None else
+         "no checkpoint had been saved") +
+        f". Lower search.lr_max (now {s.lr_max:g}) or check the data, then rerun") from None
+  finally:
+    ckpt.close()
+    metrics_w.close()
+    samples_w.close()
+  arch = search.choose(state, state["last_samples"])
   if is_main:
-    for p in (metrics_path, samples_path):
-      open(p, "w").close()
-  last_samples = []
-  logging.info("search: %d epochs x %d steps, %d devices", config.search.epochs,
-               search.steps_per_epoch, jax.device_count())
-  for epoch in range(config.search.epochs):
-    t = time.perf_counter()
-    state, metrics, last_samples = search.run_epoch(
-        state, on_sample=(lambda r: _append_jsonl(samples_path, r)) if is_main else None)
-    if is_main:
-      _append_jsonl(metrics_path, metrics)
-    logging.info("search epoch %d/%d (%.1fs): loss %.4f acc %.3f reward %s ratio %s "
-                 "prune_acc %s %.0f img/s", epoch + 1, config.search.epochs,
-                 time.perf_counter() - t, metrics["child_loss"], metrics["child_acc"],
-                 _fmt(metrics["reward"]), _fmt(metrics["ratio"]), _fmt(metrics["prune_acc"]),
-                 metrics["images_per_sec"])
-  arch = search.choose(state, last_samples)
-  if is_main:
-    with open(os.path.join(out, "arch.json"), "w") as f:
+    path = os.path.join(out, "arch.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(arch, f, indent=1)
+    os.replace(path + ".tmp", path)
   logging.info("search: chose %s ratios %s\n%s", arch["arc_string"], arch["ratios"],
                space.render_arc(np.asarray(arch["normal"] + arch["reduce"])))
   return arch
 
 
-def _fmt(v):
-  return "-" if v is None else f"{v:.4f}"
+def _fmt(v, spec=".4f"):
+  return "-" if v is None else format(v, spec)

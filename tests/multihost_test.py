@@ -1,0 +1,228 @@
+"""Multi-host: jax.distributed over local CPU processes (gloo), the launcher, bad flags.
+
+Two processes with one CPU device each must reproduce one process with two
+devices (same global batch, same seed); a failing process must end the whole
+launch with its `error:` line and a non-zero status, without hanging.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from fp_jax import config as config_lib
+from fp_jax import parallel
+from launch import local
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny search: 2 epochs (a uniform one, then controller-sampled arcs), one controller
+# update of 3 architectures per epoch (3 = steps_per_epoch: one controller sampler compile).
+TINY = ["--config=configs/smoke.py", "--config.stages=search", "--config.search.epochs=2",
+        "--config.search.steps_per_epoch=3", "--config.search.num_layers=1",
+        "--config.search.out_filters=4", "--config.search.batch_size=8",
+        "--config.search.eval_batch_size=8", "--config.search.controller_updates=1",
+        "--config.search.controller_samples=3", "--config.search.uniform_child_epochs=1",
+        "--config.search.num_candidates=1", "--config.search.final_eval_batches=1"]
+TIMEOUT = 480   # seconds; the two runs take ~2-4 minutes together on 2 busy cores
+
+
+def _env(devices):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _launcher(*args, launcher_args=(), env=None, num_processes=2):
+  cmd = [sys.executable, "-m", "launch.local", f"--num_processes={num_processes}",
+         f"--timeout={TIMEOUT - 30}", "--grace=5", *launcher_args, "--", *args]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env or _env(1), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=TIMEOUT):
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.terminate()   # the launcher kills its processes on SIGTERM
+    try:
+      out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      out, err = proc.communicate()
+    pytest.fail(f"no result within {timeout}s:\n{err[-3000:]}")
+  return proc.returncode, out, err
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _close(a, b, what):
+  if a is None or b is None:
+    assert a == b, what
+  else:
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+  one, two = tmp_path / "one", tmp_path / "two"
+  t = time.perf_counter()
+  single = subprocess.Popen([sys.executable, "-m", "fp_jax.main", *TINY, f"--workdir={one}"],
+                            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  multi = _launcher(*TINY, f"--workdir={two}")
+  rc1, _, err1 = _finish(single)
+  rc2, out2, err2 = _finish(multi)
+  print(f"1 process x 2 devices and 2 processes x 1 device: {time.perf_counter() - t:.0f}s")
+  assert rc1 == 0, err1[-3000:]
+  assert rc2 == 0, err2[-3000:]
+  # both ran on a 2-device mesh; the second as two processes
+  assert re.search(r"search: .*\b2 devices", err1), err1[-2000:]
+  for i in (0, 1):
+    assert re.search(rf"^\[{i}\] .*search: .*\b2 devices", err2, re.M), err2[-2000:]
+
+  m1, m2 = _jsonl(one / "search" / "metrics.jsonl"), _jsonl(two / "search" / "metrics.jsonl")
+  assert [m["epoch"] for m in m1] == [m["epoch"] for m in m2] == [1, 2]   # written once
+  for a, b in zip(m1, m2):
+    for key in ("child_loss", "child_acc", "reward", "train_acc", "prune_acc", "gap", "ratio",
+                "baseline", "entropy", "lr"):
+      _close(a[key], b[key], f"epoch {a['epoch']} {key}")
+  assert m1[0]["child_loss"] != m1[1]["child_loss"]
+
+  s1, s2 = _jsonl(one / "search" / "samples.jsonl"), _jsonl(two / "search" / "samples.jsonl")
+  assert len(s1) == len(s2) == 2 * 3
+  for a, b in zip(s1, s2):
+    assert (a["arc"], a["ratios"], a["step"]) == (b["arc"], b["ratios"], b["step"])
+    for key in ("reward", "train_acc", "prune_acc", "gap", "ratio"):
+      _close(a[key], b[key], f"sample {key}")
+
+  with open(one / "search" / "arch.json") as f1, open(two / "search" / "arch.json") as f2:
+    a1, a2 = json.load(f1), json.load(f2)
+  assert (a1["arc_string"], a1["ratios"]) == (a2["arc_string"], a2["ratios"])
+  _close(a1["reward"], a2["reward"], "arch reward")
+  with open(two / "config.json") as f:
+    assert json.load(f)["search"]["batch_size"] == 8
+
+
+STUB = textwrap.dedent("""\
+    # process `--fail` fails after a cross-process collective; the other one then
+    # waits in the next collective (and the failing one at jax's shutdown barrier)
+    import sys
+    from fp_jax import parallel
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+    parallel.init_distributed(args["coordinator_address"], int(args["num_processes"]),
+                              int(args["process_id"]))
+    import jax
+    import numpy as np
+    mesh = parallel.make_mesh()
+    total = parallel.data_parallel(lambda x: jax.lax.psum(x, parallel.AXIS), mesh,
+                                   (parallel.BATCH,), parallel.REPLICATED)
+    x = parallel.shard(mesh, np.full((1,), 1.0 + jax.process_index(), np.float32))
+    print("psum", float(total(x)[0]), flush=True)
+    if jax.process_index() == int(args["fail"]):
+      print("error: this process cannot go on", file=sys.stderr, flush=True)
+      sys.exit(3)
+    print("second psum", float(total(x)[0]), flush=True)
+    """)
+
+
+@pytest.mark.parametrize("fail", [-1, 1])
+def test_a_failing_process_ends_the_launch(tmp_path, fail):
+  (tmp_path / "stub_main.py").write_text(STUB)
+  env = _env(1)
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, str(tmp_path)])
+  t = time.perf_counter()
+  rc, out, err = _finish(_launcher(f"--fail={fail}", launcher_args=["--module=stub_main"],
+                                   env=env), timeout=180)
+  elapsed = time.perf_counter() - t
+  assert "[0] psum 3.0" in out and "[1] psum 3.0" in out, out + err   # gloo collectives ran
+  if fail < 0:
+    assert rc == 0, err
+    assert "[0] second psum 3.0" in out and "[1] second psum 3.0" in out
+    return
+  assert rc != 0, out + err
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert lines == ["error: process 1: this process cannot go on"], err
+  assert err.splitlines()[-1] == lines[0]
+  assert "second psum" not in out   # process 0 was stuck in the collective: killed
+  assert elapsed < 150, elapsed
+
+
+def test_bad_config_fails_every_process_with_one_error_line(tmp_path):
+  # 9 rows cannot be split over the 2 devices of the 2 processes
+  rc, _, err = _finish(_launcher(*TINY, "--config.search.batch_size=9",
+                                 f"--workdir={tmp_path}"), timeout=300)
+  assert rc != 0, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: process [01]: search\.batch_size=9 must be divisible by the "
+                      r"device count \(2\)", last), err[-3000:]
+  assert not (tmp_path / "search" / "metrics.jsonl").exists() or \
+      not (tmp_path / "search" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (dict(num_processes=0), ["--num_processes=0", ">= 1"]),
+    (dict(process_id=-1), ["--process_id=-1", ">= 0"]),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2),
+     ["--process_id=2", "[0, 2)"]),
+    (dict(coordinator_address="127.0.0.1:1234", process_id=0),
+     ["--coordinator_address=127.0.0.1:1234", "needs --num_processes"]),
+    (dict(coordinator_address="127.0.0.1:1234"), ["--num_processes and --process_id"]),
+    (dict(num_processes=2, process_id=0), ["--num_processes=2", "needs --coordinator_address"]),
+    (dict(process_id=1), ["--process_id=1", "needs --coordinator_address"]),
+    (dict(coordinator_address="nohost", num_processes=2, process_id=0), ["HOST:PORT"]),
+    (dict(coordinator_address="h:99999", num_processes=2, process_id=0), ["HOST:PORT"]),
+])
+def test_bad_distributed_flags(flags, needles):
+  with pytest.raises(config_lib.ConfigError) as e:
+    parallel.init_distributed(**flags)
+  for needle in needles:
+    assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_single_process_starts_nothing():
+  assert parallel.init_distributed("", None, None) is False
+  assert parallel.init_distributed("", 1, 0) is False
+
+
+def test_bad_flags_on_the_command_line(tmp_path):
+  env = {k: v for k, v in _env(1).items()   # no cluster for --coordinator_address=auto to find
+         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_", "MEGASCALE_"))}
+  for flags, needle in ((["--num_processes=0"], "error: --num_processes=0: must be an integer"),
+                        (["--coordinator_address=auto"],
+                         "error: --coordinator_address=auto: no cluster environment detected")):
+    proc = subprocess.run([sys.executable, "-m", "fp_jax.main", "--config=configs/smoke.py",
+                           f"--workdir={tmp_path}", "--config.stages=profile", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(needle), proc.stderr
+
+
+def test_launcher_usage_errors(capsys):
+  assert local.main(["--num_processes=2"]) == 2   # nothing to run
+  assert local.main(["--num_processes=0", "--", "--config=configs/smoke.py"]) == 2
+  assert local.main(["--", "--config=configs/smoke.py", "--process_id=1"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert [l.split(":")[0] for l in err] == ["error"] * 3, err
+  assert "--num_processes=0" in err[1] and "--process_id is set by the launcher" in err[2]
+
+
+def test_child_environment():
+  env = local.child_env(3, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo",
+                            "PYTHONPATH": "/x"})
+  assert env["XLA_FLAGS"].split() == ["--foo", "--xla_force_host_platform_device_count=3"]
+  assert env["JAX_PLATFORMS"] == "cpu"
+  assert env["PYTHONPATH"].split(os.pathsep) == [local.ROOT, "/x"]
+  cmds = local.commands(["--workdir=w"], 2, 1234)
+  assert [c[-3:] for c in cmds] == [
+      ["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=0"],
+      ["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1"]]
