@@ -1,0 +1,145 @@
+"""Inference latency: per-op graph vs fused XLA, unpruned vs ~60% fewer multiply-adds.
+
+  python -m bench.latency [--num_layers 15 --out_filters 36 --image 32 --images 300
+                           --batch 64 --warmup 20 --target 0.6 --cpus 1]
+
+The published ENAS architecture (space.ENAS_ARC) at final-training size,
+random weights and random BN statistics (latency.random_init), compacted with
+one ratio for all 5 stages, chosen (flops.count of the compaction widths) so
+multiply-adds fall by about --target. Runs fp_jax.infer.latency.measure (batch-1
+latency per image, the 4 variants interleaved; throughput at --batch; stem and
+first-cell breakdown; memory; matmul peak) with XLA's convolution for the stem,
+then times the fused networks with im2col + GEMM against the XLA-conv ones.
+Targets (reported, not asserted): pruned fused >= 2x pruned per-op, >= 4x
+unpruned per-op, and <= 3x the multiply-add floor 2 * macs / fp32 matmul peak.
+
+--cpus N pins the process to N cores before JAX starts (its intra-op thread pool
+follows); --xla_flags adds XLA flags. Writes bench/results/latency.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--num_layers", type=int, default=15)
+  p.add_argument("--out_filters", type=int, default=36)
+  p.add_argument("--image", type=int, default=32, help="height = width (3 channels)")
+  p.add_argument("--classes", type=int, default=10)
+  p.add_argument("--images", type=int, default=300, help="batch-1 images timed per variant")
+  p.add_argument("--batch", type=int, default=64, help="throughput batch")
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--target", type=float, default=0.6, help="multiply-add reduction to aim for")
+  p.add_argument("--depthwise", default="auto", help="fused and per-op depthwise implementation")
+  p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
+  p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="", help="JSON path (default bench/results/latency.json)")
+  return p.parse_args()
+
+
+def main():
+  args = parse()
+  if args.cpus:      # before JAX creates its CPU client and thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from bench import common  # pylint: disable=g-import-not-at-top
+  from fp_jax import child, flops, space  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency  # pylint: disable=g-import-not-at-top
+
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, args.num_layers, args.out_filters, (args.image, args.image, 3),
+                         args.classes)
+  full_macs = flops.count(plan, arc)["macs"]
+
+  def keep(c, r):   # pruning.keep_mask's count
+    return max(1, int(np.round((np.float32(1) - np.float32(r)) * np.float32(c))))
+
+  def reduction(r):
+    widths = {"stem": keep(plan.stem_channels, r),
+              "cells": [{"cell": keep(s.filters, r),
+                         "inner": [[keep(s.filters, r)] * 2 for _ in range(space.NUM_NODES)]}
+                        for s in plan.cells]}
+    return 1.0 - flops.count(plan, arc, widths)["macs"] / full_macs
+
+  grid = np.round(np.arange(0.0, 0.91, 0.01), 2)
+  ratio = float(grid[np.argmin([abs(reduction(r) - args.target) for r in grid])])
+  common.log(f"ratio {ratio} for all stages: {100 * reduction(ratio):.1f}% fewer multiply-adds")
+  params, stats = latency.random_init(plan, arc, args.seed)
+  cp, cs = latency.prune(plan, arc, params, stats, (ratio,) * 5)
+  nets = {"baseline": latency.Net(plan, arc, params, stats), "pruned": latency.Net(plan, arc, cp, cs)}
+
+  t0 = time.perf_counter()
+  res = latency.measure(nets, args.images, args.batch, args.warmup,
+                        fused.Options(depthwise=args.depthwise), depthwise=args.depthwise,
+                        seed=args.seed, check_child=True, log=common.log)
+  # im2col + GEMM stem vs XLA's convolution, both fused, interleaved image by image
+  rng = np.random.default_rng(args.seed + 1)
+  singles = [jax.numpy.asarray(rng.standard_normal((1, args.image, args.image, 3)), np.float32)
+             for _ in range(args.images)]
+  fns = {}
+  for name in latency.NETS:
+    for im2col in (False, True):
+      n = nets[name]
+      f = fused.Fused(n.plan, n.arc, n.params, n.stats,
+                      fused.Options(im2col=im2col, depthwise=args.depthwise))
+      jax.block_until_ready(f(singles[0]))
+      fns[f"{name}_fused{'_im2col' if im2col else ''}"] = f
+  for rep in range(args.warmup):
+    for f in fns.values():
+      jax.block_until_ready(f(singles[rep % args.images]))
+  lat = latency.interleave({k: (lambda f: lambda i: latency.timed(lambda: f(singles[i])))(f)
+                            for k, f in fns.items()}, args.images, block=latency.LATENCY_BLOCK)
+  im2col_ms = {k: float(1e3 * np.mean(v)) for k, v in lat.items()}
+  common.log("im2col comparison timed")
+
+  floor = res["floor_ms"]["pruned"]
+  targets = {}
+  for suffix in ("", "_im2col"):
+    # measure()'s pruned fused latency, times the im2col / XLA-conv ratio of this pass
+    pf = res["network"]["pruned_fused_ms"] * (im2col_ms[f"pruned_fused{suffix}"]
+                                              / im2col_ms["pruned_fused"])
+    targets["im2col" if suffix else "xla_conv"] = {
+        "pruned_fused_ms": pf,
+        "fused_vs_perop_pruned": res["network"]["pruned_perop_ms"] / pf,
+        "pruned_fused_vs_baseline_perop": res["network"]["baseline_perop_ms"] / pf,
+        "pruned_fused_over_floor": pf / floor,
+        "met": {"fused_vs_perop_ge_2": res["network"]["pruned_perop_ms"] / pf >= 2,
+                "vs_baseline_perop_ge_4": res["network"]["baseline_perop_ms"] / pf >= 4,
+                "within_3x_floor": pf / floor <= 3}}
+  result = {"args": vars(args), "env": dict(common.environment(), loadavg_end=os.getloadavg()),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "ratio_all_stages": ratio, "mac_reduction": res["mac_reduction"],
+            "wall_s": time.perf_counter() - t0,
+            "im2col_vs_xla_conv_fused_ms": im2col_ms,
+            "targets": targets, "latency": res,
+            "note": (f"batch-1 latency over {args.images} images per variant (the paper: 1000), "
+                     f"so that a full run takes a few minutes on this shared 2-core CPU; "
+                     f"loadavg at start and end in env")}
+  path = common.write_json("latency", args.out, result)
+  print(latency.to_markdown(res))
+  rows = [[k, v["pruned_fused_ms"], v["fused_vs_perop_pruned"], v["pruned_fused_vs_baseline_perop"],
+           v["pruned_fused_over_floor"], " ".join(n for n, ok in v["met"].items() if ok) or "none"]
+          for k, v in targets.items()]
+  print(f"\n## Targets (stem conv: XLA conv vs im2col + GEMM; ratio {ratio} in every stage, "
+        f"-{100 * res['mac_reduction']:.1f}% multiply-adds)\n")
+  print(common.table(["stem conv", "pruned fused ms", "vs pruned per-op (>=2)",
+                      "vs unpruned per-op (>=4)", "/ floor (<=3)", "met"], rows))
+  print(common.table(["fused variant", "mean ms (this pass)"], [[k, v] for k, v in im2col_ms.items()]))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

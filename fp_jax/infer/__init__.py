@@ -1,0 +1,1 @@
+"""Inference: the per-op graph baseline, the fused XLA path, latency and export (DESIGN §7)."""

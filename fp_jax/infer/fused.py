@@ -1,0 +1,361 @@
+"""Fused inference: BN folded into the convolutions, cells and network as XLA computations.
+
+Eval-mode BN y = (z - mean) * scale / sqrt(var + eps) + bias after a conv
+z = conv(x, w) (+ b0) is folded into the conv (`fold_bn`):
+
+  w' = w * g,  b' = bias + (b0 - mean) * g,  g = scale / sqrt(var + eps)   (per output channel)
+
+so every conv+BN of child.py becomes one conv with a bias: the stem, the 1x1
+calibrations, both halves of a factorized reduction (each half takes its slice
+of the BN), and each sep_conv's pointwise convs (bn1 into pw1, bn2 into pw2).
+ReLUs, adds, pools and the concat are left to XLA to fuse: `forward` is one
+traced function, `Fused` compiles it with `jax.jit(...).lower(...).compile()`
+as one computation for the whole network, and also one per cell (a cell's two
+calibrations and its five nodes), with the folded weights baked in as
+constants (a call passes only the images: no per-call argument handling of
+hundreds of weight arrays). Pools are separable shifted sums (XLA:CPU's
+reduce_window is several times slower). `Options.im2col` runs every non-depthwise
+kxk convolution (k > 1: the stem) as explicit patch extraction + `jnp.dot`
+(the paper's im2col + sgemm); 1x1 convolutions are GEMMs either way. The aux
+head is training-only and not part of inference. Logits equal
+`child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`
+up to float rounding, for full and compact (compaction.py) networks alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from fp_jax import child
+from fp_jax import layers
+from fp_jax import space
+
+DEPTHWISE_IMPLS = ("auto", "flat", "shift", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  im2col: bool = False          # kxk convs (k > 1) as im2col + GEMM instead of XLA's conv
+  depthwise: str = "auto"       # shift | flat | xla | auto (shift on CPU, xla elsewhere)
+
+
+# ---------------------------------------------------------------- folding (host side)
+
+
+def fold_bn(w, bn_p, bn_s, b0=None):
+  """w [..., O] kernel (+ bias b0 [O]) and eval BN params/stats [O] -> (w' [..., O], b' [O]).
+
+  conv(x, w') + b' == BN(conv(x, w) + b0) with running statistics; computed in
+  float64 on the host, returned as float32 numpy arrays.
+  """
+  w = np.asarray(w, np.float64)
+  g = np.asarray(bn_p["scale"], np.float64) / np.sqrt(np.asarray(bn_s["var"], np.float64)
+                                                       + layers.BN_EPS)
+  b0 = 0.0 if b0 is None else np.asarray(b0, np.float64)
+  b = np.asarray(bn_p["bias"], np.float64) + (b0 - np.asarray(bn_s["mean"], np.float64)) * g
+  return (w * g).astype(np.float32), b.astype(np.float32)
+
+
+def _fold_producer(p, s):
+  """conv+BN -> {'w', 'b'}; factorized reduce -> {'w1', 'b1', 'w2', 'b2'} (BN split)."""
+  if "conv" in p:
+    w, b = fold_bn(p["conv"], p["bn"], s["bn"])
+    return {"w": w, "b": b}
+  h = np.shape(p["conv1"])[-1]
+  half = lambda t, sl: {k: np.asarray(v)[sl] for k, v in t.items()}
+  w1, b1 = fold_bn(p["conv1"], half(p["bn"], slice(None, h)), half(s["bn"], slice(None, h)))
+  w2, b2 = fold_bn(p["conv2"], half(p["bn"], slice(h, None)), half(s["bn"], slice(h, None)))
+  return {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+
+
+def _fold_sep(p, s):
+  pw1, b1 = fold_bn(p["pw1"], p["bn1"], s["bn1"])
+  pw2, b2 = fold_bn(p["pw2"], p["bn2"], s["bn2"])
+  f32 = lambda a: np.asarray(a, np.float32)
+  return {"dw1": f32(p["dw1"]), "pw1": pw1, "b1": b1, "dw2": f32(p["dw2"]), "pw2": pw2, "b2": b2}
+
+
+def fold(plan, arc, params, stats):
+  """child.py (params, stats) of a full or compact network -> folded pytree (numpy):
+
+    {'stem': {'w' [3,3,C,S], 'b' [S]}, 'calib': [[producer x 2] per cell],
+     'cells': [{'nodes': [[{} or sep {dw1, pw1, b1, dw2, pw2, b2}] x 2] x 5}],
+     'fc': {'w' [C_last, classes], 'b' [classes]}}
+  """
+  arc = np.asarray(arc)
+  fp = {"stem": _fold_producer(params["stem"], stats["stem"]),
+        "calib": [[_fold_producer(params["calib"][i][j], stats["calib"][i][j]) for j in range(2)]
+                  for i in range(len(plan.cells))],
+        "cells": [],
+        "fc": {k: np.asarray(v, np.float32) for k, v in params["fc"].items()}}
+  for spec in plan.cells:
+    rows, cp, cs = child.cell_arc(arc, spec), params["cells"][spec.index], stats["cells"][spec.index]
+    fp["cells"].append({"nodes": [
+        [_fold_sep(cp["nodes"][k][s], cs["nodes"][k][s])
+         if int(rows[k, 2 * s + 1]) in (space.SEP3, space.SEP5) else {} for s in range(2)]
+        for k in range(space.NUM_NODES)]})
+  return fp
+
+
+# ---------------------------------------------------------------- operators (traced)
+
+
+def depthwise(x, w, impl="auto"):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME.
+
+  impl 'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
+  choice); 'flat': the same sum in the [B,H,W*C] view, where a shift along W is
+  an offset of j*C into the contiguous minor dimension (faster alone, not inside
+  the network, where XLA fuses the [B*H*W,C] view of the consumer dot into it);
+  'xla': a grouped convolution (fast on GPU/TPU, 5-10x slower on XLA:CPU);
+  'auto': shift on CPU, xla elsewhere.
+  """
+  if impl == "auto":
+    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+  if impl == "xla":
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=x.shape[-1])
+  k, (b, h, wd, c) = w.shape[0], x.shape
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  if impl == "shift":
+    return sum(xp[:, i:i + h, j:j + wd, :] * w[i, j, 0] for i in range(k) for j in range(k))
+  xp = xp.reshape(b, h + 2 * p, (wd + 2 * p) * c)
+  tile = np.tile if isinstance(w, np.ndarray) else jnp.tile     # constant weights: on the host
+  wt = tile(w[:, :, 0, :], (1, 1, wd))                 # [k, k, W*C]
+  out = sum(xp[:, i:i + h, j * c:j * c + wd * c] * wt[i, j] for i in range(k) for j in range(k))
+  return out.reshape(b, h, wd, c)
+
+
+def _pool3x3(x, init, combine):
+  """Separable 3x3 stride-1 SAME window reduction in the [B,H,W*C] view."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=init)
+  xp = xp.reshape(b, h + 2, (w + 2) * c)
+  r = combine(combine(xp[:, 0:h], xp[:, 1:h + 1]), xp[:, 2:h + 2])
+  out = combine(combine(r[:, :, 0:w * c], r[:, :, c:c + w * c]), r[:, :, 2 * c:2 * c + w * c])
+  return out.reshape(b, h, w, c)
+
+
+def avg_pool3x3(x):
+  """layers.avg_pool3x3 (padding excluded from the count) as two separable sums."""
+  h, w = x.shape[1:3]
+  ones = np.pad(np.ones((h, w)), 1)
+  count = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
+  return _pool3x3(x, 0.0, jnp.add) * jnp.asarray(1.0 / count, x.dtype)[:, :, None]
+
+
+def max_pool3x3(x):
+  """layers.max_pool3x3 as two separable maxima."""
+  return _pool3x3(x, -jnp.inf, jnp.maximum)
+
+
+def _same_pads(n, k, stride):
+  out = -(-n // stride)
+  total = max((out - 1) * stride + k - n, 0)
+  return out, (total // 2, total - total // 2)
+
+
+def im2col(x, k, stride=1, padding="SAME"):
+  """x [B,H,W,I] -> patches [B,H',W',k*k*I]; patch channel (i*k + j)*I + c matches an
+  HWIO kernel reshaped to [k*k*I, O]. Padding and output size as lax.conv's."""
+  _, h, w, _ = x.shape
+  if padding == "SAME":
+    ho, ph = _same_pads(h, k, stride)
+    wo, pw = _same_pads(w, k, stride)
+    x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  elif padding == "VALID":
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+  else:
+    raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+  cols = [x[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
+          for i in range(k) for j in range(k)]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def conv(x, w, b=None, stride=1, padding="SAME", use_im2col=False):
+  """x [B,H,W,I], w [k,k,I,O], b [O] -> [B,H',W',O]. 1x1: a strided slice + GEMM;
+  k > 1: XLA's convolution, or im2col + GEMM when use_im2col."""
+  k = w.shape[0]
+  if k == 1:
+    y = jnp.dot(x[:, ::stride, ::stride], w[0, 0])
+  elif use_im2col:
+    p = im2col(x, k, stride, padding)
+    y = jnp.dot(p.reshape(-1, p.shape[-1]), w.reshape(-1, w.shape[-1]))
+    y = y.reshape(p.shape[:3] + (w.shape[-1],))
+  else:
+    y = lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y if b is None else y + b
+
+
+def stem(fs, x, opts=Options()):
+  """x [B,H,W,C] -> [B,H,W,S]: 3x3 conv with BN folded (no ReLU)."""
+  return conv(x, fs["w"], fs["b"], use_im2col=opts.im2col)
+
+
+def calibrate(fc, x, stride, opts=Options()):
+  """ReLU-1x1 (stride 1) or factorized reduction (stride s), BN folded:
+  [B,H,W,I] -> [B,ceil(H/s),ceil(W/s),F]."""
+  x = jax.nn.relu(x)
+  if "w" in fc:
+    return conv(x, fc["w"], fc["b"], use_im2col=opts.im2col)
+  a = conv(x, fc["w1"], fc["b1"], stride=stride)
+  shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
+  return jnp.concatenate([a, conv(shifted, fc["w2"], fc["b2"], stride=stride)], axis=-1)
+
+
+def sep_conv(fs, x, opts=Options()):
+  """2 x [ReLU, depthwise kxk, pointwise 1x1 + folded BN]: [B,H,W,C] -> [B,H,W,C]."""
+  y = conv(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise), fs["pw1"], fs["b1"])
+  return conv(depthwise(jax.nn.relu(y), fs["dw2"], opts.depthwise), fs["pw2"], fs["b2"])
+
+
+def apply_op(op, fs, x, opts=Options()):
+  if op in (space.SEP3, space.SEP5):
+    return sep_conv(fs, x, opts)
+  if op == space.AVG:
+    return avg_pool3x3(x)
+  if op == space.MAX:
+    return max_pool3x3(x)
+  return x
+
+
+def _direct(part, key, fn, *args):
+  del part, key
+  return fn(*args)
+
+
+def _concat(*xs):
+  return jnp.concatenate(xs, axis=-1)
+
+
+def cell(rows, strides, fcalib, fcell, x0, x1, opts=Options(), step=_direct):
+  """One cell with its input calibrations: x0 = h(i-2), x1 = h(i-1) -> [B,H,W,n_out*F].
+
+  rows int [5, 4] (static), strides (s0, s1) of the calibrations. `step(part,
+  key, fn, *args)` runs each piece (default: call it; `Fused.cell_by_parts`
+  compiles and times each). Parts: 'calib_x', 'calib_y', 'ops_x' / 'ops_y' (a
+  node's first / second operand op; identity ops are no piece), 'combine' (the
+  node adds and the final concat).
+  """
+  h0 = step("calib_x", "calib_x", functools.partial(calibrate, stride=strides[0], opts=opts),
+            fcalib[0], x0)
+  h1 = step("calib_y", "calib_y", functools.partial(calibrate, stride=strides[1], opts=opts),
+            fcalib[1], x1)
+  nodes = [h0, h1]
+  for k, row in enumerate(np.asarray(rows).reshape(space.NUM_NODES, 4)):
+    ys = []
+    for slot, part in ((0, "ops_x"), (1, "ops_y")):
+      op, inp = int(row[2 * slot + 1]), nodes[int(row[2 * slot])]
+      ys.append(inp if op == space.IDENTITY else
+                step(part, f"{part}{k}", functools.partial(apply_op, op, opts=opts),
+                     fcell["nodes"][k][slot], inp))
+    nodes.append(step("combine", f"add{k}", jnp.add, *ys))
+  outs = [nodes[j] for j in space.output_nodes(np.asarray(rows).reshape(-1))]
+  return step("combine", "concat", _concat, *outs)
+
+
+def classifier(ffc, x):
+  """ReLU, global average pool, linear: [B,H,W,C] -> [B,classes]."""
+  return jnp.dot(jnp.mean(jax.nn.relu(x), axis=(1, 2)), ffc["w"]) + ffc["b"]
+
+
+def forward(plan, arc, fp, x, opts=Options()):
+  """Logits [B,classes] of the folded network `fp` (from `fold`) on x [B,H,W,C]."""
+  y = stem(fp["stem"], x, opts)
+  prev = [y, y]
+  for spec in plan.cells:
+    out = cell(child.cell_arc(np.asarray(arc), spec), spec.in_strides, fp["calib"][spec.index],
+               fp["cells"][spec.index], prev[0], prev[1], opts)
+    prev = [prev[1], out]
+  return classifier(fp["fc"], prev[1])
+
+
+# ---------------------------------------------------------------- executor
+
+
+class Fused:
+  """The folded network, its weights baked into compiled computations as constants.
+
+  Computations are compiled once per (piece, activation shapes) and take only
+  activations: `__call__(x)` runs the whole network as one computation;
+  `run_cells(x)` as a sequence (stem, one computation per cell, classifier);
+  `cell_by_parts` runs a cell piece by piece for the latency breakdown.
+  """
+
+  def __init__(self, plan, arc, params, stats, opts=Options()):
+    if opts.depthwise not in DEPTHWISE_IMPLS:
+      raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {opts.depthwise!r}")
+    self.plan, self.arc, self.opts = plan, np.asarray(arc), opts
+    self.fp = fold(plan, self.arc, params, stats)          # numpy: traced as constants
+    self.cache = {}
+
+  def compiled(self, key, fn, *xs):
+    """jax.jit(fn).lower(*xs).compile(), cached per (key, shapes of the activations xs)."""
+    k = (key,) + tuple(x.shape for x in xs)
+    c = self.cache.get(k)
+    if c is None:
+      c = self.cache[k] = jax.jit(fn).lower(*xs).compile()
+    return c
+
+  def network(self, x):
+    """The compiled whole network for x's shape: call it as c(x)."""
+    return self.compiled("network", functools.partial(forward, self.plan, self.arc, self.fp,
+                                                      opts=self.opts), x)
+
+  def __call__(self, x):
+    return self.network(x)(x)
+
+  def _cell_fn(self, i):
+    spec = self.plan.cells[i]
+    return functools.partial(cell, child.cell_arc(self.arc, spec), spec.in_strides,
+                             self.fp["calib"][i], self.fp["cells"][i], opts=self.opts)
+
+  def stem(self, x):
+    return self.compiled("stem", functools.partial(stem, self.fp["stem"], opts=self.opts), x)(x)
+
+  def cell(self, i, x0, x1):
+    return self.compiled(f"cell{i}", self._cell_fn(i), x0, x1)(x0, x1)
+
+  def classifier(self, x):
+    return self.compiled("classifier", functools.partial(classifier, self.fp["fc"]), x)(x)
+
+  def run_cells(self, x):
+    """Logits via one computation per piece: stem, each cell, classifier."""
+    y = self.stem(x)
+    prev = [y, y]
+    for spec in self.plan.cells:
+      prev = [prev[1], self.cell(spec.index, prev[0], prev[1])]
+    return self.classifier(prev[1])
+
+  def cell_by_parts(self, i, x0, x1, mark=None):
+    """Cell i with every piece of `cell` its own computation; mark(part, value) after each."""
+    def step(part, key, fn, *args):
+      acts = [a for a in args if isinstance(a, jax.Array)]
+
+      def piece(*xs):
+        it = iter(xs)
+        return fn(*[next(it) if isinstance(a, jax.Array) else a for a in args])
+
+      out = self.compiled((f"cell{i}", key), piece, *acts)(*acts)
+      if mark is not None:
+        mark(part, out)
+      return out
+
+    return self._cell_fn(i)(x0, x1, step=step)
+
+  def weight_bytes(self):
+    return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(self.fp)))
+
+  def memory_bytes(self, x):
+    """Weights (constants) + arguments + outputs + temporaries of the whole-network
+    computation for x's shape."""
+    m = self.network(x).memory_analysis()
+    return int(self.weight_bytes() + m.argument_size_in_bytes + m.output_size_in_bytes
+               + m.temp_size_in_bytes)

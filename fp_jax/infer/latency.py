@@ -1,0 +1,462 @@
+"""The `latency` stage: per-op graph vs fused XLA inference, unpruned vs compact pruned.
+
+For the unpruned network (DIR/final/weights.npz) and the compact pruned one
+(DIR/compress/weights.npz), or random weights with `latency.init=random`:
+
+- batch-1 latency, mean (and median) over `latency.images` images after
+  `latency.warmup` warm-up calls, the four variants interleaved in blocks of
+  LATENCY_BLOCK images (the order rotating) so load from other processes hits
+  all alike while each variant runs with warm caches;
+- throughput (images/s) at `latency.batch_size`;
+- achieved GFLOP/s (2 x multiply-adds of flops.count / latency) beside this
+  machine's fp32 matmul peak (a timed large jnp.dot), and the multiply-add
+  floor 2 x macs / peak;
+- memory: the fused computation's arguments + outputs + temporaries
+  (compiled.memory_analysis()); per-op: the max over its compiled calls;
+- max |fused - per-op| logits (and each vs child.forward).
+
+Breakdown (`stages`, for each network): the stem (per-op parts conv, bn; fused:
+one conv with BN folded) and `layer_0`, the first cell with its input
+calibrations, in parts:
+
+  calib_x     calibration of h(i-2) (ReLU-1x1-BN, or factorized reduction)
+  calib_y     calibration of h(i-1)
+  layer_base  what the cell does between calibrating and its first node: in
+              ENAS an extra ReLU-1x1-BN of h(i-1); this network always
+              calibrates both inputs instead (network.py), so it is empty (0)
+  ops_x       the first-operand op of every node (sep_conv / pool; identity: none)
+  ops_y       the second-operand op of every node
+  combine     the node adds and the final concat of the unused nodes
+
+Parts are timed by running the piece with a wait (block_until_ready) at every
+part boundary, each part charged the time since the previous boundary; per-op
+parts are its primitive calls, fused parts each one XLA computation
+(fused.Fused.cell_by_parts). `total` is the piece as it runs inside the
+network: per-op without waits, fused as one computation. `synced_total` is
+the wall time of the part-timed runs, so parts sum to it by construction (up
+to the timer), and synced_total - total is the cost of the waits (per-op) or
+of splitting the fused cell. Breakdown figures are means over the faster half
+of the repetitions (by their total). Only process 0 writes
+DIR/latency/latency.json, latency.md and pruned_fused.stablehlo.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp_jax import child
+from fp_jax import compaction
+from fp_jax import config as config_lib
+from fp_jax import flops
+from fp_jax import profile
+from fp_jax import results
+from fp_jax import space
+from fp_jax import weights
+from fp_jax.infer import export
+from fp_jax.infer import fused
+from fp_jax.infer import perop
+
+CELL_PARTS = ("calib_x", "calib_y", "layer_base", "ops_x", "ops_y", "combine")
+NETS = ("baseline", "pruned")
+LATENCY_BLOCK = 10       # consecutive images per variant before switching (warm caches)
+PATHS = ("perop", "fused")
+
+
+Net = collections.namedtuple("Net", "plan arc params stats")   # a child.py network
+
+
+# ---------------------------------------------------------------- networks
+
+
+def random_init(plan, arc, seed):
+  """(params, stats) with child.init's pytree structure (jax.eval_shape), filled on the
+  host: He-normal conv kernels and classifier as child.init, BN scale ~ U(0.5, 1.5) and
+  bias ~ N(0, 0.1), running mean ~ N(0, 0.1) and var ~ U(0.5, 1.5) (so folding
+  matters). Eager child.init compiles one PRNG call per shape (15 s for a 5-cell net)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+
+  def fill(path, leaf):
+    name, shape = jax.tree_util.keystr(path), leaf.shape
+    if name.endswith(("['scale']", "['var']")):
+      a = rng.uniform(0.5, 1.5, shape)
+    elif name.endswith(("['bias']", "['mean']")):
+      a = rng.normal(0.0, 0.1, shape)
+    elif name.endswith("['b']"):
+      a = np.zeros(shape)
+    elif len(shape) == 2:       # classifier / aux fc [in, out]
+      a = rng.standard_normal(shape) / np.sqrt(shape[0])
+    else:                       # HWIO conv kernel (depthwise: I = 1)
+      a = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:3]))
+    return jnp.asarray(a, jnp.float32)
+
+  return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
+
+
+def prune(plan, arc, params, stats, ratios, criterion="l1"):
+  """compaction.prune with the masks computed by one jitted call: (compact params, stats)."""
+  masks = jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r, criterion))(
+      params, jnp.asarray(ratios, jnp.float32))
+  _, cp, cs = compaction.compact(plan, arc, params, stats, jax.device_get(masks))
+  return cp, cs
+
+
+def random_networks(config, workdir):
+  """{'baseline', 'pruned'} Nets: random_init weights, pruned with the configured ratios."""
+  arc = results.configured_arc(config, workdir)
+  shape, num_classes = profile.image_shape(config)
+  plan = child.make_plan(arc, config.final.num_layers, config.final.out_filters, shape,
+                         num_classes)
+  params, stats = random_init(plan, arc, config.seed)
+  ratios = results.configured_ratios(config, workdir)
+  cp, cs = prune(plan, arc, params, stats, ratios, config.compress.importance)
+  return {"baseline": Net(plan, arc, params, stats), "pruned": Net(plan, arc, cp, cs)}
+
+
+def trained_networks(workdir):
+  """{'baseline', 'pruned'} Nets from DIR/final/weights.npz and DIR/compress/weights.npz."""
+  nets = {}
+  for name, rel, stage in (("baseline", results.FINAL_WEIGHTS, "final"),
+                           ("pruned", results.COMPRESS_WEIGHTS, "compress")):
+    path = os.path.join(workdir, rel)
+    if not os.path.exists(path):
+      raise config_lib.ConfigError(
+          f"latency.init=trained: {path} does not exist; run the {stage} stage first "
+          "(--config.stages=final,compress,latency) or use --config.latency.init=random")
+    tree, meta = weights.load(path)
+    arc = space.parse_arc(meta["arc_string"])
+    plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
+                           tuple(meta["image_shape"]), meta["num_classes"])
+    nets[name] = Net(plan, arc, tree["params"], tree["stats"])
+  return nets
+
+
+def widths_of_params(plan, arc, params):
+  """Channel-group widths (compaction.widths_of layout) read from parameter shapes."""
+  width = lambda p: (p["conv"].shape[-1] if "conv" in p
+                     else p["conv1"].shape[-1] + p["conv2"].shape[-1])
+  cells = []
+  for spec in plan.cells:
+    c = width(params["calib"][spec.index][0])
+    inner = [[c, c] for _ in range(space.NUM_NODES)]
+    for k, s in compaction.sep_slots(arc, spec):
+      inner[k][s] = params["cells"][spec.index]["nodes"][k][s]["pw1"].shape[-1]
+    cells.append({"cell": c, "inner": inner})
+  return {"stem": params["stem"]["conv"].shape[-1], "cells": cells}
+
+
+# ---------------------------------------------------------------- timing
+
+
+def block(tree):
+  return jax.block_until_ready(tree)
+
+
+def matmul_peak_gflops(n=2048, reps=5):
+  """This machine's fp32 matmul rate: best of `reps` n x n x n jnp.dot calls (GFLOP/s)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  dot = jax.jit(jnp.dot).lower(a, a).compile()
+  block(dot(a, a))
+  best = min(timed(lambda: dot(a, a)) for _ in range(reps))
+  return 2.0 * n ** 3 / best / 1e9
+
+
+def timed(fn):
+  """Wall seconds of fn(), waiting for its result."""
+  t = time.perf_counter()
+  block(fn())
+  return time.perf_counter() - t
+
+
+def interleave(fns, reps, block=1):
+  """fns {name: f(rep) -> result}; runs reps in blocks of `block` consecutive calls of
+  each fn, the fn order rotating from block to block, so load from other processes
+  hits all alike while each fn runs warm. Returns {name: [result per rep]}."""
+  names, out = list(fns), {n: [] for n in fns}
+  for b, start in enumerate(range(0, reps, block)):
+    shift = b % len(names)
+    for n in names[shift:] + names[:shift]:
+      out[n].extend(fns[n](rep) for rep in range(start, min(start + block, reps)))
+  return out
+
+
+def _wall(fn):
+  return lambda rep: {"total": timed(lambda: fn(rep))}
+
+
+def _parted(fn):
+  """f(rep, mark) -> value  ==>  f(rep) -> {part: s, 'total': s} with waits at marks."""
+  def run(rep):
+    parts, t0 = collections.defaultdict(float), time.perf_counter()
+    last = [t0]
+
+    def mark(part, value):
+      block(value)
+      t = time.perf_counter()
+      parts[part] += t - last[0]
+      last[0] = t
+
+    block(fn(rep, mark))
+    return dict(parts, total=time.perf_counter() - t0)
+  return run
+
+
+def faster_half_ms(samples):
+  """Mean (ms) of every key over the reps whose 'total' is <= the median total."""
+  med = statistics.median(s["total"] for s in samples)
+  kept = [s for s in samples if s["total"] <= med]
+  keys = sorted({k for s in kept for k in s})
+  return {k: 1e3 * sum(s.get(k, 0.0) for s in kept) / len(kept) for k in keys}
+
+
+def _latency_stats(seconds):
+  ms = 1e3 * np.asarray(seconds)
+  return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
+          "p10_ms": float(np.percentile(ms, 10)), "p90_ms": float(np.percentile(ms, 90))}
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def breakdown(po, fu, x, reps):
+  """{'stem_conv': {...}, 'layer_0': {...}} for one network (see the module docstring)."""
+  y_po, y_fu = block(po.stem(x)), block(fu.stem(x))
+  stem = interleave({"perop_parts": _parted(lambda r, m: po.stem(x, m)),
+                     "perop": _wall(lambda r: po.stem(x)),
+                     "fused": _wall(lambda r: fu.stem(x))}, reps, block=5)
+  cell = interleave({"perop_parts": _parted(lambda r, m: po.cell(0, y_po, y_po, m)),
+                     "perop": _wall(lambda r: po.cell(0, y_po, y_po)),
+                     "fused_parts": _parted(lambda r, m: fu.cell_by_parts(0, y_fu, y_fu, m)),
+                     "fused": _wall(lambda r: fu.cell(0, y_fu, y_fu))}, reps, block=5)
+  s = {k: faster_half_ms(v) for k, v in stem.items()}
+  c = {k: faster_half_ms(v) for k, v in cell.items()}
+  out = {"stem_conv": {
+      "perop_ms": {"conv": s["perop_parts"]["conv"], "bn": s["perop_parts"]["bn"],
+                   "total": s["perop"]["total"]},
+      "fused_ms": {"total": s["fused"]["total"]},
+      "parts_sum_ms": {"perop": s["perop_parts"]["conv"] + s["perop_parts"]["bn"]},
+      "synced_total_ms": {"perop": s["perop_parts"]["total"]}}}
+  layer = {"parts_sum_ms": {}, "synced_total_ms": {}}
+  for path in PATHS:
+    parts = {p: c[f"{path}_parts"].get(p, 0.0) for p in CELL_PARTS}
+    layer[f"{path}_ms"] = dict(parts, total=c[path]["total"])
+    layer["parts_sum_ms"][path] = sum(parts.values())
+    layer["synced_total_ms"][path] = c[f"{path}_parts"]["total"]
+  out["layer_0"] = layer
+  return out
+
+
+def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="auto",
+            breakdown_reps=None, seed=0, peak_n=2048, check_child=False, log=logging.info):
+  """Latency, throughput, breakdown and accuracy figures of nets {'baseline', 'pruned'}.
+
+  images: number of batch-1 images; perop uses `depthwise` (fused.DEPTHWISE_IMPLS),
+  fused uses `opts`; peak_n: size of the matmul timed for the peak; check_child:
+  also compare both with a jitted child.forward (one more compile per network).
+  Returns the latency.json dict.
+  """
+  plan = nets["baseline"].plan
+  rng = np.random.default_rng(seed)
+  xs = rng.standard_normal((images,) + plan.image_hw + (plan.in_channels,)).astype(np.float32)
+  singles = [jnp.asarray(xs[i:i + 1]) for i in range(images)]
+  reps_batch = max(2, min(8, images // batch_size))
+  xb = jnp.asarray(rng.standard_normal((batch_size,) + xs.shape[1:]).astype(np.float32))
+  ex, compile_s, counts, memory = {}, {}, {}, {}
+  for name in NETS:
+    net = nets[name]
+    widths = widths_of_params(net.plan, net.arc, net.params)
+    counts[name] = flops.count(net.plan, net.arc, widths)
+    t = time.perf_counter()
+    ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise)
+    block(ex[name, "perop"](singles[0]))
+    compile_s[f"{name}_perop"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ex[name, "fused"] = fused.Fused(net.plan, net.arc, net.params, net.stats, opts)
+    block(ex[name, "fused"](singles[0]))
+    compile_s[f"{name}_fused"] = time.perf_counter() - t
+    log(f"latency: {name} compiled (per-op {compile_s[f'{name}_perop']:.1f}s, "
+        f"fused {compile_s[f'{name}_fused']:.1f}s)")
+  variants = {f"{n}_{p}": ex[n, p] for n in NETS for p in PATHS}
+
+  for rep in range(warmup):
+    for fn in variants.values():
+      block(fn(singles[rep % images]))
+  lat = interleave({k: (lambda f: lambda i: timed(lambda: f(singles[i])))(f)
+                    for k, f in variants.items()}, images, block=LATENCY_BLOCK)
+  log("latency: batch-1 latency timed over %d images" % images)
+  for n in NETS:
+    memory[f"{n}_perop_batch1"] = ex[n, "perop"].ops.memory_bytes()
+    memory[f"{n}_fused_batch1"] = ex[n, "fused"].memory_bytes(singles[0])
+
+  logits, diffs = {}, {}
+  for k, f in variants.items():
+    logits[k] = np.asarray(block(f(xb)))                     # compiles batch_size too
+  for n in NETS:
+    net = nets[n]
+    diffs[n] = {"fused_vs_perop": float(np.max(np.abs(logits[f"{n}_fused"] - logits[f"{n}_perop"]))),
+                "max_abs_logit": float(np.max(np.abs(logits[f"{n}_perop"])))}
+    if check_child:
+      fwd = jax.jit(lambda p, s, x, net=net: child.forward(net.plan, net.arc, p, s, x, False,
+                                                           with_aux=False)[0])
+      ref = np.asarray(fwd(net.params, net.stats, xb))
+      diffs[n]["perop_vs_child"] = float(np.max(np.abs(logits[f"{n}_perop"] - ref)))
+      diffs[n]["fused_vs_child"] = float(np.max(np.abs(logits[f"{n}_fused"] - ref)))
+  for k, f in variants.items():
+    block(f(xb))
+  tput = interleave({k: (lambda f: lambda i: timed(lambda: f(xb)))(f)
+                     for k, f in variants.items()}, reps_batch)
+  for n in NETS:
+    memory[f"{n}_perop_batch{batch_size}"] = ex[n, "perop"].ops.memory_bytes()
+    memory[f"{n}_fused_batch{batch_size}"] = ex[n, "fused"].memory_bytes(xb)
+  log("latency: throughput at batch %d timed" % batch_size)
+
+  reps = breakdown_reps or max(20, min(images, 200))
+  stages = {n: breakdown(ex[n, "perop"], ex[n, "fused"], singles[0], reps) for n in NETS}
+  log("latency: breakdown timed (%d reps)" % reps)
+  peak = matmul_peak_gflops(peak_n)
+
+  net_ms = {k: _latency_stats(v) for k, v in lat.items()}
+  mean = {k: v["mean_ms"] for k, v in net_ms.items()}
+  flop = {n: 2.0 * counts[n]["macs"] for n in NETS}
+  floor_ms = {n: 1e3 * flop[n] / (peak * 1e9) for n in NETS}
+  return {
+      "device": device_description(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "batch_size": batch_size, "images": images,
+      "warmup": warmup, "im2col": opts.im2col,
+      "depthwise": {"perop": depthwise, "fused": opts.depthwise},
+      "network": {f"{k}_ms": v for k, v in mean.items()},
+      "network_detail": net_ms,
+      "speedup": {"pruned_fused_vs_pruned_perop": mean["pruned_perop"] / mean["pruned_fused"],
+                  "pruned_fused_vs_baseline_perop": mean["baseline_perop"] / mean["pruned_fused"],
+                  "pruned_perop_vs_baseline_perop": mean["baseline_perop"] / mean["pruned_perop"],
+                  "baseline_fused_vs_baseline_perop":
+                      mean["baseline_perop"] / mean["baseline_fused"]},
+      "throughput_images_per_s": {k: batch_size / statistics.median(v)
+                                  for k, v in tput.items()},
+      "macs": {n: counts[n]["macs"] for n in NETS},
+      "params_no_aux": {n: counts[n]["params_no_aux"] for n in NETS},
+      "mac_reduction": 1.0 - counts["pruned"]["macs"] / counts["baseline"]["macs"],
+      "gflops_batch1": {k: flop[k.split("_")[0]] / (v * 1e-3) / 1e9 for k, v in mean.items()},
+      "matmul_peak_gflops": peak,
+      "floor_ms": floor_ms,
+      "fused_over_floor": {n: mean[f"{n}_fused"] / floor_ms[n] for n in NETS},
+      "memory_bytes": memory,
+      "max_abs_diff": max(d["fused_vs_perop"] for d in diffs.values()),
+      "max_rel_diff": max(d["fused_vs_perop"] / max(1.0, d["max_abs_logit"])
+                          for d in diffs.values()),
+      "max_abs_diff_detail": diffs,
+      "compile_s": compile_s,
+      "perop_calls_per_image": {n: _calls_per_image(ex[n, "perop"], singles[0]) for n in NETS},
+      "stages": stages["pruned"], "stages_baseline": stages["baseline"],
+      "timing": ("batch-1: wall time per image incl. waiting for the result, the 4 "
+                 "variants interleaved in blocks of %d images (rotating order); throughput: "
+                 "median of %d batches; breakdown: mean over the faster half of %d reps"
+                 % (LATENCY_BLOCK, reps_batch, reps)),
+  }
+
+
+def _calls_per_image(po, x):
+  before = po.ops.calls
+  block(po(x))
+  return po.ops.calls - before
+
+
+def device_description():
+  """e.g. 'cpu: AMD EPYC, 2 of 2 cores usable, 1 local device(s)'."""
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", str(d))
+  if d.platform == "cpu":
+    try:
+      with open("/proc/cpuinfo") as f:
+        kind = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      kind = platform.processor() or platform.machine()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    kind += f", {usable} of {os.cpu_count()} cores usable"
+  return f"{d.platform}: {kind}, {jax.local_device_count()} local device(s)"
+
+
+# ---------------------------------------------------------------- report
+
+
+def _table(headers, rows):
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                   + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def to_markdown(r):
+  """latency.json as tables a person reads."""
+  net, tp = r["network"], r["throughput_images_per_s"]
+  rows = [[n, r["macs"][n] / 1e6, r["params_no_aux"][n] / 1e6, net[f"{n}_perop_ms"],
+           net[f"{n}_fused_ms"], tp[f"{n}_perop"], tp[f"{n}_fused"],
+           r["gflops_batch1"][f"{n}_fused"], r["floor_ms"][n]] for n in NETS]
+  sp = r["speedup"]
+  out = [f"# Latency\n\n{r['device']}; batch-1 mean over {r['images']} images after "
+         f"{r['warmup']} warm-up calls; throughput at batch {r['batch_size']}; "
+         f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
+         f"fused={r['depthwise']['fused']}.\n",
+         "## Network\n",
+         _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",
+                 "per-op img/s", "fused img/s", "fused GFLOP/s", "floor ms"], rows),
+         f"\nfp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; multiply-adds "
+         f"-{100 * r['mac_reduction']:.1f}%; max |fused - per-op| logits {r['max_abs_diff']:.3g} "
+         f"({r['max_rel_diff']:.2g} of the largest logit).\n",
+         _table(["speed-up", "x"], [[k, v] for k, v in sp.items()]
+                + [["pruned fused / floor", r["fused_over_floor"]["pruned"]]]),
+         "\n## Breakdown (pruned network, ms; parts with a wait at each boundary)\n",
+         _table(["stem_conv part", "per-op ms", "fused ms"],
+                [["conv", r["stages"]["stem_conv"]["perop_ms"]["conv"], ""],
+                 ["bn", r["stages"]["stem_conv"]["perop_ms"]["bn"], ""],
+                 ["total", r["stages"]["stem_conv"]["perop_ms"]["total"],
+                  r["stages"]["stem_conv"]["fused_ms"]["total"]]]), ""]
+  for key, label in (("stages", "pruned"), ("stages_baseline", "baseline")):
+    l0 = r[key]["layer_0"]
+    rows = [[p, l0["perop_ms"][p], l0["fused_ms"][p]] for p in CELL_PARTS + ("total",)]
+    rows += [["sum of parts", l0["parts_sum_ms"]["perop"], l0["parts_sum_ms"]["fused"]],
+             ["part-timed run", l0["synced_total_ms"]["perop"], l0["synced_total_ms"]["fused"]]]
+    out += [f"layer_0 ({label})\n", _table(["part", "per-op ms", "fused ms"], rows), ""]
+  mem = r["memory_bytes"]
+  out += ["## Memory (MiB)\n", _table(["what", "MiB"], [[k, v / 2 ** 20] for k, v in mem.items()]),
+          f"\n{r['timing']}.\n"]
+  return "\n".join(out)
+
+
+def run(config, workdir):
+  """The latency stage (see the module docstring)."""
+  lat = config.latency
+  if lat.init == "trained":
+    nets = trained_networks(workdir)
+  else:
+    nets = random_networks(config, workdir)
+  opts = fused.Options(im2col=bool(lat.im2col))
+  result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed)
+  result["init"] = lat.init
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "latency")
+    os.makedirs(out, exist_ok=True)
+    p = nets["pruned"]
+    path = os.path.join(out, "pruned_fused.stablehlo")
+    export.export_stablehlo(path, p.plan, p.arc, p.params, p.stats,
+                            p.plan.image_hw + (p.plan.in_channels,), opts)
+    result["stablehlo"] = os.path.relpath(path, workdir)
+    with open(os.path.join(out, "latency.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(out, "latency.md"), "w") as f:
+      f.write(to_markdown(result))
+  n = result["network"]
+  msg = (f"latency: per image baseline per-op {n['baseline_perop_ms']:.3f} ms, fused "
+         f"{n['baseline_fused_ms']:.3f} ms; pruned per-op {n['pruned_perop_ms']:.3f} ms, fused "
+         f"{n['pruned_fused_ms']:.3f} ms")
+  logging.info(msg)
+  print(msg)
+  return result

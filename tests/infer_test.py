@@ -1,0 +1,197 @@
+"""Tests for fp_jax.infer: per-op and fused executors, BN folding, im2col, breakdown, export."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp_jax import child
+from fp_jax import layers
+from fp_jax import space
+from fp_jax.infer import export
+from fp_jax.infer import fused
+from fp_jax.infer import latency
+from fp_jax.infer import perop
+
+F, HW, CLASSES = 4, 8, 10
+X = jax.random.normal(jax.random.PRNGKey(1), (3, HW, HW, 3))
+OPS = perop.Ops()           # shared compile cache: nets of equal widths reuse primitives
+_CACHE = {}
+
+# name -> (arc, num_layers, ratios or None (unpruned)); num_layers 1: cells reduce, reduce,
+# normal (stride-2 factorized calibrations); 0: two reduction cells (stride 4 too)
+CASES = {
+    "enas_pruned": (space.parse_arc(space.ENAS_ARC), 1, (0.5, 0.25, 0.5, 0.5, 0.75)),
+    "uniform3": (space.sample_uniform(np.random.default_rng(3)), 1, None),
+    "uniform4_pruned": (space.sample_uniform(np.random.default_rng(4)), 2,
+                        (0.25, 0.5, 0.75, 0.5, 0.25)),
+    "tiny": (space.parse_arc(space.ENAS_ARC), 0, (0.5, 0.5, 0.5, 0.5, 0.5)),
+}
+
+
+def _net(name):
+  """(plan, arc, params, stats): random weights, random BN stats, maybe compacted."""
+  if name not in _CACHE:
+    arc, num_layers, ratios = CASES[name]
+    plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
+    params, stats = latency.random_init(plan, arc, len(name))
+    if ratios is not None:
+      params, stats = latency.prune(plan, arc, params, stats, ratios)
+    _CACHE[name] = (plan, arc, params, stats)
+  return _CACHE[name]
+
+
+def _executors(name):
+  """(PerOp, Fused) of a case, shared by the tests (compiled pieces are reused)."""
+  if ("exec", name) not in _CACHE:
+    _CACHE["exec", name] = (perop.PerOp(*_net(name), ops=OPS), fused.Fused(*_net(name)))
+  return _CACHE["exec", name]
+
+
+def _reference(name):
+  """child.forward eval logits on X (cached)."""
+  if ("ref", name) not in _CACHE:
+    plan, arc, params, stats = _net(name)
+    fn = jax.jit(lambda p, s, x: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])
+    _CACHE["ref", name] = np.asarray(fn(params, stats, X))
+  return _CACHE["ref", name]
+
+
+def _close(a, b, ref, label):
+  tol = 1e-5 * max(1.0, float(np.max(np.abs(ref))))
+  diff = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+  print(f"{label}: max diff {diff:.3g} (tol {tol:.3g})")
+  assert diff <= tol, (label, diff, tol)
+
+
+@pytest.mark.parametrize("name", ["enas_pruned", "uniform3", "uniform4_pruned"])
+def test_fused_equals_perop_equals_child(name):
+  plan = _net(name)[0]
+  assert any(s.reduce for s in plan.cells) and any(2 in s.in_strides for s in plan.cells)
+  ref = _reference(name)
+  po, fu = _executors(name)
+  _close(po(X), ref, ref, f"{name} per-op vs child")
+  _close(fu(X), ref, ref, f"{name} fused vs child")
+  _close(fu(X), po(X), ref, f"{name} fused vs per-op")
+  if name == "enas_pruned":
+    _close(fu.run_cells(X), ref, ref, f"{name} fused cells vs child")
+
+
+def test_fused_options_and_compact_widths():
+  """im2col + grouped-conv depthwise give the same logits; compact nets are smaller."""
+  plan, arc, params, stats = _net("enas_pruned")
+  assert params["stem"]["conv"].shape[-1] < plan.stem_channels
+  assert params["fc"]["w"].shape[0] < plan.cells[-1].out_channels
+  ref = _reference("enas_pruned")
+  opts = fused.Options(im2col=True, depthwise="xla")
+  _close(fused.Fused(plan, arc, params, stats, opts)(X), ref, ref, str(opts))
+  with pytest.raises(ValueError, match="depthwise"):
+    fused.Fused(plan, arc, params, stats, fused.Options(depthwise="fast"))
+
+
+def test_perop_runs_each_primitive_separately():
+  plan = _net("enas_pruned")[0]
+  po = _executors("enas_pruned")[0]
+  jax.block_until_ready(po(X))
+  compiled, calls = len(OPS.cache), OPS.calls
+  jax.block_until_ready(po(X))
+  assert len(OPS.cache) == compiled                       # cached: no recompiles
+  assert OPS.calls - calls > 10 * len(plan.cells)         # one dispatch per primitive
+  assert {k[0] for k in OPS.cache} >= {"relu", "conv", "bn", "depthwise", "add", "concat",
+                                       "subsample", "shift", "global_pool", "dense"}
+  assert OPS.memory_bytes() > 0
+
+
+def _bn(rng, c):
+  p = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+       "bias": jnp.asarray(rng.normal(0, 0.3, c), jnp.float32)}
+  s = {"mean": jnp.asarray(rng.normal(0, 0.3, c), jnp.float32),
+       "var": jnp.asarray(rng.uniform(0.2, 2.0, c), jnp.float32)}
+  return p, s
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (1, 1), (3, 2), (1, 2)])
+def test_bn_folding_exact(k, stride):
+  rng = np.random.default_rng(k + 10 * stride)
+  x = jnp.asarray(rng.standard_normal((2, 7, 7, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 5, 6)), jnp.float32)
+  bp, bs = _bn(rng, 6)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ref = layers.batch_norm(bp, bs, conv(x, w), False)[0]
+  wf, bf = fused.fold_bn(w, bp, bs)
+  for im2col in (False, True):
+    got = fused.conv(x, jnp.asarray(wf), jnp.asarray(bf), stride=stride, use_im2col=im2col)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_blocks_equal_layers():
+  """Factorized reduce (BN split over both halves, one half empty too) and sep_conv."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 6)), jnp.float32)
+  for h in (3, 0):   # conv1 outputs h channels of 5
+    p = {"conv1": jnp.asarray(rng.standard_normal((1, 1, 6, h)), jnp.float32),
+         "conv2": jnp.asarray(rng.standard_normal((1, 1, 6, 5 - h)), jnp.float32)}
+    p["bn"], s = _bn(rng, 5)
+    ref = layers.factorized_reduce(p, {"bn": s}, x, 2, False)[0]
+    got = fused.calibrate(fused._fold_producer(p, {"bn": s}), x, 2)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  p, s = jax.tree.map(np.asarray, layers.sep_conv_init(jax.random.PRNGKey(0), 5, 6))
+  (p["bn1"], s["bn1"]), (p["bn2"], s["bn2"]) = _bn(rng, 6), _bn(rng, 6)
+  ref = layers.sep_conv(p, s, x, False)[0]
+  for impl in ("shift", "flat", "xla"):
+    got = fused.sep_conv(fused._fold_sep(p, s), x, fused.Options(depthwise=impl))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride,padding,size", [
+    (3, 1, "SAME", 8), (3, 2, "SAME", 7), (5, 1, "SAME", 8), (1, 2, "SAME", 7),
+    (3, 1, "VALID", 7), (2, 3, "VALID", 8), (4, 2, "SAME", 9)])
+def test_im2col_equals_xla_conv(k, stride, padding, size):
+  rng = np.random.default_rng(k * 7 + stride)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 3, 4)), jnp.float32)
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  patches = fused.im2col(x, k, stride, padding)
+  assert patches.shape == ref.shape[:3] + (k * k * 3,)
+  got = jnp.dot(patches, w.reshape(-1, 4))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  if k > 1:
+    np.testing.assert_allclose(fused.conv(x, w, None, stride, padding, use_im2col=True), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_breakdown_parts_sum_to_total():
+  po, fu = _executors("enas_pruned")
+  got = latency.breakdown(po, fu, X[:1], reps=10)
+  stem = got["stem_conv"]
+  assert set(stem["perop_ms"]) == {"conv", "bn", "total"} and set(stem["fused_ms"]) == {"total"}
+  assert stem["parts_sum_ms"]["perop"] == pytest.approx(stem["synced_total_ms"]["perop"],
+                                                        rel=0.15)
+  layer = got["layer_0"]
+  for path in latency.PATHS:
+    ms = layer[f"{path}_ms"]
+    assert set(ms) == set(latency.CELL_PARTS) | {"total"}
+    assert ms["layer_base"] == 0.0 and all(v >= 0 for v in ms.values())
+    assert ms["calib_x"] > 0 and ms["ops_x"] + ms["ops_y"] > 0 and ms["total"] > 0
+    assert sum(ms[p] for p in latency.CELL_PARTS) == pytest.approx(layer["parts_sum_ms"][path])
+    assert layer["parts_sum_ms"][path] == pytest.approx(layer["synced_total_ms"][path], rel=0.15)
+
+
+def test_export_stablehlo_roundtrip(tmp_path):
+  plan, arc, params, stats = _net("tiny")
+  ref = _reference("tiny")
+  path = str(tmp_path / "net.stablehlo")
+  exported = export.export_stablehlo(path, plan, arc, params, stats, (HW, HW, 3))
+  assert "stablehlo" in exported.mlir_module()
+  assert str(exported.in_avals[0].shape[0]) == "b"              # any batch size
+  _close(export.load_stablehlo(path)(X), ref, ref, "stablehlo")
+
+
+def test_export_savedmodel_roundtrip(tmp_path):
+  pytest.importorskip("tensorflow")
+  plan, arc, params, stats = _net("tiny")
+  ref = _reference("tiny")
+  directory = str(tmp_path / "saved")
+  export.export_savedmodel(directory, plan, arc, params, stats, (HW, HW, 3))
+  _close(export.load_savedmodel(directory)(np.asarray(X)), ref, ref, "savedmodel")

@@ -1,0 +1,83 @@
+"""The latency stage end to end: `python -m fp_jax.main --config.stages=latency` (CPU, tiny)."""
+import json
+import os
+import subprocess
+import sys
+
+from fp_jax import space
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "--config=configs/smoke.py"
+TINY = ["--config.final.num_layers=1", "--config.final.out_filters=4",
+        "--config.latency.images=5", "--config.latency.batch_size=1",
+        "--config.latency.warmup=1"]
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fp_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_latency_stage_random(tmp_path):
+  proc = _run(SMOKE, f"--workdir={tmp_path}", "--config.stages=latency",
+              "--config.latency.init=random", f"--config.final.arc={space.ENAS_ARC}",
+              "--config.compress.ratios=0.5 0.5 0.5 0.5 0.5", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "latency" / "latency.json") as f:
+    r = json.load(f)
+  assert r["device"].startswith("cpu") and r["batch_size"] == 1 and r["images"] == 5
+  assert r["init"] == "random" and r["im2col"] is False
+  for key in ("baseline_perop_ms", "baseline_fused_ms", "pruned_perop_ms", "pruned_fused_ms"):
+    assert r["network"][key] > 0, key
+  stem, layer = r["stages"]["stem_conv"], r["stages"]["layer_0"]
+  assert set(stem["perop_ms"]) == {"conv", "bn", "total"} and stem["fused_ms"]["total"] > 0
+  parts = {"calib_x", "calib_y", "layer_base", "ops_x", "ops_y", "combine", "total"}
+  assert set(layer["perop_ms"]) == parts and set(layer["fused_ms"]) == parts
+  assert 0 <= r["max_abs_diff"] <= 1e-4 * max(1.0, r["max_abs_diff_detail"]["pruned"]
+                                               ["max_abs_logit"])
+  assert r["macs"]["pruned"] < r["macs"]["baseline"] and 0 < r["mac_reduction"] < 1
+  assert r["matmul_peak_gflops"] > 0 and r["floor_ms"]["pruned"] > 0
+  assert all(v > 0 for v in r["throughput_images_per_s"].values())
+  assert all(v > 0 for v in r["memory_bytes"].values())
+  md = (tmp_path / "latency" / "latency.md").read_text()
+  assert "| baseline |" in md and "layer_0" in md and "stem_conv" in md
+  assert (tmp_path / "latency" / "pruned_fused.stablehlo").stat().st_size > 0
+  assert "latency: per image baseline per-op" in proc.stdout
+
+
+def test_missing_weights_error(tmp_path):
+  proc = _run(SMOKE, f"--workdir={tmp_path}", "--config.stages=latency", *TINY)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  line = lines[0]
+  assert "latency.init" in line and "final" in line and "--config.latency.init=random" in line
+  assert not (tmp_path / "latency").exists()
+
+
+def test_trained_networks_load(tmp_path):
+  """latency.init=trained reads final/ and compress/ weights files (weights.py format)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fp_jax import child, flops, results, weights  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import latency  # pylint: disable=g-import-not-at-top
+
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 1, 4, (8, 8, 1), 10)
+  params, stats = latency.random_init(plan, arc, 0)
+  cp, cs = latency.prune(plan, arc, params, stats, (0.5,) * 5)
+  meta = {"arc_string": space.ENAS_ARC, "num_layers": 1, "out_filters": 4,
+          "image_shape": [8, 8, 1], "num_classes": 10}
+  for rel, p, s in ((results.FINAL_WEIGHTS, params, stats), (results.COMPRESS_WEIGHTS, cp, cs)):
+    os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+    weights.save(str(tmp_path / rel), {"params": p, "stats": s}, dict(meta, ratios=[0.5] * 5))
+  nets = latency.trained_networks(str(tmp_path))
+  assert nets["baseline"].plan == plan and np.array_equal(nets["pruned"].arc, arc)
+  for got, want in ((nets["baseline"].params, params), (nets["pruned"].stats, cs)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  widths = latency.widths_of_params(plan, arc, nets["pruned"].params)
+  assert widths["stem"] == cp["stem"]["conv"].shape[-1] < plan.stem_channels
+  assert flops.count(plan, arc, widths)["params"] == flops.param_count(cp)
