@@ -5,7 +5,7 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.stages = "search,final,compress"
+  config.stages = "search,final,compress,latency"
   config.overwrite = False
 
   config.data = ml_collections.ConfigDict()
