@@ -127,7 +127,7 @@ def main():
             "targets": targets, "latency": res,
             "note": (f"batch-1 latency over {args.images} images per variant (the paper: 1000), "
                      f"so that a full run takes a few minutes on this shared 2-core CPU; "
-                     f"loadavg at start and end in env")}
+                     f"1/5/15-min load averages at the end in env")}
   path = common.write_json("latency", args.out, result)
   print(latency.to_markdown(res))
   rows = [[k, v["pruned_fused_ms"], v["fused_vs_perop_pruned"], v["pruned_fused_vs_baseline_perop"],

@@ -168,7 +168,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, digits, reference, monk
   killed_at = ckpt.latest_step()
   ckpt.close()
   assert killed_at is not None
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     search.run(tiny_config(), workdir, digits, RATIOS)
   assert f"resuming from checkpoint {killed_at}" in caplog.text
   srch = search.Search.build(tiny_config(), digits, RATIOS)   # the (cached) compiled steps
@@ -415,7 +415,7 @@ def test_metrics_writer_tensorboard_and_truncate(tmp_path):
 
 
 def test_progress_logs_lines_with_eta_when_not_a_tty(caplog):
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     bar = logs.Progress(total=50, desc="unit test", tty=False)
     for _ in range(50):
       bar.update(1, loss=0.25)
@@ -426,7 +426,7 @@ def test_progress_logs_lines_with_eta_when_not_a_tty(caplog):
   assert "step/s" in lines[0] and "loss 0.25" in lines[0]
   assert lines[-1].startswith("unit test: 50/50 step (100%)")
   caplog.clear()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     bar = logs.Progress(total=50, desc="resumed", initial=40, tty=False)
     for _ in range(10):
       bar.update()
