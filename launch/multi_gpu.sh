@@ -38,15 +38,9 @@ while [[ $# -gt 0 && $1 != "--" ]]; do
   esac
   shift
 done
-[[ ${1:-} == "--" ]] || { echo "error: put the fp_jax.main arguments after --" >&2; exit 2; }
+source "$(dirname "$0")/common.sh"
+check_main_args "$@"
 shift
-[[ $# -gt 0 ]] || { echo "error: no fp_jax.main arguments after --" >&2; exit 2; }
-for a in "$@"; do
-  case $a in
-    --coordinator_address*|--num_processes*|--process_id*)
-      echo "error: $a is set by this launcher" >&2; exit 2 ;;
-  esac
-done
 for v in PROCS NODES; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "error: --$( [[ $v == PROCS ]] && echo procs_per_node || echo nodes)=${!v}: must be an integer >= 1" >&2; exit 2; }
 done

@@ -40,15 +40,9 @@ while [[ $# -gt 0 && $1 != "--" ]]; do
   esac
   shift
 done
-[[ ${1:-} == "--" ]] || { echo "error: put the fp_jax.main arguments after --" >&2; exit 2; }
+source "$(dirname "$0")/common.sh"
+check_main_args "$@"
 shift
-[[ $# -gt 0 ]] || { echo "error: no fp_jax.main arguments after --" >&2; exit 2; }
-for a in "$@"; do
-  case $a in
-    --coordinator_address*|--num_processes*|--process_id*)
-      echo "error: $a is set by this launcher (jax detects the pod)" >&2; exit 2 ;;
-  esac
-done
 
 REPO_URL=${REPO_URL:-}
 REPO_REF=${REPO_REF:-main}

@@ -66,15 +66,7 @@ def _opt_key(s, steps_per_epoch):
 
 def child_optimizer(s, steps_per_epoch):
   """(optax transform, lr schedule) of the supernet: L2, clipping, Nesterov SGDR."""
-  return _optimizer(_opt_key(s, steps_per_epoch))
-
-
-def _optimizer(opt):
-  spe, t0, tmul, lr_max, lr_min, momentum, l2, clip = opt
-  schedule = schedules.cosine_restarts(spe, t0, tmul, lr_max, lr_min)
-  tx = optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(clip),
-                   optax.sgd(schedule, momentum=momentum, nesterov=True))
-  return tx, schedule
+  return schedules.sgdr_momentum(*_opt_key(s, steps_per_epoch))
 
 
 def make_child_step(plan, tx, aux_weight, mesh):
@@ -111,7 +103,7 @@ def make_reward_eval(plan, criterion, mesh):
 @functools.lru_cache(maxsize=8)
 def _steps(plan, mesh, opt, aux_weight, criterion):
   """Optimizer and compiled steps, shared by every Search with the same settings."""
-  tx, schedule = _optimizer(opt)
+  tx, schedule = schedules.sgdr_momentum(*opt)
   return (tx, schedule, make_child_step(plan, tx, aux_weight, mesh),
           make_reward_eval(plan, criterion, mesh))
 
