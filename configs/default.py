@@ -85,5 +85,7 @@ def get_config():
   t.images = 1000                      # batch-1 latency averaged over this many images
   t.batch_size = 64                    # throughput batch
   t.warmup = 20
-  t.im2col = False                     # fused convs as explicit im2col + GEMM
+  t.im2col = True                      # fused kxk convs (the stem) as im2col + GEMM
+  t.pad_channels = 8                   # fused path: channel groups zero-padded to a multiple
+  t.dots = "auto"                      # fused/per-op GEMMs on CPU: auto = xla | ynn (YNNPACK)
   return config

@@ -8,6 +8,7 @@ from fp_jax import space
 STAGES = ("search", "final", "compress", "latency", "profile")
 IMPORTANCE = ("l1", "bn")
 COMPRESS_MODES = ("finetune", "scratch")
+LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)
 LATENCY_INIT = ("trained", "random")
 
 
@@ -153,6 +154,8 @@ def validate(config):
   _int(config, "latency.images", 1)
   _int(config, "latency.batch_size", 1)
   _int(config, "latency.warmup", 0)
+  _int(config, "latency.pad_channels", 1, 64)
+  _choice(config, "latency.dots", LATENCY_DOTS)
   if not isinstance(_get(config, "latency.im2col"), bool):
     raise ConfigError(f"latency.im2col={config.latency.im2col!r}: must be True or False")
   arc = _get(config, "final.arc")

@@ -10,6 +10,7 @@ from fp_jax import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import latency
+from fp_jax.infer import padding
 from fp_jax.infer import perop
 
 F, HW, CLASSES = 4, 8, 10
@@ -86,6 +87,66 @@ def test_fused_options_and_compact_widths():
   _close(fused.Fused(plan, arc, params, stats, opts)(X), ref, ref, str(opts))
   with pytest.raises(ValueError, match="depthwise"):
     fused.Fused(plan, arc, params, stats, fused.Options(depthwise="fast"))
+
+
+def test_spread_inserts_zeros_after_each_block():
+  a = np.arange(1, 8, dtype=np.float32).reshape(7, 1)            # blocks 3 | 4
+  got = padding.spread(a, 0, [3, 4], 4)
+  np.testing.assert_array_equal(got[:, 0], [1, 2, 3, 0, 4, 5, 6, 7])
+  with pytest.raises(ValueError, match="blocks"):
+    padding.spread(a, 0, [3, 3], 4)
+
+
+@pytest.mark.parametrize("multiple", [1, 3, 8])
+def test_channel_padding_keeps_logits(multiple):
+  """Every channel group padded to the multiple (odd compact widths, a factorized
+  reduce, reduction cells) with zeros; logits unchanged."""
+  plan, arc, params, stats = _net("uniform4_pruned")
+  ref = _reference("uniform4_pruned")
+  opts = fused.Options(pad_channels=multiple)
+  fp, plain = fused.folded(plan, arc, params, stats, opts), fused.fold(plan, arc, params, stats)
+  widths = {plain["stem"]["w"].shape[-1]} | {w.shape[-1] for w in jax.tree.leaves(plain["cells"])}
+  if multiple > 1:
+    assert any(w % multiple for w in widths)                   # something to pad
+  assert fp["stem"]["w"].shape[-1] % multiple == 0
+  for i, cell in enumerate(fp["cells"]):
+    for node, plain_node in zip(cell["nodes"], plain["cells"][i]["nodes"]):
+      for sep, plain_sep in zip(node, plain_node):
+        for k, w in sep.items():
+          assert w.shape[-1] % multiple == 0, (i, k, w.shape)
+          # the original block, then zeros
+          orig = plain_sep[k]
+          np.testing.assert_array_equal(w[tuple(slice(0, n) for n in orig.shape)], orig)
+          assert np.sum(np.abs(w)) == pytest.approx(np.sum(np.abs(orig)))
+  _close(fused.Fused(plan, arc, params, stats, opts)(X), ref, ref, f"pad {multiple}")
+  with pytest.raises(ValueError, match="pad_channels"):
+    fused.Fused(plan, arc, params, stats, fused.Options(pad_channels=0))
+
+
+def test_depthwise_shared_padding():
+  """A depthwise padded by MAX_PAD (its taps offset) equals the k // 2 one."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 1, 3)), jnp.float32)
+  for impl in ("shift", "flat"):
+    np.testing.assert_allclose(fused.depthwise(x, w, impl, pad=fused.MAX_PAD),
+                               fused.depthwise(x, w, impl), rtol=1e-6, atol=1e-6)
+
+
+def test_dot_library_compiler_options():
+  """dots=auto|xla: XLA:CPU's own dots (no YNNPACK fusion), per compilation, in the fused
+  and per-op paths alike; ynn: XLA's defaults."""
+  plan, arc, params, stats = _net("tiny")
+  assert jax.default_backend() == "cpu"
+  hlo = {d: fused.Fused(plan, arc, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
+         for d in ("auto", "ynn")}
+  assert "ynn_fusion" not in hlo["auto"] and "ynn_fusion" in hlo["ynn"]
+  assert fused.compiler_options(fused.Options(dots="ynn")) is None
+  ops = perop.Ops(fused.compiler_options(fused.Options()))
+  ops("dense", X[:1, 0, 0], jnp.ones((3, 4)), jnp.ones(4))
+  assert all("ynn_fusion" not in c.as_text() for c in ops.cache.values())
+  with pytest.raises(ValueError, match="dots"):
+    fused.Fused(plan, arc, params, stats, fused.Options(dots="mkl"))
 
 
 def test_perop_runs_each_primitive_separately():

@@ -27,7 +27,11 @@ def test_latency_stage_random(tmp_path):
   with open(tmp_path / "latency" / "latency.json") as f:
     r = json.load(f)
   assert r["device"].startswith("cpu") and r["batch_size"] == 1 and r["images"] == 5
-  assert r["init"] == "random" and r["im2col"] is False
+  assert r["init"] == "random" and r["im2col"] is True and r["pad_channels"] == 8
+  assert r["dots"] == "auto" and r["compiler_options"] == {
+      "xla_cpu_experimental_ynn_fusion_type": ""}
+  # widths 4 and 2 padded to 8: the fused path executes more multiply-adds than the count
+  assert r["executed_macs_pruned_fused"] > r["macs"]["pruned"]
   for key in ("baseline_perop_ms", "baseline_fused_ms", "pruned_perop_ms", "pruned_fused_ms"):
     assert r["network"][key] > 0, key
   stem, layer = r["stages"]["stem_conv"], r["stages"]["layer_0"]
@@ -81,3 +85,20 @@ def test_trained_networks_load(tmp_path):
   widths = latency.widths_of_params(plan, arc, nets["pruned"].params)
   assert widths["stem"] == cp["stem"]["conv"].shape[-1] < plan.stem_channels
   assert flops.count(plan, arc, widths)["params"] == flops.param_count(cp)
+
+
+def test_latency_option_errors():
+  """latency.pad_channels and latency.dots are checked with one-line messages."""
+  import importlib.util
+  import pytest
+  from fp_jax import config as config_lib
+  spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "configs", "smoke.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for field, value, needle in (("pad_channels", 0, "latency.pad_channels=0: must be an integer in 1..64"),
+                               ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn")):
+    config = mod.get_config()
+    config.latency[field] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.validate(config)
+    assert needle in str(e.value)

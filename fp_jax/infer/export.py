@@ -21,7 +21,7 @@ from fp_jax.infer import fused
 
 
 def _fn(plan, arc, params, stats, opts):
-  fp = fused.fold(plan, arc, params, stats)
+  fp = fused.folded(plan, arc, params, stats, opts)
   return functools.partial(fused.forward, plan, np.asarray(arc), fp, opts=opts)
 
 

@@ -16,7 +16,11 @@ constants (a call passes only the images: no per-call argument handling of
 hundreds of weight arrays). Pools are separable shifted sums (XLA:CPU's
 reduce_window is several times slower). `Options.im2col` runs every non-depthwise
 kxk convolution (k > 1: the stem) as explicit patch extraction + `jnp.dot`
-(the paper's im2col + sgemm); 1x1 convolutions are GEMMs either way. The aux
+(the paper's im2col + sgemm); 1x1 convolutions are GEMMs either way.
+`Options.pad_channels` zero-pads every channel group to a multiple of the SIMD
+width (padding.py: pruned widths such as 22 or 43 leave scalar remainders in
+every vectorized row), and `Options.dots` picks XLA:CPU's GEMM emitter
+(`compiler_options`). The aux
 head is training-only and not part of inference. Logits equal
 `child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`
 up to float rounding, for full and compact (compaction.py) networks alike.
@@ -34,14 +38,34 @@ import numpy as np
 from fp_jax import child
 from fp_jax import layers
 from fp_jax import space
+from fp_jax.infer import padding
 
 DEPTHWISE_IMPLS = ("auto", "flat", "shift", "xla")
+DOT_LIBRARIES = ("auto", "xla", "ynn")
+MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   im2col: bool = False          # kxk convs (k > 1) as im2col + GEMM instead of XLA's conv
   depthwise: str = "auto"       # shift | flat | xla | auto (shift on CPU, xla elsewhere)
+  pad_channels: int = 8         # zero-pad channel groups to a multiple of this (padding.py)
+  dots: str = "auto"            # XLA:CPU GEMMs: xla (its own emitter) | ynn (YNNPACK) | auto: xla
+
+
+def compiler_options(opts):
+  """XLA options of every compilation for `opts` (a dict, or None for XLA's defaults).
+
+  jax 0.10's XLA:CPU hands dots to YNNPACK by default; at batch 1 the GEMMs are
+  small ([1024, 24] x [24, 24] for a pruned 32x32 cell) and YNNPACK's per-call
+  overhead makes the network about 7% slower than XLA's own dot emitter, so
+  dots='auto' turns that off (per compilation, not process-wide) on CPU.
+  """
+  if opts.dots not in DOT_LIBRARIES:
+    raise ValueError(f"dots must be one of {DOT_LIBRARIES}, got {opts.dots!r}")
+  if jax.default_backend() == "cpu" and opts.dots in ("auto", "xla"):
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+  return None
 
 
 # ---------------------------------------------------------------- folding (host side)
@@ -102,11 +126,20 @@ def fold(plan, arc, params, stats):
   return fp
 
 
+def folded(plan, arc, params, stats, opts=Options()):
+  """fold, then padding.pad_channels to opts.pad_channels: the weights `forward` runs."""
+  return padding.pad_channels(plan, arc, fold(plan, arc, params, stats), opts.pad_channels)
+
+
 # ---------------------------------------------------------------- operators (traced)
 
 
-def depthwise(x, w, impl="auto"):
+def depthwise(x, w, impl="auto", pad=None):
   """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME.
+
+  pad >= k // 2 (shift and flat): pad x by this much and start the taps at
+  pad - k // 2, so every depthwise of one tensor pads it alike and XLA computes
+  the (ReLU'd) padded tensor once for all of them.
 
   impl 'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
   choice); 'flat': the same sum in the [B,H,W*C] view, where a shift along W is
@@ -121,14 +154,17 @@ def depthwise(x, w, impl="auto"):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
   k, (b, h, wd, c) = w.shape[0], x.shape
-  p = k // 2
+  p = k // 2 if pad is None else pad
+  o = p - k // 2
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   if impl == "shift":
-    return sum(xp[:, i:i + h, j:j + wd, :] * w[i, j, 0] for i in range(k) for j in range(k))
+    return sum(xp[:, o + i:o + i + h, o + j:o + j + wd, :] * w[i, j, 0]
+               for i in range(k) for j in range(k))
   xp = xp.reshape(b, h + 2 * p, (wd + 2 * p) * c)
   tile = np.tile if isinstance(w, np.ndarray) else jnp.tile     # constant weights: on the host
   wt = tile(w[:, :, 0, :], (1, 1, wd))                 # [k, k, W*C]
-  out = sum(xp[:, i:i + h, j * c:j * c + wd * c] * wt[i, j] for i in range(k) for j in range(k))
+  out = sum(xp[:, o + i:o + i + h, (o + j) * c:(o + j) * c + wd * c] * wt[i, j]
+            for i in range(k) for j in range(k))
   return out.reshape(b, h, wd, c)
 
 
@@ -212,7 +248,8 @@ def calibrate(fc, x, stride, opts=Options()):
 
 def sep_conv(fs, x, opts=Options()):
   """2 x [ReLU, depthwise kxk, pointwise 1x1 + folded BN]: [B,H,W,C] -> [B,H,W,C]."""
-  y = conv(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise), fs["pw1"], fs["b1"])
+  # the first depthwise pads by MAX_PAD: sep convs of one input share its padded ReLU
+  y = conv(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise, MAX_PAD), fs["pw1"], fs["b1"])
   return conv(depthwise(jax.nn.relu(y), fs["dw2"], opts.depthwise), fs["pw2"], fs["b2"])
 
 
@@ -292,8 +329,11 @@ class Fused:
   def __init__(self, plan, arc, params, stats, opts=Options()):
     if opts.depthwise not in DEPTHWISE_IMPLS:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {opts.depthwise!r}")
+    if opts.pad_channels < 1:
+      raise ValueError(f"pad_channels must be >= 1, got {opts.pad_channels}")
+    compiler_options(opts)                                  # checks opts.dots
     self.plan, self.arc, self.opts = plan, np.asarray(arc), opts
-    self.fp = fold(plan, self.arc, params, stats)          # numpy: traced as constants
+    self.fp = folded(plan, self.arc, params, stats, opts)   # numpy: traced as constants
     self.cache = {}
 
   def compiled(self, key, fn, *xs):
@@ -301,7 +341,8 @@ class Fused:
     k = (key,) + tuple(x.shape for x in xs)
     c = self.cache.get(k)
     if c is None:
-      c = self.cache[k] = jax.jit(fn).lower(*xs).compile()
+      c = self.cache[k] = jax.jit(fn).lower(*xs).compile(
+          compiler_options=compiler_options(self.opts))
     return c
 
   def network(self, x):

@@ -63,6 +63,7 @@ from fp_jax import space
 from fp_jax import weights
 from fp_jax.infer import export
 from fp_jax.infer import fused
+from fp_jax.infer import padding
 from fp_jax.infer import perop
 
 CELL_PARTS = ("calib_x", "calib_y", "layer_base", "ops_x", "ops_y", "combine")
@@ -152,6 +153,18 @@ def widths_of_params(plan, arc, params):
       inner[k][s] = params["cells"][spec.index]["nodes"][k][s]["pw1"].shape[-1]
     cells.append({"cell": c, "inner": inner})
   return {"stem": params["stem"]["conv"].shape[-1], "cells": cells}
+
+
+def padded_macs(net, multiple):
+  """Multiply-adds the fused path executes with its channel groups padded to a
+  multiple of `multiple` (fused.Options.pad_channels): flops.count of the rounded-up
+  widths."""
+  w = widths_of_params(net.plan, net.arc, net.params)
+  up = lambda n: padding.round_up(n, multiple)
+  w = {"stem": up(w["stem"]),
+       "cells": [{"cell": up(c["cell"]), "inner": [[up(v) for v in row] for row in c["inner"]]}
+                 for c in w["cells"]]}
+  return flops.count(net.plan, net.arc, w)["macs"]
 
 
 # ---------------------------------------------------------------- timing
@@ -276,7 +289,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
     widths = widths_of_params(net.plan, net.arc, net.params)
     counts[name] = flops.count(net.plan, net.arc, widths)
     t = time.perf_counter()
-    ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise)
+    ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise,
+                                    ops=perop.Ops(fused.compiler_options(opts)))
     block(ex[name, "perop"](singles[0]))
     compile_s[f"{name}_perop"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -333,6 +347,9 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
       "depthwise": {"perop": depthwise, "fused": opts.depthwise},
+      "pad_channels": opts.pad_channels, "dots": opts.dots,
+      "compiler_options": fused.compiler_options(opts) or {},
+      "executed_macs_pruned_fused": padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
       "network_detail": net_ms,
       "speedup": {"pruned_fused_vs_pruned_perop": mean["pruned_perop"] / mean["pruned_fused"],
@@ -404,7 +421,8 @@ def to_markdown(r):
   out = [f"# Latency\n\n{r['device']}; batch-1 mean over {r['images']} images after "
          f"{r['warmup']} warm-up calls; throughput at batch {r['batch_size']}; "
          f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
-         f"fused={r['depthwise']['fused']}.\n",
+         f"fused={r['depthwise']['fused']}; fused channels padded to a multiple of "
+         f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']}).\n",
          "## Network\n",
          _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",
                  "per-op img/s", "fused img/s", "fused GFLOP/s", "floor ms"], rows),
@@ -438,7 +456,8 @@ def run(config, workdir):
     nets = trained_networks(workdir)
   else:
     nets = random_networks(config, workdir)
-  opts = fused.Options(im2col=bool(lat.im2col))
+  opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
+                       dots=lat.dots)
   result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed)
   result["init"] = lat.init
   if jax.process_index() == 0:

@@ -52,13 +52,16 @@ PRIMITIVES = {
 class Ops:
   """Compiled primitives: ops(name, *arrays, **static) -> result.
 
-  Each (name, static kwargs, argument shapes) is lowered and compiled once;
-  `calls` counts dispatches.
+  Each (name, static kwargs, argument shapes) is lowered and compiled once, with
+  `compiler_options` (fused.compiler_options: the fused path's XLA options, so
+  the two paths differ only in dispatch, fusion and folding); `calls` counts
+  dispatches.
   """
 
-  def __init__(self):
+  def __init__(self, compiler_options=None):
     self.cache = {}
     self.calls = 0
+    self.compiler_options = compiler_options
 
   def __call__(self, name, *args, **static):
     key = (name, tuple(sorted(static.items())),
@@ -66,7 +69,8 @@ class Ops:
     c = self.cache.get(key)
     if c is None:
       fn = functools.partial(PRIMITIVES[name], **static) if static else PRIMITIVES[name]
-      c = self.cache[key] = jax.jit(fn).lower(*args).compile()
+      c = self.cache[key] = jax.jit(fn).lower(*args).compile(
+          compiler_options=self.compiler_options)
     self.calls += 1
     return c(*args)
 
