@@ -4,7 +4,7 @@
                            --batch 64 --warmup 20 --target 0.6 --cpus 1]
 
 The published ENAS architecture (space.ENAS_ARC) at final-training size,
-random weights and random BN statistics (latency.random_init), compacted with
+random weights and random BN statistics (networks.random_init), compacted with
 one ratio for all 5 stages, chosen (flops.count of the compaction widths) so
 multiply-adds fall by about --target. Runs fp_jax.infer.latency.measure (batch-1
 latency per image, the 4 variants interleaved; throughput at --batch; stem and
@@ -61,7 +61,7 @@ def main():
 
   from bench import common  # pylint: disable=g-import-not-at-top
   from fp_jax import child, flops, space  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import fused, latency  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency, networks  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, args.num_layers, args.out_filters, (args.image, args.image, 3),
@@ -81,9 +81,10 @@ def main():
   grid = np.round(np.arange(0.0, 0.91, 0.01), 2)
   ratio = float(grid[np.argmin([abs(reduction(r) - args.target) for r in grid])])
   common.log(f"ratio {ratio} for all stages: {100 * reduction(ratio):.1f}% fewer multiply-adds")
-  params, stats = latency.random_init(plan, arc, args.seed)
-  cp, cs = latency.prune(plan, arc, params, stats, (ratio,) * 5)
-  nets = {"baseline": latency.Net(plan, arc, params, stats), "pruned": latency.Net(plan, arc, cp, cs)}
+  params, stats = networks.random_init(plan, arc, args.seed)
+  cp, cs = networks.prune(plan, arc, params, stats, (ratio,) * 5)
+  nets = {"baseline": networks.Net(plan, arc, params, stats),
+          "pruned": networks.Net(plan, arc, cp, cs)}
 
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,

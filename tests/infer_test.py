@@ -10,6 +10,7 @@ from fp_jax import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import latency
+from fp_jax.infer import networks
 from fp_jax.infer import padding
 from fp_jax.infer import perop
 
@@ -34,9 +35,9 @@ def _net(name):
   if name not in _CACHE:
     arc, num_layers, ratios = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
-    params, stats = latency.random_init(plan, arc, len(name))
+    params, stats = networks.random_init(plan, arc, len(name))
     if ratios is not None:
-      params, stats = latency.prune(plan, arc, params, stats, ratios)
+      params, stats = networks.prune(plan, arc, params, stats, ratios)
     _CACHE[name] = (plan, arc, params, stats)
   return _CACHE[name]
 

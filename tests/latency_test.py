@@ -66,23 +66,23 @@ def test_trained_networks_load(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from fp_jax import child, flops, results, weights  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import latency  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import networks  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 1, 4, (8, 8, 1), 10)
-  params, stats = latency.random_init(plan, arc, 0)
-  cp, cs = latency.prune(plan, arc, params, stats, (0.5,) * 5)
+  params, stats = networks.random_init(plan, arc, 0)
+  cp, cs = networks.prune(plan, arc, params, stats, (0.5,) * 5)
   meta = {"arc_string": space.ENAS_ARC, "num_layers": 1, "out_filters": 4,
           "image_shape": [8, 8, 1], "num_classes": 10}
   for rel, p, s in ((results.FINAL_WEIGHTS, params, stats), (results.COMPRESS_WEIGHTS, cp, cs)):
     os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
     weights.save(str(tmp_path / rel), {"params": p, "stats": s}, dict(meta, ratios=[0.5] * 5))
-  nets = latency.trained_networks(str(tmp_path))
+  nets = networks.trained_networks(str(tmp_path))
   assert nets["baseline"].plan == plan and np.array_equal(nets["pruned"].arc, arc)
   for got, want in ((nets["baseline"].params, params), (nets["pruned"].stats, cs)):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-  widths = latency.widths_of_params(plan, arc, nets["pruned"].params)
+  widths = networks.widths_of_params(plan, arc, nets["pruned"].params)
   assert widths["stem"] == cp["stem"]["conv"].shape[-1] < plan.stem_channels
   assert flops.count(plan, arc, widths)["params"] == flops.param_count(cp)
 
@@ -95,8 +95,9 @@ def test_latency_option_errors():
   spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "configs", "smoke.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  for field, value, needle in (("pad_channels", 0, "latency.pad_channels=0: must be an integer in 1..64"),
-                               ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn")):
+  for field, value, needle in (
+      ("pad_channels", 0, "latency.pad_channels=0: must be an integer in 1..64"),
+      ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn")):
     config = mod.get_config()
     config.latency[field] = value
     with pytest.raises(config_lib.ConfigError) as e:

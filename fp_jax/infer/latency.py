@@ -54,117 +54,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp_jax import child
-from fp_jax import compaction
-from fp_jax import config as config_lib
 from fp_jax import flops
-from fp_jax import profile
-from fp_jax import results
-from fp_jax import space
-from fp_jax import weights
 from fp_jax.infer import export
 from fp_jax.infer import fused
-from fp_jax.infer import padding
+from fp_jax.infer import networks
 from fp_jax.infer import perop
 
 CELL_PARTS = ("calib_x", "calib_y", "layer_base", "ops_x", "ops_y", "combine")
 NETS = ("baseline", "pruned")
 LATENCY_BLOCK = 10       # consecutive images per variant before switching (warm caches)
 PATHS = ("perop", "fused")
-
-
-Net = collections.namedtuple("Net", "plan arc params stats")   # a child.py network
-
-
-# ---------------------------------------------------------------- networks
-
-
-def random_init(plan, arc, seed):
-  """(params, stats) with child.init's pytree structure (jax.eval_shape), filled on the
-  host: He-normal conv kernels and classifier as child.init, BN scale ~ U(0.5, 1.5) and
-  bias ~ N(0, 0.1), running mean ~ N(0, 0.1) and var ~ U(0.5, 1.5) (so folding
-  matters). Eager child.init compiles one PRNG call per shape (15 s for a 5-cell net)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
-
-  def fill(path, leaf):
-    name, shape = jax.tree_util.keystr(path), leaf.shape
-    if name.endswith(("['scale']", "['var']")):
-      a = rng.uniform(0.5, 1.5, shape)
-    elif name.endswith(("['bias']", "['mean']")):
-      a = rng.normal(0.0, 0.1, shape)
-    elif name.endswith("['b']"):
-      a = np.zeros(shape)
-    elif len(shape) == 2:       # classifier / aux fc [in, out]
-      a = rng.standard_normal(shape) / np.sqrt(shape[0])
-    else:                       # HWIO conv kernel (depthwise: I = 1)
-      a = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:3]))
-    return jnp.asarray(a, jnp.float32)
-
-  return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
-
-
-def prune(plan, arc, params, stats, ratios, criterion="l1"):
-  """compaction.prune with the masks computed by one jitted call: (compact params, stats)."""
-  masks = jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r, criterion))(
-      params, jnp.asarray(ratios, jnp.float32))
-  _, cp, cs = compaction.compact(plan, arc, params, stats, jax.device_get(masks))
-  return cp, cs
-
-
-def random_networks(config, workdir):
-  """{'baseline', 'pruned'} Nets: random_init weights, pruned with the configured ratios."""
-  arc = results.configured_arc(config, workdir)
-  shape, num_classes = profile.image_shape(config)
-  plan = child.make_plan(arc, config.final.num_layers, config.final.out_filters, shape,
-                         num_classes)
-  params, stats = random_init(plan, arc, config.seed)
-  ratios = results.configured_ratios(config, workdir)
-  cp, cs = prune(plan, arc, params, stats, ratios, config.compress.importance)
-  return {"baseline": Net(plan, arc, params, stats), "pruned": Net(plan, arc, cp, cs)}
-
-
-def trained_networks(workdir):
-  """{'baseline', 'pruned'} Nets from DIR/final/weights.npz and DIR/compress/weights.npz."""
-  nets = {}
-  for name, rel, stage in (("baseline", results.FINAL_WEIGHTS, "final"),
-                           ("pruned", results.COMPRESS_WEIGHTS, "compress")):
-    path = os.path.join(workdir, rel)
-    if not os.path.exists(path):
-      raise config_lib.ConfigError(
-          f"latency.init=trained: {path} does not exist; run the {stage} stage first "
-          "(--config.stages=final,compress,latency) or use --config.latency.init=random")
-    tree, meta = weights.load(path)
-    arc = space.parse_arc(meta["arc_string"])
-    plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
-                           tuple(meta["image_shape"]), meta["num_classes"])
-    nets[name] = Net(plan, arc, tree["params"], tree["stats"])
-  return nets
-
-
-def widths_of_params(plan, arc, params):
-  """Channel-group widths (compaction.widths_of layout) read from parameter shapes."""
-  width = lambda p: (p["conv"].shape[-1] if "conv" in p
-                     else p["conv1"].shape[-1] + p["conv2"].shape[-1])
-  cells = []
-  for spec in plan.cells:
-    c = width(params["calib"][spec.index][0])
-    inner = [[c, c] for _ in range(space.NUM_NODES)]
-    for k, s in compaction.sep_slots(arc, spec):
-      inner[k][s] = params["cells"][spec.index]["nodes"][k][s]["pw1"].shape[-1]
-    cells.append({"cell": c, "inner": inner})
-  return {"stem": params["stem"]["conv"].shape[-1], "cells": cells}
-
-
-def padded_macs(net, multiple):
-  """Multiply-adds the fused path executes with its channel groups padded to a
-  multiple of `multiple` (fused.Options.pad_channels): flops.count of the rounded-up
-  widths."""
-  w = widths_of_params(net.plan, net.arc, net.params)
-  up = lambda n: padding.round_up(n, multiple)
-  w = {"stem": up(w["stem"]),
-       "cells": [{"cell": up(c["cell"]), "inner": [[up(v) for v in row] for row in c["inner"]]}
-                 for c in w["cells"]]}
-  return flops.count(net.plan, net.arc, w)["macs"]
 
 
 # ---------------------------------------------------------------- timing
@@ -286,7 +185,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   ex, compile_s, counts, memory = {}, {}, {}, {}
   for name in NETS:
     net = nets[name]
-    widths = widths_of_params(net.plan, net.arc, net.params)
+    widths = networks.widths_of_params(net.plan, net.arc, net.params)
     counts[name] = flops.count(net.plan, net.arc, widths)
     t = time.perf_counter()
     ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise,
@@ -349,7 +248,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "depthwise": {"perop": depthwise, "fused": opts.depthwise},
       "pad_channels": opts.pad_channels, "dots": opts.dots,
       "compiler_options": fused.compiler_options(opts) or {},
-      "executed_macs_pruned_fused": padded_macs(nets["pruned"], opts.pad_channels),
+      "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
       "network_detail": net_ms,
       "speedup": {"pruned_fused_vs_pruned_perop": mean["pruned_perop"] / mean["pruned_fused"],
@@ -453,9 +352,9 @@ def run(config, workdir):
   """The latency stage (see the module docstring)."""
   lat = config.latency
   if lat.init == "trained":
-    nets = trained_networks(workdir)
+    nets = networks.trained_networks(workdir)
   else:
-    nets = random_networks(config, workdir)
+    nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
                        dots=lat.dots)
   result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed)
