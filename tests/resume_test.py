@@ -30,6 +30,7 @@ from fp_jax import logs
 from fp_jax import parallel
 from fp_jax import preemption
 from fp_jax.train import search
+from fp_jax.train import search_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = tuple(smoke.get_config().search.ratio_choices)   # as main passes them
@@ -135,14 +136,14 @@ def _raise(exc):
 
 def _epoch_end_save_hook(monkeypatch, epoch):
   """Kills the run after epoch `epoch`'s metrics line is written, before its checkpoint."""
-  save = search._Checkpoints.save
+  save = search_state.Checkpoints.save
 
   def patched(self, state):
     if state["epoch"] == epoch and state["pos"] == 0 and state["updates"] == 0:
       raise Killed()
     return save(self, state)
 
-  monkeypatch.setattr(search._Checkpoints, "save", patched)
+  monkeypatch.setattr(search_state.Checkpoints, "save", patched)
 
 
 KILLS = {
@@ -295,9 +296,9 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
   srch = search.Search.build(tiny_config(), digits, RATIOS)
   ckpt = checkpoint.Checkpointer(ckpt_dir)
   assert ckpt.latest_step() == good
-  state = srch.restore(ckpt, good)
+  state = search_state.restore(srch, ckpt, good)
   ckpt.close()
-  assert search._all_finite((state["child"], state["controller"]))
+  assert search_state._all_finite((state["child"], state["controller"]))
   assert (state["epoch"], state["pos"], state["updates"]) == (1, 2, 0)
 
 

@@ -5,16 +5,7 @@ step, then makes `controller_updates` REINFORCE updates over
 `controller_samples` architectures each, rewarded on validation minibatches
 (unmasked TrainAcc and masked PruneAcc on the same batch). All state lives in
 one pytree; batches and controller keys are pure functions of (seed, position).
-
-Operability (DESIGN §3): the whole state, including the position inside an
-epoch, is checkpointed in DIR/search/ckpt at every epoch end, every
-`search.ckpt_every_steps` child steps (0: off) and when SIGTERM arrives (the
-current step finishes, then the run saves and exits with status 0). Rerunning
-the same command resumes from the latest checkpoint and truncates
-metrics.jsonl / samples.jsonl back to it, so a killed-and-resumed run writes
-the same lines and arch.json as one never killed (timing fields aside).
---config.overwrite=True starts afresh. A non-finite child loss stops the run
-with an error before anything non-finite is saved.
+Checkpoints, SIGTERM and resume (DESIGN §3) are in train/search_state.py.
 """
 from __future__ import annotations
 
@@ -45,7 +36,7 @@ from fp_jax import schedules
 from fp_jax import space
 from fp_jax import supernet
 from fp_jax.parallel import AXIS, BATCH, REPLICATED
-from jax.sharding import NamedSharding, PartitionSpec
+from fp_jax.train import search_state
 
 
 def xent(logits, labels):
@@ -146,23 +137,8 @@ class Search:
     k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
     params = supernet.init(k_child, self.plan)
     child = parallel.replicate(self.mesh, {"params": params, "opt_state": self.tx.init(params)})
-    return self._epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [])
-
-  def _epoch_start(self, child, ctrl, epoch, last_samples):
-    """State at the start of `epoch`; the position fields say how far into it a run got."""
-    spe = self.steps_per_epoch
-    return {"child": child, "controller": ctrl, "epoch": epoch,
-            "pos": 0,                    # child steps done in this epoch
-            "updates": 0,                # controller updates done in this epoch
-            "losses": np.zeros(spe, np.float32), "accs": np.zeros(spe, np.float32),
-            "samples": [],               # this epoch's rewarded samples so far
-            "entropy": None,             # of the epoch's latest controller update
-            "last_samples": last_samples}   # the previous epoch's (choose() takes them)
-
-  def position(self, state):
-    """Monotone checkpoint number: child steps plus controller updates done so far."""
-    per_epoch = self.steps_per_epoch + self.config.search.controller_updates
-    return state["epoch"] * per_epoch + state["pos"] + state["updates"]
+    return search_state.epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [],
+                                     self.steps_per_epoch)
 
   def _key(self, purpose, *ints):
     key = jax.random.fold_in(jax.random.key(self.config.seed), purpose)
@@ -195,7 +171,7 @@ class Search:
     hooks: optional object with `due(state_position) -> bool`, asked after every child step
       and controller update, and `save(state) -> bool`, called with the resumable state when
       due (True: stop here). Nothing non-finite reaches `save`: a non-finite child loss raises
-      NonFinite first.
+      search_state.NonFinite first.
     progress: show a progress bar (log lines when not on a terminal) for the child steps.
 
     Returns:
@@ -227,8 +203,9 @@ class Search:
         i, m = pending.pop(0)
         loss, acc = float(m["loss"]), float(m["acc"])
         if not math.isfinite(loss):
-          raise NonFinite(f"search: child loss is {loss} at step {epoch * spe + i + 1} "
-                          f"(epoch {epoch + 1}, step {i + 1} of {spe})")
+          raise search_state.NonFinite(
+              f"search: child loss is {loss} at step {epoch * spe + i + 1} "
+              f"(epoch {epoch + 1}, step {i + 1} of {spe})")
         losses[i], accs[i] = loss, acc
 
     bar = logs.Progress(spe, f"search epoch {epoch + 1}/{s.epochs}", initial=pos,
@@ -293,86 +270,7 @@ class Search:
         "prune_acc": mean("prune_acc"), "gap": mean("gap"), "ratio": mean("ratio"),
         "baseline": float(ctrl["baseline"]), "entropy": entropy,
         "images_per_sec": images_per_sec, "step_time": step_time}
-    return self._epoch_start(child, ctrl, epoch + 1, samples), metrics, samples
-
-  # ---- checkpoints
-
-  def settings(self):
-    """The config values a resumed run must share with the checkpoint's run."""
-    c, s = self.config, self.config.search
-    hard = {"seed": c.seed, "data.name": c.data.name, "data.valid_size": c.data.valid_size,
-            "steps_per_epoch": self.steps_per_epoch,
-            "ratio_choices": [float(r) for r in self.ratio_choices]}
-    for k in ("num_layers", "out_filters", "batch_size", "eval_batch_size",
-              "controller_updates", "controller_samples"):
-      hard[f"search.{k}"] = s[k]
-    soft = {f"data.{k}": c.data[k] for k in ("crop_pad", "flip")}
-    for k in ("alpha", "beta", "importance", "uniform_child_epochs", "lr_max", "lr_min",
-              "lr_t0", "lr_tmul", "momentum", "l2", "aux_weight", "grad_clip"):
-      soft[f"search.{k}"] = s[k]
-    for k in c.controller.keys():
-      soft[f"controller.{k}"] = c.controller[k]
-    return {"hard": hard, "soft": soft}
-
-  def to_checkpoint(self, state):
-    """The state as checkpoint leaves (arrays, numbers, JSON strings)."""
-    return {"child": state["child"],
-            # on the host: small, and written once (by process 0) in multi-process runs
-            "controller": jax.tree.map(np.asarray, jax.device_get(state["controller"])),
-            "epoch": int(state["epoch"]), "pos": int(state["pos"]),
-            "updates": int(state["updates"]),
-            "losses": np.asarray(state["losses"], np.float32),
-            "accs": np.asarray(state["accs"], np.float32),
-            "entropy": float("nan") if state["entropy"] is None else float(state["entropy"]),
-            "samples": json.dumps(state["samples"]),
-            "last_samples": json.dumps(state["last_samples"]),
-            "settings": json.dumps(self.settings(), sort_keys=True)}
-
-  def _template(self):
-    """to_checkpoint(init_state()) as shapes (child) and zeros (controller): nothing computed."""
-    def init():
-      params = supernet.init(jax.random.key(0), self.plan)
-      return ({"params": params, "opt_state": self.tx.init(params)},
-              controller.init_state(jax.random.key(0), self.ccfg))
-
-    child, ctrl = jax.eval_shape(init)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    child = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                         child)
-    ctrl = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), ctrl)
-    return self.to_checkpoint(self._epoch_start(child, ctrl, 0, []))
-
-  def restore(self, ckpt, step):
-    """The state saved as checkpoint `step` by a run with compatible settings."""
-    saved = ckpt.restore(step, self._template())
-    where = f"checkpoint {step} in {ckpt.directory}"
-    fresh = f"delete {ckpt.directory} or pass --config.overwrite=True to start afresh"
-    try:
-      settings = json.loads(saved["settings"])
-      samples, last = json.loads(saved["samples"]), json.loads(saved["last_samples"])
-    except ValueError as e:
-      raise checkpoint.CheckpointError(f"{where} is unreadable ({e}); {fresh}") from None
-    now = self.settings()
-    for key, value in now["hard"].items():
-      if settings["hard"].get(key) != json.loads(json.dumps(value)):
-        raise checkpoint.CheckpointError(
-            f"{where} was written with {key}={settings['hard'].get(key)!r}, this run has "
-            f"{value!r}: rerun with the same settings, or {fresh}")
-    for key, value in now["soft"].items():
-      if settings["soft"].get(key) != json.loads(json.dumps(value)):
-        logging.warning("search: resuming %s, written with %s=%r; this run has %r (the result "
-                        "will differ from an uninterrupted run with either setting)", where, key,
-                        settings["soft"].get(key), value)
-    epochs = self.config.search.epochs
-    if saved["epoch"] > epochs or (saved["epoch"] == epochs and saved["pos"] + saved["updates"]):
-      raise checkpoint.CheckpointError(
-          f"{where} is at epoch {saved['epoch']}, beyond search.epochs={epochs}: raise "
-          f"search.epochs, or {fresh}")
-    entropy = saved["entropy"]
-    return {"child": saved["child"], "controller": jax.tree.map(jnp.asarray, saved["controller"]),
-            "epoch": saved["epoch"], "pos": saved["pos"], "updates": saved["updates"],
-            "losses": saved["losses"], "accs": saved["accs"], "samples": samples,
-            "entropy": None if math.isnan(entropy) else entropy, "last_samples": last}
+    return search_state.epoch_start(child, ctrl, epoch + 1, samples, spe), metrics, samples
 
   def choose(self, state, samples):
     """Re-evaluates the best distinct samples on more batches; returns arch.json."""
@@ -409,53 +307,6 @@ class Search:
             "candidates_evaluated": len(cands), "eval_batches": s.final_eval_batches}
 
 
-class NonFinite(errors.RunError):
-  pass
-
-
-def _all_finite(tree):
-  for leaf in jax.tree.leaves(tree):
-    if isinstance(leaf, jax.Array):
-      leaf = leaf.addressable_data(0)
-    a = np.asarray(leaf)
-    if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
-      return False
-  return True
-
-
-class _Checkpoints:
-  """run_epoch hooks: save every `every` child steps and when SIGTERM arrives."""
-
-  def __init__(self, search, ckpt, preempt, every):
-    self.search, self.ckpt, self.preempt, self.every = search, ckpt, preempt, every
-    self.last = None   # (checkpoint number, epoch, pos, updates) of the latest save
-
-  def due(self, position):
-    if self.preempt.requested:
-      return True
-    per_epoch = self.search.steps_per_epoch + self.search.config.search.controller_updates
-    epoch, rest = divmod(position, per_epoch)
-    child_steps = epoch * self.search.steps_per_epoch + rest
-    # child steps only; the epoch's last one is followed by the epoch-end checkpoint
-    return bool(self.every) and 0 < rest < self.search.steps_per_epoch \
-        and child_steps % self.every == 0
-
-  def save(self, state):
-    step = self.search.position(state)
-    if state["pos"] == 0 and state["updates"] == 0:
-      where = f"end of epoch {state['epoch']}"
-    else:
-      where = (f"epoch {state['epoch'] + 1}: {state['pos']}/{self.search.steps_per_epoch} "
-               f"child steps, {state['updates']}/"
-               f"{self.search.config.search.controller_updates} controller updates")
-    if not _all_finite((state["child"], state["controller"]["params"])):
-      raise NonFinite(f"search: parameters became non-finite ({where})")
-    self.ckpt.save(step, self.search.to_checkpoint(state))
-    self.last = (step, state["epoch"], state["pos"], state["updates"])
-    logging.info("search: saved checkpoint %d (%s) in %s", step, where, self.ckpt.directory)
-    return self.preempt.requested
-
-
 def run(config, workdir, ds, ratio_choices):
   """Runs (or resumes) the search stage: DIR/search/{metrics,samples}.jsonl, tb/, ckpt/, arch.json.
 
@@ -479,7 +330,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
   metrics_w = logs.MetricsWriter(out, "metrics", enabled=is_main)
   samples_w = logs.MetricsWriter(out, "samples", enabled=is_main, tensorboard=False)
   ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
-  hooks = _Checkpoints(search, ckpt, preempt, every)
+  hooks = search_state.Checkpoints(search, ckpt, preempt, every)
 
   def stop():
     how = ("rerun the same command without --config.overwrite=True to resume (with it, the "
@@ -499,7 +350,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
       logging.info("search: %d epochs x %d steps, %d devices; checkpoints in %s", s.epochs,
                    search.steps_per_epoch, jax.device_count(), ckpt_dir)
     else:
-      state = search.restore(ckpt, latest)
+      state = search_state.restore(search, ckpt, latest)
       metrics_w.truncate_after(state["epoch"] * search.steps_per_epoch)   # one line per epoch
       samples_w.truncate_after(int(state["controller"]["step"]), key="update")
       logging.info("search: resuming from checkpoint %d in %s: %d of %d epochs done, then "
@@ -527,7 +378,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
           raise stop()
     finally:
       bar.close()
-  except NonFinite as e:
+  except search_state.NonFinite as e:
     kept = ckpt.latest_step()
     raise errors.RunError(
         f"{e}; stopped without saving it: " +
