@@ -331,8 +331,8 @@ class Fused:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {opts.depthwise!r}")
     if opts.pad_channels < 1:
       raise ValueError(f"pad_channels must be >= 1, got {opts.pad_channels}")
-    compiler_options(opts)                                  # checks opts.dots
     self.plan, self.arc, self.opts = plan, np.asarray(arc), opts
+    self.compiler_options = compiler_options(opts)          # also checks opts.dots
     self.fp = folded(plan, self.arc, params, stats, opts)   # numpy: traced as constants
     self.cache = {}
 
@@ -341,8 +341,7 @@ class Fused:
     k = (key,) + tuple(x.shape for x in xs)
     c = self.cache.get(k)
     if c is None:
-      c = self.cache[k] = jax.jit(fn).lower(*xs).compile(
-          compiler_options=compiler_options(self.opts))
+      c = self.cache[k] = jax.jit(fn).lower(*xs).compile(compiler_options=self.compiler_options)
     return c
 
   def network(self, x):
