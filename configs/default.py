@@ -36,14 +36,16 @@ def get_config():
   s.momentum = 0.9
   s.l2 = 1e-4
   s.aux_weight = 0.4
-  s.grad_clip = 5.0
+  s.grad_clip = 5.0                    # global-norm clipping (ENAS's code clips nothing: docs/enas_parity.md)
+  s.keep_prob = 0.9                    # dropout before the classifier (ENAS search script)
+  s.init_scale = "fan_in"              # fan_in | enas (He-normal on ENAS's 2-D weight shapes)
   s.num_candidates = 5                 # best distinct samples re-evaluated at the end
   s.final_eval_batches = 10            # validation batches for that re-evaluation
   s.ckpt_every_steps = 0               # extra checkpoints every N child steps (epoch ends: always)
 
   c = config.controller = ml_collections.ConfigDict()
   c.lstm_size = 64
-  c.temperature = 5.0
+  c.temperature = 1.0                  # ENAS micro search: none (1.0)
   c.tanh_constant = 1.1
   c.op_tanh_reduce = 2.5
   c.entropy_weight = 1e-4

@@ -1,23 +1,23 @@
-"""Fixed-architecture network: the same blocks with a static arc.
+"""Fixed-architecture network (final training, compression): the graph of graph.py run
+with the blocks of layers.py.
 
-Only the ops of the arc have parameters; a cell concatenates its unused nodes.
-BN keeps running statistics (`stats`, same nesting as `params`) for eval.
+params: {'blocks': {name: conv {conv, bn} | fr {conv1, conv2, bn} | sep {dw1, pw1, bn1,
+dw2, pw2, bn2}}, 'aux': ..., 'fc': {w, b}}; stats (BN running statistics) has the
+same nesting for its BN layers. Every width is read from the parameter shapes, so a
+compact (pruned) network runs with the same plan.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from fp_jax import graph
 from fp_jax import layers
-from fp_jax import network
 from fp_jax import space
 
 
 def make_plan(arc, num_layers, out_filters, image_shape, num_classes):
-  normal, reduce = space.split(arc)
-  n_out = (len(space.output_nodes(normal)), len(space.output_nodes(reduce)))
-  return network.make_plan(num_layers, out_filters, image_shape, num_classes,
-                           lambda r: n_out[int(r)])
+  return graph.build(arc, num_layers, out_filters, image_shape, num_classes)
 
 
 def cell_arc(arc, spec):
@@ -25,62 +25,39 @@ def cell_arc(arc, spec):
   return (reduce if spec.reduce else normal).reshape(space.NUM_NODES, 4)
 
 
-def init(key, plan, arc):
-  """(params, stats) of the fixed network of `arc` int [40]."""
-  k_common, k_cells = jax.random.split(key)
-  params, stats = network.init_common(k_common, plan)
-  params["cells"], stats["cells"] = [], []
-  for spec, kc in zip(plan.cells, jax.random.split(k_cells, len(plan.cells))):
-    nodes_p, nodes_s = [], []
-    for k, kn in enumerate(jax.random.split(kc, space.NUM_NODES)):
-      row = cell_arc(arc, spec)[k]
-      sp, ss = [], []
-      for s, ks in enumerate(jax.random.split(kn, 2)):
-        op = int(row[2 * s + 1])
-        if op in (space.SEP3, space.SEP5):
-          p, st = layers.sep_conv_init(ks, 3 if op == space.SEP3 else 5, spec.filters)
-        else:
-          p, st = {}, {}
-        sp.append(p)
-        ss.append(st)
-      nodes_p.append(sp)
-      nodes_s.append(ss)
-    params["cells"].append({"nodes": nodes_p})
-    stats["cells"].append({"nodes": nodes_s})
+def block_init(key, node, c_in):
+  """(params, stats) of one conv / fr / sep node reading c_in channels."""
+  if node.kind == "conv":
+    return layers.conv_bn_init(key, node.k, c_in, node.channels)
+  if node.kind == "fr":
+    return layers.factorized_reduce_init(key, c_in, node.channels)
+  assert c_in == node.channels, node
+  return layers.sep_conv_init(key, node.k, node.channels)
+
+
+def init(key, plan, arc=None):
+  """(params, stats) of the fixed network `plan` (arc: unused, the plan holds it)."""
+  del arc
+  k_blocks, k_aux, k_fc = jax.random.split(key, 3)
+  params, stats = {"blocks": {}}, {"blocks": {}}
+  for j, n in graph.param_nodes(plan):
+    c_in = plan.nodes[n.inputs[0]].channels
+    params["blocks"][n.name], stats["blocks"][n.name] = block_init(
+        jax.random.fold_in(k_blocks, j), n, c_in)
+  aux = plan.cells[plan.aux_index]
+  params["aux"], stats["aux"] = layers.aux_head_init(k_aux, aux.out_channels, aux.hw[0],
+                                                     plan.num_classes)
+  params["fc"] = layers.classifier_init(k_fc, plan.nodes[plan.out].channels, plan.num_classes)
   return params, stats
 
 
-def apply_op(op, p, s, x, train, axis_name):
-  if op in (space.SEP3, space.SEP5):
-    return layers.sep_conv(p, s, x, train, axis_name)
-  if op == space.AVG:
-    return layers.avg_pool3x3(x), s
-  if op == space.MAX:
-    return layers.max_pool3x3(x), s
-  return x, s
-
-
-def cell(arc_rows, p, s, h0, h1, train, axis_name=None, drop_path=None):
-  """arc_rows int [5, 4] (static); returns (concat of unused nodes, new stats).
-
-  drop_path (optional): (y, node, slot) -> y, applied to every op but identity.
-  """
-  nodes = [h0, h1]
-  new_s = []
-  for k, row in enumerate(arc_rows):
-    out, row_s = 0.0, []
-    for slot in range(2):
-      op = int(row[2 * slot + 1])
-      y, st = apply_op(op, p["nodes"][k][slot], s["nodes"][k][slot], nodes[int(row[2 * slot])],
-                       train, axis_name)
-      if drop_path is not None and op != space.IDENTITY:
-        y = drop_path(y, k, slot)
-      out = out + y
-      row_s.append(st)
-    nodes.append(out)
-    new_s.append(row_s)
-  outs = [nodes[k] for k in space.output_nodes(arc_rows.reshape(-1))]
-  return jax.numpy.concatenate(outs, axis=-1), {"nodes": new_s}
+def apply_block(node, p, s, x, train, axis_name=None):
+  """One conv / fr / sep node: (y, new stats)."""
+  if node.kind == "conv":
+    return layers.relu_conv_bn(p, s, x, train, axis_name, relu=node.relu)
+  if node.kind == "fr":
+    return layers.factorized_reduce(p, s, x, node.stride, train, axis_name, relu=node.relu)
+  return layers.sep_conv(p, s, x, train, axis_name, stride=node.stride)
 
 
 def path_keep_prob(keep, cell_index, num_cells, progress):
@@ -90,30 +67,69 @@ def path_keep_prob(keep, cell_index, num_cells, progress):
   return 1.0 - jnp.minimum(1.0, progress) * (1.0 - depth_keep)
 
 
+def run_graph(plan, x, block_fn, drop=None):
+  """Values of every node of `plan` on the image x (a list, index = node).
+
+  block_fn(j, node, x) -> y runs conv/fr/sep nodes; drop(j, node, y) -> y (optional)
+  applies to nodes with node.drop.
+  """
+  vals = []
+  for j, n in enumerate(plan.nodes):
+    ins = [vals[i] for i in n.inputs]
+    if n.kind == "image":
+      y = x
+    elif n.kind in graph.PARAM_KINDS:
+      y = block_fn(j, n, ins[0])
+    elif n.kind == "avg":
+      y = layers.avg_pool3x3(ins[0], n.stride)
+    elif n.kind == "max":
+      y = layers.max_pool3x3(ins[0], n.stride)
+    elif n.kind == "add":
+      y = ins[0] + ins[1]
+    elif n.kind == "concat":
+      y = jnp.concatenate(ins, axis=-1)
+    else:
+      raise ValueError(f"unknown node kind {n.kind!r}")
+    if drop is not None and n.drop:
+      y = drop(j, n, y)
+    vals.append(y)
+  return vals
+
+
 def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, reg=None):
-  """(logits [B,classes], aux logits or None, new stats); `arc` is static numpy.
+  """(logits [B,classes], aux logits or None, new stats).
 
   reg (training only, optional): {'key': PRNG key, 'keep_prob': dropout keep of
   the pooled features, 'drop_path_keep_prob': keep of the last cell's ops,
   'progress': step / total steps in [0, 1]}. Draws differ per device (the key
   is folded with the `axis_name` index).
   """
-  dropout = None
+  del arc
+  new = {"blocks": {}}
+  dropout = drop = None
   if reg is not None:
     key = reg["key"]
     if axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     if reg["keep_prob"] < 1.0:
       dropout = lambda f: layers.dropout(f, jax.random.fold_in(key, 1 << 30), reg["keep_prob"])
+    if reg["drop_path_keep_prob"] < 1.0:
+      def drop(j, n, y):
+        keep = path_keep_prob(reg["drop_path_keep_prob"], n.cell, len(plan.cells),
+                              reg["progress"])
+        return layers.drop_path(y, jax.random.fold_in(key, j), keep)
 
-  def cell_fn(i, spec, h0, h1):
-    if reg is not None and reg["drop_path_keep_prob"] < 1.0:
-      keep = path_keep_prob(reg["drop_path_keep_prob"], i, len(plan.cells), reg["progress"])
-      drop = lambda y, k, slot: layers.drop_path(
-          y, jax.random.fold_in(key, (i * space.NUM_NODES + k) * 2 + slot), keep)
-    else:
-      drop = None
-    return cell(cell_arc(arc, spec), params["cells"][i], stats["cells"][i], h0, h1, train,
-                axis_name, drop)
+  def block_fn(j, n, h):
+    y, new["blocks"][n.name] = apply_block(n, params["blocks"][n.name],
+                                           stats["blocks"][n.name], h, train, axis_name)
+    return y
 
-  return network.run(plan, cell_fn, params, stats, x, train, axis_name, with_aux, dropout)
+  vals = run_graph(plan, x, block_fn, drop)
+  aux_logits = None
+  if with_aux:
+    aux_logits, new["aux"] = layers.aux_head(params["aux"], stats["aux"],
+                                             vals[plan.cells[plan.aux_index].out], train,
+                                             axis_name)
+  else:
+    new["aux"] = stats["aux"]
+  return layers.classifier(params["fc"], vals[plan.out], dropout), aux_logits, new

@@ -1,71 +1,70 @@
-"""Fake pruning and real channel removal for the fixed network (child.py).
+"""Fake pruning and real channel removal for the fixed network (child.py, graph.py).
 
-Channel groups are the supernet's (DESIGN §6, pruning.py): the stem's 3F
-outputs (stage-0 ratio); per cell one group of F channels shared by both
-calibrations' outputs and every sep_conv's output (pw2/bn2); per sep_conv its
-inner channels (pw1/bn1, the cell's ratio). Masks have the supernet's layout:
-
-  {'stem': f32 [3F], 'cells': [{'cell': f32 [F_i], 'inner': f32 [5, 2, F_i]}]}
-
-with all-ones inner rows for non-sep slots. `child_masks` and
+Channel groups come from groups.fixed_groups (the graph's producer/consumer
+structure). Masks are {'units': f32 [U]} (1 = kept), one entry per unit of tied
+channels; the mask of node j's output is units[unit_of[j]]. `child_masks` and
 `apply_child_masks` are pure jit transforms (params and ratios traced; plan
-and arc static). `compact` gathers the kept channels of every producer and
-consumer into smaller arrays (host side, masks concrete); the layers read all
-widths from the parameter shapes, so the compact network runs with the same
-`child.forward(plan, arc, ...)` and `flops.count(plan, arc, widths_of(masks))`
-counts it.
+static). `gather` builds a network holding chosen channels of every value (kept
+channel indices, or -1 for an all-zero channel: compaction and the fused path's
+channel padding are the same operation); the layers read every width from the
+parameter shapes, so the result runs with the same `child.forward(plan, ...)`.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import child
-from fp_jax import network
+from fp_jax import graph
+from fp_jax import groups as groups_lib
 from fp_jax import pruning
-from fp_jax import space
 
 
-def _is_sep(op):
-  return op in (space.SEP3, space.SEP5)
+@functools.lru_cache(maxsize=32)
+def structure(plan):
+  """(Groups, {sep name: inner space}) of `plan` (cached)."""
+  return groups_lib.fixed_groups(plan)
 
 
-def sep_slots(arc, spec):
-  """[(node k, slot s)] of the sep_conv ops in the cell of `spec` (static arc)."""
-  rows = child.cell_arc(np.asarray(arc), spec)
-  return [(k, s) for k in range(space.NUM_NODES) for s in range(2)
-          if _is_sep(int(rows[k, 2 * s + 1]))]
+def _criterion(criterion):
+  if criterion not in pruning.CRITERIA:
+    raise ValueError(f"criterion must be one of {pruning.CRITERIA}, got {criterion!r}")
 
 
-# ---------------------------------------------------------------- masks
+def producer_importance(plan, params, criterion):
+  """[(space, importance [C])] of every producer of the fixed network."""
+  out = []
+  for j, n in graph.param_nodes(plan):
+    p = params["blocks"][n.name]
+    if n.kind == "sep":
+      inner_imp, out_imp = pruning.sep_importance(p, criterion)
+      out += [(j, out_imp), (structure(plan)[1][n.name], inner_imp)]
+    else:
+      out.append((j, pruning.producer_importance(p, criterion)))
+  return out
 
 
 def child_masks(plan, arc, params, ratios, criterion="l1"):
-  """Masks keeping each group's top round((1 - ratio) * C) channels (>= 1).
+  """{'units': f32 [U]}: each group keeps its top max(1, round((1 - ratio) * units)).
 
-  arc int [40] (static numpy), ratios f32 [5] (one per stage, may be traced),
-  criterion 'l1' (producer filters' L1 norms summed over the group) or 'bn'
-  (producer BN |scale| summed).
+  ratios f32 [5] (one per stage, may be traced); criterion 'l1' (producer filters'
+  L1 norms summed over the unit) or 'bn' (producer BN |scale| summed).
   """
-  if criterion not in pruning.CRITERIA:
-    raise ValueError(f"criterion must be one of {pruning.CRITERIA}, got {criterion!r}")
-  ratios = jnp.asarray(ratios, jnp.float32)
-  stem_imp = pruning.producer_importance(params["stem"], criterion)
-  masks = {"stem": pruning.keep_mask(stem_imp, ratios[0]), "cells": []}
-  for spec in plan.cells:
-    ratio, cell_p = ratios[spec.stage], params["cells"][spec.index]
-    imp = sum(pruning.producer_importance(params["calib"][spec.index][j], criterion)
-              for j in range(2))
-    ones = jnp.ones(imp.shape, jnp.float32)
-    inner = [[ones, ones] for _ in range(space.NUM_NODES)]
-    for k, s in sep_slots(arc, spec):
-      imp_in, imp_out = pruning.sep_importance(cell_p["nodes"][k][s], criterion)
-      imp = imp + imp_out
-      inner[k][s] = pruning.keep_mask(imp_in, ratio)
-    masks["cells"].append({"cell": pruning.keep_mask(imp, ratio),
-                           "inner": jnp.stack([jnp.stack(row) for row in inner])})
-  return masks
+  del arc
+  _criterion(criterion)
+  g, _ = structure(plan)
+  imp = jnp.zeros(len(g.unit_group), jnp.float32)
+  for s, v in producer_importance(plan, params, criterion):
+    imp = imp.at[g.unit_of[s]].add(v)
+  return {"units": groups_lib.unit_masks(imp, g.unit_group, g.group_size, g.group_stage,
+                                         g.group_fixed, ratios)}
+
+
+def value_mask(plan, masks, space):
+  """0/1 mask [C] of one space (node index, or a sep inner space)."""
+  return masks["units"][structure(plan)[0].unit_of[space]]
 
 
 def apply_child_masks(plan, arc, params, masks):
@@ -73,122 +72,127 @@ def apply_child_masks(plan, arc, params, masks):
 
   BN statistics are untouched: a zero channel stays zero in train and eval mode.
   """
-  out = dict(params)
-  out["stem"] = pruning.mask_producer(params["stem"], masks["stem"])
-  out["calib"] = [[pruning.mask_producer(params["calib"][spec.index][j],
-                                         masks["cells"][spec.index]["cell"])
-                   for j in range(2)] for spec in plan.cells]
-  out["cells"] = []
-  for spec in plan.cells:
-    m, cell_p = masks["cells"][spec.index], params["cells"][spec.index]
-    nodes = [list(row) for row in cell_p["nodes"]]
-    for k, s in sep_slots(arc, spec):
-      nodes[k][s] = pruning.mask_sep(nodes[k][s], m["inner"][k, s], m["cell"])
-    out["cells"].append({**cell_p, "nodes": nodes})
-  return out
+  del arc
+  g, inner = structure(plan)
+  blocks = dict(params["blocks"])
+  for j, n in graph.param_nodes(plan):
+    m = value_mask(plan, masks, j)
+    if n.kind == "sep":
+      blocks[n.name] = pruning.mask_sep(blocks[n.name], value_mask(plan, masks, inner[n.name]), m)
+    else:
+      blocks[n.name] = pruning.mask_producer(blocks[n.name], m)
+  return {**params, "blocks": blocks}
 
 
 def _count(m):
   return int(np.sum(np.asarray(m) > 0.5))
 
 
-def widths_of(masks):
-  """Kept channels per group: {'stem': int, 'cells': [{'cell': int,
-  'inner': [[int, int] x 5]}]} (the `widths` of flops.count)."""
-  return {"stem": _count(masks["stem"]),
-          "cells": [{"cell": _count(c["cell"]),
-                     "inner": [[_count(c["inner"][k][s]) for s in range(2)]
-                               for k in range(space.NUM_NODES)]}
-                    for c in masks["cells"]]}
+def widths_of(plan, masks):
+  """Kept channels of every value (flops.full_widths layout)."""
+  g, inner = structure(plan)
+  units = np.asarray(masks["units"])
+  return {"values": [_count(units[g.unit_of[j]]) for j in range(len(plan.nodes))],
+          "inner": {name: _count(units[g.unit_of[s]]) for name, s in inner.items()}}
 
 
-# ---------------------------------------------------------------- compaction
+def kept_layouts(plan, masks):
+  """Kept channel indices of every value and sep inner space (concrete masks)."""
+  g, inner = structure(plan)
+  units = np.asarray(masks["units"])
+  kept = lambda s: np.flatnonzero(units[g.unit_of[s]] > 0.5)
+  return {"values": [kept(j) for j in range(len(plan.nodes))],
+          "inner": {name: kept(s) for name, s in inner.items()}}
 
 
-def _kept(m):
-  """Sorted kept indices of a concrete 0/1 mask [C] -> int [K]."""
-  return np.flatnonzero(np.asarray(m) > 0.5)
+# ---------------------------------------------------------------- gather
 
 
-def _take(tree, idx, axis=-1):
-  """Gathers `idx` along `axis` of every leaf on the host (None passes through)."""
-  return jax.tree.map(lambda a: np.take(np.asarray(a), idx, axis=axis), tree)
+def _take(a, idx, axis=-1, fill=0.0):
+  """np.take along `axis` where idx -1 gives `fill`."""
+  a = np.asarray(a)
+  idx = np.asarray(idx, np.int64)
+  out = np.take(a, np.maximum(idx, 0), axis=axis)
+  if (idx < 0).any():
+    shape = [1] * out.ndim
+    shape[axis] = len(idx)
+    out = np.where((idx < 0).reshape(shape), np.asarray(fill, a.dtype), out)
+  return out
 
 
-def _compact_producer(p, s, in_idx, out_idx):
-  """Conv+BN producer (1x1/3x3 conv or factorized reduce) restricted to input
-  channels in_idx (None: all) and output channels out_idx of its BN."""
-  def rows(w):
-    return w if in_idx is None else _take(w, in_idx, axis=2)
-
-  if "conv" in p:
-    q = {"conv": _take(rows(p["conv"]), out_idx)}
-  else:          # BN runs over concat(conv1 out, conv2 out): each half keeps its own
-    h = p["conv1"].shape[-1]
-    q = {"conv1": _take(rows(p["conv1"]), out_idx[out_idx < h]),
-         "conv2": _take(rows(p["conv2"]), out_idx[out_idx >= h] - h)}
-  q["bn"] = _take(p["bn"], out_idx)
-  return q, (None if s is None else {**s, "bn": _take(s["bn"], out_idx)})
+def _bn_p(p, idx):
+  return {"scale": _take(p["scale"], idx), "bias": _take(p["bias"], idx)}
 
 
-def _compact_sep(p, s, cell_idx, inner_idx):
-  """sep_conv with outer (cell) channels cell_idx and inner channels inner_idx."""
-  q = {"dw1": _take(p["dw1"], cell_idx),
-       "pw1": _take(_take(p["pw1"], cell_idx, axis=2), inner_idx),
-       "bn1": _take(p["bn1"], inner_idx),
-       "dw2": _take(p["dw2"], inner_idx),
-       "pw2": _take(_take(p["pw2"], inner_idx, axis=2), cell_idx),
-       "bn2": _take(p["bn2"], cell_idx)}
-  t = None if s is None else {"bn1": _take(s["bn1"], inner_idx),
-                              "bn2": _take(s["bn2"], cell_idx)}
-  return q, t
+def _bn_s(s, idx):
+  return {"mean": _take(s["mean"], idx), "var": _take(s["var"], idx, fill=1.0)}
+
+
+def _gather_block(n, p, s, in_idx, out_idx, inner_idx=None):
+  if n.kind == "conv":
+    return ({"conv": _take(_take(p["conv"], in_idx, 2), out_idx), "bn": _bn_p(p["bn"], out_idx)},
+            {"bn": _bn_s(s["bn"], out_idx)})
+  if n.kind == "fr":       # BN over concat(conv1 out, conv2 out): each half keeps its own
+    h = np.shape(p["conv1"])[-1]
+    lo, hi = out_idx[(out_idx < h) & (out_idx >= 0)], out_idx[out_idx >= h] - h
+    if (out_idx < 0).any():
+      raise ValueError(f"{n.name}: a factorized reduction's channels cannot be padded")
+    return ({"conv1": _take(_take(p["conv1"], in_idx, 2), lo),
+             "conv2": _take(_take(p["conv2"], in_idx, 2), hi), "bn": _bn_p(p["bn"], out_idx)},
+            {"bn": _bn_s(s["bn"], out_idx)})
+  q = {"dw1": _take(p["dw1"], in_idx), "pw1": _take(_take(p["pw1"], in_idx, 2), inner_idx),
+       "bn1": _bn_p(p["bn1"], inner_idx), "dw2": _take(p["dw2"], inner_idx),
+       "pw2": _take(_take(p["pw2"], inner_idx, 2), out_idx), "bn2": _bn_p(p["bn2"], out_idx)}
+  return q, {"bn1": _bn_s(s["bn1"], inner_idx), "bn2": _bn_s(s["bn2"], out_idx)}
+
+
+def gather(plan, params, stats, layouts):
+  """(params, stats) holding, for every value j, the channels layouts['values'][j]
+  (indices into the full network's channels; -1: a zero channel) and for every sep
+  its inner channels layouts['inner'][name]. Zero channels get zero weights, BN scale
+  and offset 0, statistics mean 0 / var 1, so they stay exactly zero."""
+  vals = layouts["values"]
+  p = {k: v for k, v in params.items() if k not in ("blocks", "aux", "fc")}
+  st = {k: v for k, v in stats.items() if k not in ("blocks", "aux")}
+  p["blocks"], st["blocks"] = {}, {}
+  for j, n in graph.param_nodes(plan):
+    p["blocks"][n.name], st["blocks"][n.name] = _gather_block(
+        n, params["blocks"][n.name], stats["blocks"][n.name], vals[n.inputs[0]], vals[j],
+        layouts["inner"].get(n.name))
+  if "aux" in params:
+    aux_in = vals[plan.cells[plan.aux_index].out]
+    p["aux"] = {**params["aux"], "conv1": _take(params["aux"]["conv1"], aux_in, 2)}
+    st["aux"] = stats["aux"]
+  p["fc"] = {**params["fc"], "w": _take(params["fc"]["w"], vals[plan.out], 0)}
+  return jax.tree.map(jnp.asarray, p), jax.tree.map(jnp.asarray, st)
 
 
 def compact(plan, arc, params, stats, masks):
   """(widths, params, stats) of the network holding only the kept channels.
 
-  masks: concrete (host) masks as from child_masks; params may be masked or
-  not (kept channels are unchanged by masking); stats may be None. A cell's
-  output is the concat of its output nodes, each a segment in the cell's
-  channel space, so its consumers (next calibrations, aux head, classifier)
-  keep each segment's kept channels in order. Run the result with the same
-  `child.forward(plan, arc, ...)`.
+  masks: concrete (host) masks as from child_masks; params may be masked or not
+  (kept channels are unchanged by masking). Run the result with the same
+  `child.forward(plan, ...)`; `flops.count(plan, widths=widths)` counts it.
   """
-  p, st = dict(params), (None if stats is None else dict(stats))
-  stem_idx = _kept(masks["stem"])
-  p["stem"], stem_s = _compact_producer(params["stem"], network.get(stats, "stem"), None, stem_idx)
-  calib_p, calib_s, cells_p, cells_s = [], [], [], []
-  prev = [stem_idx, stem_idx]    # kept channel indices of h(i-2), h(i-1)
-  for spec in plan.cells:
-    i, m = spec.index, masks["cells"][spec.index]
-    cell_idx = _kept(m["cell"])
-    pairs = [_compact_producer(params["calib"][i][j], network.get(stats, "calib", i, j), prev[j],
-                               cell_idx) for j in range(2)]
-    calib_p.append([q for q, _ in pairs])
-    calib_s.append([t for _, t in pairs])
-    nodes_p = [list(row) for row in params["cells"][i]["nodes"]]
-    nodes_s = None if stats is None else [list(row) for row in stats["cells"][i]["nodes"]]
-    for k, s in sep_slots(arc, spec):
-      q, t = _compact_sep(nodes_p[k][s], network.get(nodes_s, k, s), cell_idx, _kept(m["inner"][k][s]))
-      nodes_p[k][s] = q
-      if nodes_s is not None:
-        nodes_s[k][s] = t
-    cells_p.append({**params["cells"][i], "nodes": nodes_p})
-    cells_s.append(None if stats is None else {**stats["cells"][i], "nodes": nodes_s})
-    f = np.asarray(m["cell"]).shape[0]
-    n_out = len(space.output_nodes(child.cell_arc(np.asarray(arc), spec).reshape(-1)))
-    out_idx = np.concatenate([cell_idx + n * f for n in range(n_out)])
-    if i == plan.aux_index and "aux" in params:
-      p["aux"] = {**params["aux"], "conv1": _take(params["aux"]["conv1"], out_idx, axis=2)}
-    prev = [prev[1], out_idx]
-  p["calib"], p["cells"] = calib_p, cells_p
-  p["fc"] = {**params["fc"], "w": _take(params["fc"]["w"], prev[1], axis=0)}
-  if st is not None:
-    st["stem"], st["calib"], st["cells"] = stem_s, calib_s, cells_s
-  return widths_of(masks), jax.tree.map(jnp.asarray, p), jax.tree.map(jnp.asarray, st)
+  del arc
+  p, s = gather(plan, params, stats, kept_layouts(plan, masks))
+  return widths_of(plan, masks), p, s
 
 
 def prune(plan, arc, params, stats, ratios, criterion="l1"):
   """child_masks then compact: (widths, compact params, compact stats)."""
-  masks = jax.device_get(child_masks(plan, arc, params, ratios, criterion))
+  masks = jax.device_get(jax.jit(lambda p, r: child_masks(plan, arc, p, r, criterion))(
+      params, jnp.asarray(ratios, jnp.float32)))
   return compact(plan, arc, params, stats, masks)
+
+
+def ratio_widths(plan, ratios):
+  """Widths of the network masked at per-stage `ratios` [5], without weights: every unit
+  equally important (ties keep the lower unit ids). Exact whenever a value holds whole
+  groups (the usual case); where a group spans several values of different units (a
+  cell that skips its calibration next to a concat), the split among them is nominal."""
+  g, _ = structure(plan)
+  masks = {"units": np.asarray(groups_lib.unit_masks(
+      jnp.zeros(len(g.unit_group), jnp.float32), g.unit_group, g.group_size, g.group_stage,
+      g.group_fixed, np.asarray(ratios, np.float32)))}
+  return widths_of(plan, masks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 
 from fp_jax import space
+from fp_jax import supernet
 
 STAGES = ("search", "final", "compress", "latency", "profile")
 IMPORTANCE = ("l1", "bn")
@@ -128,6 +129,8 @@ def validate(config):
     _float(config, f"{path}.l2", 0.0)
     _float(config, f"{path}.aux_weight", 0.0)
     _float(config, f"{path}.grad_clip", 0.0, lo_open=True)
+  _float(config, "search.keep_prob", 0.0, 1.0, lo_open=True)
+  _choice(config, "search.init_scale", supernet.INITS)
   _int(config, "search.num_candidates", 1)
   _int(config, "search.final_eval_batches", 1)
   _int(config, "search.ckpt_every_steps", 0)

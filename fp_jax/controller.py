@@ -30,7 +30,7 @@ _B_SOFT_INIT = np.array([10.0, 10.0] + [0.0] * (space.NUM_OPS - 2), np.float32)
 class ControllerConfig:
   num_ratio_choices: int = 9
   lstm_size: int = 64
-  temperature: float = 5.0
+  temperature: float = 1.0          # ENAS micro search: none
   tanh_constant: float = 1.1
   op_tanh_reduce: float = 2.5
   entropy_weight: float = 1e-4
@@ -199,29 +199,30 @@ def init_state(key, cfg: ControllerConfig) -> dict:
 def update(state, arc, ratio_idx, rewards, cfg: ControllerConfig):
   """One REINFORCE step from arc [num, 40], ratio_idx [num, 5], rewards [num].
 
-  The baseline takes the rewards one by one; each advantage is measured against
-  the baseline after including its own reward (as ENAS).
+  As ENAS (micro_controller.py `build_trainer`): each sample's reward gets
+  entropy_weight * its entropy (no gradient through the entropy); the baseline
+  takes those rewards one by one, and each advantage is measured against the
+  baseline after including its own reward.
 
   Returns:
     (new_state, metrics {'loss', 'baseline', 'entropy', 'reward', 'log_prob'}).
   """
   rewards = jnp.asarray(rewards, jnp.float32)
+  _, entropy = score(state["params"], arc, ratio_idx, cfg)
+  shaped = rewards + cfg.entropy_weight * jax.lax.stop_gradient(entropy)
 
   def baseline_step(b, r):
     b = b - (1.0 - cfg.baseline_decay) * (b - r)
     return b, b
 
-  baseline, baselines = jax.lax.scan(baseline_step, state["baseline"], rewards)
-  advantage = jax.lax.stop_gradient(rewards - baselines)
+  baseline, baselines = jax.lax.scan(baseline_step, state["baseline"], shaped)
+  advantage = jax.lax.stop_gradient(shaped - baselines)
 
   def loss_fn(params):
-    log_prob, entropy = score(params, arc, ratio_idx, cfg)
-    loss = (-jnp.mean(log_prob * advantage)
-            - cfg.entropy_weight * jnp.mean(entropy))
-    return loss, (log_prob, entropy)
+    log_prob, _ = score(params, arc, ratio_idx, cfg)
+    return -jnp.mean(log_prob * advantage), log_prob
 
-  (loss, (log_prob, entropy)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state["params"])
+  (loss, log_prob), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = make_optimizer(cfg).update(
       grads, state["opt_state"], state["params"])
   new_state = {"params": optax.apply_updates(state["params"], updates),

@@ -1,6 +1,6 @@
 """Parameter and multiply-add counts.
 
-`count` is analytic (from the plan, the arc and each channel group's width,
+`count` is analytic (from the plan's graph and the width of every value,
 so it also counts compacted networks); `jaxpr_macs` counts the multiply-adds
 of the convolutions and matmuls a traced function really performs. Tests
 check one against the other and against XLA's cost analysis. Multiply-adds
@@ -19,10 +19,10 @@ from fp_jax import space
 
 
 def full_widths(plan):
-  """Channel-group widths of the unpruned network (see compaction.widths_of)."""
-  return {"stem": plan.stem_channels,
-          "cells": [{"cell": s.filters, "inner": [[s.filters] * 2 for _ in range(space.NUM_NODES)]}
-                    for s in plan.cells]}
+  """Widths of the unpruned network: {'values': [channels of node j], 'inner': {sep
+  name: inner width}} (the layout of every `widths` argument here)."""
+  return {"values": [n.channels for n in plan.nodes],
+          "inner": {n.name: n.channels for n in plan.nodes if n.kind == "sep"}}
 
 
 def kept(channels, ratio):
@@ -30,60 +30,66 @@ def kept(channels, ratio):
   return max(1, int(np.round((1.0 - ratio) * channels)))
 
 
-def ratio_widths(plan, arc, ratios):
-  """Widths of the network masked with per-stage `ratios` [5] (as compaction.widths_of)."""
-  normal, reduce = space.split(np.asarray(arc))
-  cells = []
-  for spec in plan.cells:
-    rows = (reduce if spec.reduce else normal).reshape(space.NUM_NODES, 4)
-    k = kept(spec.filters, ratios[spec.stage])
-    inner = [[k if int(row[2 * s + 1]) in (space.SEP3, space.SEP5) else spec.filters
-              for s in range(2)] for row in rows]
-    cells.append({"cell": k, "inner": inner})
-  return {"stem": kept(plan.stem_channels, ratios[0]), "cells": cells}
+def widths_of_params(plan, params):
+  """Widths read from the parameter shapes (full, compact or channel-padded networks)."""
+  vals, inner = [], {}
+  for n in plan.nodes:
+    if n.kind == "image":
+      vals.append(plan.in_channels)
+    elif n.kind in ("conv", "fr"):
+      vals.append(int(np.shape(params["blocks"][n.name]["bn"]["scale"])[-1]))
+    elif n.kind == "sep":
+      p = params["blocks"][n.name]
+      vals.append(int(np.shape(p["bn2"]["scale"])[-1]))
+      inner[n.name] = int(np.shape(p["bn1"]["scale"])[-1])
+    elif n.kind == "concat":
+      vals.append(sum(vals[i] for i in n.inputs))
+    else:
+      vals.append(vals[n.inputs[0]])
+  return {"values": vals, "inner": inner}
 
 
-def count(plan, arc, widths=None):
-  """{'macs', 'params', 'params_no_aux', 'aux_macs'} of the fixed network, batch 1."""
+def block_counts(node, c_in, c_out, inner=None):
+  """(multiply-adds at batch 1, params) of one node of the graph."""
+  hw = node.hw[0] * node.hw[1]
+  if node.kind == "conv":
+    k2 = node.k * node.k
+    return hw * k2 * c_in * c_out, k2 * c_in * c_out + 2 * c_out
+  if node.kind == "fr":        # two 1x1 halves, c_in x c_out together, one BN
+    return hw * c_in * c_out, c_in * c_out + 2 * c_out
+  if node.kind == "sep":       # dw k x k (strided) on c_in, pw to inner, BN; dw, pw to c_out, BN
+    k2 = node.k * node.k
+    macs = hw * (k2 * c_in + c_in * inner + k2 * inner + inner * c_out)
+    return macs, k2 * c_in + c_in * inner + 2 * inner + k2 * inner + inner * c_out + 2 * c_out
+  return 0, 0
+
+
+def count(plan, arc=None, widths=None):
+  """{'macs', 'params', 'params_no_aux', 'aux_macs'} of the fixed network, batch 1.
+
+  widths (full_widths layout): the kept channels of every value (pruned networks)."""
+  del arc
   widths = widths or full_widths(plan)
-  normal, reduce = space.split(np.asarray(arc))
+  vals = widths["values"]
   macs = params = 0
-  stem_c = widths["stem"]
-  macs += plan.image_hw[0] * plan.image_hw[1] * 9 * plan.in_channels * stem_c
-  params += 9 * plan.in_channels * stem_c + 2 * stem_c
-  prev = [stem_c, stem_c]
-  aux = (0, 0)
-  for spec in plan.cells:
-    cw = widths["cells"][spec.index]
-    c = cw["cell"]
-    hw = spec.hw[0] * spec.hw[1]
-    for j in range(2):      # 1x1 calibration or factorized reduce: both c_in x c per pixel
-      macs += hw * prev[j] * c
-      params += prev[j] * c + 2 * c
-    cell = (reduce if spec.reduce else normal).reshape(space.NUM_NODES, 4)
-    for k, row in enumerate(cell):
-      for s in range(2):
-        op = int(row[2 * s + 1])
-        if op in (space.SEP3, space.SEP5):
-          ks, inner = (3 if op == space.SEP3 else 5), cw["inner"][k][s]
-          # dw k x k on c, pw c->inner, BN; dw k x k on inner, pw inner->c, BN
-          macs += hw * (ks * ks * c + c * inner + ks * ks * inner + inner * c)
-          params += ks * ks * c + c * inner + 2 * inner + ks * ks * inner + inner * c + 2 * c
-    out_c = len(space.output_nodes(cell.reshape(-1))) * c
-    if spec.index == plan.aux_index:
-      aux = _aux_counts(out_c, spec.hw[0], plan.num_classes)
-    prev = [prev[1], out_c]
-  macs += prev[1] * plan.num_classes
-  params += prev[1] * plan.num_classes + plan.num_classes
-  return {"macs": int(macs), "params": int(params + aux[1]), "params_no_aux": int(params),
-          "aux_macs": int(aux[0])}
+  for j, n in enumerate(plan.nodes):
+    if n.kind in ("conv", "fr", "sep"):
+      m, p = block_counts(n, vals[n.inputs[0]], vals[j], widths["inner"].get(n.name))
+      macs, params = macs + m, params + p
+  c_last = vals[plan.out]
+  macs += c_last * plan.num_classes
+  params += c_last * plan.num_classes                 # no bias, as ENAS
+  aux = plan.cells[plan.aux_index]
+  aux_macs, aux_params = _aux_counts(vals[aux.out], aux.hw[0], plan.num_classes)
+  return {"macs": int(macs), "params": int(params + aux_params), "params_no_aux": int(params),
+          "aux_macs": int(aux_macs)}
 
 
 def _aux_counts(c_in, hw, num_classes):
   w1, w2 = layers.AUX_WIDTHS
   r = layers.aux_pool_size(hw)
   macs = r * r * c_in * w1 + r * r * w1 * w2 + w2 * num_classes
-  params = c_in * w1 + 2 * w1 + r * r * w1 * w2 + 2 * w2 + w2 * num_classes + num_classes
+  params = c_in * w1 + 2 * w1 + r * r * w1 * w2 + 2 * w2 + w2 * num_classes
   return macs, params
 
 

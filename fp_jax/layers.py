@@ -69,16 +69,37 @@ def conv(x, w, stride=1, padding="SAME"):
 DEPTHWISE_IMPL = "auto"
 
 
-def depthwise_conv(x, w):
-  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME."""
+def same_offset(n, k, stride):
+  """Where TF/XLA's SAME window of a strided op starts relative to the stride-1 one.
+
+  A k x k SAME op at `stride` on n pixels pads (total // 2, total - total // 2) with
+  total = max((ceil(n/stride) - 1) * stride + k - n, 0); its output i is centred on
+  input pixel i * stride + k // 2 - total // 2, i.e. it equals the stride-1 SAME
+  output at that pixel (same window, same zero padding). Returns that first pixel.
+  """
+  out = -(-n // stride)
+  total = max((out - 1) * stride + k - n, 0)
+  return k // 2 - total // 2
+
+
+def subsample(y, n_hw, k, stride):
+  """The strided SAME result from the stride-1 SAME result y [B,H,W,C] of a k x k op."""
+  if stride == 1:
+    return y
+  oh, ow = same_offset(n_hw[0], k, stride), same_offset(n_hw[1], k, stride)
+  return y[:, oh::stride, ow::stride]
+
+
+def depthwise_conv(x, w, stride=1):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,ceil(H/s),ceil(W/s),C], SAME (TF's padding)."""
   impl = DEPTHWISE_IMPL
   if impl == "auto":
     impl = "shift" if jax.default_backend() == "cpu" else "xla"
   if impl == "xla":
-    return lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    return lax.conv_general_dilated(x, w, (stride, stride), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
-  return _depthwise_shift(x, w)
+  return subsample(_depthwise_shift(x, w), x.shape[1:3], w.shape[0], stride)
 
 
 @jax.checkpoint   # keep only x and w for the backward, not k*k shifted copies of x
@@ -92,19 +113,21 @@ def _depthwise_shift(x, w):
   return out
 
 
-def avg_pool3x3(x):
-  """3x3 stride-1 SAME average, padding excluded from the count (as TF)."""
+def avg_pool3x3(x, stride=1):
+  """3x3 SAME average at `stride`, padding excluded from the count (as TF)."""
   window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
   pad = ((0, 0), (1, 1), (1, 1), (0, 0))
   total = lax.reduce_window(x, 0.0, lax.add, window, strides, pad)
   ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
   count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pad)
-  return total / count
+  return subsample(total / count, x.shape[1:3], 3, stride)
 
 
-def max_pool3x3(x):
+def max_pool3x3(x, stride=1):
+  """3x3 SAME maximum at `stride` (padding never wins)."""
   pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  y = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  return subsample(y, x.shape[1:3], 3, stride)
 
 
 def batch_norm(p, s, x, train, axis_name=None):
@@ -144,8 +167,9 @@ def sep_conv_init(key, k, c, lead=()):
   return p, s
 
 
-def sep_conv(p, s, x, train, axis_name=None):
-  y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"]), p["pw1"])
+def sep_conv(p, s, x, train, axis_name=None, stride=1):
+  """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; the first depthwise at `stride`."""
+  y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
   y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
   y = conv(depthwise_conv(jax.nn.relu(y), p["dw2"]), p["pw2"])
   y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
@@ -158,7 +182,7 @@ def conv_bn_init(key, k, c_in, c_out):
 
 
 def relu_conv_bn(p, s, x, train, axis_name=None, relu=True):
-  """[ReLU], conv (stride 1, SAME), BN: the 1x1 calibration and the stem."""
+  """[ReLU], conv (stride 1, SAME), BN: the stem, 1x1 calibrations, layer_base."""
   y = conv(jax.nn.relu(x) if relu else x, p["conv"])
   y, sb = batch_norm(p["bn"], _sub(s, "bn"), y, train, axis_name)
   return y, (None if s is None else {"bn": sb})
@@ -173,9 +197,11 @@ def factorized_reduce_init(key, c_in, c_out):
           {"bn": bn_stats_init(c_out)})
 
 
-def factorized_reduce(p, s, x, stride, train, axis_name=None):
-  """ReLU, two strided 1x1 paths concatenated, BN: [B,H,W,I] -> [B,ceil(H/s),.,O]."""
-  x = jax.nn.relu(x)
+def factorized_reduce(p, s, x, stride, train, axis_name=None, relu=True):
+  """[ReLU], two strided 1x1 paths (the second offset by one pixel) concatenated, BN:
+  [B,H,W,I] -> [B,ceil(H/s),.,O] (ENAS `_factorized_reduction`)."""
+  if relu:
+    x = jax.nn.relu(x)
   a = conv(x[:, ::stride, ::stride], p["conv1"])
   shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
   b = conv(shifted[:, ::stride, ::stride], p["conv2"])
@@ -185,14 +211,13 @@ def factorized_reduce(p, s, x, stride, train, axis_name=None):
 
 def aux_head_init(key, c_in, hw, num_classes):
   """ENAS aux head: ReLU, avgpool 5x5/3 VALID, 1x1 conv 128 + BN + ReLU,
-  conv 768 over the remaining map + BN + ReLU, linear."""
+  conv 768 over the remaining map + BN + ReLU, linear (no bias)."""
   k1, k2, k3 = jax.random.split(key, 3)
   w1, w2 = AUX_WIDTHS
   r = aux_pool_size(hw)
   p = {"conv1": conv_init(k1, (1, 1, c_in, w1)), "bn1": bn_init(w1),
        "conv2": conv_init(k2, (r, r, w1, w2)), "bn2": bn_init(w2),
-       "fc": {"w": normal(k3, (w2, num_classes)) / np.float32(np.sqrt(w2)),
-              "b": jnp.zeros((num_classes,))}}
+       "fc": {"w": normal(k3, (w2, num_classes)) / np.float32(np.sqrt(w2))}}
   s = {"bn1": bn_stats_init(w1), "bn2": bn_stats_init(w2)}
   return p, s
 
@@ -214,12 +239,12 @@ def aux_head(p, s, x, train, axis_name=None):
   y = conv(jax.nn.relu(y), p["conv2"], padding="VALID")
   y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
   y = jax.nn.relu(y).reshape(y.shape[0], -1)
-  return y @ p["fc"]["w"] + p["fc"]["b"], (None if s is None else {"bn1": s1, "bn2": s2})
+  return y @ p["fc"]["w"], (None if s is None else {"bn1": s1, "bn2": s2})
 
 
 def classifier_init(key, c_in, num_classes):
-  return {"w": normal(key, (c_in, num_classes)) / np.float32(np.sqrt(c_in)),
-          "b": jnp.zeros((num_classes,))}
+  """The linear classifier, no bias (as ENAS)."""
+  return {"w": normal(key, (c_in, num_classes)) / np.float32(np.sqrt(c_in))}
 
 
 def classifier(p, x, dropout=None):
@@ -227,7 +252,7 @@ def classifier(p, x, dropout=None):
   feats = jnp.mean(jax.nn.relu(x), axis=(1, 2))
   if dropout is not None:
     feats = dropout(feats)
-  return feats @ p["w"] + p["b"]
+  return feats @ p["w"]
 
 
 def dropout(x, key, keep):

@@ -1,24 +1,28 @@
-"""Channel groups, importance and masks (fake pruning), as pure jit transforms.
+"""Importance, masks and the supernet's channel groups (fake pruning), as pure jit transforms.
 
-Groups (DESIGN §6): the stem's 3F output channels (stage-0 ratio); per cell one
-group of F channels shared by both calibrated inputs and every node output
-(identity and pooling pass channels through, nodes add); per sep_conv its inner
-channels (the first pointwise conv's output, same ratio as its cell).
-A group keeps its top round((1 - ratio) * C) channels (at least one) by
-importance: `l1` sums the L1 norms of the producing conv filters over the
-group's producers, `bn` sums their BN |scale|. A mask multiplies the producing
-convs' output channels and their BN scale and offset, so masked channels are
-exactly zero everywhere. Ratios, masks and the arc are traced data: one
-compilation serves every setting.
-
-This module handles the supernet (arc traced); `compaction.py` the fixed net.
+Groups follow from the network's structure (groups.py; the same definition as the
+fixed network's in compaction.py). In the supernet every cell ends with its own
+final conv, so a cell's nodes are tied to the spaces that reach them unchanged
+(cell inputs passed on by identity or pooling, which are earlier cells' outputs
+where ENAS skips a calibration) and to the sep_convs' outputs feeding them; each
+sep_conv's inner channels are a group of their own. The grouping depends on the
+sampled architecture: `supernet_groups(plan, arc)` derives it on the host and
+returns arrays of static shapes, passed to the jitted reward evaluation as data,
+so one compilation still serves every architecture.
+A group keeps its top round((1 - ratio) * C) units (at least one) by importance:
+`l1` sums the L1 norms of the producing conv filters over the group's producers,
+`bn` sums their BN |scale|. A mask multiplies the producing convs' output channels
+and their BN scale and offset, so masked channels are exactly zero everywhere.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fp_jax import groups as groups_lib
 from fp_jax import space
+from fp_jax import supernet
 
 CRITERIA = ("l1", "bn")
 
@@ -85,29 +89,130 @@ def _stacked_importance(p, criterion):
 
 
 def _slots(cell_arc):
-  """(input idx [5, 2], op [5, 2]) of a traced cell arc [20]."""
+  """(input idx [5, 2], op [5, 2]) of a cell arc [20]."""
   rows = cell_arc.reshape(space.NUM_NODES, 4)
   return rows[:, 0::2], rows[:, 1::2]
 
 
-def supernet_masks(plan, params, arc, ratios, criterion="l1"):
-  """Masks of the sampled architecture: {'stem': [3F], 'cells': [{'cell': [F],
-  'inner': [5, 2, F]}]}. arc int32 [40], ratios f32 [5] (one per stage)."""
-  masks = {"stem": keep_mask(producer_importance(params["stem"], criterion), ratios[0]),
-           "cells": []}
+def _cell_arc(arc, spec):
+  return arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
+
+
+# ---------------------------------------------------------------- groups (host side)
+
+
+def supernet_spaces(plan):
+  """Static [(key, width, stage)] of the supernet's channel spaces, in a fixed order:
+  'stem'; per cell i: ('calib_x'|'calib_y'|'reduce', i) where present, ('node', i, k),
+  ('out', i, k, s) and ('inner', i, k, s) of each sep_conv slot, ('final', i)."""
+  out = [("stem", plan.stem_channels, 0)]
   for spec in plan.cells:
-    idx, op = _slots(arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN])
-    ratio = ratios[spec.stage]
-    onehot = jax.nn.one_hot(idx, params["cells"][spec.index]["sep3"]["bn1"]["scale"].shape[2])
+    i, f, st = spec.index, spec.filters, spec.stage
+    out += [((name, i), f, st) for j, name in enumerate(("calib_x", "calib_y"))
+            if spec.calib[j] != "none"]
+    if spec.reduce:
+      out.append((("reduce", i), f, st))
+    out += [(("node", i, k), f, st) for k in range(space.NUM_NODES)]
+    for kind in ("out", "inner"):
+      out += [((kind, i, k, s), f, st) for k in range(space.NUM_NODES) for s in range(2)]
+    out.append((("final", i), f, st))
+  return out
+
+
+def supernet_groups(plan, arc):
+  """Group arrays of architecture `arc` (concrete int [40]) with static shapes (N =
+  channels of all spaces): {'unit_of' [N], 'unit_group' [N], 'group_size' [N+1],
+  'group_stage' [N+1], 'group_fixed' [N+1]} (int32 / bool numpy); unused unit ids
+  form one fixed dummy group."""
+  sp = supernet_spaces(plan)
+  index = {key: n for n, (key, _, _) in enumerate(sp)}
+  arc = np.asarray(arc)
+  ties, prev = [], [index["stem"], index["stem"]]
+  for spec in plan.cells:
+    i, f = spec.index, spec.filters
+    ins = [prev[1], index[("reduce", i)]] if spec.reduce else list(prev)
+    h = [index[(name, i)] if spec.calib[j] != "none" else ins[j]
+         for j, name in enumerate(("calib_x", "calib_y"))]
+    idx, op = _slots(_cell_arc(arc, spec))
+    vals = h + [index[("node", i, k)] for k in range(space.NUM_NODES)]
+    for k in range(space.NUM_NODES):
+      for s in range(2):
+        src = (index[("out", i, k, s)] if int(op[k, s]) in (space.SEP3, space.SEP5)
+               else vals[int(idx[k, s])])
+        ties.append((vals[k + 2], 0, src, 0, f))
+    prev = [ins[1], index[("final", i)]]
+  g = groups_lib.derive([w for _, w, _ in sp], ties, [True] * len(sp),
+                        [st for _, _, st in sp], [False] * len(sp))
+  unit_of = np.concatenate(g.unit_of).astype(np.int32)
+  n, u, ng = len(unit_of), len(g.unit_group), len(g.group_size)
+  pad = lambda a, size, fill: np.concatenate([a, np.full(size - len(a), fill, a.dtype)])
+  size = pad(g.group_size, n + 1, 0)
+  size[ng] = n - u
+  return {"unit_of": unit_of, "unit_group": pad(g.unit_group, n, ng).astype(np.int32),
+          "group_size": size.astype(np.int32),
+          "group_stage": pad(g.group_stage, n + 1, 0).astype(np.int32),
+          "group_fixed": pad(g.group_fixed, n + 1, True)}
+
+
+# ---------------------------------------------------------------- masks (traced)
+
+
+def _space_importance(plan, params, arc, criterion):
+  """Importance [width] of every space of supernet_spaces (0 for node spaces)."""
+  out = [producer_importance(params["stem"], criterion)]
+  for spec in plan.cells:
+    cp, f = params["cells"][spec.index], spec.filters
+    out += [producer_importance(cp[name], criterion)
+            for j, name in enumerate(("calib_x", "calib_y")) if spec.calib[j] != "none"]
+    if spec.reduce:
+      out.append(producer_importance(cp["reduce"], criterion))
+    out += [jnp.zeros((f,), jnp.float32)] * space.NUM_NODES
+    idx, op = _slots(_cell_arc(arc, spec))
+    onehot = jax.nn.one_hot(idx, supernet.MAX_INPUTS)
     picked = [jnp.einsum("ksi,ksic->ksc", onehot, imp) for name in ("sep3", "sep5")
-              for imp in _stacked_importance(params["cells"][spec.index][name], criterion)]
+              for imp in _stacked_importance(cp[name], criterion)]
     is5 = (op == space.SEP5)[..., None]
-    imp_in = jnp.where(is5, picked[2], picked[0])                        # [5, 2, F]
-    imp_out = jnp.where(is5, picked[3], picked[1]) * _is_sep(op)[..., None]
-    imp = sum(producer_importance(params["calib"][spec.index][j], criterion) for j in range(2))
-    imp = imp + imp_out.sum(axis=(0, 1))
-    inner = jax.vmap(jax.vmap(keep_mask, (0, None)), (0, None))(imp_in, ratio)
-    masks["cells"].append({"cell": keep_mask(imp, ratio), "inner": inner})
+    inner = jnp.where(is5, picked[2], picked[0])                          # [5, 2, F]
+    outer = jnp.where(is5, picked[3], picked[1])
+    out += [outer[k, s] for k in range(space.NUM_NODES) for s in range(2)]
+    out += [inner[k, s] for k in range(space.NUM_NODES) for s in range(2)]
+    if criterion == "bn":
+      out.append(jnp.abs(cp["final"]["bn"]["scale"]))
+    else:
+      rows = supernet.unused(_cell_arc(arc, spec))[:, None, None]
+      out.append(jnp.sum(jnp.abs(cp["final"]["w"]) * rows, axis=(0, 1)))
+  return out
+
+
+def supernet_masks(plan, params, arc, ratios, groups, criterion="l1"):
+  """Masks of the sampled architecture, one per space of supernet_spaces: {'stem': [3F],
+  'cells': [{'calib_x'?, 'calib_y'?, 'reduce'?: [F], 'out', 'inner': [5, 2, F],
+  'final': [F]}]}. arc int32 [40], ratios f32 [5] (one per stage), groups: the arrays of
+  supernet_groups(plan, arc); all may be traced."""
+  imp = jnp.concatenate(_space_importance(plan, params, arc, criterion))
+  n = imp.shape[0]
+  unit_imp = jnp.zeros(n, jnp.float32).at[groups["unit_of"]].add(imp)
+  units = groups_lib.unit_masks(unit_imp, groups["unit_group"], groups["group_size"],
+                                groups["group_stage"], groups["group_fixed"], ratios)
+  flat = units[groups["unit_of"]]
+  masks, off = {"cells": []}, 0
+  def take(w):
+    nonlocal off
+    off += w
+    return flat[off - w:off]
+  masks["stem"] = take(plan.stem_channels)
+  for spec in plan.cells:
+    f, m = spec.filters, {}
+    for j, name in enumerate(("calib_x", "calib_y")):
+      if spec.calib[j] != "none":
+        m[name] = take(f)
+    if spec.reduce:
+      m["reduce"] = take(f)
+    take(f * space.NUM_NODES)
+    m["out"] = take(f * 2 * space.NUM_NODES).reshape(space.NUM_NODES, 2, f)
+    m["inner"] = take(f * 2 * space.NUM_NODES).reshape(space.NUM_NODES, 2, f)
+    m["final"] = take(f)
+    masks["cells"].append(m)
   return masks
 
 
@@ -115,26 +220,31 @@ def apply_supernet_masks(plan, params, arc, masks):
   """Supernet params with the sampled architecture's masked channels zeroed.
 
   Each stacked sep_conv leaf [5, 2, inputs, ..., C] is multiplied by a mask that
-  is the node's group mask at the chosen input and 1 elsewhere.
+  is the slot's mask at the chosen input and 1 elsewhere.
   """
   out = dict(params)
   out["stem"] = mask_producer(params["stem"], masks["stem"])
-  out["calib"] = [[mask_producer(params["calib"][spec.index][j], masks["cells"][spec.index]["cell"])
-                   for j in range(2)] for spec in plan.cells]
   out["cells"] = []
   for spec in plan.cells:
-    idx, _ = _slots(arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN])
-    m = masks["cells"][spec.index]
-    cell_p = params["cells"][spec.index]
-    onehot = jax.nn.one_hot(idx, cell_p["sep3"]["bn1"]["scale"].shape[2])[..., None]
+    idx, _ = _slots(_cell_arc(arc, spec))
+    m, cp = masks["cells"][spec.index], params["cells"][spec.index]
+    new = dict(cp)
+    for name in ("calib_x", "calib_y", "reduce"):
+      if name in m:
+        new[name] = mask_producer(cp[name], m[name])
+    onehot = jax.nn.one_hot(idx, supernet.MAX_INPUTS)[..., None]
     inner = 1.0 + onehot * (m["inner"][:, :, None, :] - 1.0)            # [5, 2, inputs, F]
-    outer = 1.0 + onehot * (m["cell"] - 1.0)
-    new = {}
-    for name, p in cell_p.items():
+    outer = 1.0 + onehot * (m["out"][:, :, None, :] - 1.0)
+    for name in ("sep3", "sep5"):
+      p = cp[name]
       kernel = lambda w, mult: w * mult[:, :, :, None, None, None, :]
       new[name] = dict(p, pw1=kernel(p["pw1"], inner), dw2=kernel(p["dw2"], inner),
                        pw2=kernel(p["pw2"], outer),
                        bn1={"scale": p["bn1"]["scale"] * inner, "bias": p["bn1"]["bias"] * inner},
                        bn2={"scale": p["bn2"]["scale"] * outer, "bias": p["bn2"]["bias"] * outer})
+    mf = m["final"]
+    new["final"] = {"w": cp["final"]["w"] * mf,
+                    "bn": {"scale": cp["final"]["bn"]["scale"] * mf,
+                           "bias": cp["final"]["bn"]["bias"] * mf}}
     out["cells"].append(new)
   return out

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from fp_jax import child
+from fp_jax import compaction
 from fp_jax import flops
 from fp_jax import profile
 from fp_jax import results
@@ -56,7 +57,7 @@ def sample_costs(config, samples):
   for r in samples:
     arc = np.asarray(r["arc"])
     plan = child.make_plan(arc, s["num_layers"], s["out_filters"], shape, classes)
-    out.append(flops.count(plan, arc, flops.ratio_widths(plan, arc, r["ratios"]))["macs"])
+    out.append(flops.count(plan, arc, compaction.ratio_widths(plan, r["ratios"]))["macs"])
   return np.asarray(out)
 
 

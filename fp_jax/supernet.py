@@ -1,54 +1,131 @@
-"""Shared-weight ENAS supernet: the architecture is traced data.
+"""Shared-weight ENAS supernet (melodyguan/enas micro_child.py `_enas_layer`): the
+architecture is traced data.
 
-Weights are shared per (cell, node, input slot, op, chosen input) as in ENAS:
-each sep_conv parameter carries a leading axis over the node's k + 2 possible
-inputs and is gathered by the traced input index. Each node input runs
-`lax.switch(op, ...)`, so only the sampled op executes and one compilation
-serves every architecture. A cell outputs all 5 nodes concatenated with the
-nodes that feed other nodes zeroed ([B,H,W,5F]); the next cell's calibration
-therefore sees exactly the fixed network's concat, padded with zeros.
+Macro: stem (3x3 conv to 3F + BN) -> num_layers + 2 cells -> ReLU, global pool,
+[dropout], linear; aux head after the cell that follows the second reduction.
+Every cell outputs F channels. A normal cell reads h(i-2), h(i-1), calibrated only
+where sizes or channels differ (a factorized reduction of a larger h(i-2), else a
+ReLU-1x1-BN when channels differ from F). A reduction cell (F doubles) first
+factorized-reduces h(i-1) (no ReLU) and uses that as its second input, h(i-1) as
+its first (calibrated by a factorized reduction); its nodes then run at stride 1.
+The cell after it reads that reduction and the cell's output.
+
+Cell: node k = op_a(in_a) + op_b(in_b); weights shared per (cell, node, slot, op,
+chosen input) as in ENAS: each sep_conv leaf carries a leading axis over the node's
+possible inputs, gathered by the traced index; `lax.switch(op, ...)` runs only the
+sampled op, so one compilation serves every architecture. The cell ends with the
+concat of the nodes and inputs no node uses, ReLU, a 1x1 conv whose input rows are
+chosen per node index (weights [7, F, F], rows of used nodes zeroed), BN -> F.
 
 BN always normalises with batch statistics (synchronised over `axis_name`) and
-keeps no moving averages: with a different architecture every step, moving
-averages would describe no network (ENAS evaluates the shared child the same
-way). Masked forward passes (fake pruning) use `pruning.apply_supernet_masks`.
+keeps no moving averages, as ENAS's search child. Masked forward passes (fake
+pruning) use `pruning.apply_supernet_masks`.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from fp_jax import layers
-from fp_jax import network
 from fp_jax import space
+
+MAX_INPUTS = 2 + space.NUM_NODES - 1   # node k chooses among k + 2 <= 6 inputs
+NUM_VALUES = 2 + space.NUM_NODES       # cell inputs and nodes: rows of the final conv
+INITS = ("fan_in", "enas")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+  index: int
+  reduce: bool
+  stage: int            # 0..4, the pruning stage (DESIGN §6)
+  filters: int          # F of this cell (its output channels)
+  hw: tuple             # (H, W) of its nodes and output
+  in_channels: tuple    # channels of its two inputs before calibration
+  calib: tuple          # per input: 'none' | 'conv' (ReLU-1x1-BN) | 'fr' (factorized reduce)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  in_channels: int
+  image_hw: tuple
+  stem_channels: int
+  cells: tuple
+  aux_index: int        # aux head after this cell
+  num_classes: int
+
+
+def _ceil_hw(hw, s):
+  return (-(-hw[0] // s), -(-hw[1] // s))
 
 
 def make_plan(num_layers, out_filters, image_shape, num_classes):
-  return network.make_plan(num_layers, out_filters, image_shape, num_classes,
-                           lambda reduce: space.NUM_NODES)
+  h, w, c = image_shape
+  r1, r2 = space.reduction_layers(num_layers)
+  stages = space.stage_of_layer(num_layers)
+  stem_c = 3 * out_filters
+  prev = [(stem_c, (h, w)), (stem_c, (h, w))]   # (channels, hw) of h(i-2), h(i-1)
+  f, hw, cells = out_filters, (h, w), []
+  for i in range(num_layers + 2):
+    reduce = i in (r1, r2)
+    if reduce:
+      f, hw = 2 * f, _ceil_hw(prev[1][1], 2)
+      ins = [prev[1], (f, hw)]                   # h(i-1), its factorized reduction
+    else:
+      hw, ins = prev[1][1], prev
+    calib = ("fr" if ins[0][1] != ins[1][1] else "conv" if ins[0][0] != f else "none",
+             "conv" if ins[1][0] != f else "none")
+    cells.append(CellSpec(i, reduce, stages[i], f, hw, (ins[0][0], ins[1][0]), calib))
+    prev = [ins[1], (f, hw)]
+  return Plan(c, (h, w), stem_c, tuple(cells), min(r2 + 1, num_layers + 1), num_classes)
 
 
-MAX_INPUTS = 2 + space.NUM_NODES - 1   # node k chooses among k + 2 <= 6 inputs
+def init(key, plan, scale="fan_in"):
+  """Parameter pytree of the supernet (no BN statistics).
 
-
-def init(key, plan):
-  """Parameter pytree of the supernet described by `plan` (no BN statistics).
-
-  Per cell, 'sep3' and 'sep5' hold sep_conv params with leading axes
-  [node 5, slot 2, input 6] (node k uses inputs 0..k+1; the rest is padding
-  that keeps every node's params one shape, so a scan runs the nodes).
+  Per cell: 'calib_x' / 'calib_y' (where calibrated), 'reduce' (reduction cells: the
+  factorized reduction of h(i-1)), 'sep3' / 'sep5' sep_conv params with leading axes
+  [node 5, slot 2, input 6] (node k uses inputs 0..k+1; the rest keeps every node one
+  shape, so a scan runs the nodes), 'final' {'w' [7, F, F], 'bn'}.
+  scale: 'fan_in' (He-normal on each kernel's true fan-in) or 'enas' (He-normal on
+  ENAS's 2-D weight shapes [possible inputs, ...]: std sqrt(2 / (k + 2)) for node k's
+  sep_conv kernels and sqrt(2 / 7) for the final conv).
   """
-  k_common, k_cells = jax.random.split(key)
-  params, _ = network.init_common(k_common, plan)
-  params["cells"] = []
-  shape = (space.NUM_NODES, 2, MAX_INPUTS)
-  for spec, kc in zip(plan.cells, jax.random.split(k_cells, len(plan.cells))):
-    cell_p = {}
+  if scale not in INITS:
+    raise ValueError(f"init scale must be one of {INITS}, got {scale!r}")
+  ks = jax.random.split(key, 3 + len(plan.cells))
+  params = {"cells": []}
+  params["stem"] = layers.conv_bn_init(ks[0], 3, plan.in_channels, plan.stem_channels)[0]
+  for spec, kc in zip(plan.cells, ks[3:]):
+    f, cp = spec.filters, {}
+    for j, (kind, name) in enumerate(zip(spec.calib, ("calib_x", "calib_y"))):
+      kj = jax.random.fold_in(kc, 10 + j)
+      if kind == "conv":
+        cp[name] = layers.conv_bn_init(kj, 1, spec.in_channels[j], f)[0]
+      elif kind == "fr":
+        cp[name] = layers.factorized_reduce_init(kj, spec.in_channels[j], f)[0]
+    if spec.reduce:
+      cp["reduce"] = layers.factorized_reduce_init(jax.random.fold_in(kc, 12),
+                                                   spec.in_channels[0], f)[0]
     for name, size, kk in (("sep3", 3, 0), ("sep5", 5, 1)):
-      cell_p[name] = layers.sep_conv_init(jax.random.fold_in(kc, kk), size, spec.filters,
-                                          lead=shape)[0]
-    params["cells"].append(cell_p)
+      p = layers.sep_conv_init(jax.random.fold_in(kc, kk), size, f,
+                               lead=(space.NUM_NODES, 2, MAX_INPUTS))[0]
+      if scale == "enas":
+        std = np.sqrt(2.0 / (np.arange(space.NUM_NODES) + 2.0)).astype(np.float32)
+        for w, fan in (("dw1", size * size), ("pw1", f), ("dw2", size * size), ("pw2", f)):
+          p[w] = p[w] / np.float32(np.sqrt(2.0 / fan)) * std[:, None, None, None, None, None, None]
+      cp[name] = p
+    w = layers.normal(jax.random.fold_in(kc, 2), (NUM_VALUES, f, f))
+    w = w * np.float32(np.sqrt(2.0 / (NUM_VALUES if scale == "enas" else f)))
+    cp["final"] = {"w": w, "bn": layers.bn_init(f)}
+    params["cells"].append(cp)
+  aux = plan.cells[plan.aux_index]
+  params["aux"] = layers.aux_head_init(ks[1], aux.filters, aux.hw[0], plan.num_classes)[0]
+  params["fc"] = layers.classifier_init(ks[2], plan.cells[-1].filters, plan.num_classes)
   return params
 
 
@@ -66,12 +143,21 @@ def _branches(axis_name):
           lambda p, idx, x: x)
 
 
+def unused(cell_arc):
+  """f32 [7]: 1 for the cell inputs and nodes that no node reads (traced arc [20])."""
+  rows = cell_arc.reshape(space.NUM_NODES, 4)
+  used = jnp.zeros((NUM_VALUES,), jnp.float32).at[rows[:, 0]].set(1.0).at[rows[:, 2]].set(1.0)
+  return 1.0 - used
+
+
 def cell(p, cell_arc, h0, h1, axis_name=None):
-  """One cell. cell_arc int32 [20] (traced); h0, h1 [B,H,W,F] -> [B,H,W,5F]."""
+  """One cell's nodes and final conv. cell_arc int32 [20] (traced); h0, h1 [B,H,W,F]
+  -> [B,H,W,F]."""
   branches = _branches(axis_name)
-  buf = jnp.zeros((2 + space.NUM_NODES,) + h0.shape, h0.dtype)
+  buf = jnp.zeros((NUM_VALUES,) + h0.shape, h0.dtype)
   buf = buf.at[0].set(h0).at[1].set(h1)
   rows = cell_arc.reshape(space.NUM_NODES, 4)
+  sep_p = {"sep3": p["sep3"], "sep5": p["sep5"]}
 
   def node(buf, inputs):
     k, row, node_p = inputs
@@ -82,20 +168,50 @@ def cell(p, cell_arc, h0, h1, axis_name=None):
       out = out + lax.switch(op, branches, slot_p, idx, buf[idx])
     return buf.at[k + 2].set(out), None
 
-  buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, p))
-  used = jnp.zeros((2 + space.NUM_NODES,), h0.dtype).at[rows[:, 0]].set(1.0)
-  used = used.at[rows[:, 2]].set(1.0)
-  nodes = buf[2:] * (1.0 - used[2:])[:, None, None, None, None]   # [5,B,H,W,F]
-  return jnp.concatenate(list(nodes), axis=-1)
+  buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
+  w = p["final"]["w"] * unused(cell_arc)[:, None, None]                 # [7, F, F]
+  y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(buf), w)
+  return layers.batch_norm(p["final"]["bn"], None, y, True, axis_name)[0]
 
 
-def forward(plan, params, arc, x, axis_name=None, with_aux=True):
-  """Logits [B,classes] and aux logits (or None) of architecture `arc` int32 [40]."""
+def _producer(p, x, kind, train_axis, relu=True):
+  if kind == "conv":
+    return layers.relu_conv_bn(p, None, x, True, train_axis)[0]
+  return layers.factorized_reduce(p, None, x, 2, True, train_axis, relu=relu)[0]
+
+
+def cell_inputs(spec, p, prev, axis_name=None):
+  """The calibrated inputs (h0, h1) of a cell from prev = [h(i-2), h(i-1)], and the
+  pair the next cell starts from (its h(i-2) is `ins[1]` before calibration)."""
+  ins = list(prev)
+  if spec.reduce:
+    ins = [prev[1], _producer(p["reduce"], prev[1], "fr", axis_name, relu=False)]
+  hs = [ins[j] if spec.calib[j] == "none" else
+        _producer(p[("calib_x", "calib_y")[j]], ins[j], spec.calib[j], axis_name)
+        for j in range(2)]
+  return hs, ins[1]
+
+
+def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
+  """(logits [B,classes], aux logits or None) of architecture `arc` int32 [40].
+
+  reg (training, optional): {'key': PRNG key, 'keep_prob': dropout keep of the pooled
+  features} (per-device draws when `axis_name` is given).
+  """
   normal, reduce = arc[:space.CELL_LEN], arc[space.CELL_LEN:]
-
-  def cell_fn(i, spec, h0, h1):
-    return cell(params["cells"][i], reduce if spec.reduce else normal, h0, h1,
-                axis_name), None
-
-  logits, aux, _ = network.run(plan, cell_fn, params, None, x, True, axis_name, with_aux)
-  return logits, aux
+  y = layers.relu_conv_bn(params["stem"], None, x, True, axis_name, relu=False)[0]
+  prev, aux = [y, y], None
+  for spec in plan.cells:
+    cp = params["cells"][spec.index]
+    (h0, h1), carry = cell_inputs(spec, cp, prev, axis_name)
+    out = cell(cp, reduce if spec.reduce else normal, h0, h1, axis_name)
+    if with_aux and spec.index == plan.aux_index:
+      aux = layers.aux_head(params["aux"], None, out, True, axis_name)[0]
+    prev = [carry, out]
+  dropout = None
+  if reg is not None and reg["keep_prob"] < 1.0:
+    key = reg["key"]
+    if axis_name is not None:
+      key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    dropout = lambda f: layers.dropout(f, key, reg["keep_prob"])
+  return layers.classifier(params["fc"], prev[1], dropout), aux

@@ -37,7 +37,7 @@ def test_sample_costs_are_the_masked_counts(tmp_path):
   for r, c in zip(samples[:3], costs):
     arc = np.asarray(r["arc"])
     plan = child.make_plan(arc, 2, 16, (8, 8, 1), 10)       # smoke's search size
-    assert c == flops.count(plan, arc, flops.ratio_widths(plan, arc, r["ratios"]))["macs"]
+    assert c == flops.count(plan, arc, compaction.ratio_widths(plan, r["ratios"]))["macs"]
   assert costs[1] < summary.sample_costs(config, [{**samples[1], "ratios": [0.0] * 5}])[0]
 
 

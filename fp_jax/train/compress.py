@@ -84,7 +84,7 @@ def run(config, workdir, ds):
       lambda p, r: compaction.child_masks(plan, arc, p, r, c.importance))(params, np.float32(ratios)))
   masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
-  pruned = flops.count(plan, arc, compaction.widths_of(masks))
+  pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
   trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
                                            masks=masks if c.mode == "finetune" else None)
   acc_masked = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)

@@ -60,11 +60,15 @@ def child_optimizer(s, steps_per_epoch):
   return schedules.sgdr_momentum(*_opt_key(s, steps_per_epoch))
 
 
-def make_child_step(plan, tx, aux_weight, mesh):
-  """Data-parallel supernet step: (child_state, arc, x, y) -> (child_state, metrics)."""
-  def step(state, arc, x, y):
+def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
+  """Data-parallel supernet step: (child_state, arc, key, x, y) -> (child_state, metrics).
+
+  keep_prob: dropout keep of the pooled features (ENAS's search child: 0.9); key: the
+  step's PRNG key (folded with the device index inside)."""
+  def step(state, arc, key, x, y):
     def loss_fn(params):
-      logits, aux = supernet.forward(plan, params, arc, x, AXIS)
+      logits, aux = supernet.forward(plan, params, arc, x, AXIS,
+                                     reg={"key": key, "keep_prob": keep_prob})
       ce = xent(logits, y)
       loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -75,27 +79,29 @@ def make_child_step(plan, tx, aux_weight, mesh):
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {"loss": ce, "acc": acc}
 
-  return parallel.data_parallel(step, mesh, (REPLICATED, REPLICATED, BATCH, BATCH),
+  return parallel.data_parallel(step, mesh, (REPLICATED,) * 3 + (BATCH, BATCH),
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
 def make_reward_eval(plan, criterion, mesh):
-  """(params, arc, ratios [5], x, y) -> (train_acc, prune_acc) on one batch."""
-  def evaluate(params, arc, ratios, x, y):
+  """(params, arc, ratios [5], groups, x, y) -> (train_acc, prune_acc) on one batch.
+
+  groups: pruning.supernet_groups(plan, arc) (host-side, static shapes)."""
+  def evaluate(params, arc, ratios, groups, x, y):
     acc = lambda p: jax.lax.pmean(jnp.mean(
         jnp.argmax(supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0], -1) == y), AXIS)
-    masks = pruning.supernet_masks(plan, params, arc, ratios, criterion)
+    masks = pruning.supernet_masks(plan, params, arc, ratios, groups, criterion)
     return acc(params), acc(pruning.apply_supernet_masks(plan, params, arc, masks))
 
-  return parallel.data_parallel(evaluate, mesh, (REPLICATED,) * 3 + (BATCH, BATCH),
+  return parallel.data_parallel(evaluate, mesh, (REPLICATED,) * 4 + (BATCH, BATCH),
                                 (REPLICATED, REPLICATED))
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(plan, mesh, opt, aux_weight, criterion):
+def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion):
   """Optimizer and compiled steps, shared by every Search with the same settings."""
   tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule, make_child_step(plan, tx, aux_weight, mesh),
+  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh),
           make_reward_eval(plan, criterion, mesh))
 
 
@@ -127,7 +133,7 @@ class Search:
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
     tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
-                                                   s.importance)
+                                                   float(s.keep_prob), s.importance)
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
                reward_eval, reward_lib.make(s.alpha, s.beta))
@@ -135,7 +141,7 @@ class Search:
   def init_state(self):
     """The state at the start of the search (epoch 0, position 0)."""
     k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
-    params = supernet.init(k_child, self.plan)
+    params = supernet.init(k_child, self.plan, self.config.search.init_scale)
     child = parallel.replicate(self.mesh, {"params": params, "opt_state": self.tx.init(params)})
     return search_state.epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [],
                                      self.steps_per_epoch)
@@ -160,7 +166,9 @@ class Search:
     ratios = self.ratio_choices[np.asarray(ratio_idx)]
     x, y = self._batch(self.ds.x_valid, self.ds.y_valid, position,
                        self.config.search.eval_batch_size, stream, augment=False)
-    train_acc, prune_acc = self.reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios), x, y)
+    groups = pruning.supernet_groups(self.plan, arc)
+    train_acc, prune_acc = self.reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios),
+                                            groups, x, y)
     ratio = float(sum(ratios[spec.stage] for spec in self.plan.cells))
     out = self.reward_fn(float(train_acc), float(prune_acc), ratio)
     return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios], **out)
@@ -222,7 +230,8 @@ class Search:
       for i in range(pos0, spe):
         x, y = self._batch(self.ds.x_train, self.ds.y_train, epoch * spe + i, s.batch_size, 0,
                            True)
-        child, m = self.child_step(child, jnp.asarray(arcs[i]), x, y)
+        child, m = self.child_step(child, jnp.asarray(arcs[i]), self._key(4, epoch * spe + i),
+                                   x, y)
         pending.append((i, m))
         resolve(keep=1)
         pos, timed = i + 1, timed + 1

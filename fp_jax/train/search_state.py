@@ -54,11 +54,11 @@ def settings(search):
           "steps_per_epoch": search.steps_per_epoch,
           "ratio_choices": [float(r) for r in search.ratio_choices]}
   for k in ("num_layers", "out_filters", "batch_size", "eval_batch_size",
-            "controller_updates", "controller_samples"):
+            "controller_updates", "controller_samples", "init_scale"):
     hard[f"search.{k}"] = s[k]
   soft = {f"data.{k}": c.data[k] for k in ("crop_pad", "flip")}
   for k in ("alpha", "beta", "importance", "uniform_child_epochs", "lr_max", "lr_min",
-            "lr_t0", "lr_tmul", "momentum", "l2", "aux_weight", "grad_clip"):
+            "lr_t0", "lr_tmul", "momentum", "l2", "aux_weight", "grad_clip", "keep_prob"):
     soft[f"search.{k}"] = s[k]
   for k in c.controller.keys():
     soft[f"controller.{k}"] = c.controller[k]
@@ -83,7 +83,7 @@ def to_checkpoint(search, state):
 def _template(search):
   """to_checkpoint(init_state()) as shapes (child) and zeros (controller): nothing computed."""
   def init():
-    params = supernet.init(jax.random.key(0), search.plan)
+    params = supernet.init(jax.random.key(0), search.plan, search.config.search.init_scale)
     return ({"params": params, "opt_state": search.tx.init(params)},
             controller.init_state(jax.random.key(0), search.ccfg))
 
