@@ -134,9 +134,10 @@ def _gather_block(n, p, s, in_idx, out_idx, inner_idx=None):
             {"bn": _bn_s(s["bn"], out_idx)})
   if n.kind == "fr":       # BN over concat(conv1 out, conv2 out): each half keeps its own
     h = np.shape(p["conv1"])[-1]
-    lo, hi = out_idx[(out_idx < h) & (out_idx >= 0)], out_idx[out_idx >= h] - h
-    if (out_idx < 0).any():
-      raise ValueError(f"{n.name}: a factorized reduction's channels cannot be padded")
+    lo = out_idx[(out_idx >= 0) & (out_idx < h)]
+    hi = np.where(out_idx[len(lo):] >= 0, out_idx[len(lo):] - h, -1)   # zero channels: conv2's
+    if not np.array_equal(out_idx[:len(lo)], lo) or (hi[hi >= 0] < 0).any():
+      raise ValueError(f"{n.name}: factorized reduction channels must keep conv1's first")
     return ({"conv1": _take(_take(p["conv1"], in_idx, 2), lo),
              "conv2": _take(_take(p["conv2"], in_idx, 2), hi), "bn": _bn_p(p["bn"], out_idx)},
             {"bn": _bn_s(s["bn"], out_idx)})

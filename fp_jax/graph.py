@@ -51,6 +51,7 @@ class CellSpec:
   stage: int           # 0..4, the pruning stage (DESIGN §6)
   filters: int         # F of this cell
   hw: tuple            # output (H, W)
+  inputs: tuple        # node indices of h(i-2), h(i-1) as the cell receives them
   out: int             # node index of the cell output
   out_channels: int
 
@@ -139,7 +140,7 @@ def build(arc, num_layers, out_filters, image_shape, num_classes):
       parts.append(v)
     out = (add(pre + "out", "concat", parts, sum(ch(v) for v in parts), out_hw, cell=i)
            if len(parts) > 1 else parts[0])
-    cells.append(CellSpec(i, reduce, stages[i], f, out_hw, out, ch(out)))
+    cells.append(CellSpec(i, reduce, stages[i], f, out_hw, tuple(prev), out, ch(out)))
     prev = [prev[1], out]
   return Plan(c, (h, w), 3 * out_filters, num_classes, tuple(nodes), tuple(cells),
               min(r2 + 1, num_layers + 1), prev[1])

@@ -121,28 +121,31 @@ def unit_masks(unit_imp, unit_group, group_size, group_stage, group_fixed, ratio
 # ---------------------------------------------------------------- the fixed network
 
 
-def fixed_spaces(plan):
+def fixed_spaces(plan, node_widths=None):
   """Spaces of the fixed graph: node j is space j; sep node j's inner width is space
-  len(nodes) + i. Returns (widths, ties, member, stages, fixed, inner_index {name: s})."""
+  len(nodes) + i. node_widths (flops.full_widths layout; default: the plan's) gives the
+  widths of a compact network. Returns (widths, ties, member, stages, fixed,
+  inner_index {name: s})."""
   nodes = plan.nodes
-  widths = [n.channels for n in nodes]
+  vw = [n.channels for n in nodes] if node_widths is None else list(node_widths["values"])
+  widths = list(vw)
   member = [n.kind != "concat" for n in nodes]
   stages = [graph.stage_of(plan, j) for j in range(len(nodes))]
   fixed = [n.kind == "image" for n in nodes]
   ties, inner = [], {}
   for j, n in enumerate(nodes):
     if n.kind in ("avg", "max"):
-      ties.append((j, 0, n.inputs[0], 0, n.channels))
+      ties.append((j, 0, n.inputs[0], 0, vw[j]))
     elif n.kind == "add":
-      ties += [(j, 0, i, 0, n.channels) for i in n.inputs]
+      ties += [(j, 0, i, 0, vw[j]) for i in n.inputs]
     elif n.kind == "concat":
       off = 0
       for i in n.inputs:
-        ties.append((j, off, i, 0, nodes[i].channels))
-        off += nodes[i].channels
+        ties.append((j, off, i, 0, vw[i]))
+        off += vw[i]
     elif n.kind == "sep":
       inner[n.name] = len(widths)
-      widths.append(n.channels)
+      widths.append(n.channels if node_widths is None else node_widths["inner"][n.name])
       member.append(True)
       stages.append(stages[j])
       fixed.append(False)

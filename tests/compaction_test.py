@@ -27,8 +27,17 @@ def _ratios(seed):
   return np.random.default_rng(seed).choice(RATIO_CHOICES, 5).astype(np.float32)
 
 
+# At num_layers 6 (cells N N R N N R N N): a normal cell with two outputs (nodes 5, 6)
+# gives the first reduction an h(i-2) of 2F = its F channels, and a reduction cell with
+# one output (node 6) gives the cell after next an h(i-2) of F channels: ENAS skips
+# both calibrations, tying channel spaces across cells (one through a concat).
+TWO_OUT_NORMAL = "0 0 1 1 2 4 0 2 3 3 1 0 4 4 1 3 4 0 2 1"
+ONE_OUT_REDUCE = "0 0 1 1 2 3 0 4 3 1 1 2 4 0 3 0 5 1 2 4"
+
+
 # name -> (arc, num_layers, ratios)
 CASES = {
+    "skip_calib": (space.parse_arc(TWO_OUT_NORMAL + " " + ONE_OUT_REDUCE), 6, _ratios(7)),
     "uniform0": (space.sample_uniform(np.random.default_rng(0)), 3, _ratios(0)),
     "uniform1": (space.sample_uniform(np.random.default_rng(1)), 3, _ratios(1)),
     "uniform2_l1": (space.sample_uniform(np.random.default_rng(2)), 1, _ratios(2)),
@@ -105,9 +114,12 @@ def _max_diffs(plan, arc, pa, sa, pb, sb):
 
 
 def _check_close(diffs, label):
+  # train mode: batch statistics of 8 images at 1x1 in the last cells of 8-cell nets
+  # amplify float rounding (the summation order differs with zero channels present)
   for mode, (diff, scale) in diffs.items():
     print(f"{label} {mode}: max|masked - compact| = {diff:.3g} (max|logits| {scale:.3g})")
-    assert diff <= 1e-5 * max(1.0, scale), (label, mode, diff, scale)
+    tol = 1e-5 if mode == "eval" else 1e-4
+    assert diff <= tol * max(1.0, scale), (label, mode, diff, scale)
 
 
 def _expected_keep(c, r):
@@ -132,14 +144,16 @@ def test_compact_with_shift_depthwise():
     layers.DEPTHWISE_IMPL = old
 
 
-@pytest.mark.parametrize("name", ["uniform0", "uniform2_l1", "pool_identity"])
+@pytest.mark.parametrize("name", ["uniform0", "uniform2_l1", "pool_identity", "skip_calib"])
 def test_counts_match_flops(name):
   plan, arc, _, _ = _net(name)
   masks, _, widths, cp, cs = _pruned(name)
-  assert widths == compaction.widths_of(masks)
-  assert widths == flops.ratio_widths(plan, arc, CASES[name][2])
+  assert widths == compaction.widths_of(plan, masks)
+  if name != "skip_calib":
+    assert widths == compaction.ratio_widths(plan, CASES[name][2])
   expected = flops.count(plan, arc, widths)
   assert flops.param_count(cp) == expected["params"]
+  assert flops.widths_of_params(plan, cp) == widths
   old = layers.DEPTHWISE_IMPL
   layers.DEPTHWISE_IMPL = "xla"
   try:
@@ -152,62 +166,101 @@ def test_counts_match_flops(name):
   assert expected["macs"] < flops.count(plan, arc)["macs"] or not np.any(CASES[name][2])
 
 
-def _group_importances(plan, arc, params, criterion):
-  """Independent recomputation: {'stem': [3F], 'cells': [(cell [F], {(k, s): inner [F]})]}."""
+def _unit_importance(plan, params, criterion):
+  """Independent recomputation of every unit's importance: for each producer (conv, fr,
+  sep output and inner), its per-channel importance added to the units of its channels."""
+  g, inner = compaction.structure(plan)
   if criterion == "l1":
-    l1 = lambda w: np.abs(np.asarray(w)).reshape(-1, w.shape[-1]).sum(0)
+    l1 = lambda w: np.abs(np.asarray(w)).reshape(-1, np.shape(w)[-1]).sum(0)
     prod = lambda p: (l1(p["conv"]) if "conv" in p
                       else np.concatenate([l1(p["conv1"]), l1(p["conv2"])]))
     sep = lambda p: (l1(p["pw1"]), l1(p["pw2"]))
   else:
     prod = lambda p: np.abs(np.asarray(p["bn"]["scale"]))
     sep = lambda p: (np.abs(np.asarray(p["bn1"]["scale"])), np.abs(np.asarray(p["bn2"]["scale"])))
-  out = {"stem": prod(params["stem"]), "cells": []}
-  for spec in plan.cells:
-    imp = prod(params["calib"][spec.index][0]) + prod(params["calib"][spec.index][1])
-    inner = {}
-    for k, s in compaction.sep_slots(arc, spec):
-      imp_in, imp_out = sep(params["cells"][spec.index]["nodes"][k][s])
-      imp, inner[(k, s)] = imp + imp_out, imp_in
-    out["cells"].append((imp, inner))
-  return out
-
-
-def _check_top(mask, imp, ratio):
-  mask = np.asarray(mask)
-  assert set(np.unique(mask)) <= {0.0, 1.0}
-  assert mask.sum() == _expected_keep(mask.size, ratio)
-  if mask.sum() < mask.size:
-    assert imp[mask == 1].min() >= imp[mask == 0].max() * (1 - 1e-6)
+  imp = np.zeros(len(g.unit_group))
+  for j, n in enumerate(plan.nodes):
+    p = params["blocks"].get(n.name)
+    if n.kind == "sep":
+      a, b = sep(p)
+      np.add.at(imp, g.unit_of[inner[n.name]], a)
+      np.add.at(imp, g.unit_of[j], b)
+    elif n.kind in ("conv", "fr"):
+      np.add.at(imp, g.unit_of[j], prod(p))
+  return imp
 
 
 @pytest.mark.parametrize("name,criterion", [("uniform0", "l1"), ("uniform1", "bn"),
-                                            ("enas_max_ratio", "l1"), ("pool_identity", "bn")])
-def test_masks_keep_top_channels(name, criterion):
+                                            ("enas_max_ratio", "l1"), ("pool_identity", "bn"),
+                                            ("skip_calib", "l1")])
+def test_masks_keep_top_units_of_each_group(name, criterion):
   plan, arc, params, _ = _net(name)
   ratios = CASES[name][2]
-  masks = _pruned(name, criterion)[0]
-  imps = _group_importances(plan, arc, params, criterion)
-  assert masks["stem"].shape == (plan.stem_channels,)
-  _check_top(masks["stem"], imps["stem"], ratios[0])
-  for spec, m, (imp, inner) in zip(plan.cells, masks["cells"], imps["cells"]):
-    r = ratios[spec.stage]
-    assert m["cell"].shape == (spec.filters,)
-    assert m["inner"].shape == (space.NUM_NODES, 2, spec.filters)
-    _check_top(m["cell"], imp, r)
-    for k in range(space.NUM_NODES):
-      for s in range(2):
-        if (k, s) in inner:
-          _check_top(m["inner"][k, s], inner[(k, s)], r)
-        else:
-          assert np.all(m["inner"][k, s] == 1)
+  units = np.asarray(_pruned(name, criterion)[0]["units"])
+  g, _ = compaction.structure(plan)
+  imp = _unit_importance(plan, params, criterion)
+  assert set(np.unique(units)) <= {0.0, 1.0}
+  for grp in range(len(g.group_size)):
+    sel = g.unit_group == grp
+    m = units[sel]
+    if g.group_fixed[grp]:
+      assert np.all(m == 1)
+      continue
+    assert m.sum() == _expected_keep(m.size, ratios[g.group_stage[grp]]), grp
+    if m.sum() < m.size:
+      assert imp[sel][m == 1].min() >= imp[sel][m == 0].max() * (1 - 1e-6)
+
+
+def test_groups_of_the_published_arc():
+  """No calibration is skipped: the stem is one group and every group lies in one cell.
+  Nodes tied to h(i-2) by an identity or pooling share its calibrated space (normal cell:
+  nodes 2, 3, 4, 6; reduction cell: 3, 6); a node of sep_convs or of a strided identity
+  (a factorized reduction) is a group alone."""
+  plan, arc, _, _ = _net("enas_max_ratio")
+  g, inner = compaction.structure(plan)
+  cells_of_group = {}
+  for j, n in enumerate(plan.nodes):
+    if n.kind not in ("image", "concat"):
+      for grp in np.unique(g.unit_group[g.unit_of[j]]):
+        cells_of_group.setdefault(int(grp), set()).add(n.cell)
+  assert all(len(c) == 1 for c in cells_of_group.values())
+  stem = np.unique(g.unit_group[g.unit_of[plan.stem]])
+  assert len(stem) == 1 and g.group_size[stem[0]] == plan.stem_channels
+  node = {n.name: j for j, n in enumerate(plan.nodes)}
+  group = lambda name: tuple(np.unique(g.unit_group[g.unit_of[node[name]]]))
+  for spec in plan.cells:
+    pre = f"cells/{spec.index}/"
+    tied, alone = ((3, 6), (2, 4, 5)) if spec.reduce else ((2, 3, 4, 6), (5,))
+    groups = {group(pre + f"node{k}") for k in tied} | {group(pre + "calib_x")}
+    assert len(groups) == 1 and g.group_size[groups.pop()[0]] == spec.filters
+    for k in alone:
+      grp = group(pre + f"node{k}")
+      assert len(grp) == 1 and g.group_size[grp[0]] == spec.filters
+      assert grp != group(pre + "calib_x")
+  for name, s in inner.items():      # inner spaces: groups of their own
+    grp = np.unique(g.unit_group[g.unit_of[s]])
+    assert len(grp) == 1 and np.sum(g.unit_group == grp[0]) == len(g.unit_of[s])
+
+
+def test_skipped_calibrations_tie_cells():
+  """Where ENAS skips a calibration, two cells' channel spaces are one group."""
+  plan, arc, _, _ = _net("skip_calib")
+  names = {n.name for n in plan.nodes}
+  skipped = [s.index for s in plan.cells if f"cells/{s.index}/calib_x" not in names]
+  assert skipped == [2, 4, 5, 7], skipped
+  g, _ = compaction.structure(plan)
+  cells_of_group = {}
+  for j, n in enumerate(plan.nodes):
+    if n.kind not in ("image", "concat"):
+      for grp in np.unique(g.unit_group[g.unit_of[j]]):
+        cells_of_group.setdefault(int(grp), set()).add(n.cell)
+  assert any(len(c) > 1 for c in cells_of_group.values())
 
 
 def test_bn_criterion_compacts_exactly():
   plan, arc, params, stats = _net("uniform1")
   masks_l1, masks_bn = _pruned("uniform1", "l1")[0], _pruned("uniform1", "bn")[0]
-  assert any(not np.array_equal(a, b)
-             for a, b in zip(jax.tree.leaves(masks_l1), jax.tree.leaves(masks_bn)))
+  assert not np.array_equal(masks_l1["units"], masks_bn["units"])
   _, masked, widths, cp, cs = _pruned("uniform1", "bn")
   _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "uniform1/bn")
   assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
@@ -232,29 +285,22 @@ def test_zero_ratios_keep_everything(name):
 
 
 def test_hand_masks_with_empty_factorized_half():
-  """Arbitrary masks, incl. reduction cells keeping only one factorized-reduce half."""
+  """Arbitrary unit masks, incl. factorized reductions keeping only one half."""
   plan, arc, params, stats = _net("uniform0")
+  g, _ = compaction.structure(plan)
   rng = np.random.default_rng(5)
-
-  def rand_mask(shape):
-    m = (rng.random(shape) < 0.5).astype(np.float32)
-    m.reshape(-1, shape[-1])[:, 0] = 1.0
-    return m
-
-  masks = {"stem": rand_mask((plan.stem_channels,)), "cells": []}
-  for spec in plan.cells:
-    cell = rand_mask((spec.filters,))
-    if spec.reduce:   # first reduction: conv1 half only; second: conv2 half only
-      h, cell[:] = spec.filters // 2, 0.0
-      if spec.index == space.reduction_layers(3)[0]:
-        cell[:h - 1] = 1.0
-      else:
-        cell[h + 1:] = 1.0
-    masks["cells"].append({"cell": cell, "inner": rand_mask((space.NUM_NODES, 2, spec.filters))})
+  units = (rng.random(len(g.unit_group)) < 0.5).astype(np.float32)
+  frs = [(j, n) for j, n in enumerate(plan.nodes) if n.kind == "fr"]
+  for (j, n), half in zip(frs[:2], ("conv1", "conv2")):
+    h = n.channels // 2
+    drop = g.unit_of[j][:h] if half == "conv1" else g.unit_of[j][h:]
+    units[drop] = 0.0
+  for j, n in enumerate(plan.nodes):   # keep one channel of every value
+    units[g.unit_of[j][-1 if n.kind == "fr" else 0]] = 1.0
+  masks = {"units": units}
   masked = compaction.apply_child_masks(plan, arc, params, masks)
   widths, cp, cs = compaction.compact(plan, arc, params, stats, masks)
-  assert any(p.get("conv1", np.ones(1)).shape[-1] == 0 for row in cp["calib"] for p in row)
-  assert any(p.get("conv2", np.ones(1)).shape[-1] == 0 for row in cp["calib"] for p in row)
+  assert any(p["conv1"].shape[-1] == 0 for k, p in cp["blocks"].items() if "conv1" in p)
   _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "hand masks")
   assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
 

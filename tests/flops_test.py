@@ -106,14 +106,27 @@ def test_jaxpr_macs_of_single_ops(xla_depthwise):
   assert flops.jaxpr_macs(lambda a: jnp.maximum(a, 0.0) + 1.0, a) == 0
 
 
+def test_published_arc_enas_counts():
+  """The published ENAS cell at 15 layers / F 36 under the official code's conventions."""
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 15, 36, (32, 32, 3), 10)
+  counts = flops.count(plan, arc)
+  assert counts["macs"] == 620_907_552
+  assert counts["params_no_aux"] == 3_894_372
+  assert counts["params"] == 4_389_220
+  params, _ = _shapes(plan, arc)
+  assert flops.param_count(params) == counts["params"]
+
+
 def test_shift_depthwise_is_not_counted_by_jaxpr(monkeypatch):
-  """With the CPU 'shift' depthwise the jaxpr has no depthwise conv: macs fall short."""
+  """With the CPU 'shift' depthwise the jaxpr has no depthwise conv: macs fall short by
+  exactly the depthwise multiply-adds of every sep_conv."""
   monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "shift")
   arc = space.parse_arc(ONE_SEP3)
   plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
   params, stats = _shapes(plan, arc)
   traced = flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1)))
-  # depthwise 3x3 twice on c channels per normal cell: 16*18*2, 4*18*4, 1*18*8
+  # one sep_conv3x3 per normal cell: c = 2 on 4x4, 4 on 2x2, 8 on 1x1; dw 3x3 twice
   assert traced == flops.count(plan, arc)["macs"] - (16 * 36 + 4 * 72 + 144)
 
 
@@ -123,24 +136,31 @@ def test_hand_computed_all_identity(xla_depthwise):
   plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
   assert [c.filters for c in plan.cells] == [2, 4, 4, 8, 8]
   assert [c.hw for c in plan.cells] == [(4, 4), (2, 2), (2, 2), (1, 1), (1, 1)]
-  assert [c.in_strides for c in plan.cells] == [(1, 1), (2, 2), (2, 1), (2, 2), (2, 1)]
   assert [c.out_channels for c in plan.cells] == [10, 20, 20, 40, 40]
   assert plan.aux_index == 4
-  # stem: 3x3 conv 1 -> 6 on 4x4, BN
-  stem_macs, stem_params = 16 * 9 * 1 * 6, 9 * 6 + 2 * 6
-  # calibration per cell: (ReLU-1x1-BN or factorized reduce) c_in -> F per output pixel
-  calib_macs = [16 * 6 * 2 * 2, 4 * 6 * 4 + 4 * 10 * 4, 4 * 10 * 4 + 4 * 20 * 4,
-                1 * 20 * 8 * 2, 1 * 20 * 8 + 1 * 40 * 8]
-  calib_params = [2 * (6 * 2 + 4), (6 * 4 + 8) + (10 * 4 + 8), (10 * 4 + 8) + (20 * 4 + 8),
-                  2 * (20 * 8 + 16), (20 * 8 + 16) + (40 * 8 + 16)]
-  fc_macs, fc_params = 40 * 3, 40 * 3 + 3
+  names = {n.name: n.kind for n in plan.nodes if n.kind in ("conv", "fr")}
+  # ENAS: calibrations only where channels/sizes differ, layer_base in every cell, strided
+  # identity in reduction cells -> factorized reduction (10 per reduction cell)
+  assert [k for k in names if k.startswith("cells/2/")] == [
+      "cells/2/calib_x", "cells/2/calib_y", "cells/2/base"]
+  assert names["cells/2/calib_x"] == "fr" and names["cells/4/calib_x"] == "fr"
+  assert sum(k.startswith("cells/1/node") for k in names) == 10
+  stem = (16 * 9 * 1 * 6, 9 * 6 + 2 * 6)
+  conv = lambda hw, ci, co: (hw * ci * co, ci * co + 2 * co)   # 1x1 conv / fr + BN
+  blocks = [
+      conv(16, 6, 2), conv(16, 6, 2), conv(16, 2, 2),                      # cell 0
+      conv(16, 6, 4), conv(16, 10, 4), conv(16, 4, 4)] + [conv(4, 4, 4)] * 10 + [
+      conv(4, 10, 4), conv(4, 20, 4), conv(4, 4, 4),                       # cell 2 (fr x)
+      conv(4, 20, 8), conv(4, 20, 8), conv(4, 8, 8)] + [conv(1, 8, 8)] * 10 + [
+      conv(1, 20, 8), conv(1, 40, 8), conv(1, 8, 8)]                       # cell 4 (fr x)
+  fc = (40 * 3, 40 * 3)                                                    # no bias (ENAS)
+  macs = stem[0] + sum(b[0] for b in blocks) + fc[0]
+  params_no_aux = stem[1] + sum(b[1] for b in blocks) + fc[1]
   # aux head on the last cell (1x1, 40 channels): pool window 1, 1x1 conv 40->128 + BN,
-  # 1x1 conv 128->768 + BN, linear 768->3
+  # 1x1 conv 128->768 + BN, linear 768->3 (no bias)
   aux_macs = 40 * 128 + 128 * 768 + 768 * 3
-  aux_params = 40 * 128 + 256 + 128 * 768 + 2 * 768 + 768 * 3 + 3
-  macs = stem_macs + sum(calib_macs) + fc_macs
-  params_no_aux = stem_params + sum(calib_params) + fc_params
-  assert (macs, params_no_aux) == (2904, 1301)
+  aux_params = 40 * 128 + 256 + 128 * 768 + 2 * 768 + 768 * 3
+  assert (macs, params_no_aux) == (6616, 2554)
   expected = {"macs": macs, "params": params_no_aux + aux_params,
               "params_no_aux": params_no_aux, "aux_macs": aux_macs}
   assert flops.count(plan, arc) == expected
@@ -173,17 +193,9 @@ def test_hand_computed_one_sep_conv(xla_depthwise):
   assert counts["aux_macs"] == base["aux_macs"]
   params, stats = _shapes(plan, arc)
   assert flops.param_count(params) == counts["params"]
-  assert flops.param_count(params["cells"][0]["nodes"][0][0]) == sep_params(2)
+  assert flops.param_count(params["blocks"]["cells/0/node2/a"]) == sep_params(2)
   assert flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1))) \
       == counts["macs"]
-
-
-def _fresh_widths(plan):
-  """full_widths with no shared lists, safe to edit."""
-  w = flops.full_widths(plan)
-  return {"stem": w["stem"],
-          "cells": [{"cell": c["cell"], "inner": [list(r) for r in c["inner"]]}
-                    for c in w["cells"]]}
 
 
 def test_count_with_widths():
@@ -192,18 +204,17 @@ def test_count_with_widths():
   full = flops.count(plan, arc)
   assert flops.count(plan, arc, flops.full_widths(plan)) == full
   widths = flops.full_widths(plan)
-  assert widths["stem"] == 6
-  assert [c["cell"] for c in widths["cells"]] == [2, 4, 4, 8, 8]
-  assert widths["cells"][2]["inner"] == [[4, 4]] * 5
-  # stem 6 -> 3 channels: the stem conv and the 1x1s/factorized reduce reading it shrink
-  widths = _fresh_widths(plan)
-  widths["stem"] = 3
+  assert widths["values"][plan.stem] == 6
+  assert widths["inner"] == {"cells/0/node2/a": 2, "cells/2/node2/a": 4, "cells/4/node2/a": 8}
+  # stem 6 -> 3 channels: the stem conv and the 1x1s reading it (cell 0's two
+  # calibrations, cell 1's calib_x) shrink
+  widths["values"][plan.stem] = 3
   counts = flops.count(plan, arc, widths)
-  assert full["macs"] - counts["macs"] == 16 * 9 * 3 + 16 * 3 * 2 * 2 + 4 * 3 * 4
+  assert full["macs"] - counts["macs"] == 16 * 9 * 3 + 2 * 16 * 3 * 2 + 16 * 3 * 4
   assert full["params_no_aux"] - counts["params_no_aux"] == 9 * 3 + 2 * 3 + 2 * 3 * 2 + 3 * 4
   # the sep_conv's inner width 2 -> 1 in cell 0 (4x4, c = 2)
-  widths = _fresh_widths(plan)
-  widths["cells"][0]["inner"][0][0] = 1
+  widths = flops.full_widths(plan)
+  widths["inner"]["cells/0/node2/a"] = 1
   counts = flops.count(plan, arc, widths)
   assert full["macs"] - counts["macs"] == 16 * (2 * 1 + 9 * 1 + 1 * 2)
   assert full["params"] - counts["params"] == 2 * 1 + 2 * 1 + 9 * 1 + 1 * 2

@@ -6,12 +6,12 @@ z = conv(x, w) (+ b0) is folded into the conv (`fold_bn`):
   w' = w * g,  b' = bias + (b0 - mean) * g,  g = scale / sqrt(var + eps)   (per output channel)
 
 so every conv+BN of child.py becomes one conv with a bias: the stem, the 1x1
-calibrations, both halves of a factorized reduction (each half takes its slice
-of the BN), and each sep_conv's pointwise convs (bn1 into pw1, bn2 into pw2).
-ReLUs, adds, pools and the concat are left to XLA to fuse: `forward` is one
-traced function, `Fused` compiles it with `jax.jit(...).lower(...).compile()`
-as one computation for the whole network, and also one per cell (a cell's two
-calibrations and its five nodes), with the folded weights baked in as
+calibrations and layer_base convs, both halves of a factorized reduction (each
+half takes its slice of the BN), and each sep_conv's pointwise convs (bn1 into
+pw1, bn2 into pw2). ReLUs, adds, pools and the concat are left to XLA to fuse:
+`forward` runs the graph (graph.py) as one traced function, `Fused` compiles it
+with `jax.jit(...).lower(...).compile()` as one computation for the whole
+network, and also one per cell (its graph nodes), with the folded weights baked in as
 constants (a call passes only the images: no per-call argument handling of
 hundreds of weight arrays). Pools are separable shifted sums (XLA:CPU's
 reduce_window is several times slower). `Options.im2col` runs every non-depthwise
@@ -35,9 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from fp_jax import child
+from fp_jax import graph
 from fp_jax import layers
-from fp_jax import space
 from fp_jax.infer import padding
 
 DEPTHWISE_IMPLS = ("auto", "flat", "shift", "xla")
@@ -105,30 +104,21 @@ def _fold_sep(p, s):
 
 
 def fold(plan, arc, params, stats):
-  """child.py (params, stats) of a full or compact network -> folded pytree (numpy):
-
-    {'stem': {'w' [3,3,C,S], 'b' [S]}, 'calib': [[producer x 2] per cell],
-     'cells': [{'nodes': [[{} or sep {dw1, pw1, b1, dw2, pw2, b2}] x 2] x 5}],
-     'fc': {'w' [C_last, classes], 'b' [classes]}}
-  """
-  arc = np.asarray(arc)
-  fp = {"stem": _fold_producer(params["stem"], stats["stem"]),
-        "calib": [[_fold_producer(params["calib"][i][j], stats["calib"][i][j]) for j in range(2)]
-                  for i in range(len(plan.cells))],
-        "cells": [],
-        "fc": {k: np.asarray(v, np.float32) for k, v in params["fc"].items()}}
-  for spec in plan.cells:
-    rows, cp, cs = child.cell_arc(arc, spec), params["cells"][spec.index], stats["cells"][spec.index]
-    fp["cells"].append({"nodes": [
-        [_fold_sep(cp["nodes"][k][s], cs["nodes"][k][s])
-         if int(rows[k, 2 * s + 1]) in (space.SEP3, space.SEP5) else {} for s in range(2)]
-        for k in range(space.NUM_NODES)]})
-  return fp
+  """child.py (params, stats) of a full, compact or padded network -> folded pytree
+  (numpy): {'blocks': {name: conv {w, b} | fr {w1, b1, w2, b2} | sep {dw1, pw1, b1,
+  dw2, pw2, b2}}, 'fc': {'w' [C_last, classes]}}."""
+  del arc
+  blocks = {}
+  for _, n in graph.param_nodes(plan):
+    p, s = params["blocks"][n.name], stats["blocks"][n.name]
+    blocks[n.name] = _fold_sep(p, s) if n.kind == "sep" else _fold_producer(p, s)
+  return {"blocks": blocks, "fc": {"w": np.asarray(params["fc"]["w"], np.float32)}}
 
 
 def folded(plan, arc, params, stats, opts=Options()):
-  """fold, then padding.pad_channels to opts.pad_channels: the weights `forward` runs."""
-  return padding.pad_channels(plan, arc, fold(plan, arc, params, stats), opts.pad_channels)
+  """padding.pad_channels to opts.pad_channels, then fold: the weights `forward` runs."""
+  params, stats = padding.pad_channels(plan, params, stats, opts.pad_channels)
+  return fold(plan, arc, params, stats)
 
 
 # ---------------------------------------------------------------- operators (traced)
@@ -230,37 +220,59 @@ def conv(x, w, b=None, stride=1, padding="SAME", use_im2col=False):
   return y if b is None else y + b
 
 
-def stem(fs, x, opts=Options()):
-  """x [B,H,W,C] -> [B,H,W,S]: 3x3 conv with BN folded (no ReLU)."""
-  return conv(x, fs["w"], fs["b"], use_im2col=opts.im2col)
-
-
-def calibrate(fc, x, stride, opts=Options()):
-  """ReLU-1x1 (stride 1) or factorized reduction (stride s), BN folded:
-  [B,H,W,I] -> [B,ceil(H/s),ceil(W/s),F]."""
-  x = jax.nn.relu(x)
-  if "w" in fc:
-    return conv(x, fc["w"], fc["b"], use_im2col=opts.im2col)
-  a = conv(x, fc["w1"], fc["b1"], stride=stride)
+def producer(fb, node, x, opts=Options()):
+  """A conv node ([ReLU], kxk conv + folded BN) or a factorized reduction ([ReLU], two
+  strided 1x1 paths, the second offset by a pixel, folded BN halves)."""
+  if node.relu:
+    x = jax.nn.relu(x)
+  if "w" in fb:
+    return conv(x, fb["w"], fb["b"], use_im2col=opts.im2col)
+  a = conv(x, fb["w1"], fb["b1"], stride=node.stride)
   shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
-  return jnp.concatenate([a, conv(shifted, fc["w2"], fc["b2"], stride=stride)], axis=-1)
+  return jnp.concatenate([a, conv(shifted, fb["w2"], fb["b2"], stride=node.stride)], axis=-1)
 
 
-def sep_conv(fs, x, opts=Options()):
-  """2 x [ReLU, depthwise kxk, pointwise 1x1 + folded BN]: [B,H,W,C] -> [B,H,W,C]."""
+def sep_conv(fs, x, stride=1, opts=Options()):
+  """2 x [ReLU, depthwise kxk, pointwise 1x1 + folded BN], the first depthwise at
+  `stride`: [B,H,W,C] -> [B,ceil(H/s),ceil(W/s),C]."""
   # the first depthwise pads by MAX_PAD: sep convs of one input share its padded ReLU
-  y = conv(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise, MAX_PAD), fs["pw1"], fs["b1"])
+  k, hw = np.shape(fs["dw1"])[0], x.shape[1:3]
+  y = layers.subsample(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise, MAX_PAD), hw, k,
+                       stride)
+  y = conv(y, fs["pw1"], fs["b1"])
   return conv(depthwise(jax.nn.relu(y), fs["dw2"], opts.depthwise), fs["pw2"], fs["b2"])
 
 
-def apply_op(op, fs, x, opts=Options()):
-  if op in (space.SEP3, space.SEP5):
-    return sep_conv(fs, x, opts)
-  if op == space.AVG:
-    return avg_pool3x3(x)
-  if op == space.MAX:
-    return max_pool3x3(x)
-  return x
+def pool(kind, x, stride=1):
+  y = avg_pool3x3(x) if kind == "avg" else max_pool3x3(x)
+  return layers.subsample(y, x.shape[1:3], 3, stride)
+
+
+def apply_node(fb, node, ins, opts=Options()):
+  """One graph node on the folded weights `fb` of its block (None if it has none)."""
+  if node.kind in ("conv", "fr"):
+    return producer(fb, node, ins[0], opts)
+  if node.kind == "sep":
+    return sep_conv(fb, ins[0], node.stride, opts)
+  if node.kind in ("avg", "max"):
+    return pool(node.kind, ins[0], node.stride)
+  if node.kind == "add":
+    return ins[0] + ins[1]
+  if node.kind == "concat":
+    return jnp.concatenate(ins, axis=-1)
+  raise ValueError(f"unknown node kind {node.kind!r}")
+
+
+def part_of(node):
+  """The latency breakdown part of a cell's node (latency.CELL_PARTS)."""
+  tail = node.name.split("/")[2:]
+  if tail[0] in ("calib_x", "calib_y"):
+    return tail[0]
+  if tail[0] == "base":
+    return "layer_base"
+  if len(tail) == 2 and tail[0].startswith("node"):
+    return "ops_x" if tail[1] == "a" else "ops_y"
+  return "combine"
 
 
 def _direct(part, key, fn, *args):
@@ -268,50 +280,41 @@ def _direct(part, key, fn, *args):
   return fn(*args)
 
 
-def _concat(*xs):
-  return jnp.concatenate(xs, axis=-1)
+def cell(plan, fp, i, x0, x1, opts=Options(), step=_direct):
+  """Cell i with its calibrations: x0 = h(i-2), x1 = h(i-1) -> the cell's output.
 
-
-def cell(rows, strides, fcalib, fcell, x0, x1, opts=Options(), step=_direct):
-  """One cell with its input calibrations: x0 = h(i-2), x1 = h(i-1) -> [B,H,W,n_out*F].
-
-  rows int [5, 4] (static), strides (s0, s1) of the calibrations. `step(part,
-  key, fn, *args)` runs each piece (default: call it; `Fused.cell_by_parts`
-  compiles and times each). Parts: 'calib_x', 'calib_y', 'ops_x' / 'ops_y' (a
-  node's first / second operand op; identity ops are no piece), 'combine' (the
-  node adds and the final concat).
+  `step(part, key, fn, *args)` runs each node (default: call it;
+  `Fused.cell_by_parts` compiles and times each), part as `part_of`.
   """
-  h0 = step("calib_x", "calib_x", functools.partial(calibrate, stride=strides[0], opts=opts),
-            fcalib[0], x0)
-  h1 = step("calib_y", "calib_y", functools.partial(calibrate, stride=strides[1], opts=opts),
-            fcalib[1], x1)
-  nodes = [h0, h1]
-  for k, row in enumerate(np.asarray(rows).reshape(space.NUM_NODES, 4)):
-    ys = []
-    for slot, part in ((0, "ops_x"), (1, "ops_y")):
-      op, inp = int(row[2 * slot + 1]), nodes[int(row[2 * slot])]
-      ys.append(inp if op == space.IDENTITY else
-                step(part, f"{part}{k}", functools.partial(apply_op, op, opts=opts),
-                     fcell["nodes"][k][slot], inp))
-    nodes.append(step("combine", f"add{k}", jnp.add, *ys))
-  outs = [nodes[j] for j in space.output_nodes(np.asarray(rows).reshape(-1))]
-  return step("combine", "concat", _concat, *outs)
+  spec = plan.cells[i]
+  vals = {spec.inputs[0]: x0, spec.inputs[1]: x1}
+  for j, n in enumerate(plan.nodes):
+    if n.cell != i:
+      continue
+    fb = fp["blocks"].get(n.name)
+    vals[j] = step(part_of(n), n.name, functools.partial(apply_node, fb, n, opts=opts),
+                   [vals[k] for k in n.inputs])
+  return vals[spec.out]
 
 
 def classifier(ffc, x):
-  """ReLU, global average pool, linear: [B,H,W,C] -> [B,classes]."""
-  return jnp.dot(jnp.mean(jax.nn.relu(x), axis=(1, 2)), ffc["w"]) + ffc["b"]
+  """ReLU, global average pool, linear (no bias): [B,H,W,C] -> [B,classes]."""
+  return jnp.dot(jnp.mean(jax.nn.relu(x), axis=(1, 2)), ffc["w"])
+
+
+def stem(plan, fp, x, opts=Options()):
+  """x [B,H,W,C] -> [B,H,W,S]: 3x3 conv with BN folded (no ReLU)."""
+  return producer(fp["blocks"]["stem"], plan.nodes[plan.stem], x, opts)
 
 
 def forward(plan, arc, fp, x, opts=Options()):
-  """Logits [B,classes] of the folded network `fp` (from `fold`) on x [B,H,W,C]."""
-  y = stem(fp["stem"], x, opts)
-  prev = [y, y]
-  for spec in plan.cells:
-    out = cell(child.cell_arc(np.asarray(arc), spec), spec.in_strides, fp["calib"][spec.index],
-               fp["cells"][spec.index], prev[0], prev[1], opts)
-    prev = [prev[1], out]
-  return classifier(fp["fc"], prev[1])
+  """Logits [B,classes] of the folded network `fp` (from `folded`) on x [B,H,W,C]."""
+  del arc
+  vals = {}
+  for j, n in enumerate(plan.nodes):
+    vals[j] = x if n.kind == "image" else apply_node(fp["blocks"].get(n.name), n,
+                                                    [vals[k] for k in n.inputs], opts)
+  return classifier(fp["fc"], vals[plan.out])
 
 
 # ---------------------------------------------------------------- executor
@@ -353,12 +356,11 @@ class Fused:
     return self.network(x)(x)
 
   def _cell_fn(self, i):
-    spec = self.plan.cells[i]
-    return functools.partial(cell, child.cell_arc(self.arc, spec), spec.in_strides,
-                             self.fp["calib"][i], self.fp["cells"][i], opts=self.opts)
+    return functools.partial(cell, self.plan, self.fp, i, opts=self.opts)
 
   def stem(self, x):
-    return self.compiled("stem", functools.partial(stem, self.fp["stem"], opts=self.opts), x)(x)
+    return self.compiled("stem", functools.partial(stem, self.plan, self.fp, opts=self.opts),
+                         x)(x)
 
   def cell(self, i, x0, x1):
     return self.compiled(f"cell{i}", self._cell_fn(i), x0, x1)(x0, x1)
@@ -368,22 +370,15 @@ class Fused:
 
   def run_cells(self, x):
     """Logits via one computation per piece: stem, each cell, classifier."""
-    y = self.stem(x)
-    prev = [y, y]
+    vals = {self.plan.stem: self.stem(x)}
     for spec in self.plan.cells:
-      prev = [prev[1], self.cell(spec.index, prev[0], prev[1])]
-    return self.classifier(prev[1])
+      vals[spec.out] = self.cell(spec.index, vals[spec.inputs[0]], vals[spec.inputs[1]])
+    return self.classifier(vals[self.plan.out])
 
   def cell_by_parts(self, i, x0, x1, mark=None):
     """Cell i with every piece of `cell` its own computation; mark(part, value) after each."""
-    def step(part, key, fn, *args):
-      acts = [a for a in args if isinstance(a, jax.Array)]
-
-      def piece(*xs):
-        it = iter(xs)
-        return fn(*[next(it) if isinstance(a, jax.Array) else a for a in args])
-
-      out = self.compiled((f"cell{i}", key), piece, *acts)(*acts)
+    def step(part, key, fn, ins):
+      out = self.compiled((f"cell{i}", key), lambda *xs: fn(list(xs)), *ins)(*ins)
       if mark is not None:
         mark(part, out)
       return out

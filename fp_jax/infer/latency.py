@@ -19,14 +19,14 @@ Breakdown (`stages`, for each network): the stem (per-op parts conv, bn; fused:
 one conv with BN folded) and `layer_0`, the first cell with its input
 calibrations, in parts:
 
-  calib_x     calibration of h(i-2) (ReLU-1x1-BN, or factorized reduction)
-  calib_y     calibration of h(i-1)
-  layer_base  what the cell does between calibrating and its first node: in
-              ENAS an extra ReLU-1x1-BN of h(i-1); this network always
-              calibrates both inputs instead (network.py), so it is empty (0)
-  ops_x       the first-operand op of every node (sep_conv / pool; identity: none)
+  calib_x     calibration of h(i-2) (ReLU-1x1-BN, or factorized reduction; none
+              when ENAS skips it)
+  calib_y     calibration of h(i-1) (ReLU-1x1-BN when channels differ)
+  layer_base  ENAS's ReLU-1x1-BN of the calibrated h(i-1), in every cell
+  ops_x       the first-operand op of every node (sep_conv / pool / strided identity's
+              factorized reduction; identity: none)
   ops_y       the second-operand op of every node
-  combine     the node adds and the final concat of the unused nodes
+  combine     the node adds, reductions of unused larger inputs, and the final concat
 
 Parts are timed by running the piece with a wait (block_until_ready) at every
 part boundary, each part charged the time since the previous boundary; per-op

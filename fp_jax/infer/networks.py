@@ -91,26 +91,14 @@ def trained_networks(workdir):
 
 
 def widths_of_params(plan, arc, params):
-  """Channel-group widths (compaction.widths_of layout) read from parameter shapes."""
-  width = lambda p: (p["conv"].shape[-1] if "conv" in p
-                     else p["conv1"].shape[-1] + p["conv2"].shape[-1])
-  cells = []
-  for spec in plan.cells:
-    c = width(params["calib"][spec.index][0])
-    inner = [[c, c] for _ in range(space.NUM_NODES)]
-    for k, s in compaction.sep_slots(arc, spec):
-      inner[k][s] = params["cells"][spec.index]["nodes"][k][s]["pw1"].shape[-1]
-    cells.append({"cell": c, "inner": inner})
-  return {"stem": params["stem"]["conv"].shape[-1], "cells": cells}
+  """Widths of every value (flops.full_widths layout) read from the parameter shapes."""
+  del arc
+  return flops.widths_of_params(plan, params)
 
 
 def padded_macs(net, multiple):
   """Multiply-adds the fused path executes with its channel groups padded to a
-  multiple of `multiple` (fused.Options.pad_channels): flops.count of the rounded-up
-  widths."""
-  w = widths_of_params(net.plan, net.arc, net.params)
-  up = lambda n: padding.round_up(n, multiple)
-  w = {"stem": up(w["stem"]),
-       "cells": [{"cell": up(c["cell"]), "inner": [[up(v) for v in row] for row in c["inner"]]}
-                 for c in w["cells"]]}
-  return flops.count(net.plan, net.arc, w)["macs"]
+  multiple of `multiple` (fused.Options.pad_channels): flops.count of the padded
+  network's widths."""
+  p, _ = padding.pad_channels(net.plan, net.params, net.stats, multiple)
+  return flops.count(net.plan, net.arc, flops.widths_of_params(net.plan, p))["macs"]

@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import child
 from fp_jax import layers
-from fp_jax import space
 from fp_jax.infer import fused
 
 
@@ -45,7 +43,8 @@ PRIMITIVES = {
     "subsample": lambda x, stride: x[:, ::stride, ::stride],
     "shift": lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:],
     "global_pool": lambda x: jnp.mean(x, axis=(1, 2)),
-    "dense": lambda x, w, b: x @ w + b,
+    "dense": lambda x, w: x @ w,
+    "same_subsample": lambda y, hw, k, stride: layers.subsample(y, hw, k, stride),
 }
 
 
@@ -88,8 +87,8 @@ class PerOp:
 
   `__call__(x [B,H,W,C]) -> logits [B,classes]`. `stem(x, mark)` and
   `cell(i, x0, x1, mark)` run pieces; `mark(part, value)`, when given, is called
-  after each part ('conv', 'bn' of the stem; 'calib_x', 'calib_y', 'ops_x',
-  'ops_y', 'combine' of a cell, as fused.cell) so a caller can time it.
+  after each part ('conv', 'bn' of the stem; a cell's parts as fused.part_of) so a
+  caller can time it.
   """
 
   def __init__(self, plan, arc, params, stats, depthwise="auto", ops=None):
@@ -111,70 +110,65 @@ class PerOp:
 
   def stem(self, x, mark=None):
     """x [B,H,W,C] -> [B,H,W,S]: conv, BN."""
-    return self._conv_bn(self.params["stem"], self.stats["stem"], x, mark)
+    n = self.plan.nodes[self.plan.stem]
+    return self._conv_bn(self.params["blocks"][n.name], self.stats["blocks"][n.name], x, mark)
 
-  def calibrate(self, p, s, x, stride):
-    """ReLU, 1x1 conv, BN; or ReLU, two strided 1x1 paths, concat, BN (factorized)."""
-    ops = self.ops
-    x = ops("relu", x)
+  def _strided(self, y, hw, k, stride):
     if stride == 1:
+      return y
+    return self.ops("same_subsample", y, hw=tuple(hw), k=k, stride=stride)
+
+  def producer(self, n, p, s, x):
+    """[ReLU], 1x1/kxk conv, BN; or [ReLU], two strided 1x1 paths, concat, BN."""
+    ops = self.ops
+    if n.relu:
+      x = ops("relu", x)
+    if n.kind == "conv":
       return self._conv_bn(p, s, x)
-    a = ops("conv", ops("subsample", x, stride=stride), p["conv1"], stride=1, padding="SAME")
-    shifted = ops("subsample", ops("shift", x), stride=stride)
+    a = ops("conv", ops("subsample", x, stride=n.stride), p["conv1"], stride=1, padding="SAME")
+    shifted = ops("subsample", ops("shift", x), stride=n.stride)
     b = ops("conv", shifted, p["conv2"], stride=1, padding="SAME")
     return ops("bn", ops("concat", a, b), p["bn"], s["bn"])
 
-  def sep_conv(self, p, s, x):
+  def sep_conv(self, n, p, s, x):
     ops = self.ops
     y = ops("depthwise", ops("relu", x), p["dw1"], impl=self.depthwise)
+    y = self._strided(y, x.shape[1:3], n.k, n.stride)
     y = ops("bn", ops("conv", y, p["pw1"], stride=1, padding="SAME"), p["bn1"], s["bn1"])
     y = ops("depthwise", ops("relu", y), p["dw2"], impl=self.depthwise)
     return ops("bn", ops("conv", y, p["pw2"], stride=1, padding="SAME"), p["bn2"], s["bn2"])
 
-  def apply_op(self, op, p, s, x):
-    if op in (space.SEP3, space.SEP5):
-      return self.sep_conv(p, s, x)
-    if op == space.AVG:
-      return self.ops("avg_pool", x)
-    if op == space.MAX:
-      return self.ops("max_pool", x)
-    return x
+  def node(self, j, ins):
+    """Graph node j on its input values."""
+    n = self.plan.nodes[j]
+    if n.kind in ("conv", "fr", "sep"):
+      p, s = self.params["blocks"][n.name], self.stats["blocks"][n.name]
+      return self.sep_conv(n, p, s, ins[0]) if n.kind == "sep" else self.producer(n, p, s, ins[0])
+    if n.kind in ("avg", "max"):
+      return self._strided(self.ops(f"{n.kind}_pool", ins[0]), ins[0].shape[1:3], 3, n.stride)
+    if n.kind == "add":
+      return self.ops("add", *ins)
+    return self.ops("concat", *ins)
 
   def cell(self, i, x0, x1, mark=None):
-    """Cell i with its calibrations: h(i-2) x0, h(i-1) x1 -> [B,H,W,n_out*F]."""
-    spec, p, s = self.plan.cells[i], self.params, self.stats
-    nodes = []
-    for j, part in enumerate(("calib_x", "calib_y")):
-      h = self.calibrate(p["calib"][i][j], s["calib"][i][j], (x0, x1)[j], spec.in_strides[j])
-      if mark:
-        mark(part, h)
-      nodes.append(h)
-    cp, cs = p["cells"][i]["nodes"], s["cells"][i]["nodes"]
-    rows = child.cell_arc(self.arc, spec)
-    for k, row in enumerate(rows):
-      ys = []
-      for slot, part in ((0, "ops_x"), (1, "ops_y")):
-        y = self.apply_op(int(row[2 * slot + 1]), cp[k][slot], cs[k][slot],
-                          nodes[int(row[2 * slot])])
+    """Cell i with its calibrations: h(i-2) x0, h(i-1) x1 -> its output; mark(part, value)
+    after each node (part: fused.part_of)."""
+    spec = self.plan.cells[i]
+    vals = {spec.inputs[0]: x0, spec.inputs[1]: x1}
+    for j, n in enumerate(self.plan.nodes):
+      if n.cell == i:
+        vals[j] = self.node(j, [vals[k] for k in n.inputs])
         if mark:
-          mark(part, y)
-        ys.append(y)
-      nodes.append(self.ops("add", *ys))
-      if mark:
-        mark("combine", nodes[-1])
-    out = self.ops("concat", *[nodes[j] for j in space.output_nodes(rows.reshape(-1))])
-    if mark:
-      mark("combine", out)
-    return out
+          mark(fused.part_of(n), vals[j])
+    return vals[spec.out]
 
   def classifier(self, x):
-    """ReLU, global average pool, dense: [B,H,W,C] -> [B,classes]."""
-    fc = self.params["fc"]
-    return self.ops("dense", self.ops("global_pool", self.ops("relu", x)), fc["w"], fc["b"])
+    """ReLU, global average pool, dense (no bias): [B,H,W,C] -> [B,classes]."""
+    return self.ops("dense", self.ops("global_pool", self.ops("relu", x)),
+                    self.params["fc"]["w"])
 
   def __call__(self, x):
-    y = self.stem(x)
-    prev = [y, y]
+    vals = {self.plan.stem: self.stem(x)}
     for spec in self.plan.cells:
-      prev = [prev[1], self.cell(spec.index, prev[0], prev[1])]
-    return self.classifier(prev[1])
+      vals[spec.out] = self.cell(spec.index, vals[spec.inputs[0]], vals[spec.inputs[1]])
+    return self.classifier(vals[self.plan.out])

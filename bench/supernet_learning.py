@@ -1,0 +1,192 @@
+"""Does the shared-weight supernet learn under uniformly random architectures?
+
+Trains the supernet on digits (scikit-learn 8x8, the smoke config's data) with a
+fresh uniformly random architecture every step, as the search's warm-up does,
+and records the mean child accuracy (training batches, dropout on) per epoch, for
+3, 5 and 8 cells (num_layers 1, 3, 6) and several designs:
+
+  current   fp_jax's defaults (configs/default.py search.*): ENAS's supernet
+            (supernet.py), init_scale, lr, clipping, dropout as configured
+  legacy    the supernet before ENAS parity (bench/legacy_supernet.py: every
+            input calibrated, cells output all 5 nodes, no per-cell projection)
+  plus any variant given by --variant NAME:key=value,... over the current design
+            (keys: init_scale, lr_max, lr_min, grad_clip, keep_prob, warmup_epochs)
+
+  python -m bench.supernet_learning [--epochs 60 --batch 64 --filters 8]
+
+Writes bench/results/supernet_learning.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bench import legacy_supernet
+from configs import smoke
+from fp_jax import data
+from fp_jax import schedules
+from fp_jax import space
+from fp_jax import supernet
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  design: str = "current"      # current | legacy
+  init_scale: str = "fan_in"
+  lr_max: float = 0.05
+  lr_min: float = 0.0005
+  grad_clip: float = 5.0
+  keep_prob: float = 0.9
+  warmup_epochs: int = 0       # linear lr warm-up from 0 over these epochs
+
+
+def defaults():
+  s = smoke.get_config().search
+  return Setup(init_scale=s.init_scale, lr_max=s.lr_max, lr_min=s.lr_min,
+               grad_clip=s.grad_clip, keep_prob=s.keep_prob,
+               warmup_epochs=int(s.get("warmup_epochs", 0)))
+
+
+def xent(logits, y):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
+  """Mean child accuracy per epoch (list) under uniformly random arcs."""
+  ds = ds or data.load("digits", 256)
+  spe = data.batches_per_epoch(len(ds.y_train), batch)
+  shape = ds.image_shape
+  if setup.design == "legacy":
+    plan = legacy_supernet.make_plan(num_layers, filters, shape, ds.num_classes)
+    params = legacy_supernet.init(jax.random.key(seed), plan)
+    fwd = lambda p, a, x, key: legacy_supernet.forward(plan, p, a, x)
+  else:
+    plan = supernet.make_plan(num_layers, filters, shape, ds.num_classes)
+    params = supernet.init(jax.random.key(seed), plan, setup.init_scale)
+    fwd = lambda p, a, x, key: supernet.forward(
+        plan, p, a, x, reg={"key": key, "keep_prob": setup.keep_prob})
+  cosine = schedules.cosine_restarts(spe, epochs, 1, setup.lr_max, setup.lr_min)
+  warm = max(1, setup.warmup_epochs * spe)
+  lr = (cosine if not setup.warmup_epochs else
+        lambda step: cosine(step) * jnp.minimum(1.0, (step + 1) / warm))
+  tx = optax.chain(optax.add_decayed_weights(2e-4), optax.clip_by_global_norm(setup.grad_clip),
+                   optax.sgd(lr, momentum=0.9, nesterov=True))
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, arc, key, x, y):
+    def loss_fn(p):
+      logits, aux = fwd(p, arc, x, key)
+      loss = xent(logits, y) + (0.4 * xent(aux, y) if aux is not None else 0.0)
+      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+    (_, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt, acc
+
+  rng = np.random.default_rng([seed, 3])
+  curve = []
+  for epoch in range(epochs):
+    accs = []
+    for i in range(spe):
+      x, y = data.train_batch(ds.x_train, ds.y_train, step=epoch * spe + i, batch_size=batch,
+                              seed=seed, stream=0, mean=ds.mean, std=ds.std, crop_pad=0,
+                              flip=False)
+      params, opt, acc = step(params, opt, jnp.asarray(space.sample_uniform(rng)),
+                              jax.random.fold_in(jax.random.key(seed), epoch * spe + i),
+                              jnp.asarray(x), jnp.asarray(y))
+      accs.append(acc)
+    curve.append(float(np.mean(jax.device_get(accs))))
+  return curve
+
+
+def parse_variant(text, base):
+  name, _, kv = text.partition(":")
+  fields = {f.name: f.type for f in dataclasses.fields(Setup)}
+  changes = {}
+  for item in filter(None, kv.split(",")):
+    k, v = item.split("=")
+    if k not in fields:
+      raise SystemExit(f"error: --variant {text!r}: unknown key {k!r}")
+    changes[k] = {"str": str, "float": float, "int": int}[fields[k]](v)
+  return name, dataclasses.replace(base, **changes)
+
+
+def plot(results, path):
+  import matplotlib   # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
+  layers_list = sorted({r["num_layers"] for r in results})
+  fig, axes = plt.subplots(1, len(layers_list), figsize=(5 * len(layers_list), 3.6),
+                           squeeze=False)
+  for ax, nl in zip(axes[0], layers_list):
+    for r in results:
+      if r["num_layers"] == nl:
+        ax.plot(np.arange(1, len(r["curve"]) + 1), r["curve"], label=r["name"])
+    ax.set_title(f"{nl + 2} cells (num_layers {nl})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("child accuracy (random arcs)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--epochs", type=int, default=60)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--filters", type=int, default=8)
+  ap.add_argument("--num_layers", default="1,3,6")
+  ap.add_argument("--designs", default="current,legacy")
+  ap.add_argument("--variant", action="append", default=[])
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default=os.path.join(RESULTS, "supernet_learning"))
+  a = ap.parse_args()
+  base = defaults()
+  setups = [(d, dataclasses.replace(base, design=d)) for d in a.designs.split(",") if d]
+  setups += [parse_variant(v, base) for v in a.variant]
+  ds = data.load("digits", 256)
+  results = []
+  for nl in [int(v) for v in a.num_layers.split(",")]:
+    for name, setup in setups:
+      t = time.perf_counter()
+      curve = run(setup, nl, a.filters, a.batch, a.epochs, a.seed, ds)
+      r = {"name": name, "num_layers": nl, "cells": nl + 2, "setup": dataclasses.asdict(setup),
+           "curve": curve, "last": curve[-1], "seconds": time.perf_counter() - t}
+      results.append(r)
+      print(f"{name:>12} {nl + 2} cells: last-epoch child acc {curve[-1]:.3f} "
+            f"(best {max(curve):.3f}, {r['seconds']:.0f} s)", flush=True)
+  os.makedirs(os.path.dirname(a.out), exist_ok=True)
+  meta = {"epochs": a.epochs, "batch": a.batch, "filters": a.filters, "seed": a.seed,
+          "data": "digits", "steps_per_epoch": data.batches_per_epoch(len(ds.y_train), a.batch)}
+  with open(a.out + ".json", "w") as f:
+    json.dump({**meta, "results": results}, f, indent=1)
+  lines = [f"Supernet under uniformly random architectures: digits, F {a.filters}, batch "
+           f"{a.batch}, {a.epochs} epochs x {meta['steps_per_epoch']} steps; mean child "
+           "accuracy of the last epoch (training batches)", "",
+           "| design | " + " | ".join(f"{nl + 2} cells" for nl in
+                                      sorted({r['num_layers'] for r in results})) + " |",
+           "|---|" + "---|" * len({r["num_layers"] for r in results})]
+  for name, _ in setups:
+    row = [f"{r['last']:.3f}" for r in sorted(results, key=lambda r: r["num_layers"])
+           if r["name"] == name]
+    lines.append(f"| {name} | " + " | ".join(row) + " |")
+  with open(a.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  plot(results, a.out + ".png")
+
+
+if __name__ == "__main__":
+  main()
