@@ -10,7 +10,8 @@ and records the mean child accuracy (training batches, dropout on) per epoch, fo
   legacy    the supernet before ENAS parity (bench/legacy_supernet.py: every
             input calibrated, cells output all 5 nodes, no per-cell projection)
   plus any variant given by --variant NAME:key=value,... over the current design
-            (keys: init_scale, lr_max, lr_min, grad_clip, keep_prob, warmup_epochs)
+            (keys: init_scale, final_init, lr_max, lr_min, grad_clip, keep_prob,
+            warmup_epochs, optimizer)
 
   python -m bench.supernet_learning [--epochs 60 --batch 64 --filters 8]
 
@@ -43,16 +44,18 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 class Setup:
   design: str = "current"      # current | legacy
   init_scale: str = "fan_in"
+  final_init: str = "identity"
   lr_max: float = 0.05
   lr_min: float = 0.0005
   grad_clip: float = 5.0
   keep_prob: float = 0.9
   warmup_epochs: int = 0       # linear lr warm-up from 0 over these epochs
+  optimizer: str = "sgd"       # sgd (Nesterov momentum 0.9) | adam
 
 
 def defaults():
   s = smoke.get_config().search
-  return Setup(init_scale=s.init_scale, lr_max=s.lr_max, lr_min=s.lr_min,
+  return Setup(init_scale=s.init_scale, final_init=s.final_init, lr_max=s.lr_max, lr_min=s.lr_min,
                grad_clip=s.grad_clip, keep_prob=s.keep_prob,
                warmup_epochs=int(s.get("warmup_epochs", 0)))
 
@@ -72,15 +75,17 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
     fwd = lambda p, a, x, key: legacy_supernet.forward(plan, p, a, x)
   else:
     plan = supernet.make_plan(num_layers, filters, shape, ds.num_classes)
-    params = supernet.init(jax.random.key(seed), plan, setup.init_scale)
+    params = supernet.init(jax.random.key(seed), plan, setup.init_scale, setup.final_init)
     fwd = lambda p, a, x, key: supernet.forward(
         plan, p, a, x, reg={"key": key, "keep_prob": setup.keep_prob})
   cosine = schedules.cosine_restarts(spe, epochs, 1, setup.lr_max, setup.lr_min)
   warm = max(1, setup.warmup_epochs * spe)
   lr = (cosine if not setup.warmup_epochs else
         lambda step: cosine(step) * jnp.minimum(1.0, (step + 1) / warm))
+  inner = (optax.sgd(lr, momentum=0.9, nesterov=True) if setup.optimizer == "sgd"
+           else optax.adam(lr))
   tx = optax.chain(optax.add_decayed_weights(2e-4), optax.clip_by_global_norm(setup.grad_clip),
-                   optax.sgd(lr, momentum=0.9, nesterov=True))
+                   inner)
   opt = tx.init(params)
 
   @jax.jit

@@ -131,6 +131,7 @@ def validate(config):
     _float(config, f"{path}.grad_clip", 0.0, lo_open=True)
   _float(config, "search.keep_prob", 0.0, 1.0, lo_open=True)
   _choice(config, "search.init_scale", supernet.INITS)
+  _choice(config, "search.final_init", supernet.FINAL_INITS)
   _int(config, "search.num_candidates", 1)
   _int(config, "search.final_eval_batches", 1)
   _int(config, "search.ckpt_every_steps", 0)

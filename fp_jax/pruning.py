@@ -185,9 +185,10 @@ def _space_importance(plan, params, arc, criterion):
 
 
 def supernet_masks(plan, params, arc, ratios, groups, criterion="l1"):
-  """Masks of the sampled architecture, one per space of supernet_spaces: {'stem': [3F],
-  'cells': [{'calib_x'?, 'calib_y'?, 'reduce'?: [F], 'out', 'inner': [5, 2, F],
-  'final': [F]}]}. arc int32 [40], ratios f32 [5] (one per stage), groups: the arrays of
+  """Masks of the sampled architecture, one per producer space of supernet_spaces:
+  {'stem': [3F], 'cells': [{'calib_x'?, 'calib_y'?, 'reduce'?: [F], 'out', 'inner':
+  [5, 2, F], 'final': [F]}], 'units': [N] (the mask of every unit: space s's mask is
+  units[unit_of[s's channels]])}. arc int32 [40], ratios f32 [5] (one per stage), groups: the arrays of
   supernet_groups(plan, arc); all may be traced."""
   imp = jnp.concatenate(_space_importance(plan, params, arc, criterion))
   n = imp.shape[0]
@@ -195,7 +196,7 @@ def supernet_masks(plan, params, arc, ratios, groups, criterion="l1"):
   units = groups_lib.unit_masks(unit_imp, groups["unit_group"], groups["group_size"],
                                 groups["group_stage"], groups["group_fixed"], ratios)
   flat = units[groups["unit_of"]]
-  masks, off = {"cells": []}, 0
+  masks, off = {"cells": [], "units": units}, 0
   def take(w):
     nonlocal off
     off += w

@@ -36,6 +36,7 @@ from fp_jax import space
 MAX_INPUTS = 2 + space.NUM_NODES - 1   # node k chooses among k + 2 <= 6 inputs
 NUM_VALUES = 2 + space.NUM_NODES       # cell inputs and nodes: rows of the final conv
 INITS = ("fan_in", "enas")
+FINAL_INITS = ("identity", "shared", "enas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ def make_plan(num_layers, out_filters, image_shape, num_classes):
   return Plan(c, (h, w), stem_c, tuple(cells), min(r2 + 1, num_layers + 1), num_classes)
 
 
-def init(key, plan, scale="fan_in"):
+def init(key, plan, scale="fan_in", final="identity"):
   """Parameter pytree of the supernet (no BN statistics).
 
   Per cell: 'calib_x' / 'calib_y' (where calibrated), 'reduce' (reduction cells: the
@@ -94,9 +95,17 @@ def init(key, plan, scale="fan_in"):
   scale: 'fan_in' (He-normal on each kernel's true fan-in) or 'enas' (He-normal on
   ENAS's 2-D weight shapes [possible inputs, ...]: std sqrt(2 / (k + 2)) for node k's
   sep_conv kernels and sqrt(2 / 7) for the final conv).
+  final: the final conv's rows [7, F, F] at the start: 'enas' (independent He-normal
+  rows, as ENAS), 'shared' (one He-normal F x F matrix in every row) or 'identity'
+  (the identity in every row). With independent rows, channel c of node j lands in a
+  different direction for every j, so the cell output means something else for every
+  architecture; shared or identity rows keep channels aligned across architectures
+  (bench/supernet_learning.py: 3 cells on digits 0.32 -> 0.63 / 0.71).
   """
   if scale not in INITS:
     raise ValueError(f"init scale must be one of {INITS}, got {scale!r}")
+  if final not in FINAL_INITS:
+    raise ValueError(f"final conv init must be one of {FINAL_INITS}, got {final!r}")
   ks = jax.random.split(key, 3 + len(plan.cells))
   params = {"cells": []}
   params["stem"] = layers.conv_bn_init(ks[0], 3, plan.in_channels, plan.stem_channels)[0]
@@ -119,8 +128,12 @@ def init(key, plan, scale="fan_in"):
         for w, fan in (("dw1", size * size), ("pw1", f), ("dw2", size * size), ("pw2", f)):
           p[w] = p[w] / np.float32(np.sqrt(2.0 / fan)) * std[:, None, None, None, None, None, None]
       cp[name] = p
-    w = layers.normal(jax.random.fold_in(kc, 2), (NUM_VALUES, f, f))
-    w = w * np.float32(np.sqrt(2.0 / (NUM_VALUES if scale == "enas" else f)))
+    if final == "identity":
+      w = jnp.broadcast_to(jnp.eye(f, dtype=jnp.float32), (NUM_VALUES, f, f))
+    else:
+      w = layers.normal(jax.random.fold_in(kc, 2), (1 if final == "shared" else NUM_VALUES, f, f))
+      w = jnp.broadcast_to(w * np.float32(np.sqrt(2.0 / (NUM_VALUES if scale == "enas" else f))),
+                           (NUM_VALUES, f, f))
     cp["final"] = {"w": w, "bn": layers.bn_init(f)}
     params["cells"].append(cp)
   aux = plan.cells[plan.aux_index]
@@ -150,9 +163,9 @@ def unused(cell_arc):
   return 1.0 - used
 
 
-def cell(p, cell_arc, h0, h1, axis_name=None):
+def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False):
   """One cell's nodes and final conv. cell_arc int32 [20] (traced); h0, h1 [B,H,W,F]
-  -> [B,H,W,F]."""
+  -> [B,H,W,F] (and the node values [5,B,H,W,F] when with_nodes)."""
   branches = _branches(axis_name)
   buf = jnp.zeros((NUM_VALUES,) + h0.shape, h0.dtype)
   buf = buf.at[0].set(h0).at[1].set(h1)
@@ -171,7 +184,8 @@ def cell(p, cell_arc, h0, h1, axis_name=None):
   buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
   w = p["final"]["w"] * unused(cell_arc)[:, None, None]                 # [7, F, F]
   y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(buf), w)
-  return layers.batch_norm(p["final"]["bn"], None, y, True, axis_name)[0]
+  out = layers.batch_norm(p["final"]["bn"], None, y, True, axis_name)[0]
+  return (out, buf[2:]) if with_nodes else out
 
 
 def _producer(p, x, kind, train_axis, relu=True):

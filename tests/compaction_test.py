@@ -290,17 +290,18 @@ def test_hand_masks_with_empty_factorized_half():
   g, _ = compaction.structure(plan)
   rng = np.random.default_rng(5)
   units = (rng.random(len(g.unit_group)) < 0.5).astype(np.float32)
+  for j, n in enumerate(plan.nodes):   # keep a channel of every value
+    units[g.unit_of[j][[0, -1]]] = 1.0
   frs = [(j, n) for j, n in enumerate(plan.nodes) if n.kind == "fr"]
   for (j, n), half in zip(frs[:2], ("conv1", "conv2")):
     h = n.channels // 2
     drop = g.unit_of[j][:h] if half == "conv1" else g.unit_of[j][h:]
     units[drop] = 0.0
-  for j, n in enumerate(plan.nodes):   # keep one channel of every value
-    units[g.unit_of[j][-1 if n.kind == "fr" else 0]] = 1.0
   masks = {"units": units}
   masked = compaction.apply_child_masks(plan, arc, params, masks)
   widths, cp, cs = compaction.compact(plan, arc, params, stats, masks)
   assert any(p["conv1"].shape[-1] == 0 for k, p in cp["blocks"].items() if "conv1" in p)
+  assert any(p["conv2"].shape[-1] == 0 for k, p in cp["blocks"].items() if "conv2" in p)
   _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "hand masks")
   assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
 

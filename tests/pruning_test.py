@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 
 from fp_jax import layers
-from fp_jax import network
 from fp_jax import pruning
 from fp_jax import space
 from fp_jax import supernet
 
 
+def _keep(c, r):
+  return max(1, round((1 - float(r)) * c))
+
+
 @pytest.mark.parametrize("criterion", ["l1", "bn"])
 def test_supernet_masks_zero_masked_channels_exactly(criterion):
   plan = supernet.make_plan(1, 8, (8, 8, 1), 10)
-  params = supernet.init(jax.random.key(0), plan)
+  params = supernet.init(jax.random.key(0), plan, final="enas")
   if criterion == "bn":   # distinct BN scales so the ranking is not all ties
     params = jax.tree.map(lambda a: a, params)
     params["stem"]["bn"]["scale"] = jnp.linspace(0.5, 1.5, plan.stem_channels)
@@ -24,41 +27,85 @@ def test_supernet_masks_zero_masked_channels_exactly(criterion):
   ratios = jnp.array([0.5, 0.25, 0.75, 0.25, 0.5])
   rng = np.random.default_rng(0)
   arcs = [space.sample_uniform(rng), np.array([0, 4, 1, 2] * 5 + [1, 3, 0, 4] * 5)]
+  masks_fn = jax.jit(pruning.supernet_masks, static_argnums=(0, 5))
   for arc in arcs if criterion == "l1" else arcs[:1]:   # the second: pooling / identity only
+    groups = pruning.supernet_groups(plan, arc)
     arc = jnp.asarray(arc)
-    masks = jax.jit(pruning.supernet_masks, static_argnums=(0, 4))(plan, params, arc, ratios,
-                                                                  criterion)
+    masks = masks_fn(plan, params, arc, ratios, groups, criterion)
     masked = jax.jit(pruning.apply_supernet_masks, static_argnums=0)(plan, params, arc, masks)
     stem, _ = layers.relu_conv_bn(masked["stem"], None, x, True, relu=False)
     m = np.asarray(masks["stem"])
     assert m.sum() == round(0.5 * plan.stem_channels)
     assert np.all(np.asarray(stem)[..., m == 0] == 0) and np.any(np.asarray(stem)[..., m == 1])
-
     cells = collect(plan, masked, arc, x)
     assert len(cells) == len(plan.cells)
-    for spec, (h0, h1, out) in zip(plan.cells, cells):
-      m = np.asarray(masks["cells"][spec.index]["cell"])
-      assert m.sum() == max(1, round((1 - float(ratios[spec.stage])) * spec.filters))
-      for h in (h0, h1):
-        assert np.all(np.asarray(h)[..., m == 0] == 0)
-      segments = np.asarray(out).reshape(out.shape[:3] + (space.NUM_NODES, spec.filters))
-      assert np.all(segments[..., m == 0] == 0)
-      assert np.any(segments[..., m == 1])
+    for spec, (h0, h1, nodes, out) in zip(plan.cells, cells):
+      mc = masks["cells"][spec.index]
+      m = np.asarray(mc["final"])
+      assert m.sum() == _keep(spec.filters, ratios[spec.stage])
+      assert np.all(np.asarray(out)[..., m == 0] == 0) and np.any(np.asarray(out)[..., m == 1])
+      for name, h in (("calib_x", h0), ("calib_y", h1)):
+        if name in mc:
+          assert np.all(np.asarray(h)[..., np.asarray(mc[name]) == 0] == 0)
+      # every node: the channels its space's group dropped are exactly zero
+      for k in range(space.NUM_NODES):
+        node_mask = _node_mask(plan, groups, masks, spec.index, k)
+        assert np.all(np.asarray(nodes[k])[..., node_mask == 0] == 0)
+        assert node_mask.sum() >= 1
+
+
+def _node_mask(plan, groups, masks, cell, k):
+  """The mask of node k's space: the unit masks at its channels' units."""
+  sp = pruning.supernet_spaces(plan)
+  off = sum(w for _, w, _ in sp[:[key for key, _, _ in sp].index(("node", cell, k))])
+  f = plan.cells[cell].filters
+  return np.asarray(masks["units"])[groups["unit_of"][off:off + f]]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def collect(plan, params, arc, x):
-  """(calibrated h0, h1, output) of every cell of the supernet."""
-  cells = []
-
-  def cell_fn(i, spec, h0, h1):
+  """(calibrated h0, h1, node values [5], output) of every cell of the supernet."""
+  y = layers.relu_conv_bn(params["stem"], None, x, True, relu=False)[0]
+  prev, cells = [y, y], []
+  for spec in plan.cells:
+    cp = params["cells"][spec.index]
+    (h0, h1), carry = supernet.cell_inputs(spec, cp, prev)
     part = arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
-    out = supernet.cell(params["cells"][i], part, h0, h1)
-    cells.append((h0, h1, out))
-    return out, None
-
-  network.run(plan, cell_fn, params, None, x, True)
+    out, nodes = supernet.cell(cp, part, h0, h1, with_nodes=True)
+    cells.append((h0, h1, nodes, out))
+    prev = [carry, out]
   return cells
+
+
+def test_supernet_groups_follow_the_arc():
+  """Identity/pooling ties a cell's nodes to its inputs: with an identity-only normal
+  cell the nodes of the first cells and their (uncalibrated) inputs are one group; with
+  sep_convs only, every node is a group of its own."""
+  plan = supernet.make_plan(6, 4, (8, 8, 1), 10)      # cells N N R N N R N N
+  sp = pruning.supernet_spaces(plan)
+  index = {key: n for n, (key, _, _) in enumerate(sp)}
+  offs = np.concatenate([[0], np.cumsum([w for _, w, _ in sp])])
+
+  def group(groups, key):
+    s = index[key]
+    return set(groups["unit_group"][groups["unit_of"][offs[s]:offs[s + 1]]].tolist())
+
+  ident = np.array([0, 4, 1, 4] * 5 + [0, 0, 1, 0] * 5)
+  g = pruning.supernet_groups(plan, ident)
+  # cell 1's nodes = id(calib_x) + id(cell 0's output): tied with cell 0's final
+  assert group(g, ("node", 1, 0)) == group(g, ("final", 0)) == group(g, ("calib_x", 1))
+  assert group(g, ("node", 1, 4)) == group(g, ("node", 1, 0))
+  # cell 3 (after the reduction) reads the reduction's FR and output unchanged
+  assert group(g, ("node", 3, 0)) == group(g, ("reduce", 2)) == group(g, ("final", 2))
+  assert len(group(g, ("final", 0))) == 1
+  seps = np.array([0, 0, 1, 1] * 5 + [0, 1, 1, 0] * 5)
+  g = pruning.supernet_groups(plan, seps)
+  nodes = [group(g, ("node", 1, k)) for k in range(space.NUM_NODES)]
+  assert all(len(n) == 1 for n in nodes) and len(set.union(*nodes)) == space.NUM_NODES
+  assert group(g, ("node", 1, 0)) == group(g, ("out", 1, 0, 0)) == group(g, ("out", 1, 0, 1))
+  # shapes do not depend on the arc (one compilation)
+  assert {k: v.shape for k, v in g.items()} == {
+      k: v.shape for k, v in pruning.supernet_groups(plan, ident).items()}
 
 
 def test_keep_mask_counts_and_ties():
@@ -74,16 +121,17 @@ def test_mask_transform_compiles_once_for_all_ratios():
   traces = []
 
   @jax.jit
-  def transform(params, arc, ratios):
+  def transform(params, arc, ratios, groups):
     traces.append(1)
-    masks = pruning.supernet_masks(plan, params, arc, ratios)
+    masks = pruning.supernet_masks(plan, params, arc, ratios, groups)
     return pruning.apply_supernet_masks(plan, params, arc, masks)
 
   rng = np.random.default_rng(0)
   kept = set()
   for _ in range(6):
     ratios = jnp.asarray(rng.choice([0.0, 0.3, 0.5, 0.8], 5), jnp.float32)
-    out = transform(params, jnp.asarray(space.sample_uniform(rng)), ratios)
-    kept.add(float(jnp.sum(out["calib"][0][0]["bn"]["scale"] != 0)))
+    arc = space.sample_uniform(rng)
+    out = transform(params, jnp.asarray(arc), ratios, pruning.supernet_groups(plan, arc))
+    kept.add(float(jnp.sum(out["cells"][0]["final"]["bn"]["scale"] != 0)))
   assert len(traces) == 1
   assert len(kept) > 1
