@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from fp_jax import child
+from fp_jax import flops
+from fp_jax import graph
 from fp_jax import layers
 from fp_jax import space
 from fp_jax.infer import export
@@ -68,7 +70,10 @@ def _close(a, b, ref, label):
 @pytest.mark.parametrize("name", ["enas_pruned", "uniform3", "uniform4_pruned"])
 def test_fused_equals_perop_equals_child(name):
   plan = _net(name)[0]
-  assert any(s.reduce for s in plan.cells) and any(2 in s.in_strides for s in plan.cells)
+  kinds = {n.kind for n in plan.nodes}
+  assert any(s.reduce for s in plan.cells) and "fr" in kinds and "sep" in kinds
+  if name == "enas_pruned":      # strided sep_convs and pools in the reduction cells
+    assert {n.kind for n in plan.nodes if n.stride == 2} >= {"sep", "avg", "max", "fr"}
   ref = _reference(name)
   po, fu = _executors(name)
   _close(po(X), ref, ref, f"{name} per-op vs child")
@@ -81,7 +86,7 @@ def test_fused_equals_perop_equals_child(name):
 def test_fused_options_and_compact_widths():
   """im2col + grouped-conv depthwise give the same logits; compact nets are smaller."""
   plan, arc, params, stats = _net("enas_pruned")
-  assert params["stem"]["conv"].shape[-1] < plan.stem_channels
+  assert params["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
   assert params["fc"]["w"].shape[0] < plan.cells[-1].out_channels
   ref = _reference("enas_pruned")
   opts = fused.Options(im2col=True, depthwise="xla")
@@ -90,38 +95,47 @@ def test_fused_options_and_compact_widths():
     fused.Fused(plan, arc, params, stats, fused.Options(depthwise="fast"))
 
 
-def test_spread_inserts_zeros_after_each_block():
-  a = np.arange(1, 8, dtype=np.float32).reshape(7, 1)            # blocks 3 | 4
-  got = padding.spread(a, 0, [3, 4], 4)
-  np.testing.assert_array_equal(got[:, 0], [1, 2, 3, 0, 4, 5, 6, 7])
-  with pytest.raises(ValueError, match="blocks"):
-    padding.spread(a, 0, [3, 3], 4)
-
-
 @pytest.mark.parametrize("multiple", [1, 3, 8])
 def test_channel_padding_keeps_logits(multiple):
-  """Every channel group padded to the multiple (odd compact widths, a factorized
-  reduce, reduction cells) with zeros; logits unchanged."""
+  """Every channel group padded to the multiple (odd compact widths, factorized
+  reductions, reduction cells) with zeros; logits unchanged."""
   plan, arc, params, stats = _net("uniform4_pruned")
   ref = _reference("uniform4_pruned")
-  opts = fused.Options(pad_channels=multiple)
-  fp, plain = fused.folded(plan, arc, params, stats, opts), fused.fold(plan, arc, params, stats)
-  widths = {plain["stem"]["w"].shape[-1]} | {w.shape[-1] for w in jax.tree.leaves(plain["cells"])}
+  padded, _ = padding.pad_channels(plan, params, stats, multiple)
+  plain_w = flops.widths_of_params(plan, params)
+  pad_w = flops.widths_of_params(plan, padded)
   if multiple > 1:
-    assert any(w % multiple for w in widths)                   # something to pad
-  assert fp["stem"]["w"].shape[-1] % multiple == 0
-  for i, cell in enumerate(fp["cells"]):
-    for node, plain_node in zip(cell["nodes"], plain["cells"][i]["nodes"]):
-      for sep, plain_sep in zip(node, plain_node):
-        for k, w in sep.items():
-          assert w.shape[-1] % multiple == 0, (i, k, w.shape)
-          # the original block, then zeros
-          orig = plain_sep[k]
-          np.testing.assert_array_equal(w[tuple(slice(0, n) for n in orig.shape)], orig)
-          assert np.sum(np.abs(w)) == pytest.approx(np.sum(np.abs(orig)))
-  _close(fused.Fused(plan, arc, params, stats, opts)(X), ref, ref, f"pad {multiple}")
+    assert any(w % multiple for w in plain_w["values"][1:])            # something to pad
+  for j, n in enumerate(plan.nodes):
+    if n.kind in ("conv", "fr", "sep"):
+      assert pad_w["values"][j] % multiple == 0, (n.name, pad_w["values"][j])
+      assert pad_w["values"][j] - plain_w["values"][j] < multiple
+  for name, w in pad_w["inner"].items():
+    assert w % multiple == 0
+  # the original weights, then zeros
+  for name, blk in padded["blocks"].items():
+    for k, w in blk.items():
+      if k.startswith(("conv", "pw", "dw")):
+        orig = np.asarray(params["blocks"][name][k])
+        w = np.asarray(w)
+        assert np.sum(np.abs(w)) == pytest.approx(np.sum(np.abs(orig)), rel=1e-6)
+  _close(fused.Fused(plan, arc, params, stats, fused.Options(pad_channels=multiple))(X), ref,
+         ref, f"pad {multiple}")
   with pytest.raises(ValueError, match="pad_channels"):
     fused.Fused(plan, arc, params, stats, fused.Options(pad_channels=0))
+
+
+def test_padding_concat_layout():
+  """A concat of padded parts is padded after each part (blocked layout)."""
+  plan, arc, params, stats = _net("uniform4_pruned")
+  lay = padding.layouts(plan, params, 8)
+  for j, n in enumerate(plan.nodes):
+    if n.kind == "concat":
+      off, parts = 0, []
+      for i in n.inputs:
+        parts.append(np.where(lay["values"][i] >= 0, lay["values"][i] + off, -1))
+        off += flops.widths_of_params(plan, params)["values"][i]
+      np.testing.assert_array_equal(lay["values"][j], np.concatenate(parts))
 
 
 def test_depthwise_shared_padding():
@@ -144,7 +158,7 @@ def test_dot_library_compiler_options():
   assert "ynn_fusion" not in hlo["auto"] and "ynn_fusion" in hlo["ynn"]
   assert fused.compiler_options(fused.Options(dots="ynn")) is None
   ops = perop.Ops(fused.compiler_options(fused.Options()))
-  ops("dense", X[:1, 0, 0], jnp.ones((3, 4)), jnp.ones(4))
+  ops("dense", X[:1, 0, 0], jnp.ones((3, 4)))
   assert all("ynn_fusion" not in c.as_text() for c in ops.cache.values())
   with pytest.raises(ValueError, match="dots"):
     fused.Fused(plan, arc, params, stats, fused.Options(dots="mkl"))
@@ -194,15 +208,48 @@ def test_folded_blocks_equal_layers():
     p = {"conv1": jnp.asarray(rng.standard_normal((1, 1, 6, h)), jnp.float32),
          "conv2": jnp.asarray(rng.standard_normal((1, 1, 6, 5 - h)), jnp.float32)}
     p["bn"], s = _bn(rng, 5)
+    node = graph.Node("fr", "fr", (0,), 5, (4, 4), stride=2, relu=True)
     ref = layers.factorized_reduce(p, {"bn": s}, x, 2, False)[0]
-    got = fused.calibrate(fused._fold_producer(p, {"bn": s}), x, 2)
+    got = fused.producer(fused._fold_producer(p, {"bn": s}), node, x)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   p, s = jax.tree.map(np.asarray, layers.sep_conv_init(jax.random.PRNGKey(0), 5, 6))
   (p["bn1"], s["bn1"]), (p["bn2"], s["bn2"]) = _bn(rng, 6), _bn(rng, 6)
-  ref = layers.sep_conv(p, s, x, False)[0]
-  for impl in ("shift", "flat", "xla"):
-    got = fused.sep_conv(fused._fold_sep(p, s), x, fused.Options(depthwise=impl))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+  for stride in (1, 2):
+    ref = layers.sep_conv(p, s, x, False, stride=stride)[0]
+    for impl in ("shift", "flat", "xla"):
+      got = fused.sep_conv(fused._fold_sep(p, s), x, stride, fused.Options(depthwise=impl))
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,k", [(8, 3), (7, 3), (8, 5), (7, 5), (5, 5)])
+def test_strided_ops_equal_xla(size, k):
+  """Stride-2 depthwise and pools as the stride-1 op subsampled at TF's SAME offset equal
+  XLA's strided ops (TF padding: more on the bottom/right)."""
+  rng = np.random.default_rng(size + k)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 1, 3)), jnp.float32)
+  ref = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO",
+                                     "NHWC"), feature_group_count=3)
+  old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "shift"
+  try:
+    np.testing.assert_allclose(layers.depthwise_conv(x, w, 2), ref, rtol=1e-5, atol=1e-5)
+  finally:
+    layers.DEPTHWISE_IMPL = old
+  pad = ((0, 0),) + tuple(_tf_same(n, 3, 2) for n in x.shape[1:3]) + ((0, 0),)
+  mx = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+  np.testing.assert_allclose(layers.max_pool3x3(x, 2), mx, rtol=1e-6)
+  np.testing.assert_allclose(fused.pool("max", x, 2), mx, rtol=1e-6)
+  tot = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+  cnt = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1),
+                              pad)
+  np.testing.assert_allclose(layers.avg_pool3x3(x, 2), tot / cnt, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused.pool("avg", x, 2), tot / cnt, rtol=1e-5, atol=1e-6)
+
+
+def _tf_same(n, k, s):
+  out = -(-n // s)
+  total = max((out - 1) * s + k - n, 0)
+  return (total // 2, total - total // 2)
 
 
 @pytest.mark.parametrize("k,stride,padding,size", [
@@ -234,8 +281,9 @@ def test_breakdown_parts_sum_to_total():
   for path in latency.PATHS:
     ms = layer[f"{path}_ms"]
     assert set(ms) == set(latency.CELL_PARTS) | {"total"}
-    assert ms["layer_base"] == 0.0 and all(v >= 0 for v in ms.values())
-    assert ms["calib_x"] > 0 and ms["ops_x"] + ms["ops_y"] > 0 and ms["total"] > 0
+    assert all(v >= 0 for v in ms.values())
+    assert ms["calib_x"] > 0 and ms["layer_base"] > 0 and ms["ops_x"] + ms["ops_y"] > 0
+    assert ms["total"] > 0
     assert sum(ms[p] for p in latency.CELL_PARTS) == pytest.approx(layer["parts_sum_ms"][path])
     assert layer["parts_sum_ms"][path] == pytest.approx(layer["synced_total_ms"][path], rel=0.15)
 
