@@ -210,7 +210,8 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
   """(logits [B,classes], aux logits or None) of architecture `arc` int32 [40].
 
   reg (training, optional): {'key': PRNG key, 'keep_prob': dropout keep of the pooled
-  features} (per-device draws when `axis_name` is given).
+  features}. The mask is drawn for the global batch and each device takes its rows, so
+  1 and n devices drop the same features.
   """
   normal, reduce = arc[:space.CELL_LEN], arc[space.CELL_LEN:]
   y = layers.relu_conv_bn(params["stem"], None, x, True, axis_name, relu=False)[0]
@@ -224,8 +225,16 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
     prev = [carry, out]
   dropout = None
   if reg is not None and reg["keep_prob"] < 1.0:
-    key = reg["key"]
-    if axis_name is not None:
-      key = jax.random.fold_in(key, lax.axis_index(axis_name))
-    dropout = lambda f: layers.dropout(f, key, reg["keep_prob"])
+    dropout = lambda f: _global_dropout(f, reg["key"], reg["keep_prob"], axis_name)
   return layers.classifier(params["fc"], prev[1], dropout), aux
+
+
+def _global_dropout(f, key, keep, axis_name):
+  """Inverted dropout of this device's rows f [b, C] of a global batch, with the mask of
+  the global batch (device-count invariant)."""
+  if axis_name is None:
+    return layers.dropout(f, key, keep)
+  n, i = lax.axis_size(axis_name), lax.axis_index(axis_name)
+  m = jax.random.bernoulli(key, keep, (n * f.shape[0],) + f.shape[1:])
+  m = lax.dynamic_slice_in_dim(m, i * f.shape[0], f.shape[0])
+  return jnp.where(m, f / keep, 0.0)

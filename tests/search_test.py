@@ -49,7 +49,7 @@ def test_one_compilation_for_all_architectures(one_device_search):
   child = state["child"]
   for i, a in enumerate(sorted(arcs)):
     x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-    child, m = srch.child_step(child, jnp.asarray(space.parse_arc(a)), x, y)
+    child, m = srch.child_step(child, jnp.asarray(space.parse_arc(a)), srch._key(4, i), x, y)
     assert np.isfinite(float(m["loss"]))
   assert srch.child_step._cache_size() == 1
   # the reward evaluation compiles once for every arc and ratio setting too
@@ -69,7 +69,8 @@ def test_one_and_two_devices_give_the_same_losses(digits):
     run = []
     for i in range(4):
       x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-      child, m = srch.child_step(child, jnp.asarray(space.sample_uniform(rng)), x, y)
+      child, m = srch.child_step(child, jnp.asarray(space.sample_uniform(rng)), srch._key(4, i),
+                                 x, y)
       run.append(float(m["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
