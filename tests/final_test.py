@@ -107,7 +107,7 @@ def test_finetune_keeps_masks_exact(tmp_path):
                                          std=ds.std))[0])
   diff = compress.max_abs_diff(plan, ARC, tuned, tuned_stats, cp, cs, x)
   assert diff < 1e-4
-  assert flops.param_count(cp) == flops.count(plan, ARC, compaction.widths_of(masks))["params"]
+  assert flops.param_count(cp) == flops.count(plan, ARC, compaction.widths_of(plan, masks))["params"]
 
 
 def _run(*args, timeout=600):

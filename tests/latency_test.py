@@ -83,7 +83,7 @@ def test_trained_networks_load(tmp_path):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
   widths = networks.widths_of_params(plan, arc, nets["pruned"].params)
-  assert widths["stem"] == cp["stem"]["conv"].shape[-1] < plan.stem_channels
+  assert widths["values"][plan.stem] == cp["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
   assert flops.count(plan, arc, widths)["params"] == flops.param_count(cp)
 
 

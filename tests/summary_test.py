@@ -4,6 +4,7 @@ import json
 import numpy as np
 
 from fp_jax import child
+from fp_jax import compaction
 from fp_jax import flops
 from fp_jax import space
 from fp_jax import summary
