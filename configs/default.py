@@ -80,6 +80,7 @@ def get_config():
   k.finetune_epochs = 20
   k.steps_per_epoch = 0
   k.batch_size = 144
+  k.bn_batches = 32                    # training batches re-estimating BN statistics after masking
   k.lr_max = 0.01
   k.lr_min = 0.0001
 
