@@ -27,6 +27,11 @@ RUNTIMES = ("onnxruntime", "litert")
 ALL = ("perop", "fused") + RUNTIMES
 LABELS = {"perop": "fp_jax per-op", "fused": "fp_jax fused", "onnxruntime": "ONNX Runtime",
           "litert": "LiteRT"}
+THREADS = {  # how each runtime's thread count is set (latency.json runtime_threads)
+    "perop": "XLA:CPU intra-op pool; the process pinned to the first n cores",
+    "fused": "XLA:CPU intra-op pool; the process pinned to the first n cores",
+    "onnxruntime": "SessionOptions intra_op_num_threads=n, inter_op 1, sequential, no spinning",
+    "litert": "Interpreter(num_threads=n), XNNPACK delegate"}
 
 
 def usable_cores():
@@ -107,29 +112,30 @@ def versions():
                                      "tf2onnx", "onnx")}
 
 
-def build(nets, image_shape, batch_sizes, threads, directory, log=print):
-  """Exports every net at every batch size (files DIR/{name}.tflite/.onnx for batch 1)
-  and returns {(name, runtime): runner}. nets {name: infer.networks.Net}."""
+def build(nets, image_shape, batch_sizes, threads, log=print):
+  """Exports every net {name: infer.networks.Net} to LiteRT and ONNX at every batch size.
+  Returns ({(name, runtime): runner}, {f'{name}.tflite' / f'{name}.onnx': batch-1 model
+  bytes})."""
   from fp_jax.infer import export  # pylint: disable=g-import-not-at-top
-  out = {}
+  runners, files = {}, {}
   for name, net in nets.items():
     fn = export.network_fn(net.plan, net.arc, net.params, net.stats)
     tfl, onx = {}, {}
-    for b in sorted(set(batch_sizes)):
-      d = directory if b == 1 else None
-      tfl[b], onx[b] = export.export_runtimes(d, name, fn, (b,) + tuple(image_shape))
+    for b in sorted(set(batch_sizes) | {1}):
+      tfl[b], onx[b] = export.export_runtimes(None, name, fn, (b,) + tuple(image_shape))
       log(f"latency: {name} exported to LiteRT and ONNX at batch {b}")
-    out[name, "onnxruntime"] = OnnxRuntime(onx, threads)
-    out[name, "litert"] = LiteRT(tfl, threads)
-  return out
+    files[f"{name}.tflite"], files[f"{name}.onnx"] = tfl[1], onx[1]
+    runners[name, "onnxruntime"] = OnnxRuntime(onx, threads)
+    runners[name, "litert"] = LiteRT(tfl, threads)
+  return runners, files
 
 
-def section(latency_s, throughput, diffs, nets):
+def section(latency_s, throughput, diffs, nets, names=ALL):
   """The latency.json `runtimes` section: {runtime: {net: {mean_ms, median_ms, p10_ms,
   p90_ms (batch 1), images_per_s (batch throughput), max_abs_diff_vs_fused}}} from
   per-variant batch-1 seconds {f'{net}_{runtime}': [s]}, images/s and logit diffs."""
   out = {}
-  for rt in ALL:
+  for rt in names:
     out[rt] = {}
     for n in nets:
       ms = 1e3 * np.asarray(latency_s[f"{n}_{rt}"])
@@ -148,7 +154,7 @@ def to_markdown(rts, batch_size):
       f"{n} img/s (batch {batch_size})" for n in nets] + [
       f"{n} median / fused" for n in nets]
   rows = []
-  for rt in ALL:
+  for rt in [r for r in ALL if r in rts]:
     r = rts[rt]
     rows.append([LABELS[rt]] + [f"{r[n][k]:.3f}" for n in nets for k in ("mean_ms", "median_ms")]
                 + [f"{r[n]['images_per_s']:.1f}" for n in nets]
@@ -164,9 +170,10 @@ def plot(rts, path, title):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   nets = list(rts["fused"])
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  width = 0.8 / len(ALL)
-  for i, rt in enumerate(ALL):
-    xs = np.arange(len(nets)) + (i - (len(ALL) - 1) / 2) * width
+  names = [r for r in ALL if r in rts]
+  width = 0.8 / len(names)
+  for i, rt in enumerate(names):
+    xs = np.arange(len(nets)) + (i - (len(names) - 1) / 2) * width
     ys = [rts[rt][n]["median_ms"] for n in nets]
     bars = ax.bar(xs, ys, width, label=LABELS[rt])
     ax.bar_label(bars, fmt="%.2f", fontsize=7)
