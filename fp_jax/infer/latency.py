@@ -336,11 +336,14 @@ def run(config, workdir):
   threads = runtimes_lib.use_cores(int(lat.threads))
   plan = nets["baseline"].plan
   others, models = runtimes_lib.build(nets, plan.image_hw + (plan.in_channels,),
-                                      (1, lat.batch_size), threads, log=logging.info)
+                                      (1, lat.batch_size), threads, opts.pad_channels,
+                                      log=logging.info)
   result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed,
                    others=others)
   result.update(init=lat.init, threads=threads, runtime_versions=runtimes_lib.versions(),
-                runtime_threads=runtimes_lib.THREADS)
+                runtime_threads=runtimes_lib.THREADS,
+                runtime_export_options=dict(export.RUNTIME_OPTS.__dict__,
+                                            pad_channels=opts.pad_channels))
   if jax.process_index() == 0:
     out = os.path.join(workdir, "latency")
     os.makedirs(out, exist_ok=True)

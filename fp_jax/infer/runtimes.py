@@ -112,14 +112,16 @@ def versions():
                                      "tf2onnx", "onnx")}
 
 
-def build(nets, image_shape, batch_sizes, threads, log=print):
-  """Exports every net {name: infer.networks.Net} to LiteRT and ONNX at every batch size.
-  Returns ({(name, runtime): runner}, {f'{name}.tflite' / f'{name}.onnx': batch-1 model
-  bytes})."""
+def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print):
+  """Exports every net {name: infer.networks.Net} to LiteRT and ONNX at every batch size
+  (export.RUNTIME_OPTS, channels padded to a multiple of pad_channels). Returns
+  ({(name, runtime): runner}, {f'{name}.tflite' / f'{name}.onnx': batch-1 model bytes})."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import export  # pylint: disable=g-import-not-at-top
+  opts = dataclasses.replace(export.RUNTIME_OPTS, pad_channels=pad_channels)
   runners, files = {}, {}
   for name, net in nets.items():
-    fn = export.network_fn(net.plan, net.arc, net.params, net.stats)
+    fn = export.network_fn(net.plan, net.arc, net.params, net.stats, opts)
     tfl, onx = {}, {}
     for b in sorted(set(batch_sizes) | {1}):
       tfl[b], onx[b] = export.export_runtimes(None, name, fn, (b,) + tuple(image_shape))
