@@ -102,3 +102,11 @@ def test_use_cores_range():
   assert runtimes.use_cores(0) == n
   with pytest.raises(ValueError, match=f"threads={n + 1}: must be in 0..{n}"):
     runtimes.use_cores(n + 1)
+
+
+def test_missing_runtime_is_a_run_error(monkeypatch):
+  """A runtime that is not installed stops the run with one clear error (no skipping)."""
+  from fp_jax import errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+  with pytest.raises(errors.RunError, match="onnxruntime is not installed"):
+    runtimes.OnnxRuntime({1: b""}, threads=1)

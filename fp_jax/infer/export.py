@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp_jax import errors
 from fp_jax.infer import fused
 
 
@@ -132,7 +133,11 @@ def to_tflite(fn, input_shape):
 def tflite_to_onnx(tflite, opset=17):
   """ONNX model (bytes) of a TFLite flatbuffer with one input and one output, renamed
   'images' and 'logits'. Imports tf2onnx (and TensorFlow)."""
-  import tf2onnx  # pylint: disable=g-import-not-at-top
+  try:
+    import tf2onnx  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.RunError("export: tf2onnx is not installed (pip install -r "
+                          f"requirements.txt): {e}") from e
 
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "model.tflite")

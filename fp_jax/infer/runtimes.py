@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from fp_jax import errors
+
 RUNTIMES = ("onnxruntime", "litert")
 ALL = ("perop", "fused") + RUNTIMES
 LABELS = {"perop": "fp_jax per-op", "fused": "fp_jax fused", "onnxruntime": "ONNX Runtime",
@@ -56,10 +58,12 @@ def use_cores(threads):
 
 
 def _need(module, package):
+  """The module, or errors.RunError (main prints one `error:` line) if it is missing."""
   try:
     return __import__(module, fromlist=["_"])
   except ImportError as e:
-    raise ImportError(f"{package} is not installed (pip install -r requirements.txt): {e}") from e
+    raise errors.RunError(f"latency: {package} is not installed, so its runtime cannot be "
+                          f"timed (pip install -r requirements.txt): {e}") from e
 
 
 def _by_batch(models, x):
