@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import os
 
 from fp_jax import space
 from fp_jax import supernet
@@ -184,6 +185,10 @@ def validate(config):
   _int(config, "latency.warmup", 0)
   _int(config, "latency.pad_channels", 1, 64)
   _choice(config, "latency.dots", LATENCY_DOTS)
+  cores = len(os.sched_getaffinity(0))
+  if _int(config, "latency.threads", 0) > cores:
+    raise ConfigError(f"latency.threads={config.latency.threads}: must be an integer in "
+                      f"0..{cores} (0: all {cores} usable cores)")
   if not isinstance(_get(config, "latency.im2col"), bool):
     raise ConfigError(f"latency.im2col={config.latency.im2col!r}: must be True or False")
   arc = _get(config, "final.arc")

@@ -66,6 +66,35 @@ def table_rows(final, compress):
   return rows
 
 
+def latency_rows(latency):
+  """summary.md lines of latency/latency.json: batch-1 mean ms per image of every runtime
+  timed (per-op and fused; ONNX Runtime and LiteRT when latency.json has `runtimes`)."""
+  n, rts = latency["network"], latency.get("runtimes")
+  if not rts:
+    return ["## Latency (batch 1, ms per image)", "", "| network | per-op | fused |", "|---|---|---|",
+            f"| unpruned | {n['baseline_perop_ms']:.3f} | {n['baseline_fused_ms']:.3f} |",
+            f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
+            f"On {latency['device']}; details in latency/latency.md.", ""]
+  names = [r for r in ("perop", "fused", "onnxruntime", "litert") if r in rts]
+  labels = {"perop": "per-op", "fused": "fused", "onnxruntime": "ONNX Runtime",
+            "litert": "LiteRT"}
+  lines = ["## Latency (batch 1, ms per image, mean / median)", "",
+           "| network | " + " | ".join(labels[r] for r in names) + " |",
+           "|---|" + "---|" * len(names)]
+  for net, label in (("baseline", "unpruned"), ("pruned", "pruned")):
+    lines.append(f"| {label} | " + " | ".join(
+        f"{rts[r][net]['mean_ms']:.3f} / {rts[r][net]['median_ms']:.3f}" for r in names) + " |")
+  ratio = lambda r, net: rts[r][net]["median_ms"] / rts["fused"][net]["median_ms"]
+  lines += ["", "Median over fused: " + "; ".join(
+      f"{labels[r]} {ratio(r, 'baseline'):.2f}x unpruned, {ratio(r, 'pruned'):.2f}x pruned"
+      for r in names if r != "fused") + f". Interleaved on the same images, "
+      f"{latency.get('threads', '?')} thread(s), on {latency['device']}; largest |logit| "
+      f"{latency.get('max_abs_logit', float('nan')):.3g}, max |fused - per-op| "
+      f"{latency['max_abs_diff']:.2e}; details in latency/latency.md.", "",
+      "![latency/runtimes.png](latency/runtimes.png)", ""]
+  return lines
+
+
 def sample_costs(config, samples):
   """Multiply-adds of each sampled (arc, ratios) at the search size, masked."""
   shape, classes = profile.KNOWN_SHAPES.get(config["data"]["name"], (None, None))
@@ -155,12 +184,7 @@ def write(workdir):
                 f"fewer; masked vs compact logits max abs diff "
                 f"{compress['max_abs_diff_masked_vs_compact']:.2e}.", ""]
   if latency:
-    n = latency["network"]
-    lines += ["## Latency (batch 1, ms per image)", "", "| network | per-op | fused |",
-              "|---|---|---|",
-              f"| unpruned | {n['baseline_perop_ms']:.3f} | {n['baseline_fused_ms']:.3f} |",
-              f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
-              f"On {latency['device']}; details in latency/latency.md.", ""]
+    lines += latency_rows(latency)
   plots = _plots(workdir, config, samples, metrics, arch)
   if plots:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

@@ -84,3 +84,26 @@ def test_summary_rows_of_older_and_scratch_results():
       ("masked, ratios 0.5 0.5 0.5 0.5 0.5, stale BN statistics, no fine-tuning", 89.1, 2e6,
        1e5),
       ("compact, retrained from scratch (7 epochs)", 2.8, 2e6, 1e5)]
+
+
+def test_summary_latency_runtimes(tmp_path):
+  """summary.md's latency rows: every runtime's batch-1 mean / median and its median over
+  fused, from latency.json's `runtimes` section."""
+  (tmp_path / "latency").mkdir()
+  entry = lambda mean, med: dict(mean_ms=mean, median_ms=med, p10_ms=med, p90_ms=med,
+                                 images_per_s=100.0, max_abs_diff_vs_fused=0.0)
+  rts = {"perop": {"baseline": entry(30.0, 29.0), "pruned": entry(12.0, 11.0)},
+         "fused": {"baseline": entry(8.0, 7.5), "pruned": entry(3.0, 2.5)},
+         "onnxruntime": {"baseline": entry(10.0, 9.0), "pruned": entry(4.0, 3.75)},
+         "litert": {"baseline": entry(9.0, 8.25), "pruned": entry(3.5, 3.0)}}
+  (tmp_path / "latency" / "latency.json").write_text(json.dumps(dict(
+      device="cpu: test", threads=1, max_abs_logit=4.0, max_abs_diff=1e-6,
+      network=dict(baseline_perop_ms=30.0, baseline_fused_ms=8.0, pruned_perop_ms=12.0,
+                   pruned_fused_ms=3.0), runtimes=rts)))
+  text = summary.write(str(tmp_path))
+  assert "| network | per-op | fused | ONNX Runtime | LiteRT |" in text
+  assert "| unpruned | 30.000 / 29.000 | 8.000 / 7.500 | 10.000 / 9.000 | 9.000 / 8.250 |" in text
+  assert "| pruned | 12.000 / 11.000 | 3.000 / 2.500 | 4.000 / 3.750 | 3.500 / 3.000 |" in text
+  assert "ONNX Runtime 1.20x unpruned, 1.50x pruned" in text
+  assert "LiteRT 1.10x unpruned, 1.20x pruned" in text
+  assert "1 thread(s)" in text and "![latency/runtimes.png](latency/runtimes.png)" in text
