@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numbers
-import re
 import os
+import re
 
 from fp_jax import space
 from fp_jax import supernet

@@ -82,27 +82,29 @@ def test_masked_network_statistics_equal_a_hand_computation():
   batches = [rng.normal(0.0, 1.0, (16, 8, 8, 1)).astype(np.float32) for _ in range(3)]
   out = bn_reestimate.reestimate(compress.train_mode_stats(plan, ARC), masked, stats, batches)
   p = jax.device_get(masked)
-  w_stem = p["stem"]["conv"]
+  blocks, new = p["blocks"], out["blocks"]
+  w_stem = blocks["stem"]["conv"]
   pre_stem = [np.asarray(jax.lax.conv_general_dilated(
       b, w_stem, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), np.float64)
               for b in batches]
   stem_all = np.concatenate(pre_stem)
-  got = out["stem"]["bn"]
+  got = new["stem"]["bn"]
   np.testing.assert_allclose(got["mean"], stem_all.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got["var"], stem_all.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
-  pruned = np.asarray(masks["stem"]) == 0
+  pruned = np.asarray(compaction.value_mask(plan, masks, plan.stem)) == 0
   assert pruned.any() and not pruned.all()
   assert np.all(np.asarray(got["mean"])[pruned] == 0) and np.all(np.asarray(got["var"])[pruned] == 0)
 
-  cal = p["calib"][0][0]            # cell 0 is a reduction cell: factorized reduce, stride 2
-  w1, w2 = (np.asarray(cal[k], np.float64)[0, 0] for k in ("conv1", "conv2"))
+  # cell 0 is a reduction cell; ENAS calibrates h(i-2) (the stem, 3F != 2F channels) with
+  # ReLU-1x1-BN at the input resolution
+  cal = blocks["cells/0/calib_x"]
+  w1 = np.asarray(cal["conv"], np.float64)[0, 0]
   pre_cal = []
   for a in pre_stem:                # train mode: each global batch normalised by itself
-    r = np.maximum(_bn_eval(a, p["stem"]["bn"], a.mean((0, 1, 2)), a.var((0, 1, 2))), 0.0)
-    shifted = np.pad(r, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:]
-    pre_cal.append(np.concatenate([r[:, ::2, ::2] @ w1, shifted[:, ::2, ::2] @ w2], -1))
+    r = np.maximum(_bn_eval(a, blocks["stem"]["bn"], a.mean((0, 1, 2)), a.var((0, 1, 2))), 0.0)
+    pre_cal.append(r @ w1)
   cal_all = np.concatenate(pre_cal)
-  got = out["calib"][0][0]["bn"]
+  got = new["cells/0/calib_x"]["bn"]
   np.testing.assert_allclose(got["mean"], cal_all.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(got["var"], cal_all.var((0, 1, 2)), rtol=1e-4, atol=1e-6)
   # untouched by the pass (no aux head): the old statistics
@@ -111,12 +113,13 @@ def test_masked_network_statistics_equal_a_hand_computation():
 
   # eval mode with the new statistics: masked channels output exactly zero ...
   x = jnp.asarray(batches[0])
-  y_stem, _ = layers.relu_conv_bn(masked["stem"], out["stem"], x, False, relu=False)
+  y_stem, _ = layers.relu_conv_bn(masked["blocks"]["stem"], new["stem"], x, False, relu=False)
   assert np.all(np.asarray(y_stem)[..., pruned] == 0.0)
   assert np.all(np.abs(np.asarray(y_stem)[..., ~pruned]).max((0, 1, 2)) > 0)
-  cell_pruned = np.asarray(masks["cells"][0]["cell"]) == 0
-  y_cal, _ = layers.factorized_reduce(masked["calib"][0][0], out["calib"][0][0], y_stem, 2,
-                                      False)
+  calib = [j for j, n in enumerate(plan.nodes) if n.name == "cells/0/calib_x"][0]
+  cell_pruned = np.asarray(compaction.value_mask(plan, masks, calib)) == 0
+  y_cal, _ = layers.relu_conv_bn(masked["blocks"]["cells/0/calib_x"], new["cells/0/calib_x"],
+                                 y_stem, False)
   assert cell_pruned.any() and np.all(np.asarray(y_cal)[..., cell_pruned] == 0.0)
   # ... so removing them changes no logit
   _, cp, cs = compaction.compact(plan, ARC, p, jax.device_get(out), masks)
