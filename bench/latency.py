@@ -1,21 +1,26 @@
-"""Inference latency: per-op graph vs fused XLA, unpruned vs ~60% fewer multiply-adds.
+"""Inference latency: per-op graph vs fused XLA vs ONNX Runtime vs LiteRT, unpruned vs pruned.
 
   python -m bench.latency [--num_layers 15 --out_filters 36 --image 32 --images 300
                            --batch 64 --warmup 20 --target 0.6 --cpus 1]
 
 The published ENAS architecture (space.ENAS_ARC) at final-training size,
-random weights and random BN statistics (networks.random_init), compacted with
-one ratio for all 5 stages, chosen (flops.count of the compaction widths) so
-multiply-adds fall by about --target. Runs fp_jax.infer.latency.measure (batch-1
-latency per image, the 4 variants interleaved; throughput at --batch; stem and
-first-cell breakdown; memory; matmul peak) with the fused options given (default:
-im2col stem, channels padded to 8, XLA's own dots), then times the pruned fused
-network with each option switched back (the ablation table).
+random weights (networks.random_init) with BN statistics estimated on random
+images (networks.estimate_bn), compacted with one ratio for all 5 stages, chosen
+(flops.count of the compaction widths) so multiply-adds fall by about --target,
+and the compact network's BN statistics estimated again. Both networks are
+exported to LiteRT and ONNX (fp_jax.infer.export; --no_runtimes skips them).
+Runs fp_jax.infer.latency.measure (batch-1 latency per image, the variants --
+per-op, fused, ONNX Runtime, LiteRT for both networks -- interleaved on the same
+images; throughput at --batch; stem and first-cell breakdown; memory; matmul
+peak) with the fused options given (default: im2col stem, channels padded to 8,
+XLA's own dots), then times the pruned fused network with each option switched
+back (the ablation table).
 Targets (reported, not asserted): pruned fused >= 2x pruned per-op, >= 4x
 unpruned per-op, and <= 3x the multiply-add floor 2 * macs / fp32 matmul peak.
 
 --cpus N pins the process to N cores before JAX starts (its intra-op thread pool
-follows); --xla_flags adds XLA flags. Writes bench/results/latency.json.
+follows) and gives ONNX Runtime and LiteRT N threads (0: all usable cores);
+--xla_flags adds XLA flags. Writes bench/results/latency.json.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ def parse():
   p.add_argument("--dots", default="auto", help="XLA:CPU GEMMs: auto | xla | ynn")
   p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--no_runtimes", action="store_true", help="skip ONNX Runtime and LiteRT")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="", help="JSON path (default bench/results/latency.json)")
   return p.parse_args()
@@ -61,7 +67,7 @@ def main():
 
   from bench import common  # pylint: disable=g-import-not-at-top
   from fp_jax import child, flops, space  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import fused, latency, networks  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency, networks, runtimes  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, args.num_layers, args.out_filters, (args.image, args.image, 3),
@@ -81,16 +87,26 @@ def main():
   grid = np.round(np.arange(0.0, 0.91, 0.01), 2)
   ratio = float(grid[np.argmin([abs(reduction(r) - args.target) for r in grid])])
   common.log(f"ratio {ratio} for all stages: {100 * reduction(ratio):.1f}% fewer multiply-adds")
+  t0 = time.perf_counter()
   params, stats = networks.random_init(plan, arc, args.seed)
+  stats = networks.estimate_bn(plan, arc, params, stats, args.seed)
   cp, cs = networks.prune(plan, arc, params, stats, (ratio,) * 5)
+  cs = networks.estimate_bn(plan, arc, cp, cs, args.seed + 1)
   nets = {"baseline": networks.Net(plan, arc, params, stats),
           "pruned": networks.Net(plan, arc, cp, cs)}
+  common.log(f"networks built, BN statistics estimated ({time.perf_counter() - t0:.0f} s)")
+  threads = len(runtimes.usable_cores())
+  others = {}
+  if not args.no_runtimes:
+    others, _ = runtimes.build(nets, (args.image, args.image, 3), (1, args.batch), threads,
+                               args.pad_channels, log=common.log)
 
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,
                        pad_channels=args.pad_channels, dots=args.dots)
   res = latency.measure(nets, args.images, args.batch, args.warmup, opts, depthwise=args.depthwise,
-                        seed=args.seed, check_child=True, log=common.log)
+                        seed=args.seed, check_child=True, log=common.log, others=others)
+  res["threads"] = threads
   # ablation of the fused path's options on the pruned network, interleaved image by image
   rng = np.random.default_rng(args.seed + 1)
   singles = [jax.numpy.asarray(rng.standard_normal((1, args.image, args.image, 3)), np.float32)
@@ -129,6 +145,8 @@ def main():
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "ratio_all_stages": ratio, "mac_reduction": res["mac_reduction"],
+            "threads": threads, "runtime_threads": runtimes.THREADS,
+            "runtime_versions": runtimes.versions() if others else {},
             "wall_s": time.perf_counter() - t0,
             "ablation_pruned_fused_ms": ablation_ms,
             "targets": targets, "latency": res,

@@ -80,6 +80,7 @@ def get_config():
   k.finetune_epochs = 20
   k.steps_per_epoch = 0
   k.batch_size = 144
+  k.bn_batches = 32                    # training batches re-estimating BN statistics after masking
   k.lr_max = 0.01
   k.lr_min = 0.0001
 
@@ -91,4 +92,5 @@ def get_config():
   t.im2col = True                      # fused kxk convs (the stem) as im2col + GEMM
   t.pad_channels = 8                   # fused path: channel groups zero-padded to a multiple
   t.dots = "auto"                      # fused/per-op GEMMs on CPU: auto = xla | ynn (YNNPACK)
+  t.threads = 0                        # cores for every runtime (0: all usable; see runtimes.py)
   return config

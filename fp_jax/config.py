@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+import re
 
 from fp_jax import space
 from fp_jax import supernet
@@ -77,20 +79,42 @@ def ratio_choices(config):
   return tuple(values)
 
 
+RATIOS_ALLOWED = ("5 numbers in [0, 1), one per stage (3 normal stages and 2 reduction "
+                  "cells), separated by spaces or commas, optionally in () or [], "
+                  "e.g. '0.5 0.3 0.5 0.3 0.5' or '(0.5,0.3,0.5,0.3,0.5)'")
+
+
+def _ratio_tokens(v):
+  """The items of a ratios value (str, tuple or list), or None when it has no such form."""
+  if isinstance(v, (tuple, list)):
+    return list(v)
+  if not isinstance(v, str):
+    return None
+  text = v.strip()
+  if text[:1] + text[-1:] in ("()", "[]"):
+    text = text[1:-1].strip()
+  tokens = re.split(r"\s*,\s*|\s+", text)
+  return None if "" in tokens else tokens
+
+
 def compress_ratios(config):
-  """compress.ratios as 5 floats in [0, 1), or None when empty (take search/arch.json)."""
+  """compress.ratios as 5 floats in [0, 1), or None when empty (take search/arch.json).
+
+  Accepts '0.5 0.3 0.5 0.3 0.5', '0.5,0.3,...', '(0.5, 0.3, ...)', '[...]' and a
+  tuple or list of numbers; anything else is a ConfigError.
+  """
   v = _get(config, "compress.ratios")
-  if isinstance(v, str):
-    if not v.strip():
-      return None
-    v = v.replace(",", " ").split()
-  try:
-    values = [float(x) for x in v]
-  except (TypeError, ValueError):
-    values = None
+  if isinstance(v, str) and not v.strip():
+    return None
+  values = None
+  tokens = _ratio_tokens(v)
+  if tokens is not None and not any(isinstance(t, bool) for t in tokens):
+    try:
+      values = [float(t) for t in tokens]
+    except (TypeError, ValueError):
+      values = None
   if values is None or len(values) != 5 or any(not 0.0 <= x < 1.0 for x in values):
-    raise ConfigError(f"compress.ratios={v!r}: must be 5 numbers in [0, 1) (one per stage: "
-                      "3 normal stages and 2 reduction cells), e.g. '0.5 0.5 0.5 0.5 0.5'")
+    raise ConfigError(f"compress.ratios={v!r}: must be {RATIOS_ALLOWED}")
   return tuple(values)
 
 
@@ -152,6 +176,7 @@ def validate(config):
   _int(config, "compress.finetune_epochs", 0)
   _int(config, "compress.steps_per_epoch", 0)
   _int(config, "compress.batch_size", 1)
+  _int(config, "compress.bn_batches", 1)
   _float(config, "compress.lr_max", 0.0, lo_open=True)
   _float(config, "compress.lr_min", 0.0)
   _choice(config, "latency.init", LATENCY_INIT)
@@ -160,6 +185,10 @@ def validate(config):
   _int(config, "latency.warmup", 0)
   _int(config, "latency.pad_channels", 1, 64)
   _choice(config, "latency.dots", LATENCY_DOTS)
+  cores = len(os.sched_getaffinity(0))
+  if _int(config, "latency.threads", 0) > cores:
+    raise ConfigError(f"latency.threads={config.latency.threads}: must be an integer in "
+                      f"0..{cores} (0: all {cores} usable cores)")
   if not isinstance(_get(config, "latency.im2col"), bool):
     raise ConfigError(f"latency.im2col={config.latency.im2col!r}: must be True or False")
   arc = _get(config, "final.arc")

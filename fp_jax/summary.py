@@ -1,8 +1,9 @@
 """DIR/summary.md and DIR/plots/*.png, written from the run's own result files.
 
 The table follows the paper's (method, error %, multiply-adds M, params M):
-the unpruned final network, the same network masked with the chosen ratios,
-and the compact network after fine-tuning (or retraining). Params are those of
+the unpruned final network, the same network masked with the chosen ratios
+(stale BN statistics, and BN statistics re-estimated; no training), and the
+compact network after fine-tuning (or retraining). Params are those of
 the inference network (the aux head is training-only). Plots:
 
   plots/search_samples.png  validation accuracy (masked) vs multiply-adds of every
@@ -31,20 +32,67 @@ def _pct(v):
   return f"{v:.2f}" if v is not None else "-"
 
 
+def ratios_text(ratios):
+  """Per-stage ratios as the choices they are: [0.20000000298023224, 0.7, 0, ...] -> '0.2 0.7 0'."""
+  return " ".join(f"{float(r):g}" for r in ratios)
+
+
 def table_rows(final, compress):
-  """[(method, error %, macs, params)] from final/result.json and compress/result.json."""
+  """[(method, error %, macs, params)] from final/result.json and compress/result.json.
+
+  Rows: the unpruned network; the masked network with no training, with the unpruned
+  network's (stale) BN statistics and with BN statistics re-estimated on training
+  batches (compress results older than re-estimation hold only the stale figure, as
+  test_error_masked); the compact network after fine-tuning or retraining.
+  """
   rows = []
   if final:
     rows.append(("final network (unpruned)", final["test_error"], final["macs"],
                  final["params_no_aux"]))
   if compress:
-    ratios = " ".join(f"{r:g}" for r in compress["ratios"])
-    rows.append((f"masked, ratios {ratios} (no fine-tuning)", compress["test_error_masked"],
-                 compress["pruned_macs"], compress["pruned_params_no_aux"]))
-    rows.append((f"compact, {compress['mode']} ({compress['finetune_epochs']} epochs)",
-                 compress["test_error_finetuned"], compress["pruned_macs"],
-                 compress["pruned_params_no_aux"]))
+    pruned = (compress["pruned_macs"], compress["pruned_params_no_aux"])
+    masked = f"masked, ratios {ratios_text(compress['ratios'])}"
+    if "test_error_masked_stale_bn" in compress:
+      rows.append((f"{masked}, stale BN statistics, no fine-tuning",
+                   compress["test_error_masked_stale_bn"], *pruned))
+      rows.append((f"{masked}, BN re-estimated ({compress['bn_batches']} batches), "
+                   "no fine-tuning", compress["test_error_masked"], *pruned))
+    else:
+      rows.append((f"{masked}, stale BN statistics, no fine-tuning",
+                   compress["test_error_masked"], *pruned))
+    how = "fine-tuned" if compress["mode"] == "finetune" else "retrained from scratch"
+    rows.append((f"compact, {how} ({compress['finetune_epochs']} epochs)",
+                 compress["test_error_finetuned"], *pruned))
   return rows
+
+
+def latency_rows(latency):
+  """summary.md lines of latency/latency.json: batch-1 mean ms per image of every runtime
+  timed (per-op and fused; ONNX Runtime and LiteRT when latency.json has `runtimes`)."""
+  n, rts = latency["network"], latency.get("runtimes")
+  if not rts:
+    return ["## Latency (batch 1, ms per image)", "", "| network | per-op | fused |", "|---|---|---|",
+            f"| unpruned | {n['baseline_perop_ms']:.3f} | {n['baseline_fused_ms']:.3f} |",
+            f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
+            f"On {latency['device']}; details in latency/latency.md.", ""]
+  names = [r for r in ("perop", "fused", "onnxruntime", "litert") if r in rts]
+  labels = {"perop": "per-op", "fused": "fused", "onnxruntime": "ONNX Runtime",
+            "litert": "LiteRT"}
+  lines = ["## Latency (batch 1, ms per image, mean / median)", "",
+           "| network | " + " | ".join(labels[r] for r in names) + " |",
+           "|---|" + "---|" * len(names)]
+  for net, label in (("baseline", "unpruned"), ("pruned", "pruned")):
+    lines.append(f"| {label} | " + " | ".join(
+        f"{rts[r][net]['mean_ms']:.3f} / {rts[r][net]['median_ms']:.3f}" for r in names) + " |")
+  ratio = lambda r, net: rts[r][net]["median_ms"] / rts["fused"][net]["median_ms"]
+  lines += ["", "Median over fused: " + "; ".join(
+      f"{labels[r]} {ratio(r, 'baseline'):.2f}x unpruned, {ratio(r, 'pruned'):.2f}x pruned"
+      for r in names if r != "fused") + f". Interleaved on the same images, "
+      f"{latency.get('threads', '?')} thread(s), on {latency['device']}; largest |logit| "
+      f"{latency.get('max_abs_logit', float('nan')):.3g}, max |fused - per-op| "
+      f"{latency['max_abs_diff']:.2e}; details in latency/latency.md.", "",
+      "![latency/runtimes.png](latency/runtimes.png)", ""]
+  return lines
 
 
 def sample_costs(config, samples):
@@ -120,7 +168,7 @@ def write(workdir):
               f"b={s['beta']:g}", ""]
   if arch:
     lines += ["## Search", "", f"- chosen arc: `{arch['arc_string']}`",
-              f"- ratios per stage: {arch['ratios']}",
+              f"- ratios per stage: {ratios_text(arch['ratios'])}",
               f"- reward {arch['reward']:.4f}, TrainAcc {arch['train_acc']:.4f}, "
               f"PruneAcc {arch['prune_acc']:.4f}", "", "```",
               space.render_arc(np.asarray(arch["normal"] + arch["reduce"])), "```", ""]
@@ -136,12 +184,7 @@ def write(workdir):
                 f"fewer; masked vs compact logits max abs diff "
                 f"{compress['max_abs_diff_masked_vs_compact']:.2e}.", ""]
   if latency:
-    n = latency["network"]
-    lines += ["## Latency (batch 1, ms per image)", "", "| network | per-op | fused |",
-              "|---|---|---|",
-              f"| unpruned | {n['baseline_perop_ms']:.3f} | {n['baseline_fused_ms']:.3f} |",
-              f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
-              f"On {latency['device']}; details in latency/latency.md.", ""]
+    lines += latency_rows(latency)
   plots = _plots(workdir, config, samples, metrics, arch)
   if plots:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

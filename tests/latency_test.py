@@ -22,6 +22,7 @@ def _run(*args, timeout=300):
 def test_latency_stage_random(tmp_path):
   proc = _run(SMOKE, f"--workdir={tmp_path}", "--config.stages=latency",
               "--config.latency.init=random", f"--config.final.arc={space.ENAS_ARC}",
+              "--config.latency.threads=1",
               "--config.compress.ratios=0.5 0.5 0.5 0.5 0.5", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "latency" / "latency.json") as f:
@@ -48,6 +49,22 @@ def test_latency_stage_random(tmp_path):
   assert "| baseline |" in md and "layer_0" in md and "stem_conv" in md
   assert (tmp_path / "latency" / "pruned_fused.stablehlo").stat().st_size > 0
   assert "latency: per image baseline per-op" in proc.stdout
+  # every runtime timed side by side, its logits equal to fused (random BN estimated: O(1))
+  assert r["threads"] == 1 and set(r["runtime_threads"]) == {"perop", "fused", "onnxruntime",
+                                                              "litert"}
+  assert 0.01 < r["max_abs_logit"] < 100, r["max_abs_logit"]
+  assert set(r["runtimes"]) == {"perop", "fused", "onnxruntime", "litert"}
+  for rt, by_net in r["runtimes"].items():
+    assert set(by_net) == {"baseline", "pruned"}, rt
+    for net, v in by_net.items():
+      assert v["mean_ms"] > 0 and v["median_ms"] > 0 and v["images_per_s"] > 0, (rt, net)
+      assert v["max_abs_diff_vs_fused"] <= 1e-5 * r["max_abs_logit"], (rt, net, v)
+  assert r["runtimes"]["fused"]["pruned"]["median_ms"] == r["network_detail"][
+      "pruned_fused"]["median_ms"]
+  for name in ("baseline.onnx", "pruned.onnx", "baseline.tflite", "pruned.tflite",
+               "runtimes.png"):
+    assert (tmp_path / "latency" / name).stat().st_size > 0, name
+  assert "| ONNX Runtime |" in md and "| LiteRT |" in md
 
 
 def test_missing_weights_error(tmp_path):
@@ -88,16 +105,20 @@ def test_trained_networks_load(tmp_path):
 
 
 def test_latency_option_errors():
-  """latency.pad_channels and latency.dots are checked with one-line messages."""
+  """latency.pad_channels, latency.dots and latency.threads are checked with one-line
+  messages."""
   import importlib.util
   import pytest
   from fp_jax import config as config_lib
   spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "configs", "smoke.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
+  cores = len(os.sched_getaffinity(0))
   for field, value, needle in (
       ("pad_channels", 0, "latency.pad_channels=0: must be an integer in 1..64"),
-      ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn")):
+      ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn"),
+      ("threads", -1, "latency.threads=-1: must be an integer >= 0"),
+      ("threads", cores + 1, f"latency.threads={cores + 1}: must be an integer in 0..{cores}")):
     config = mod.get_config()
     config.latency[field] = value
     with pytest.raises(config_lib.ConfigError) as e:

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 
 from fp_jax import child
+from fp_jax import config as config_lib
 from fp_jax import flops
 from fp_jax import space
 
@@ -122,3 +124,45 @@ def test_unwritable_workdir(tmp_path):
                           f"--config.final.arc={space.ENAS_ARC}"))
   assert line.startswith(f"error: --workdir={blocker / 'sub'}: not writable")
   assert blocker.read_text() == "not a directory"
+
+
+RATIO_FORMS = ["0.5 0.3 0.5 0.3 0.5", "0.5,0.3,0.5,0.3,0.5", "(0.5,0.3,0.5,0.3,0.5)",
+               "( 0.5, 0.3, 0.5, 0.3, 0.5 )", "[0.5, 0.3, 0.5, 0.3, 0.5]"]
+
+
+@pytest.mark.parametrize("text", RATIO_FORMS)
+def test_compress_ratios_forms_on_the_command_line(tmp_path, text):
+  """absl / ml_collections hand the string field over verbatim (brackets and commas
+  included); every form is accepted and records the string as given."""
+  proc = _run(SMOKE, f"--workdir={tmp_path}", "--config.stages=profile",
+              f"--config.final.arc={space.ENAS_ARC}", f"--config.compress.ratios={text}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["compress"]["ratios"] == text
+
+
+@pytest.mark.parametrize("text", RATIO_FORMS)
+def test_compress_ratios_parse(text):
+  from configs import smoke
+  config = smoke.get_config()
+  config.compress.ratios = text
+  assert config_lib.compress_ratios(config) == (0.5, 0.3, 0.5, 0.3, 0.5)
+
+
+@pytest.mark.parametrize("value", [(0.5, 0.3, 0.5, 0.3, 0.5), [0.5, 0.3, 0.5, 0.3, 0.5]])
+def test_compress_ratios_as_a_tuple_or_list(value):
+  config = ml_collections.ConfigDict({"compress": {"ratios": value}})
+  assert config_lib.compress_ratios(config) == (0.5, 0.3, 0.5, 0.3, 0.5)
+  config = ml_collections.ConfigDict({"compress": {"ratios": value[:4]}})
+  with pytest.raises(config_lib.ConfigError, match=r"compress\.ratios=.*must be 5 numbers"):
+    config_lib.compress_ratios(config)
+
+
+@pytest.mark.parametrize("text", ["0.5 0.3", "(0.5,0.3,0.5,0.3,0.5]", "0.5;0.3;0.5;0.3;0.5",
+                                  "0.5,,0.3,0.5,0.3", "0.5 0.3 0.5 0.3 1.0", "a b c d e"])
+def test_bad_compress_ratios_is_one_error_line(tmp_path, text):
+  line = _error_line(_run(SMOKE, f"--workdir={tmp_path}", "--config.stages=profile",
+                          f"--config.compress.ratios={text}"))
+  assert line.startswith(f"error: compress.ratios={text!r}: must be 5 numbers in [0, 1)")
+  assert "spaces or commas, optionally in () or []" in line
+  assert os.listdir(tmp_path) == []

@@ -26,7 +26,8 @@ def _workdir(tmp_path):
   normal, reduce = space.split(np.asarray(chosen["arc"]))
   (tmp_path / "search" / "arch.json").write_text(json.dumps(dict(
       normal=normal.tolist(), reduce=reduce.tolist(),
-      arc_string=space.arc_to_string(chosen["arc"]), ratios=chosen["ratios"], train_acc=0.5,
+      arc_string=space.arc_to_string(chosen["arc"]),
+      ratios=[float(np.float32(r)) for r in (0.2, 0.7, 0, 0, 0)], train_acc=0.5,
       prune_acc=0.43, reward=0.3)))
   return samples
 
@@ -49,17 +50,60 @@ def test_summary_table_and_plots(tmp_path):
   (tmp_path / "final" / "result.json").write_text(json.dumps(dict(
       test_error=3.5, test_acc=0.965, macs=751_000_000, params=5_000_000,
       params_no_aux=4_600_000, epochs=630)))
-  (tmp_path / "compress" / "result.json").write_text(json.dumps(dict(
-      ratios=[0.6] * 5, mode="finetune", finetune_epochs=20, macs=751_000_000,
-      params=5_000_000, params_no_aux=4_600_000, pruned_macs=306_000_000,
-      pruned_params=2_100_000, pruned_params_no_aux=1_700_000, test_error_masked=40.0,
-      test_error_finetuned=3.85, max_abs_diff_masked_vs_compact=1e-6)))
+  compress = dict(
+      ratios=[float(np.float32(0.6))] * 4 + [0.3], mode="finetune", finetune_epochs=20,
+      macs=751_000_000, params=5_000_000, params_no_aux=4_600_000, pruned_macs=306_000_000,
+      pruned_params=2_100_000, pruned_params_no_aux=1_700_000, bn_batches=32,
+      test_error_masked=40.0, test_error_masked_stale_bn=88.5, test_error_finetuned=3.85,
+      max_abs_diff_masked_vs_compact=1e-6)
+  (tmp_path / "compress" / "result.json").write_text(json.dumps(compress))
   text = summary.write(str(tmp_path))
   assert text == (tmp_path / "summary.md").read_text()
-  assert "| final network (unpruned) | 3.50 | 751.000 | 4.600 |" in text
-  assert "| compact, finetune (20 epochs) | 3.85 | 306.000 | 1.700 |" in text
+  assert "- ratios per stage: 0.2 0.7 0 0 0\n" in text     # arch.json holds float32 values
+  table = [l for l in text.splitlines() if l.startswith("| ")][1:]
+  assert table == [
+      "| final network (unpruned) | 3.50 | 751.000 | 4.600 |",
+      "| masked, ratios 0.6 0.6 0.6 0.6 0.3, stale BN statistics, no fine-tuning | 88.50 | "
+      "306.000 | 1.700 |",
+      "| masked, ratios 0.6 0.6 0.6 0.6 0.3, BN re-estimated (32 batches), no fine-tuning | "
+      "40.00 | 306.000 | 1.700 |",
+      "| compact, fine-tuned (20 epochs) | 3.85 | 306.000 | 1.700 |"]
   assert "Multiply-adds 59.3% fewer, params 63.0% fewer" in text
   for name in ("search_samples.png", "search_curves.png"):
     png = (tmp_path / "plots" / name).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert f"![plots/{name}](plots/{name})" in text
+
+
+def test_summary_rows_of_older_and_scratch_results():
+  """A compress result from before BN re-estimation holds only the stale figure (as
+  test_error_masked); scratch mode says it retrained."""
+  old = dict(ratios=[0.5] * 5, mode="scratch", finetune_epochs=7, pruned_macs=2e6,
+             pruned_params_no_aux=1e5, test_error_masked=89.1, test_error_finetuned=2.8)
+  assert summary.table_rows(None, old) == [
+      ("masked, ratios 0.5 0.5 0.5 0.5 0.5, stale BN statistics, no fine-tuning", 89.1, 2e6,
+       1e5),
+      ("compact, retrained from scratch (7 epochs)", 2.8, 2e6, 1e5)]
+
+
+def test_summary_latency_runtimes(tmp_path):
+  """summary.md's latency rows: every runtime's batch-1 mean / median and its median over
+  fused, from latency.json's `runtimes` section."""
+  (tmp_path / "latency").mkdir()
+  entry = lambda mean, med: dict(mean_ms=mean, median_ms=med, p10_ms=med, p90_ms=med,
+                                 images_per_s=100.0, max_abs_diff_vs_fused=0.0)
+  rts = {"perop": {"baseline": entry(30.0, 29.0), "pruned": entry(12.0, 11.0)},
+         "fused": {"baseline": entry(8.0, 7.5), "pruned": entry(3.0, 2.5)},
+         "onnxruntime": {"baseline": entry(10.0, 9.0), "pruned": entry(4.0, 3.75)},
+         "litert": {"baseline": entry(9.0, 8.25), "pruned": entry(3.5, 3.0)}}
+  (tmp_path / "latency" / "latency.json").write_text(json.dumps(dict(
+      device="cpu: test", threads=1, max_abs_logit=4.0, max_abs_diff=1e-6,
+      network=dict(baseline_perop_ms=30.0, baseline_fused_ms=8.0, pruned_perop_ms=12.0,
+                   pruned_fused_ms=3.0), runtimes=rts)))
+  text = summary.write(str(tmp_path))
+  assert "| network | per-op | fused | ONNX Runtime | LiteRT |" in text
+  assert "| unpruned | 30.000 / 29.000 | 8.000 / 7.500 | 10.000 / 9.000 | 9.000 / 8.250 |" in text
+  assert "| pruned | 12.000 / 11.000 | 3.000 / 2.500 | 4.000 / 3.750 | 3.500 / 3.000 |" in text
+  assert "ONNX Runtime 1.20x unpruned, 1.50x pruned" in text
+  assert "LiteRT 1.10x unpruned, 1.20x pruned" in text
+  assert "1 thread(s)" in text and "![latency/runtimes.png](latency/runtimes.png)" in text

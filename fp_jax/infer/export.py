@@ -1,28 +1,69 @@
-"""Export of the fused (BN-folded) network: serialized StableHLO and a TF SavedModel.
+"""Export of the fused (BN-folded) network: StableHLO, TF SavedModel, LiteRT and ONNX.
 
 The folded weights are baked into the exported computation as constants, so
-the artifact needs only an image batch x [B,H,W,C] (B symbolic unless a batch
-is given) and returns logits [B,classes] equal to fused.forward's.
+the artifact needs only an image batch x [B,H,W,C] (f32, normalised as the
+program feeds its networks; B symbolic unless a batch is given) and returns
+logits [B,classes] equal to fused.forward's.
 
   export_stablehlo(path, plan, arc, params, stats, image_shape)  -> jax.export.Exported
   load_stablehlo(path)                                           -> fn(x) -> logits
   export_savedmodel(directory, plan, arc, params, stats, image_shape)  (jax2tf, TensorFlow)
   load_savedmodel(directory)                                     -> fn(x) -> logits (numpy)
+  network_fn(plan, arc, params, stats, opts=RUNTIME_OPTS)        -> jax fn(x) -> logits
+  to_tflite(fn, input_shape)     -> LiteRT flatbuffer bytes (fixed shape, float32)
+  tflite_to_onnx(tflite_bytes)   -> ONNX model bytes (input 'images', output 'logits')
+
+LiteRT and ONNX take any jax callable images -> logits (the fused executor's
+weights closed over), so they do not depend on how the cells are built. The
+path: jax2tf (native serialization: the TF graph is one XlaCallModule op
+holding the StableHLO) -> TensorFlow's TFLite converter, which legalizes the
+StableHLO to builtin TFLite ops (the path ai-edge-torch uses; TF 2.21 keeps the
+converter, only tf.lite's interpreter is deprecated) -> tf2onnx's TFLite
+reader (tf2onnx 1.17 installs with TF 2.21, numpy 2.4 and protobuf 7, and its
+TFLite front end maps the legalized builtins one to one onto ONNX ops). The
+alternatives do not fit: tf2onnx cannot read XlaCallModule, and jax 0.10's
+jax2tf has no non-native (TF-op) serialization left; jax2onnx >= 0.14 pins
+orbax-checkpoint < 0.11.37 (this project pins 0.12.8) and drags in
+huggingface_hub, equinox and dm_pix. Shapes are static (the TFLite converter
+does not legalize the shape arithmetic of a symbolic batch), so a model serves
+one batch size; export one per batch.
+
+RUNTIME_OPTS is the graph handed to the other runtimes: depthwise convolutions
+as grouped convolutions (DEPTHWISE_CONV_2D / ONNX Conv with group=C rather than
+fp_jax's 9 or 25 shifted multiply-adds on CPU), the stem as a plain conv, and
+channel groups zero-padded to a multiple of 8 as the fused path pads them
+(latency.pad_channels): ONNX Runtime's blocked (NCHWc) CPU convolutions need
+such widths, and pruned widths such as 22 or 43 made its pruned network 3x
+slower than the padded one (22.7 vs 7.8 ms, 15 layers / F 36 pruned 60%, 1
+core); LiteRT ran both alike (9.6 / 9.7 ms).
 """
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp_jax import errors
 from fp_jax.infer import fused
+
+
+RUNTIME_OPTS = fused.Options(im2col=False, depthwise="xla", pad_channels=8)
 
 
 def _fn(plan, arc, params, stats, opts):
   fp = fused.folded(plan, arc, params, stats, opts)
   return functools.partial(fused.forward, plan, np.asarray(arc), fp, opts=opts)
+
+
+def network_fn(plan, arc, params, stats, opts=RUNTIME_OPTS):
+  """fn(x [B,H,W,C] f32) -> logits [B,classes]: fused.forward with the folded weights
+  closed over (constants when traced)."""
+  return _fn(plan, arc, params, stats, opts)
 
 
 def _spec(image_shape, batch):
@@ -73,3 +114,56 @@ def load_savedmodel(directory):
 
   module = tf.saved_model.load(directory)
   return lambda x: module.logits(tf.constant(np.asarray(x, np.float32))).numpy()
+
+
+def to_tflite(fn, input_shape):
+  """LiteRT (TFLite) flatbuffer of fn: x [input_shape] f32 -> logits, float32, builtin
+  ops only (no TF fallback ops). Imports TensorFlow."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
+                      input_signature=[tf.TensorSpec(input_shape, tf.float32, name="images")])
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [tf_fn.get_concrete_function()], tf_fn)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  return converter.convert()
+
+
+def tflite_to_onnx(tflite, opset=17):
+  """ONNX model (bytes) of a TFLite flatbuffer with one input and one output, renamed
+  'images' and 'logits'. Imports tf2onnx (and TensorFlow)."""
+  try:
+    import tf2onnx  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.RunError("export: tf2onnx is not installed (pip install -r "
+                          f"requirements.txt): {e}") from e
+
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "model.tflite")
+    with open(path, "wb") as f:
+      f.write(tflite)
+    with warnings.catch_warnings():    # tf2onnx reads the model with tf.lite.Interpreter
+      warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+      model, _ = tf2onnx.convert.from_tflite(path, opset=opset)
+  graph = model.graph
+  if len(graph.input) != 1 or len(graph.output) != 1:
+    raise ValueError(f"expected one input and one output, got {len(graph.input)} and "
+                     f"{len(graph.output)}")
+  rename = {graph.input[0].name: "images", graph.output[0].name: "logits"}
+  for node in graph.node:
+    node.input[:] = [rename.get(n, n) for n in node.input]
+    node.output[:] = [rename.get(n, n) for n in node.output]
+  graph.input[0].name, graph.output[0].name = "images", "logits"
+  return model.SerializeToString()
+
+
+def export_runtimes(directory, name, fn, input_shape):
+  """LiteRT and ONNX models of fn for inputs of input_shape: (tflite bytes, onnx bytes);
+  written to DIR/{name}.tflite and DIR/{name}.onnx unless directory is None."""
+  tflite = to_tflite(fn, input_shape)
+  onnx = tflite_to_onnx(tflite)
+  for ext, data in (("tflite", tflite), ("onnx", onnx)) if directory is not None else ():
+    with open(os.path.join(directory, f"{name}.{ext}"), "wb") as f:
+      f.write(data)
+  return tflite, onnx

@@ -1,19 +1,26 @@
-"""The `latency` stage: per-op graph vs fused XLA inference, unpruned vs compact pruned.
+"""The `latency` stage: per-op graph vs fused XLA vs ONNX Runtime vs LiteRT, unpruned vs pruned.
 
 For the unpruned network (DIR/final/weights.npz) and the compact pruned one
-(DIR/compress/weights.npz), or random weights with `latency.init=random`:
+(DIR/compress/weights.npz), or random weights with `latency.init=random`
+(BN statistics estimated on random images, networks.estimate_bn):
 
+- the BN-folded networks exported to LiteRT and ONNX (export.py;
+  DIR/latency/{baseline,pruned}.{tflite,onnx}, batch 1), run by the LiteRT
+  interpreter and ONNX Runtime on `latency.threads` cores (runtimes.py says how
+  each runtime's threads are set);
 - batch-1 latency, mean (and median) over `latency.images` images after
-  `latency.warmup` warm-up calls, the four variants interleaved in blocks of
+  `latency.warmup` warm-up calls, all variants (2 networks x per-op, fused,
+  ONNX Runtime, LiteRT) interleaved on the same images in blocks of
   LATENCY_BLOCK images (the order rotating) so load from other processes hits
   all alike while each variant runs with warm caches;
-- throughput (images/s) at `latency.batch_size`;
+- throughput (images/s) at `latency.batch_size`, interleaved alike;
 - achieved GFLOP/s (2 x multiply-adds of flops.count / latency) beside this
   machine's fp32 matmul peak (a timed large jnp.dot), and the multiply-add
   floor 2 x macs / peak;
 - memory: the fused computation's arguments + outputs + temporaries
   (compiled.memory_analysis()); per-op: the max over its compiled calls;
-- max |fused - per-op| logits (and each vs child.forward).
+- max |fused - per-op| logits (and each vs child.forward, and each runtime's vs
+  fused) beside the largest |logit|.
 
 Breakdown (`stages`, for each network): the stem (per-op parts conv, bn; fused:
 one conv with BN folded) and `layer_0`, the first cell with its input
@@ -37,7 +44,8 @@ the wall time of the part-timed runs, so parts sum to it by construction (up
 to the timer), and synced_total - total is the cost of the waits (per-op) or
 of splitting the fused cell. Breakdown figures are means over the faster half
 of the repetitions (by their total). Only process 0 writes
-DIR/latency/latency.json, latency.md and pruned_fused.stablehlo.
+DIR/latency/latency.json, latency.md, runtimes.png, the models and
+pruned_fused.stablehlo.
 """
 from __future__ import annotations
 
@@ -59,9 +67,9 @@ from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import networks
 from fp_jax.infer import perop
+from fp_jax.infer.latency_report import CELL_PARTS, NETS, to_markdown  # to_markdown: re-export
+from fp_jax.infer import runtimes as runtimes_lib
 
-CELL_PARTS = ("calib_x", "calib_y", "layer_base", "ops_x", "ops_y", "combine")
-NETS = ("baseline", "pruned")
 LATENCY_BLOCK = 10       # consecutive images per variant before switching (warm caches)
 PATHS = ("perop", "fused")
 
@@ -168,14 +176,18 @@ def breakdown(po, fu, x, reps):
 
 
 def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="auto",
-            breakdown_reps=None, seed=0, peak_n=2048, check_child=False, log=logging.info):
+            breakdown_reps=None, seed=0, peak_n=2048, check_child=False, log=logging.info,
+            others=None):
   """Latency, throughput, breakdown and accuracy figures of nets {'baseline', 'pruned'}.
 
   images: number of batch-1 images; perop uses `depthwise` (fused.DEPTHWISE_IMPLS),
   fused uses `opts`; peak_n: size of the matmul timed for the peak; check_child:
-  also compare both with a jitted child.forward (one more compile per network).
-  Returns the latency.json dict.
+  also compare both with a jitted child.forward (one more compile per network);
+  others: {(net, runtime): fn(numpy x [B,H,W,C]) -> logits} (runtimes.build, for
+  batch 1 and batch_size), timed interleaved with the fp_jax executors on the
+  same images. Returns the latency.json dict.
   """
+  others = others or {}
   plan = nets["baseline"].plan
   rng = np.random.default_rng(seed)
   xs = rng.standard_normal((images,) + plan.image_hw + (plan.in_channels,)).astype(np.float32)
@@ -199,20 +211,25 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
     log(f"latency: {name} compiled (per-op {compile_s[f'{name}_perop']:.1f}s, "
         f"fused {compile_s[f'{name}_fused']:.1f}s)")
   variants = {f"{n}_{p}": ex[n, p] for n in NETS for p in PATHS}
+  rts = [r for r in runtimes_lib.RUNTIMES if any(k[1] == r for k in others)]
+  everything = dict(variants, **{f"{n}_{r}": f for (n, r), f in others.items()})
+  feeds = {k: singles if k in variants else [xs[i:i + 1] for i in range(images)]
+           for k in everything}        # the same images: jax arrays, or numpy for others
 
   for rep in range(warmup):
-    for fn in variants.values():
-      block(fn(singles[rep % images]))
-  lat = interleave({k: (lambda f: lambda i: timed(lambda: f(singles[i])))(f)
-                    for k, f in variants.items()}, images, block=LATENCY_BLOCK)
+    for k, fn in everything.items():
+      block(fn(feeds[k][rep % images]))
+  lat = interleave({k: (lambda f, x: lambda i: timed(lambda: f(x[i])))(f, feeds[k])
+                    for k, f in everything.items()}, images, block=LATENCY_BLOCK)
   log("latency: batch-1 latency timed over %d images" % images)
   for n in NETS:
     memory[f"{n}_perop_batch1"] = ex[n, "perop"].ops.memory_bytes()
     memory[f"{n}_fused_batch1"] = ex[n, "fused"].memory_bytes(singles[0])
 
   logits, diffs = {}, {}
-  for k, f in variants.items():
-    logits[k] = np.asarray(block(f(xb)))                     # compiles batch_size too
+  xb_np = np.asarray(xb)
+  for k, f in everything.items():
+    logits[k] = np.asarray(block(f(xb if k in variants else xb_np)))  # compiles batch_size too
   for n in NETS:
     net = nets[n]
     diffs[n] = {"fused_vs_perop": float(np.max(np.abs(logits[f"{n}_fused"] - logits[f"{n}_perop"]))),
@@ -223,10 +240,10 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       ref = np.asarray(fwd(net.params, net.stats, xb))
       diffs[n]["perop_vs_child"] = float(np.max(np.abs(logits[f"{n}_perop"] - ref)))
       diffs[n]["fused_vs_child"] = float(np.max(np.abs(logits[f"{n}_fused"] - ref)))
-  for k, f in variants.items():
-    block(f(xb))
-  tput = interleave({k: (lambda f: lambda i: timed(lambda: f(xb)))(f)
-                     for k, f in variants.items()}, reps_batch)
+    for r in rts:
+      diffs[n][f"{r}_vs_fused"] = float(np.max(np.abs(logits[f"{n}_{r}"] - logits[f"{n}_fused"])))
+  tput = interleave({k: (lambda f, x: lambda i: timed(lambda: f(x)))(
+      f, xb if k in variants else xb_np) for k, f in everything.items()}, reps_batch)
   for n in NETS:
     memory[f"{n}_perop_batch{batch_size}"] = ex[n, "perop"].ops.memory_bytes()
     memory[f"{n}_fused_batch{batch_size}"] = ex[n, "fused"].memory_bytes(xb)
@@ -237,7 +254,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   log("latency: breakdown timed (%d reps)" % reps)
   peak = matmul_peak_gflops(peak_n)
 
-  net_ms = {k: _latency_stats(v) for k, v in lat.items()}
+  net_ms = {k: _latency_stats(lat[k]) for k in variants}
   mean = {k: v["mean_ms"] for k, v in net_ms.items()}
   flop = {n: 2.0 * counts[n]["macs"] for n in NETS}
   floor_ms = {n: 1e3 * flop[n] / (peak * 1e9) for n in NETS}
@@ -256,8 +273,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
                   "pruned_perop_vs_baseline_perop": mean["baseline_perop"] / mean["pruned_perop"],
                   "baseline_fused_vs_baseline_perop":
                       mean["baseline_perop"] / mean["baseline_fused"]},
-      "throughput_images_per_s": {k: batch_size / statistics.median(v)
-                                  for k, v in tput.items()},
+      "throughput_images_per_s": {k: batch_size / statistics.median(tput[k])
+                                  for k in variants},
       "macs": {n: counts[n]["macs"] for n in NETS},
       "params_no_aux": {n: counts[n]["params_no_aux"] for n in NETS},
       "mac_reduction": 1.0 - counts["pruned"]["macs"] / counts["baseline"]["macs"],
@@ -267,16 +284,22 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "fused_over_floor": {n: mean[f"{n}_fused"] / floor_ms[n] for n in NETS},
       "memory_bytes": memory,
       "max_abs_diff": max(d["fused_vs_perop"] for d in diffs.values()),
+      "max_abs_logit": max(d["max_abs_logit"] for d in diffs.values()),
       "max_rel_diff": max(d["fused_vs_perop"] / max(1.0, d["max_abs_logit"])
                           for d in diffs.values()),
       "max_abs_diff_detail": diffs,
       "compile_s": compile_s,
       "perop_calls_per_image": {n: _calls_per_image(ex[n, "perop"], singles[0]) for n in NETS},
       "stages": stages["pruned"], "stages_baseline": stages["baseline"],
-      "timing": ("batch-1: wall time per image incl. waiting for the result, the 4 "
+      "runtimes": runtimes_lib.section(
+          lat, {k: batch_size / statistics.median(v) for k, v in tput.items()},
+          {n: dict(diffs[n], fused=0.0, perop=diffs[n]["fused_vs_perop"],
+                   **{r: diffs[n][f"{r}_vs_fused"] for r in rts}) for n in NETS},
+          NETS, PATHS + tuple(rts)),
+      "timing": ("batch-1: wall time per image incl. waiting for the result, the %d "
                  "variants interleaved in blocks of %d images (rotating order); throughput: "
                  "median of %d batches; breakdown: mean over the faster half of %d reps"
-                 % (LATENCY_BLOCK, reps_batch, reps)),
+                 % (len(everything), LATENCY_BLOCK, reps_batch, reps)),
   }
 
 
@@ -301,53 +324,6 @@ def device_description():
   return f"{d.platform}: {kind}, {jax.local_device_count()} local device(s)"
 
 
-# ---------------------------------------------------------------- report
-
-
-def _table(headers, rows):
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-  return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                   + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
-
-
-def to_markdown(r):
-  """latency.json as tables a person reads."""
-  net, tp = r["network"], r["throughput_images_per_s"]
-  rows = [[n, r["macs"][n] / 1e6, r["params_no_aux"][n] / 1e6, net[f"{n}_perop_ms"],
-           net[f"{n}_fused_ms"], tp[f"{n}_perop"], tp[f"{n}_fused"],
-           r["gflops_batch1"][f"{n}_fused"], r["floor_ms"][n]] for n in NETS]
-  sp = r["speedup"]
-  out = [f"# Latency\n\n{r['device']}; batch-1 mean over {r['images']} images after "
-         f"{r['warmup']} warm-up calls; throughput at batch {r['batch_size']}; "
-         f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
-         f"fused={r['depthwise']['fused']}; fused channels padded to a multiple of "
-         f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']}).\n",
-         "## Network\n",
-         _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",
-                 "per-op img/s", "fused img/s", "fused GFLOP/s", "floor ms"], rows),
-         f"\nfp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; multiply-adds "
-         f"-{100 * r['mac_reduction']:.1f}%; max |fused - per-op| logits {r['max_abs_diff']:.3g} "
-         f"({r['max_rel_diff']:.2g} of the largest logit).\n",
-         _table(["speed-up", "x"], [[k, v] for k, v in sp.items()]
-                + [["pruned fused / floor", r["fused_over_floor"]["pruned"]]]),
-         "\n## Breakdown (pruned network, ms; parts with a wait at each boundary)\n",
-         _table(["stem_conv part", "per-op ms", "fused ms"],
-                [["conv", r["stages"]["stem_conv"]["perop_ms"]["conv"], ""],
-                 ["bn", r["stages"]["stem_conv"]["perop_ms"]["bn"], ""],
-                 ["total", r["stages"]["stem_conv"]["perop_ms"]["total"],
-                  r["stages"]["stem_conv"]["fused_ms"]["total"]]]), ""]
-  for key, label in (("stages", "pruned"), ("stages_baseline", "baseline")):
-    l0 = r[key]["layer_0"]
-    rows = [[p, l0["perop_ms"][p], l0["fused_ms"][p]] for p in CELL_PARTS + ("total",)]
-    rows += [["sum of parts", l0["parts_sum_ms"]["perop"], l0["parts_sum_ms"]["fused"]],
-             ["part-timed run", l0["synced_total_ms"]["perop"], l0["synced_total_ms"]["fused"]]]
-    out += [f"layer_0 ({label})\n", _table(["part", "per-op ms", "fused ms"], rows), ""]
-  mem = r["memory_bytes"]
-  out += ["## Memory (MiB)\n", _table(["what", "MiB"], [[k, v / 2 ** 20] for k, v in mem.items()]),
-          f"\n{r['timing']}.\n"]
-  return "\n".join(out)
-
-
 def run(config, workdir):
   """The latency stage (see the module docstring)."""
   lat = config.latency
@@ -357,11 +333,26 @@ def run(config, workdir):
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
                        dots=lat.dots)
-  result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed)
-  result["init"] = lat.init
+  threads = runtimes_lib.use_cores(int(lat.threads))
+  plan = nets["baseline"].plan
+  others, models = runtimes_lib.build(nets, plan.image_hw + (plan.in_channels,),
+                                      (1, lat.batch_size), threads, opts.pad_channels,
+                                      log=logging.info)
+  result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed,
+                   others=others)
+  result.update(init=lat.init, threads=threads, runtime_versions=runtimes_lib.versions(),
+                runtime_threads=runtimes_lib.THREADS,
+                runtime_export_options=dict(export.RUNTIME_OPTS.__dict__,
+                                            pad_channels=opts.pad_channels))
   if jax.process_index() == 0:
     out = os.path.join(workdir, "latency")
     os.makedirs(out, exist_ok=True)
+    for name, data in models.items():
+      with open(os.path.join(out, name), "wb") as f:
+        f.write(data)
+    result["models"] = sorted(models)
+    runtimes_lib.plot(result["runtimes"], os.path.join(out, "runtimes.png"),
+                      f"batch 1, {threads} thread(s); {result['device']}")
     p = nets["pruned"]
     path = os.path.join(out, "pruned_fused.stablehlo")
     export.export_stablehlo(path, p.plan, p.arc, p.params, p.stats,
@@ -375,6 +366,9 @@ def run(config, workdir):
   msg = (f"latency: per image baseline per-op {n['baseline_perop_ms']:.3f} ms, fused "
          f"{n['baseline_fused_ms']:.3f} ms; pruned per-op {n['pruned_perop_ms']:.3f} ms, fused "
          f"{n['pruned_fused_ms']:.3f} ms")
+  rt = result["runtimes"]
+  msg += "; median ms baseline / pruned: " + ", ".join(
+      f"{r} {rt[r]['baseline']['median_ms']:.3f} / {rt[r]['pruned']['median_ms']:.3f}" for r in rt)
   logging.info(msg)
   print(msg)
   return result

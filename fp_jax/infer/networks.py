@@ -1,8 +1,9 @@
 """The two networks the latency stage times: unpruned and compact pruned (child.py pytrees).
 
 From trained weights files (final/, compress/) or random weights for any arc, size and
-ratios (latency does not depend on trained values), plus the widths and multiply-adds
-read from parameter shapes.
+ratios (latency does not depend on trained values; BN statistics estimated on random
+images so activations stay O(1), as in a trained network), plus the widths and
+multiply-adds read from parameter shapes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fp_jax import child
 from fp_jax import compaction
 from fp_jax import config as config_lib
 from fp_jax import flops
+from fp_jax import layers
 from fp_jax import profile
 from fp_jax import results
 from fp_jax import space
@@ -25,6 +27,7 @@ from fp_jax.infer import padding
 
 
 Net = collections.namedtuple("Net", "plan arc params stats")   # a child.py network
+BN_BATCH = 32               # random images the BN statistics of a random network come from
 
 
 def random_init(plan, arc, seed):
@@ -52,6 +55,27 @@ def random_init(plan, arc, seed):
   return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
 
 
+def estimate_bn(plan, arc, params, stats, seed, batch=BN_BATCH):
+  """stats with every BN's running mean and variance set to its batch statistics on
+  `batch` random N(0, 1) images [batch,H,W,C] (the scale of the normalised inputs).
+
+  One train-mode child.forward: there each BN normalises by the statistics of its
+  own input, computed after the BNs before it did the same, so with these
+  statistics the eval-mode network reproduces the train-mode one on that batch and
+  every BN output has per-channel mean `bias` and std ~`scale` at any depth (random
+  running statistics instead compound: logits ~1e6 at 15 layers). The update is
+  read back from the running averages child.forward returns,
+  new = m * old + (1 - m) * batch (m = layers.BN_MOMENTUM); BNs it does not run
+  (the aux head) come back unchanged.
+  """
+  x = np.random.default_rng(seed).standard_normal(
+      (batch,) + tuple(plan.image_hw) + (plan.in_channels,)).astype(np.float32)
+  new = jax.jit(lambda p, s, x: child.forward(plan, arc, p, s, x, True, with_aux=False)[2])(
+      params, stats, x)
+  m = layers.BN_MOMENTUM
+  return jax.tree.map(lambda n, o: (n - m * o) / (1 - m), new, stats)
+
+
 def prune(plan, arc, params, stats, ratios, criterion="l1"):
   """compaction.prune with the masks computed by one jitted call: (compact params, stats)."""
   masks = jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r, criterion))(
@@ -61,14 +85,18 @@ def prune(plan, arc, params, stats, ratios, criterion="l1"):
 
 
 def random_networks(config, workdir):
-  """{'baseline', 'pruned'} Nets: random_init weights, pruned with the configured ratios."""
+  """{'baseline', 'pruned'} Nets: random_init weights, BN statistics estimated on random
+  images (estimate_bn), pruned with the configured ratios, then the compact network's
+  BN statistics estimated again (as compress re-estimates them)."""
   arc = results.configured_arc(config, workdir)
   shape, num_classes = profile.image_shape(config)
   plan = child.make_plan(arc, config.final.num_layers, config.final.out_filters, shape,
                          num_classes)
   params, stats = random_init(plan, arc, config.seed)
+  stats = estimate_bn(plan, arc, params, stats, config.seed)
   ratios = results.configured_ratios(config, workdir)
   cp, cs = prune(plan, arc, params, stats, ratios, config.compress.importance)
+  cs = estimate_bn(plan, arc, cp, cs, config.seed + 1)
   return {"baseline": Net(plan, arc, params, stats), "pruned": Net(plan, arc, cp, cs)}
 
 

@@ -1,17 +1,24 @@
 """The compress stage: mask the trained network, fine-tune (or retrain) it, remove channels.
 
   1. load DIR/final/weights.npz; ratios from compress.ratios or search/arch.json;
-  2. masks of every channel group by importance (compress.importance), applied:
-     test_error_masked is the masked network with no further training;
-  3. mode 'finetune': train the masked network with the masks held in optimizer
-     state and applied after every update (pruned weights stay exactly zero);
-     mode 'scratch': train the thin network from a fresh initialisation;
-     both for compress.finetune_epochs epochs, one cosine cycle from
-     compress.lr_max, otherwise the final recipe;
-  4. compact (channels really removed) and test it: test_error_finetuned;
+  2. masks of every channel group by importance (compress.importance), applied;
+     test_error_masked_stale_bn: the masked network with the unpruned network's
+     running BN statistics (stale: masking changes every later activation);
+  3. BN re-estimation (bn_reestimate.py): the masked network's running statistics
+     recomputed, without gradients, as the exact average over compress.bn_batches
+     training batches of compress.batch_size, fed as eval feeds images
+     (normalised, no augmentation; batch statistics synchronised over devices);
+     test_error_masked: the masked network with these statistics, no training
+     (what the search's PruneAcc measures with batch statistics);
+  4. mode 'finetune': train the masked network, starting from the re-estimated
+     statistics, with the masks held in optimizer state and applied after every
+     update (pruned weights stay exactly zero); mode 'scratch': train the thin
+     network from a fresh initialisation; both for compress.finetune_epochs
+     epochs, one cosine cycle from compress.lr_max, otherwise the final recipe;
+  5. compact (channels really removed) and test it: test_error_finetuned;
      max_abs_diff_masked_vs_compact compares the masked and compact logits of
      the same weights on the first test batch (eval mode);
-  5. write DIR/compress/{result.json, weights.npz, metrics.jsonl, tb/, ckpt/}.
+  6. write DIR/compress/{result.json, weights.npz, metrics.jsonl, tb/, ckpt/}.
 """
 from __future__ import annotations
 
@@ -23,11 +30,13 @@ from absl import logging
 import jax
 import numpy as np
 
+from fp_jax import bn_reestimate
 from fp_jax import child
 from fp_jax import compaction
 from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax import flops
+from fp_jax import parallel
 from fp_jax import results
 from fp_jax import space
 from fp_jax import weights
@@ -59,6 +68,28 @@ def compress_recipe(config, num_train):
                              lr_t0=max(c.finetune_epochs, 1), lr_tmul=1)
 
 
+BN_STREAM = 30   # data stream of the re-estimation batches (final 10, compress 20)
+
+
+def bn_batches(config, x, y, mean, std):
+  """compress.bn_batches training batches of compress.batch_size, shuffled (stream 30),
+  as eval feeds images (normalised, no crop, flip or cutout): this process's rows
+  f32 [B/P, H, W, C] of each global batch."""
+  c = config.compress
+  for step in range(c.bn_batches):
+    yield data.train_batch(x, y, step=step, batch_size=c.batch_size, seed=config.seed,
+                           stream=BN_STREAM, mean=mean, std=std,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())[0]
+
+
+def train_mode_stats(plan, arc):
+  """Per-device (params, stats, x) -> new stats: the train-mode forward pass (batch
+  statistics synchronised over parallel.AXIS, no dropout or drop-path, no aux head)."""
+  return lambda p, s, x: child.forward(plan, arc, p, s, x, True, parallel.AXIS,
+                                       with_aux=False)[2]
+
+
 def max_abs_diff(plan, arc, params_a, stats_a, params_b, stats_b, x):
   """max |logits_a - logits_b| on x in eval mode (two networks of the same arc)."""
   run = jax.jit(lambda p, s: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])
@@ -87,14 +118,18 @@ def run(config, workdir, ds):
   pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
   trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
                                            masks=masks if c.mode == "finetune" else None)
-  acc_masked = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
-  logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f",
-               ratios, full["macs"] / 1e6, pruned["macs"] / 1e6, acc_masked)
+  acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
+  restats = bn_reestimate.reestimate(train_mode_stats(plan, arc), masked, stats,
+                                     bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)
+  acc_masked = trainer.evaluate(masked, restats, ds.x_test, ds.y_test)
+  logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f "
+               "(BN re-estimated on %d batches), %.4f (stale BN statistics)", ratios,
+               full["macs"] / 1e6, pruned["macs"] / 1e6, acc_masked, c.bn_batches, acc_stale)
 
   x_check = data.eval_batches(ds.x_test, ds.y_test, batch_size=min(64, len(ds.y_test)),
                               mean=ds.mean, std=ds.std).__next__()[0]
   if c.mode == "finetune":
-    init_state = lambda: trainer.init_state(masked, stats)
+    init_state = lambda: trainer.init_state(masked, restats)
   else:  # scratch: a fresh initialisation of the thin network, trained alone
     trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
 
@@ -111,19 +146,20 @@ def run(config, workdir, ds):
     widths, cp, cs = compaction.compact(plan, arc, tuned_p, tuned_s, masks)
     diff = max_abs_diff(plan, arc, tuned_p, tuned_s, cp, cs, x_check)
   else:
-    widths, mcp, mcs = compaction.compact(plan, arc, masked, stats, masks)
-    diff = max_abs_diff(plan, arc, masked, stats, mcp, mcs, x_check)
+    widths, mcp, mcs = compaction.compact(plan, arc, masked, restats, masks)
+    diff = max_abs_diff(plan, arc, masked, restats, mcp, mcs, x_check)
     cp, cs = jax.tree.map(jax.numpy.asarray, (net["params"], net["stats"]))
   acc_tuned = trainer.evaluate(cp, cs, ds.x_test, ds.y_test)
   if flops.param_count(cp) != pruned["params"]:
     raise AssertionError("compact params differ from the analytic count")
   result = {
       "ratios": [float(r) for r in ratios], "importance": c.importance, "mode": c.mode,
-      "finetune_epochs": c.finetune_epochs,
+      "finetune_epochs": c.finetune_epochs, "bn_batches": c.bn_batches,
       "macs": full["macs"], "params": full["params"], "params_no_aux": full["params_no_aux"],
       "pruned_macs": pruned["macs"], "pruned_params": pruned["params"],
       "pruned_params_no_aux": pruned["params_no_aux"],
       "test_error_masked": 100.0 * (1.0 - acc_masked),
+      "test_error_masked_stale_bn": 100.0 * (1.0 - acc_stale),
       "test_error_finetuned": 100.0 * (1.0 - acc_tuned),
       "max_abs_diff_masked_vs_compact": diff, "widths": widths,
       "arc_string": meta["arc_string"]}
@@ -137,7 +173,8 @@ def run(config, workdir, ds):
       json.dump(result, fh, indent=1)
   msg = (f"compress: {full['macs'] / 1e6:.2f}M -> {pruned['macs'] / 1e6:.2f}M multiply-adds, "
          f"{full['params_no_aux'] / 1e6:.3f}M -> {pruned['params_no_aux'] / 1e6:.3f}M params; "
-         f"test error masked {result['test_error_masked']:.2f}%, {c.mode} "
+         f"test error masked {result['test_error_masked']:.2f}% (BN re-estimated; stale BN "
+         f"statistics {result['test_error_masked_stale_bn']:.2f}%), {c.mode} "
          f"{result['test_error_finetuned']:.2f}%")
   logging.info(msg)
   print(msg)

@@ -1,0 +1,194 @@
+"""Other runtimes of the exported networks (ONNX Runtime, LiteRT) and the thread count.
+
+Runners take numpy images x [B,H,W,C] f32 and return numpy logits [B,classes];
+each holds one model per batch size (exported models have static shapes,
+export.py) and picks it by x.shape[0].
+
+Threads (`latency.threads`, 0 = every core this process may use):
+- XLA:CPU (fp_jax fused and per-op): no per-call setting; `use_cores(n)` pins
+  every thread of the process to the first n usable cores (sched_setaffinity
+  on each task; threads created later inherit it), so XLA's intra-op pool, which
+  was sized when the CPU client started, runs on n cores. bench/latency.py pins
+  before JAX starts, so the pool is also sized n.
+- ONNX Runtime: SessionOptions.intra_op_num_threads = n, inter_op 1, sequential
+  execution, and no spin-waiting of idle workers
+  (session.intra_op.allow_spinning=0): spinning workers would steal the cores of
+  the runtime timed next in the interleaved comparison.
+- LiteRT: Interpreter(num_threads=n) (its default XNNPACK delegate takes the
+  same count).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fp_jax import errors
+
+RUNTIMES = ("onnxruntime", "litert")
+ALL = ("perop", "fused") + RUNTIMES
+LABELS = {"perop": "fp_jax per-op", "fused": "fp_jax fused", "onnxruntime": "ONNX Runtime",
+          "litert": "LiteRT"}
+THREADS = {  # how each runtime's thread count is set (latency.json runtime_threads)
+    "perop": "XLA:CPU intra-op pool; the process pinned to the first n cores",
+    "fused": "XLA:CPU intra-op pool; the process pinned to the first n cores",
+    "onnxruntime": "SessionOptions intra_op_num_threads=n, inter_op 1, sequential, no spinning",
+    "litert": "Interpreter(num_threads=n), XNNPACK delegate"}
+
+
+def usable_cores():
+  return sorted(os.sched_getaffinity(0))
+
+
+def use_cores(threads):
+  """Pins every thread of this process to the first `threads` usable cores (0: all);
+  returns the core count n in use."""
+  cores = usable_cores()
+  if threads < 0 or threads > len(cores):
+    raise ValueError(f"threads={threads}: must be in 0..{len(cores)} (usable cores)")
+  if threads == 0:
+    return len(cores)
+  keep = set(cores[:threads])
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), keep)
+    except (ProcessLookupError, PermissionError):      # a thread that just ended
+      pass
+  return threads
+
+
+def _need(module, package):
+  """The module, or errors.RunError (main prints one `error:` line) if it is missing."""
+  try:
+    return __import__(module, fromlist=["_"])
+  except ImportError as e:
+    raise errors.RunError(f"latency: {package} is not installed, so its runtime cannot be "
+                          f"timed (pip install -r requirements.txt): {e}") from e
+
+
+def _by_batch(models, x):
+  m = models.get(x.shape[0])
+  if m is None:
+    raise ValueError(f"no model for batch {x.shape[0]}; exported batches {sorted(models)}")
+  return m
+
+
+class OnnxRuntime:
+  """ONNX Runtime CPU sessions {batch: InferenceSession}, `threads` intra-op threads."""
+
+  def __init__(self, models, threads):
+    ort = _need("onnxruntime", "onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    self.sessions = {b: ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
+                     for b, m in models.items()}
+
+  def __call__(self, x):
+    return _by_batch(self.sessions, x).run(["logits"], {"images": x})[0]
+
+
+class LiteRT:
+  """LiteRT interpreters {batch: Interpreter} (ai_edge_litert), `threads` threads."""
+
+  def __init__(self, models, threads):
+    interp = _need("ai_edge_litert.interpreter", "ai-edge-litert")
+    self.interpreters = {}
+    for b, m in models.items():
+      it = interp.Interpreter(model_content=m, num_threads=threads)
+      it.allocate_tensors()
+      self.interpreters[b] = (it, it.get_input_details()[0]["index"],
+                              it.get_output_details()[0]["index"])
+
+  def __call__(self, x):
+    it, i, o = _by_batch(self.interpreters, x)
+    it.set_tensor(i, x)
+    it.invoke()
+    return it.get_tensor(o)
+
+
+def versions():
+  """Versions of the runtimes and converters (import errors raise)."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  return {p: md.version(p) for p in ("jax", "onnxruntime", "ai-edge-litert", "tensorflow-cpu",
+                                     "tf2onnx", "onnx")}
+
+
+def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print):
+  """Exports every net {name: infer.networks.Net} to LiteRT and ONNX at every batch size
+  (export.RUNTIME_OPTS, channels padded to a multiple of pad_channels). Returns
+  ({(name, runtime): runner}, {f'{name}.tflite' / f'{name}.onnx': batch-1 model bytes})."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import export  # pylint: disable=g-import-not-at-top
+  opts = dataclasses.replace(export.RUNTIME_OPTS, pad_channels=pad_channels)
+  runners, files = {}, {}
+  for name, net in nets.items():
+    fn = export.network_fn(net.plan, net.arc, net.params, net.stats, opts)
+    tfl, onx = {}, {}
+    for b in sorted(set(batch_sizes) | {1}):
+      tfl[b], onx[b] = export.export_runtimes(None, name, fn, (b,) + tuple(image_shape))
+      log(f"latency: {name} exported to LiteRT and ONNX at batch {b}")
+    files[f"{name}.tflite"], files[f"{name}.onnx"] = tfl[1], onx[1]
+    runners[name, "onnxruntime"] = OnnxRuntime(onx, threads)
+    runners[name, "litert"] = LiteRT(tfl, threads)
+  return runners, files
+
+
+def section(latency_s, throughput, diffs, nets, names=ALL):
+  """The latency.json `runtimes` section: {runtime: {net: {mean_ms, median_ms, p10_ms,
+  p90_ms (batch 1), images_per_s (batch throughput), max_abs_diff_vs_fused}}} from
+  per-variant batch-1 seconds {f'{net}_{runtime}': [s]}, images/s and logit diffs."""
+  out = {}
+  for rt in names:
+    out[rt] = {}
+    for n in nets:
+      ms = 1e3 * np.asarray(latency_s[f"{n}_{rt}"])
+      out[rt][n] = {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
+                    "p10_ms": float(np.percentile(ms, 10)),
+                    "p90_ms": float(np.percentile(ms, 90)),
+                    "images_per_s": float(throughput[f"{n}_{rt}"]),
+                    "max_abs_diff_vs_fused": float(diffs[n][rt])}
+  return out
+
+
+def to_markdown(rts, batch_size):
+  """The runtimes section as a table (ms per image at batch 1, images/s at batch_size)."""
+  nets = list(rts["fused"])
+  head = ["runtime"] + [f"{n} {k}" for n in nets for k in ("mean ms", "median ms")] + [
+      f"{n} img/s (batch {batch_size})" for n in nets] + [
+      f"{n} median / fused" for n in nets]
+  rows = []
+  for rt in [r for r in ALL if r in rts]:
+    r = rts[rt]
+    rows.append([LABELS[rt]] + [f"{r[n][k]:.3f}" for n in nets for k in ("mean_ms", "median_ms")]
+                + [f"{r[n]['images_per_s']:.1f}" for n in nets]
+                + [f"{r[n]['median_ms'] / rts['fused'][n]['median_ms']:.2f}" for n in nets])
+  return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                   + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot(rts, path, title):
+  """Bar chart of batch-1 ms per image (median) per runtime, one group per network."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  nets = list(rts["fused"])
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  names = [r for r in ALL if r in rts]
+  width = 0.8 / len(names)
+  for i, rt in enumerate(names):
+    xs = np.arange(len(nets)) + (i - (len(names) - 1) / 2) * width
+    ys = [rts[rt][n]["median_ms"] for n in nets]
+    bars = ax.bar(xs, ys, width, label=LABELS[rt])
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+  ax.set_xticks(np.arange(len(nets)), nets)
+  ax.set_ylabel("ms per image, batch 1 (median)")
+  ax.set_title(title, fontsize=9)
+  ax.legend()
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
