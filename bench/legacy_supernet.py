@@ -14,6 +14,7 @@ from jax import lax
 
 from fp_jax import layers
 from fp_jax import space
+from fp_jax import supernet
 
 
 
@@ -167,18 +168,7 @@ def init(key, plan):
   return params
 
 
-def _branches(axis_name):
-  def sep(name):
-    def f(p, idx, x):
-      return layers.sep_conv(jax.tree.map(lambda a: a[idx], p[name]), None, x, True,
-                             axis_name)[0]
-    return f
-  # Checkpointed branches keep only their inputs as residuals: without it the backward
-  # of every switch materialises (zero) residuals of all branches.
-  return (jax.checkpoint(sep("sep3")), jax.checkpoint(sep("sep5")),
-          lambda p, idx, x: layers.avg_pool3x3(x),
-          lambda p, idx, x: layers.max_pool3x3(x),
-          lambda p, idx, x: x)
+_branches = supernet._branches   # the per-op branches did not change
 
 
 def cell(p, cell_arc, h0, h1, axis_name=None):

@@ -10,10 +10,16 @@ and records the mean child accuracy (training batches, dropout on) per epoch, fo
   legacy    the supernet before ENAS parity (bench/legacy_supernet.py: every
             input calibrated, cells output all 5 nodes, no per-cell projection)
   plus any variant given by --variant NAME:key=value,... over the current design
-            (keys: init_scale, final_init, lr_max, lr_min, grad_clip, keep_prob,
+            (keys: init_scale, final_init, share_inputs, lr_max, lr_min, grad_clip, keep_prob,
             warmup_epochs, optimizer)
 
-  python -m bench.supernet_learning [--epochs 60 --batch 64 --filters 8]
+  python -m bench.supernet_learning [--epochs 60 --batch 64 --filters 8] [--cli]
+
+--cli also runs the search through the command line at 8 cells, as a user would:
+  python -m fp_jax.main --config=configs/smoke.py --config.stages=search
+    --config.search.num_layers=6 --config.search.out_filters=8 --config.search.batch_size=64
+    --config.search.epochs=60 --config.search.uniform_child_epochs=60 --config.search.lr_t0=60
+and reports the child accuracy of its last epoch (search/metrics.jsonl).
 
 Writes bench/results/supernet_learning.{json,md,png}.
 """
@@ -45,6 +51,7 @@ class Setup:
   design: str = "current"      # current | legacy
   init_scale: str = "fan_in"
   final_init: str = "identity"
+  share_inputs: bool = True
   lr_max: float = 0.05
   lr_min: float = 0.0005
   grad_clip: float = 5.0
@@ -55,7 +62,8 @@ class Setup:
 
 def defaults():
   s = smoke.get_config().search
-  return Setup(init_scale=s.init_scale, final_init=s.final_init, lr_max=s.lr_max, lr_min=s.lr_min,
+  return Setup(init_scale=s.init_scale, final_init=s.final_init, share_inputs=s.share_inputs,
+               lr_max=s.lr_max, lr_min=s.lr_min,
                grad_clip=s.grad_clip, keep_prob=s.keep_prob,
                warmup_epochs=int(s.get("warmup_epochs", 0)))
 
@@ -75,7 +83,8 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
     fwd = lambda p, a, x, key: legacy_supernet.forward(plan, p, a, x)
   else:
     plan = supernet.make_plan(num_layers, filters, shape, ds.num_classes)
-    params = supernet.init(jax.random.key(seed), plan, setup.init_scale, setup.final_init)
+    params = supernet.init(jax.random.key(seed), plan, setup.init_scale, setup.final_init,
+                           setup.share_inputs)
     fwd = lambda p, a, x, key: supernet.forward(
         plan, p, a, x, reg={"key": key, "keep_prob": setup.keep_prob})
   cosine = schedules.cosine_restarts(spe, epochs, 1, setup.lr_max, setup.lr_min)
@@ -114,6 +123,24 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
   return curve
 
 
+def run_cli(epochs, batch, filters, num_layers=6):
+  """The search through `python -m fp_jax.main` (smoke.py, uniform arcs every epoch):
+  child_acc per epoch from search/metrics.jsonl."""
+  import subprocess   # pylint: disable=g-import-not-at-top
+  import sys   # pylint: disable=g-import-not-at-top
+  import tempfile   # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as work:
+    cmd = [sys.executable, "-m", "fp_jax.main", "--config=configs/smoke.py",
+           f"--workdir={work}", "--config.stages=search",
+           f"--config.search.num_layers={num_layers}", f"--config.search.out_filters={filters}",
+           f"--config.search.batch_size={batch}", f"--config.search.epochs={epochs}",
+           f"--config.search.uniform_child_epochs={epochs}", f"--config.search.lr_t0={epochs}"]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    with open(os.path.join(work, "search", "metrics.jsonl")) as f:
+      return [json.loads(line)["child_acc"] for line in f], " ".join(cmd[1:])
+
+
 def parse_variant(text, base):
   name, _, kv = text.partition(":")
   fields = {f.name: f.type for f in dataclasses.fields(Setup)}
@@ -122,7 +149,8 @@ def parse_variant(text, base):
     k, v = item.split("=")
     if k not in fields:
       raise SystemExit(f"error: --variant {text!r}: unknown key {k!r}")
-    changes[k] = {"str": str, "float": float, "int": int}[fields[k]](v)
+    changes[k] = {"str": str, "float": float, "int": int,
+                  "bool": lambda t: t.lower() in ("1", "true")}[fields[k]](v)
   return name, dataclasses.replace(base, **changes)
 
 
@@ -156,6 +184,7 @@ def main():
   ap.add_argument("--designs", default="current,legacy")
   ap.add_argument("--variant", action="append", default=[])
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--cli", action="store_true")
   ap.add_argument("--out", default=os.path.join(RESULTS, "supernet_learning"))
   a = ap.parse_args()
   base = defaults()
@@ -172,6 +201,14 @@ def main():
       results.append(r)
       print(f"{name:>12} {nl + 2} cells: last-epoch child acc {curve[-1]:.3f} "
             f"(best {max(curve):.3f}, {r['seconds']:.0f} s)", flush=True)
+  names = [n for n, _ in setups]
+  if a.cli:
+    t = time.perf_counter()
+    curve, cmd = run_cli(a.epochs, a.batch, a.filters)
+    results.append({"name": "command line", "num_layers": 6, "cells": 8, "command": cmd,
+                    "curve": curve, "last": curve[-1], "seconds": time.perf_counter() - t})
+    names.append("command line")
+    print(f"command line 8 cells: last-epoch child acc {curve[-1]:.3f}", flush=True)
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   meta = {"epochs": a.epochs, "batch": a.batch, "filters": a.filters, "seed": a.seed,
           "data": "digits", "steps_per_epoch": data.batches_per_epoch(len(ds.y_train), a.batch)}
@@ -183,10 +220,10 @@ def main():
            "| design | " + " | ".join(f"{nl + 2} cells" for nl in
                                       sorted({r['num_layers'] for r in results})) + " |",
            "|---|" + "---|" * len({r["num_layers"] for r in results})]
-  for name, _ in setups:
-    row = [f"{r['last']:.3f}" for r in sorted(results, key=lambda r: r["num_layers"])
-           if r["name"] == name]
-    lines.append(f"| {name} | " + " | ".join(row) + " |")
+  layers_all = sorted({r["num_layers"] for r in results})
+  for name in names:
+    got = {r["num_layers"]: f"{r['last']:.3f}" for r in results if r["name"] == name}
+    lines.append(f"| {name} | " + " | ".join(got.get(nl, "-") for nl in layers_all) + " |")
   with open(a.out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -40,6 +40,7 @@ def get_config():
   s.keep_prob = 0.9                    # dropout before the classifier (ENAS search script)
   s.init_scale = "fan_in"              # fan_in | enas (He-normal on ENAS's 2-D weight shapes)
   s.final_init = "identity"            # cells' final conv rows: identity | shared | enas (independent)
+  s.share_inputs = True                # one sep_conv weight set per node and slot (ENAS: per input)
   s.num_candidates = 5                 # best distinct samples re-evaluated at the end
   s.final_eval_batches = 10            # validation batches for that re-evaluation
   s.ckpt_every_steps = 0               # extra checkpoints every N child steps (epoch ends: always)

@@ -22,6 +22,9 @@ def get_config():
   s.beta = 20.0
   s.lr_t0 = 20
   s.uniform_child_epochs = 10          # the controller's sep_conv-heavy start trains slowly
+  s.keep_prob = 1.0                    # digits: no dropout before the classifier
+  s.lr_max = 0.2                       # with clipping at 1: bench/supernet_learning.py
+  s.grad_clip = 1.0
   s.controller_updates = 5
   s.controller_samples = 10
   s.num_candidates = 4

@@ -156,6 +156,8 @@ def validate(config):
   _float(config, "search.keep_prob", 0.0, 1.0, lo_open=True)
   _choice(config, "search.init_scale", supernet.INITS)
   _choice(config, "search.final_init", supernet.FINAL_INITS)
+  if not isinstance(_get(config, "search.share_inputs"), bool):
+    raise ConfigError(f"search.share_inputs={config.search.share_inputs!r}: must be True or False")
   _int(config, "search.num_candidates", 1)
   _int(config, "search.final_eval_batches", 1)
   _int(config, "search.ckpt_every_steps", 0)

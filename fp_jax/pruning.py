@@ -94,6 +94,12 @@ def _slots(cell_arc):
   return rows[:, 0::2], rows[:, 1::2]
 
 
+def _input_onehot(idx, cp):
+  """one-hot [5, 2, sets] of the weight set each slot uses (supernet.weight_index)."""
+  n = cp["sep3"]["bn1"]["scale"].shape[2]
+  return jax.nn.one_hot(supernet.weight_index(idx, n), n)
+
+
 def _cell_arc(arc, spec):
   return arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
 
@@ -168,7 +174,7 @@ def _space_importance(plan, params, arc, criterion):
       out.append(producer_importance(cp["reduce"], criterion))
     out += [jnp.zeros((f,), jnp.float32)] * space.NUM_NODES
     idx, op = _slots(_cell_arc(arc, spec))
-    onehot = jax.nn.one_hot(idx, supernet.MAX_INPUTS)
+    onehot = _input_onehot(idx, cp)
     picked = [jnp.einsum("ksi,ksic->ksc", onehot, imp) for name in ("sep3", "sep5")
               for imp in _stacked_importance(cp[name], criterion)]
     is5 = (op == space.SEP5)[..., None]
@@ -233,7 +239,7 @@ def apply_supernet_masks(plan, params, arc, masks):
     for name in ("calib_x", "calib_y", "reduce"):
       if name in m:
         new[name] = mask_producer(cp[name], m[name])
-    onehot = jax.nn.one_hot(idx, supernet.MAX_INPUTS)[..., None]
+    onehot = _input_onehot(idx, cp)[..., None]
     inner = 1.0 + onehot * (m["inner"][:, :, None, :] - 1.0)            # [5, 2, inputs, F]
     outer = 1.0 + onehot * (m["out"][:, :, None, :] - 1.0)
     for name in ("sep3", "sep5"):

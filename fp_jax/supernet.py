@@ -85,13 +85,15 @@ def make_plan(num_layers, out_filters, image_shape, num_classes):
   return Plan(c, (h, w), stem_c, tuple(cells), min(r2 + 1, num_layers + 1), num_classes)
 
 
-def init(key, plan, scale="fan_in", final="identity"):
+def init(key, plan, scale="fan_in", final="identity", share_inputs=True):
   """Parameter pytree of the supernet (no BN statistics).
 
   Per cell: 'calib_x' / 'calib_y' (where calibrated), 'reduce' (reduction cells: the
   factorized reduction of h(i-1)), 'sep3' / 'sep5' sep_conv params with leading axes
-  [node 5, slot 2, input 6] (node k uses inputs 0..k+1; the rest keeps every node one
-  shape, so a scan runs the nodes), 'final' {'w' [7, F, F], 'bn'}.
+  [node 5, slot 2, input 6] (ENAS: one weight set per chosen input; node k uses inputs
+  0..k+1, the rest keeps every node one shape, so a scan runs the nodes), or [5, 2, 1]
+  with share_inputs (one weight set per node and slot, whatever input it reads),
+  'final' {'w' [7, F, F], 'bn'}.
   scale: 'fan_in' (He-normal on each kernel's true fan-in) or 'enas' (He-normal on
   ENAS's 2-D weight shapes [possible inputs, ...]: std sqrt(2 / (k + 2)) for node k's
   sep_conv kernels and sqrt(2 / 7) for the final conv).
@@ -122,7 +124,7 @@ def init(key, plan, scale="fan_in", final="identity"):
                                                    spec.in_channels[0], f)[0]
     for name, size, kk in (("sep3", 3, 0), ("sep5", 5, 1)):
       p = layers.sep_conv_init(jax.random.fold_in(kc, kk), size, f,
-                               lead=(space.NUM_NODES, 2, MAX_INPUTS))[0]
+                               lead=(space.NUM_NODES, 2, 1 if share_inputs else MAX_INPUTS))[0]
       if scale == "enas":
         std = np.sqrt(2.0 / (np.arange(space.NUM_NODES) + 2.0)).astype(np.float32)
         for w, fan in (("dw1", size * size), ("pw1", f), ("dw2", size * size), ("pw2", f)):
@@ -142,11 +144,17 @@ def init(key, plan, scale="fan_in", final="identity"):
   return params
 
 
+def weight_index(idx, num_sets):
+  """The weight set a slot reading input `idx` uses: idx (one set per input, as ENAS),
+  or 0 when the weights are shared across inputs (num_sets == 1)."""
+  return jnp.minimum(idx, num_sets - 1)
+
+
 def _branches(axis_name):
   def sep(name):
     def f(p, idx, x):
-      return layers.sep_conv(jax.tree.map(lambda a: a[idx], p[name]), None, x, True,
-                             axis_name)[0]
+      pick = lambda a: a[weight_index(idx, a.shape[0])]
+      return layers.sep_conv(jax.tree.map(pick, p[name]), None, x, True, axis_name)[0]
     return f
   # Checkpointed branches keep only their inputs as residuals: without it the backward
   # of every switch materialises (zero) residuals of all branches.

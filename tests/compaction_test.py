@@ -211,6 +211,16 @@ def test_masks_keep_top_units_of_each_group(name, criterion):
       assert imp[sel][m == 1].min() >= imp[sel][m == 0].max() * (1 - 1e-6)
 
 
+def _cells_of_groups(plan, g):
+  """{group: the cells whose (non-concat) tensors hold its units}."""
+  out = {}
+  for j, n in enumerate(plan.nodes):
+    if n.kind not in ("image", "concat"):
+      for grp in np.unique(g.unit_group[g.unit_of[j]]):
+        out.setdefault(int(grp), set()).add(n.cell)
+  return out
+
+
 def test_groups_of_the_published_arc():
   """No calibration is skipped: the stem is one group and every group lies in one cell.
   Nodes tied to h(i-2) by an identity or pooling share its calibrated space (normal cell:
@@ -218,11 +228,7 @@ def test_groups_of_the_published_arc():
   (a factorized reduction) is a group alone."""
   plan, arc, _, _ = _net("enas_max_ratio")
   g, inner = compaction.structure(plan)
-  cells_of_group = {}
-  for j, n in enumerate(plan.nodes):
-    if n.kind not in ("image", "concat"):
-      for grp in np.unique(g.unit_group[g.unit_of[j]]):
-        cells_of_group.setdefault(int(grp), set()).add(n.cell)
+  cells_of_group = _cells_of_groups(plan, g)
   assert all(len(c) == 1 for c in cells_of_group.values())
   stem = np.unique(g.unit_group[g.unit_of[plan.stem]])
   assert len(stem) == 1 and g.group_size[stem[0]] == plan.stem_channels
@@ -249,11 +255,7 @@ def test_skipped_calibrations_tie_cells():
   skipped = [s.index for s in plan.cells if f"cells/{s.index}/calib_x" not in names]
   assert skipped == [2, 4, 5, 7], skipped
   g, _ = compaction.structure(plan)
-  cells_of_group = {}
-  for j, n in enumerate(plan.nodes):
-    if n.kind not in ("image", "concat"):
-      for grp in np.unique(g.unit_group[g.unit_of[j]]):
-        cells_of_group.setdefault(int(grp), set()).add(n.cell)
+  cells_of_group = _cells_of_groups(plan, g)
   assert any(len(c) > 1 for c in cells_of_group.values())
 
 

@@ -16,10 +16,12 @@ def _keep(c, r):
   return max(1, round((1 - float(r)) * c))
 
 
-@pytest.mark.parametrize("criterion", ["l1", "bn"])
-def test_supernet_masks_zero_masked_channels_exactly(criterion):
+@pytest.mark.parametrize("criterion,share", [("l1", True), ("l1", False), ("bn", True)])
+def test_supernet_masks_zero_masked_channels_exactly(criterion, share):
+  """share False: ENAS's weight set per chosen input (masks apply at the chosen one)."""
   plan = supernet.make_plan(1, 8, (8, 8, 1), 10)
-  params = supernet.init(jax.random.key(0), plan, final="enas")
+  params = supernet.init(jax.random.key(0), plan, final="enas", share_inputs=share)
+  assert params["cells"][0]["sep3"]["pw1"].shape[2] == (1 if share else supernet.MAX_INPUTS)
   if criterion == "bn":   # distinct BN scales so the ranking is not all ties
     params = jax.tree.map(lambda a: a, params)
     params["stem"]["bn"]["scale"] = jnp.linspace(0.5, 1.5, plan.stem_channels)

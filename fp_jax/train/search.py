@@ -142,7 +142,8 @@ class Search:
     """The state at the start of the search (epoch 0, position 0)."""
     k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
     params = supernet.init(k_child, self.plan, self.config.search.init_scale,
-                           self.config.search.final_init)
+                           self.config.search.final_init,
+                           self.config.search.share_inputs)
     child = parallel.replicate(self.mesh, {"params": params, "opt_state": self.tx.init(params)})
     return search_state.epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [],
                                      self.steps_per_epoch)

@@ -54,7 +54,8 @@ def settings(search):
           "steps_per_epoch": search.steps_per_epoch,
           "ratio_choices": [float(r) for r in search.ratio_choices]}
   for k in ("num_layers", "out_filters", "batch_size", "eval_batch_size",
-            "controller_updates", "controller_samples", "init_scale", "final_init"):
+            "controller_updates", "controller_samples", "init_scale", "final_init",
+            "share_inputs"):
     hard[f"search.{k}"] = s[k]
   soft = {f"data.{k}": c.data[k] for k in ("crop_pad", "flip")}
   for k in ("alpha", "beta", "importance", "uniform_child_epochs", "lr_max", "lr_min",
@@ -84,7 +85,8 @@ def _template(search):
   """to_checkpoint(init_state()) as shapes (child) and zeros (controller): nothing computed."""
   def init():
     params = supernet.init(jax.random.key(0), search.plan, search.config.search.init_scale,
-                           search.config.search.final_init)
+                           search.config.search.final_init,
+                           search.config.search.share_inputs)
     return ({"params": params, "opt_state": search.tx.init(params)},
             controller.init_state(jax.random.key(0), search.ccfg))
 
