@@ -1,12 +1,12 @@
-"""Why our profile of the published ENAS cell differs from the published 751M / 4.6M.
+"""The published ENAS cell counted two independent ways, beside the published 751M / 4.6M.
 
 Counts the same architecture two ways, analytically (multiply-adds of convs and
 linear layers, batch 1, aux head excluded from multiply-adds):
 
-  ours  fp_jax.flops.count: every cell input calibrated (ReLU-1x1-BN, or a
-        factorized reduction when larger); a reduction cell first reduces both
-        inputs with factorized reductions, then runs its nodes at stride 1.
-  enas  the conventions of the ENAS TensorFlow child for a fixed arc: a 1x1
+  ours  fp_jax.flops.count on fp_jax's graph of the fixed network (graph.py),
+        which follows ENAS's `_fixed_layer` since the ENAS-parity change (before
+        it every input was calibrated: 547.9M / 3.703M).
+  enas  this file's own count under the ENAS TensorFlow child's conventions: a 1x1
         calibration only when channels differ; a reduction cell calibrates its
         inputs to the doubled width at the *input* resolution and applies its
         ops with stride 2 (identity -> factorized reduction, sep_conv's first
@@ -76,10 +76,10 @@ def enas_counts(arc, num_layers, f, hw=32, c_in=3, classes=10):
     if i == min(r2 + 1, num_layers + 1):
       w1, w2 = layers.AUX_WIDTHS
       r = layers.aux_pool_size(s_out)
-      aux_params = out_c * w1 + 2 * w1 + r * r * w1 * w2 + 2 * w2 + w2 * classes + classes
+      aux_params = out_c * w1 + 2 * w1 + r * r * w1 * w2 + 2 * w2 + w2 * classes
     prev = [prev[1], (out_c, s_out)]
   macs += prev[1][0] * classes
-  params += prev[1][0] * classes + classes
+  params += prev[1][0] * classes           # no bias (ENAS's fc has none)
   return {"macs": int(macs), "params": int(params + aux_params), "params_no_aux": int(params)}
 
 

@@ -189,11 +189,16 @@ def prune(plan, arc, params, stats, ratios, criterion="l1"):
 
 def ratio_widths(plan, ratios):
   """Widths of the network masked at per-stage `ratios` [5], without weights: every unit
-  equally important (ties keep the lower unit ids). Exact whenever a value holds whole
-  groups (the usual case); where a group spans several values of different units (a
-  cell that skips its calibration next to a concat), the split among them is nominal."""
+  equally important (ties keep the lower unit ids, as unit_masks). Exact whenever a
+  value holds whole groups (the usual case); where a group spans several values of
+  different units (a cell that skips its calibration next to a concat), the split among
+  them is nominal. Host-side numpy (no compilation per network)."""
   g, _ = structure(plan)
-  masks = {"units": np.asarray(groups_lib.unit_masks(
-      jnp.zeros(len(g.unit_group), jnp.float32), g.unit_group, g.group_size, g.group_stage,
-      g.group_fixed, np.asarray(ratios, np.float32)))}
-  return widths_of(plan, masks)
+  ratio = np.asarray(ratios, np.float32)[g.group_stage]
+  keep = np.maximum(1, np.round((np.float32(1) - ratio) * g.group_size)).astype(np.int64)
+  keep = np.where(g.group_fixed, g.group_size, keep)
+  order = np.lexsort((np.arange(len(g.unit_group)), g.unit_group))
+  start = np.cumsum(g.group_size) - g.group_size
+  rank = np.empty(len(order), np.int64)
+  rank[order] = np.arange(len(order)) - start[g.unit_group[order]]
+  return widths_of(plan, {"units": (rank < keep[g.unit_group]).astype(np.float32)})
