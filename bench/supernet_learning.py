@@ -213,21 +213,31 @@ def main():
   meta = {"epochs": a.epochs, "batch": a.batch, "filters": a.filters, "seed": a.seed,
           "data": "digits", "steps_per_epoch": data.batches_per_epoch(len(ds.y_train), a.batch)}
   with open(a.out + ".json", "w") as f:
-    json.dump({**meta, "results": results}, f, indent=1)
-  lines = [f"Supernet under uniformly random architectures: digits, F {a.filters}, batch "
-           f"{a.batch}, {a.epochs} epochs x {meta['steps_per_epoch']} steps; mean child "
-           "accuracy of the last epoch (training batches)", "",
-           "| design | " + " | ".join(f"{nl + 2} cells" for nl in
-                                      sorted({r['num_layers'] for r in results})) + " |",
-           "|---|" + "---|" * len({r["num_layers"] for r in results})]
+    json.dump({**meta, "names": names, "results": results}, f, indent=1)
+  report(a.out)
+
+
+def report(out):
+  """Writes OUT.md (and OUT.png) from OUT.json."""
+  with open(out + ".json") as f:
+    run_ = json.load(f)
+  results = run_["results"]
+  names = run_.get("names") or list(dict.fromkeys(r["name"] for r in results))
+  lines = [f"Supernet under uniformly random architectures: digits, F {run_['filters']}, batch "
+           f"{run_['batch']}, {run_['epochs']} epochs x {run_['steps_per_epoch']} steps; mean "
+           "child accuracy of the last epoch (training batches), and in brackets the mean of "
+           "the last 5 epochs (an epoch's figure averages only its steps' random arcs)", ""]
   layers_all = sorted({r["num_layers"] for r in results})
+  lines += ["| design | " + " | ".join(f"{nl + 2} cells" for nl in layers_all) + " |",
+            "|---|" + "---|" * len(layers_all)]
   for name in names:
-    got = {r["num_layers"]: f"{r['last']:.3f}" for r in results if r["name"] == name}
+    got = {r["num_layers"]: f"{r['last']:.3f} ({np.mean(r['curve'][-5:]):.3f})"
+           for r in results if r["name"] == name}
     lines.append(f"| {name} | " + " | ".join(got.get(nl, "-") for nl in layers_all) + " |")
-  with open(a.out + ".md", "w") as f:
+  with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
-  plot(results, a.out + ".png")
+  plot(results, out + ".png")
 
 
 if __name__ == "__main__":

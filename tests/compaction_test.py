@@ -292,6 +292,7 @@ def test_hand_masks_with_empty_factorized_half():
   g, _ = compaction.structure(plan)
   rng = np.random.default_rng(5)
   units = (rng.random(len(g.unit_group)) < 0.5).astype(np.float32)
+  units[g.group_fixed[g.unit_group]] = 1.0          # the image's channels are never pruned
   for j, n in enumerate(plan.nodes):   # keep a channel of every value
     units[g.unit_of[j][[0, -1]]] = 1.0
   frs = [(j, n) for j, n in enumerate(plan.nodes) if n.kind == "fr"]
