@@ -52,28 +52,29 @@ def main():
     logits = supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0]
     return jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS)
 
-  def masked(p, arc, ratios):
-    masks = pruning.supernet_masks(plan, p, arc, ratios, args.criterion)
+  def masked(p, arc, ratios, groups):
+    masks = pruning.supernet_masks(plan, p, arc, ratios, groups, args.criterion)
     return pruning.apply_supernet_masks(plan, p, arc, masks)
 
   fns = {
       "train_acc": parallel.data_parallel(acc, mesh, (REPLICATED,) * 2 + (BATCH, BATCH),
                                           REPLICATED),
       "prune_acc": parallel.data_parallel(
-          lambda p, arc, ratios, x, y: acc(masked(p, arc, ratios), arc, x, y), mesh,
-          (REPLICATED,) * 3 + (BATCH, BATCH), REPLICATED),
-      "masks": jax.jit(lambda p, arc, ratios: pruning.supernet_masks(plan, p, arc, ratios,
-                                                                     args.criterion)),
+          lambda p, arc, ratios, g, x, y: acc(masked(p, arc, ratios, g), arc, x, y), mesh,
+          (REPLICATED,) * 4 + (BATCH, BATCH), REPLICATED),
+      "masks": jax.jit(lambda p, arc, ratios, g: pruning.supernet_masks(plan, p, arc, ratios, g,
+                                                                        args.criterion)),
       "masks_apply": jax.jit(masked),
       "reward_eval": search.make_reward_eval(plan, args.criterion, mesh),
   }
   arc0 = jnp.asarray(space.sample_uniform(np.random.default_rng(args.seed)))
   r0 = jnp.zeros((5,), jnp.float32)
+  g = lambda arc: pruning.supernet_groups(plan, np.asarray(arc))   # host-side, per arc
   call_args = {"train_acc": lambda arc, r: (params, arc, x, y),
-               "prune_acc": lambda arc, r: (params, arc, r, x, y),
-               "masks": lambda arc, r: (params, arc, r),
-               "masks_apply": lambda arc, r: (params, arc, r),
-               "reward_eval": lambda arc, r: (params, arc, r, x, y)}
+               "prune_acc": lambda arc, r: (params, arc, r, g(arc), x, y),
+               "masks": lambda arc, r: (params, arc, r, g(arc)),
+               "masks_apply": lambda arc, r: (params, arc, r, g(arc)),
+               "reward_eval": lambda arc, r: (params, arc, r, g(arc), x, y)}
   compiled, compile_s = {}, {}
   for name, fn in fns.items():
     compiled[name], tr, co = common.compile_timed(fn, *call_args[name](arc0, r0))

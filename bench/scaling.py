@@ -70,12 +70,12 @@ def worker(args):
     rows_p = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
     x, y = parallel.shard(mesh, (x_np[rows_p], y_np[rows_p]))
     state = parallel.replicate(mesh, {"params": params, "opt_state": tx.init(params)})
-    step = search.make_child_step(plan, tx, cfg.aux_weight, mesh)
-    compiled, trace_s, compile_s = common.compile_timed(step, state, arcs[0], x, y)
+    step = search.make_child_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
+    compiled, trace_s, compile_s = common.compile_timed(step, state, arcs[0], jax.random.key(0), x, y)
     times, losses = [], []
     for rep in range(args.warmup + args.steps):
       t = time.perf_counter()
-      state, m = compiled(state, arcs[rep], x, y)
+      state, m = compiled(state, arcs[rep], jax.random.key(rep), x, y)
       losses.append(float(m["loss"]))   # waits for the step
       if rep >= args.warmup:
         times.append(time.perf_counter() - t)

@@ -78,10 +78,10 @@ def bench_child(args, arc):
   n_super = param_count(sparams)
   sstate = parallel.replicate(mesh, {"params": sparams, "opt_state": tx.init(sparams)})
   sx, sy = parallel.shard(mesh, (x_np, y_np))
-  sstep = search.make_child_step(splan, tx, cfg.aux_weight, mesh)
+  sstep = search.make_child_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
   fixed_arc = jnp.asarray(arc)
   common.log(f"supernet: {n_super} params, compiling the step")
-  scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, sx, sy)
+  scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, jax.random.key(0), sx, sy)
   common.log(f"supernet step: trace {s_trace:.1f}s compile {s_compile:.1f}s")
 
   # (b) the fixed network of `arc`
@@ -101,7 +101,8 @@ def bench_child(args, arc):
 
   def run_super(a):
     def f(rep):
-      state["super"], m = scompiled(state["super"], jnp.asarray(a(rep)), sx, sy)
+      state["super"], m = scompiled(state["super"], jnp.asarray(a(rep)), jax.random.key(rep),
+                                    sx, sy)
       losses.setdefault("super", []).append(float(m["loss"]))
     return f
 
