@@ -53,6 +53,14 @@ def _components(n, a, b):
   return connected_components(m, directed=False)[1]
 
 
+def _first_appearance(labels):
+  """Relabels component labels 0, 1, ... in order of first appearance."""
+  _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+  rank = np.empty(len(first), np.int64)
+  rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+  return rank[inv], len(first)
+
+
 def derive(widths, ties, member, stages, fixed):
   """Units and groups of spaces.
 
@@ -68,12 +76,7 @@ def derive(widths, ties, member, stages, fixed):
   ea = np.concatenate(ea) if ea else np.zeros(0, np.int64)
   eb = np.concatenate(eb) if eb else np.zeros(0, np.int64)
   labels = _components(int(offs[-1]), ea, eb)
-  # canonical unit ids: in order of first appearance (so units follow channel order)
-  _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
-  rank = np.empty(len(first), np.int64)
-  rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-  unit = rank[inv]
-  num_units = len(first)
+  unit, num_units = _first_appearance(labels)      # units follow channel order
   unit_of = tuple(unit[offs[s]:offs[s + 1]] for s in range(len(widths)))
   # groups: units sharing a member space; bipartite graph units <-> member spaces
   ua, ub = [], []
@@ -84,11 +87,7 @@ def derive(widths, ties, member, stages, fixed):
   ua = np.concatenate(ua) if ua else np.zeros(0, np.int64)
   ub = np.concatenate(ub) if ub else np.zeros(0, np.int64)
   glabel = _components(num_units + len(widths), ua, ub)[:num_units]
-  _, gfirst, ginv = np.unique(glabel, return_index=True, return_inverse=True)
-  grank = np.empty(len(gfirst), np.int64)
-  grank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
-  unit_group = grank[ginv]
-  num_groups = len(gfirst)
+  unit_group, num_groups = _first_appearance(glabel)
   size = np.bincount(unit_group, minlength=num_groups)
   stage = np.full(num_groups, np.iinfo(np.int64).max)
   fix = np.zeros(num_groups, bool)

@@ -16,6 +16,8 @@ and their BN scale and offset, so masked channels are exactly zero everywhere.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +128,16 @@ def supernet_spaces(plan):
 
 
 def supernet_groups(plan, arc):
+  """Cached supernet_group_arrays(plan, arc) (the search evaluates an arc on many batches)."""
+  return _cached_groups(plan, tuple(int(v) for v in np.asarray(arc)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_groups(plan, arc):
+  return supernet_group_arrays(plan, np.asarray(arc))
+
+
+def supernet_group_arrays(plan, arc):
   """Group arrays of architecture `arc` (concrete int [40]) with static shapes (N =
   channels of all spaces): {'unit_of' [N], 'unit_group' [N], 'group_size' [N+1],
   'group_stage' [N+1], 'group_fixed' [N+1]} (int32 / bool numpy); unused unit ids
