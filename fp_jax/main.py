@@ -37,6 +37,18 @@ class UsageError(Exception):
   pass
 
 
+def _error_barrier(timeout_s=10):
+  """Waits (at most timeout_s) for the other processes to fail too: a config error is seen
+  by every process alike, and process 0 hosts the coordination service, so leaving first
+  would kill peers still starting up (a traceback instead of their own error line).
+  Processes stuck in a collective never arrive; the timeout lets this one go anyway."""
+  try:
+    from jax._src import distributed   # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier("fp_jax_error_exit", timeout_s * 1000)
+  except Exception:   # pylint: disable=broad-except  # timed out or no client: leave anyway
+    pass
+
+
 def fail(message):
   message = str(message).replace("\\n", " ").replace("\\'", "'")
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -46,6 +58,7 @@ def fail(message):
       # sys.exit would wait at jax's shutdown barrier for processes stuck in collectives
       sys.stderr.flush()
       sys.stdout.flush()
+      _error_barrier()
       os._exit(2)
   sys.exit(2)
 
