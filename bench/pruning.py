@@ -74,7 +74,7 @@ def main():
                "prune_acc": lambda arc, r: (params, arc, r, g(arc), x, y),
                "masks": lambda arc, r: (params, arc, r, g(arc)),
                "masks_apply": lambda arc, r: (params, arc, r, g(arc)),
-               "reward_eval": lambda arc, r: (params, arc, r, g(arc), x, y)}
+               "reward_eval": lambda arc, r: (params, arc, r, g(arc), jax.random.key(0), x, y)}
   compiled, compile_s = {}, {}
   for name, fn in fns.items():
     compiled[name], tr, co = common.compile_timed(fn, *call_args[name](arc0, r0))

@@ -25,7 +25,10 @@ def get_config():
   s.alpha = 0.02                       # a of the reward; 0 is plain ENAS
   s.beta = 20.0                        # b of the reward
   s.ratio_choices = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-  s.importance = "l1"                  # l1 | bn
+  s.importance = "l1"                  # l1 | bn | taylor (|w * dL/dw|) | random
+  s.ratio_measure = "layers"           # Ratio of the reward: layers (the paper's sum of
+                                       # per-cell ratios) | macs (8 x the fraction of the
+                                       # searched network's multiply-adds removed)
   s.uniform_child_epochs = 0           # warm-up epochs training the supernet on uniform arcs
   s.controller_updates = 30            # per epoch
   s.controller_samples = 10            # architectures per update
@@ -76,7 +79,7 @@ def get_config():
 
   k = config.compress = ml_collections.ConfigDict()
   k.ratios = ""                        # 5 floats (one per stage); empty: search/arch.json
-  k.importance = "l1"                  # l1 | bn
+  k.importance = "l1"                  # l1 | bn | taylor (|w * dL/dw| on bn_batches) | random
   k.mode = "finetune"                  # finetune (masks held fixed) | scratch (thin net anew)
   k.finetune_epochs = 20
   k.steps_per_epoch = 0

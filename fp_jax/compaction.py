@@ -46,18 +46,24 @@ def producer_importance(plan, params, criterion):
   return out
 
 
-def child_masks(plan, arc, params, ratios, criterion="l1"):
+def child_masks(plan, arc, params, ratios, criterion="l1", grads=None, key=None):
   """{'units': f32 [U]}: each group keeps its top max(1, round((1 - ratio) * units)).
 
-  ratios f32 [5] (one per stage, may be traced); criterion 'l1' (producer filters'
-  L1 norms summed over the unit) or 'bn' (producer BN |scale| summed).
+  ratios f32 [5] (one per stage, may be traced); criterion (pruning.CRITERIA): 'l1'
+  (producer filters' L1 norms summed over the unit), 'bn' (producer BN |scale|
+  summed), 'taylor' (sum |w * g| over the same filters; grads: dL/dparams) or
+  'random' (uniform random unit scores from `key`).
   """
   del arc
   _criterion(criterion)
   g, _ = structure(plan)
-  imp = jnp.zeros(len(g.unit_group), jnp.float32)
-  for s, v in producer_importance(plan, params, criterion):
-    imp = imp.at[g.unit_of[s]].add(v)
+  tree, rule = pruning.scored(params, criterion, grads)
+  if rule == "random":
+    imp = pruning.random_scores(key, len(g.unit_group))
+  else:
+    imp = jnp.zeros(len(g.unit_group), jnp.float32)
+    for s, v in producer_importance(plan, tree, rule):
+      imp = imp.at[g.unit_of[s]].add(v)
   return {"units": groups_lib.unit_masks(imp, g.unit_group, g.group_size, g.group_stage,
                                          g.group_fixed, ratios)}
 

@@ -9,7 +9,8 @@ from fp_jax import space
 from fp_jax import supernet
 
 STAGES = ("search", "final", "compress", "latency", "profile")
-IMPORTANCE = ("l1", "bn")
+IMPORTANCE = ("l1", "bn", "taylor", "random")   # pruning.CRITERIA (kept import-light)
+RATIO_MEASURES = ("layers", "macs")              # supernet_flops.MEASURES
 COMPRESS_MODES = ("finetune", "scratch")
 LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)
 LATENCY_INIT = ("trained", "random")
@@ -141,6 +142,7 @@ def validate(config):
   _float(config, "search.beta", 0.0)
   ratio_choices(config)
   _choice(config, "search.importance", IMPORTANCE)
+  _choice(config, "search.ratio_measure", RATIO_MEASURES)
   _int(config, "search.uniform_child_epochs", 0)
   _int(config, "search.controller_updates", 0)
   _int(config, "search.controller_samples", 1)

@@ -9,9 +9,12 @@ sep_conv's inner channels are a group of their own. The grouping depends on the
 sampled architecture: `supernet_groups(plan, arc)` derives it on the host and
 returns arrays of static shapes, passed to the jitted reward evaluation as data,
 so one compilation still serves every architecture.
-A group keeps its top round((1 - ratio) * C) units (at least one) by importance:
-`l1` sums the L1 norms of the producing conv filters over the group's producers,
-`bn` sums their BN |scale|. A mask multiplies the producing convs' output channels
+A group keeps its top round((1 - ratio) * C) units (at least one) by importance
+(CRITERIA), summed over the group's producers: `l1` the L1 norms of the producing
+conv filters, `bn` their BN |scale|, `taylor` the first-order Taylor score
+sum |w * dL/dw| over the same filters (Molchanov et al. 2019; `grads` are the loss
+gradients of the same params), `random` uniform random scores (a baseline; `key`).
+A mask multiplies the producing convs' output channels
 and their BN scale and offset, so masked channels are exactly zero everywhere.
 """
 from __future__ import annotations
@@ -26,7 +29,26 @@ from fp_jax import groups as groups_lib
 from fp_jax import space
 from fp_jax import supernet
 
-CRITERIA = ("l1", "bn")
+CRITERIA = ("l1", "bn", "taylor", "random")
+
+
+def scored(params, criterion, grads=None):
+  """(tree, rule) the importance functions read: taylor scores the products w * dL/dw
+  with the L1 rule (so a channel's score is sum |w * g| over its producing filters)."""
+  if criterion not in CRITERIA:
+    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+  if criterion == "taylor":
+    if grads is None:
+      raise ValueError("criterion 'taylor' needs the loss gradients of the params")
+    return jax.tree.map(jnp.multiply, params, grads), "l1"
+  return params, criterion
+
+
+def random_scores(key, n):
+  """Uniform random scores f32 [n] (criterion 'random'); key: a PRNG key."""
+  if key is None:
+    raise ValueError("criterion 'random' needs a PRNG key")
+  return jax.random.uniform(key, (n,), jnp.float32)
 
 
 def keep_mask(importance, ratio):
@@ -202,19 +224,27 @@ def _space_importance(plan, params, arc, criterion):
   return out
 
 
-def supernet_masks(plan, params, arc, ratios, groups, criterion="l1"):
+def supernet_masks(plan, params, arc, ratios, groups, criterion="l1", grads=None, key=None):
   """Masks of the sampled architecture, one per producer space of supernet_spaces:
   {'stem': [3F], 'cells': [{'calib_x'?, 'calib_y'?, 'reduce'?: [F], 'out', 'inner':
   [5, 2, F], 'final': [F]}], 'units': [N] (the mask of every unit: space s's mask is
-  units[unit_of[s's channels]])}. arc int32 [40], ratios f32 [5] (one per stage), groups: the arrays of
-  supernet_groups(plan, arc); all may be traced."""
-  imp = jnp.concatenate(_space_importance(plan, params, arc, criterion))
+  units[unit_of[s's channels]]), 'kept': [spaces] (kept channels of every space of
+  supernet_spaces, f32)}. arc int32 [40], ratios f32 [5] (one per stage), groups: the
+  arrays of supernet_groups(plan, arc); grads (taylor) / key (random): see CRITERIA;
+  all may be traced."""
+  tree, rule = scored(params, criterion, grads)
+  if rule == "random":
+    imp = random_scores(key, sum(w for _, w, _ in supernet_spaces(plan)))
+  else:
+    imp = jnp.concatenate(_space_importance(plan, tree, arc, rule))
   n = imp.shape[0]
   unit_imp = jnp.zeros(n, jnp.float32).at[groups["unit_of"]].add(imp)
   units = groups_lib.unit_masks(unit_imp, groups["unit_group"], groups["group_size"],
                                 groups["group_stage"], groups["group_fixed"], ratios)
   flat = units[groups["unit_of"]]
   masks, off = {"cells": [], "units": units}, 0
+  bounds = np.cumsum([0] + [w for _, w, _ in supernet_spaces(plan)])
+  masks["kept"] = jnp.stack([jnp.sum(flat[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
   def take(w):
     nonlocal off
     off += w

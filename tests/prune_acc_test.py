@@ -119,12 +119,18 @@ def test_prune_acc_equals_activation_masked_reference():
       arc = space.sample_uniform(rng)
       ratios = jnp.asarray(rng.choice([0.0, 0.2, 0.4, 0.6], 5), jnp.float32)
       groups = pruning.supernet_groups(plan, arc)
-      train_acc, prune_acc = evaluate(params, jnp.asarray(arc), ratios, groups, x, y)
+      train_acc, prune_acc, kept = evaluate(params, jnp.asarray(arc), ratios, groups,
+                                            jax.random.key(0), x, y)
       masks = pruning.supernet_masks(plan, params, jnp.asarray(arc), ratios, groups)
       ref = reference_logits(plan, params, arc, masks, x)
       masked = pruning.apply_supernet_masks(plan, params, jnp.asarray(arc), masks)
       got = supernet.forward(plan, masked, jnp.asarray(arc), x, with_aux=False)[0]
       assert float(jnp.max(jnp.abs(got - ref))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(ref))))
       assert float(prune_acc) == float(jnp.mean(jnp.argmax(ref, -1) == y))
+      # kept: the channels each space keeps, in pruning.supernet_spaces order
+      flat = jnp.concatenate([masks["units"][groups["unit_of"]]])
+      widths = np.cumsum([0] + [w for _, w, _ in pruning.supernet_spaces(plan)])
+      np.testing.assert_array_equal(np.asarray(kept), [float(jnp.sum(flat[a:b])) for a, b
+                                                       in zip(widths[:-1], widths[1:])])
       unmasked = reference_logits(plan, params, arc, jax.tree.map(jnp.ones_like, masks), x)
       assert float(train_acc) == float(jnp.mean(jnp.argmax(unmasked, -1) == y))

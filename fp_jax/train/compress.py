@@ -1,7 +1,8 @@
 """The compress stage: mask the trained network, fine-tune (or retrain) it, remove channels.
 
   1. load DIR/final/weights.npz; ratios from compress.ratios or search/arch.json;
-  2. masks of every channel group by importance (compress.importance), applied;
+  2. masks of every channel group by importance (compress.importance; 'taylor' reads
+     the loss gradients averaged over the compress.bn_batches batches), applied;
      test_error_masked_stale_bn: the masked network with the unpruned network's
      running BN statistics (stale: masking changes every later activation);
   3. BN re-estimation (bn_reestimate.py): the masked network's running statistics
@@ -28,6 +29,7 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fp_jax import bn_reestimate
@@ -38,6 +40,7 @@ from fp_jax import data
 from fp_jax import flops
 from fp_jax import parallel
 from fp_jax import results
+from fp_jax.parallel import BATCH, REPLICATED
 from fp_jax import space
 from fp_jax import weights
 from fp_jax.train import final
@@ -71,16 +74,48 @@ def compress_recipe(config, num_train):
 BN_STREAM = 30   # data stream of the re-estimation batches (final 10, compress 20)
 
 
-def bn_batches(config, x, y, mean, std):
+def bn_batches(config, x, y, mean, std, labels=False):
   """compress.bn_batches training batches of compress.batch_size, shuffled (stream 30),
   as eval feeds images (normalised, no crop, flip or cutout): this process's rows
-  f32 [B/P, H, W, C] of each global batch."""
+  f32 [B/P, H, W, C] of each global batch (with labels: (images, labels int32 [B/P]))."""
   c = config.compress
   for step in range(c.bn_batches):
-    yield data.train_batch(x, y, step=step, batch_size=c.batch_size, seed=config.seed,
-                           stream=BN_STREAM, mean=mean, std=std,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())[0]
+    xb, yb = data.train_batch(x, y, step=step, batch_size=c.batch_size, seed=config.seed,
+                              stream=BN_STREAM, mean=mean, std=std,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    yield (xb, yb) if labels else xb
+
+
+def taylor_grads(plan, arc, params, stats, batches, mesh):
+  """dL/dparams of the eval-mode cross-entropy of the trained network, averaged over
+  `batches` ((images, labels) of equal global size; criterion 'taylor')."""
+  def grad(p, s, x, y):
+    def loss(p):
+      logits = child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
+      ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+      return jax.lax.pmean(ce, parallel.AXIS)
+    return jax.grad(loss)(p)
+  step = parallel.data_parallel(grad, mesh, (REPLICATED, REPLICATED, BATCH, BATCH), REPLICATED)
+  params, stats = parallel.replicate(mesh, jax.device_get((params, stats)))
+  total, k = None, 0
+  for xb, yb in batches:
+    g = jax.device_get(step(params, stats, *parallel.shard(mesh, (xb, yb))))
+    total = g if total is None else jax.tree.map(np.add, total, g)
+    k += 1
+  return jax.tree.map(lambda a: jnp.asarray(a / k, jnp.float32), total)
+
+
+def importance_inputs(config, plan, arc, params, stats, x, y, mean, std, mesh):
+  """(grads, key) the compress.importance criterion reads (None where it reads none)."""
+  c = config.compress
+  grads = key = None
+  if c.importance == "taylor":
+    grads = taylor_grads(plan, arc, params, stats,
+                         bn_batches(config, x, y, mean, std, labels=True), mesh)
+  if c.importance == "random":
+    key = jax.random.fold_in(jax.random.key(config.seed), 40)
+  return grads, key
 
 
 def train_mode_stats(plan, arc):
@@ -111,13 +146,18 @@ def run(config, workdir, ds):
   x, y = final.training_images(ds)
   recipe = compress_recipe(config, len(y))
 
+  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
+  grads, key = importance_inputs(config, plan, arc, params, stats, x, y, ds.mean, ds.std,
+                                 trainer.mesh)
   masks = jax.device_get(jax.jit(
-      lambda p, r: compaction.child_masks(plan, arc, p, r, c.importance))(params, np.float32(ratios)))
+      lambda p, r, g, k: compaction.child_masks(plan, arc, p, r, c.importance, g, k))(
+          params, np.float32(ratios), grads, key))
   masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
   pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
-                                           masks=masks if c.mode == "finetune" else None)
+  if c.mode == "finetune":
+    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean,
+                                             ds.std, masks=masks)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   restats = bn_reestimate.reestimate(train_mode_stats(plan, arc), masked, stats,
                                      bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)

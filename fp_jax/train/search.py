@@ -35,12 +35,18 @@ from fp_jax import reward as reward_lib
 from fp_jax import schedules
 from fp_jax import space
 from fp_jax import supernet
+from fp_jax import supernet_flops
 from fp_jax.parallel import AXIS, BATCH, REPLICATED
 from fp_jax.train import search_state
 
 
 def xent(logits, labels):
   return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def empty_stages(plan):
+  """Stages (0..4) that hold no cell of `plan` (num_layers < 3)."""
+  return [k for k in range(5) if all(spec.stage != k for spec in plan.cells)]
 
 
 def controller_config(config, num_ratio_choices):
@@ -84,17 +90,28 @@ def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
 
 
 def make_reward_eval(plan, criterion, mesh):
-  """(params, arc, ratios [5], groups, x, y) -> (train_acc, prune_acc) on one batch.
+  """(params, arc, ratios [5], groups, key, x, y) -> (train_acc, prune_acc, kept) on one
+  batch; kept f32 [spaces]: the masked network's channels per space of
+  pruning.supernet_spaces.
 
-  groups: pruning.supernet_groups(plan, arc) (host-side, static shapes)."""
-  def evaluate(params, arc, ratios, groups, x, y):
-    acc = lambda p: jax.lax.pmean(jnp.mean(
-        jnp.argmax(supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0], -1) == y), AXIS)
-    masks = pruning.supernet_masks(plan, params, arc, ratios, groups, criterion)
-    return acc(params), acc(pruning.apply_supernet_masks(plan, params, arc, masks))
+  groups: pruning.supernet_groups(plan, arc) (host-side, static shapes); key: the PRNG
+  key of criterion 'random'. Criterion 'taylor' scores with the gradient of the
+  unmasked architecture's loss on this batch (one more backward pass)."""
+  def evaluate(params, arc, ratios, groups, key, x, y):
+    logits = lambda p: supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0]
+    acc = lambda z: jax.lax.pmean(jnp.mean(jnp.argmax(z, -1) == y), AXIS)
+    grads = None
+    if criterion == "taylor":
+      loss = lambda p: (lambda z: (jax.lax.pmean(xent(z, y), AXIS), z))(logits(p))
+      grads, full = jax.grad(loss, has_aux=True)(params)
+    else:
+      full = logits(params)
+    masks = pruning.supernet_masks(plan, params, arc, ratios, groups, criterion, grads, key)
+    masked = logits(pruning.apply_supernet_masks(plan, params, arc, masks))
+    return acc(full), acc(masked), masks["kept"]
 
-  return parallel.data_parallel(evaluate, mesh, (REPLICATED,) * 4 + (BATCH, BATCH),
-                                (REPLICATED, REPLICATED))
+  return parallel.data_parallel(evaluate, mesh, (REPLICATED,) * 5 + (BATCH, BATCH),
+                                (REPLICATED,) * 3)
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,6 +151,11 @@ class Search:
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
     tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
                                                    float(s.keep_prob), s.importance)
+    empty = empty_stages(plan)
+    if empty:
+      logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
+                      "ratios are fixed at 0 (the controller's choice for them is ignored)",
+                      ", ".join(map(str, empty)), s.num_layers)
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
                reward_eval, reward_lib.make(s.alpha, s.beta))
@@ -163,17 +185,34 @@ class Search:
         process_count=jax.process_count())
     return parallel.shard(self.mesh, (xb, yb))
 
+  def stage_ratios(self, ratio_idx):
+    """The 5 stage ratios of the controller's choices; 0 for stages without a cell."""
+    used = np.ones(5, bool)
+    used[empty_stages(self.plan)] = False
+    return np.where(used, self.ratio_choices[np.asarray(ratio_idx)], np.float32(0))
+
   def evaluate_sample(self, params, arc, ratio_idx, position, stream=1):
     """Reward fields of one architecture on validation batch `position`."""
-    ratios = self.ratio_choices[np.asarray(ratio_idx)]
-    x, y = self._batch(self.ds.x_valid, self.ds.y_valid, position,
-                       self.config.search.eval_batch_size, stream, augment=False)
+    return self.evaluate_ratios(params, arc, self.stage_ratios(ratio_idx), position, stream)
+
+  def evaluate_ratios(self, params, arc, ratios, position, stream=1):
+    """Reward fields of `arc` masked at stage `ratios` [5] on validation batch `position`:
+    train_acc, prune_acc, gap, ratio (search.ratio_measure), reward, macs and
+    masked_macs (supernet_flops.count of the searched network, unmasked and masked)."""
+    s = self.config.search
+    ratios = np.asarray(ratios, np.float32)
+    x, y = self._batch(self.ds.x_valid, self.ds.y_valid, position, s.eval_batch_size, stream,
+                       augment=False)
     groups = pruning.supernet_groups(self.plan, arc)
-    train_acc, prune_acc = self.reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios),
-                                            groups, x, y)
-    ratio = float(sum(ratios[spec.stage] for spec in self.plan.cells))
+    train_acc, prune_acc, kept = self.reward_eval(
+        params, jnp.asarray(arc), jnp.asarray(ratios), groups, self._key(5, stream, position),
+        x, y)
+    macs = supernet_flops.count(self.plan, arc)
+    masked_macs = supernet_flops.count(self.plan, arc, jax.device_get(kept))
+    ratio = supernet_flops.ratio(s.ratio_measure, self.plan, ratios, macs, masked_macs)
     out = self.reward_fn(float(train_acc), float(prune_acc), ratio)
-    return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios], **out)
+    return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios], **out,
+                macs=macs, masked_macs=masked_macs)
 
   def run_epoch(self, state, on_sample=None, hooks=None, progress=False):
     """One epoch of child steps and controller updates, from the state's position.
@@ -297,15 +336,14 @@ class Search:
     if not cands:   # no controller updates were run: take the controller's mode
       sampled = controller.sample_jit(state["controller"]["params"], self._key(2), 1, self.ccfg)
       cands = [{"arc": np.asarray(sampled["arc"][0]).tolist(),
-                "ratios": self.ratio_choices[np.asarray(sampled["ratio_idx"][0])].tolist()}]
+                "ratios": self.stage_ratios(sampled["ratio_idx"][0]).tolist()}]
     best = None
-    idx_of = {float(v): i for i, v in enumerate(self.ratio_choices)}
     for c in cands:
-      ratio_idx = [idx_of[float(np.float32(r))] for r in c["ratios"]]
-      evals = [self.evaluate_sample(state["child"]["params"], np.asarray(c["arc"]), ratio_idx,
+      evals = [self.evaluate_ratios(state["child"]["params"], np.asarray(c["arc"]), c["ratios"],
                                     b, stream=2) for b in range(s.final_eval_batches)]
       avg = {k: float(np.mean([e[k] for e in evals]))
-             for k in ("train_acc", "prune_acc", "gap", "ratio", "reward")}
+             for k in ("train_acc", "prune_acc", "gap", "ratio", "reward", "macs",
+                       "masked_macs")}
       logging.info("candidate reward %.4f train_acc %.4f prune_acc %.4f ratios %s",
                    avg["reward"], avg["train_acc"], avg["prune_acc"], c["ratios"])
       if best is None or avg["reward"] > best[1]["reward"]:

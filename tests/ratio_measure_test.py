@@ -1,0 +1,115 @@
+"""search.ratio_measure (layers | macs), samples' macs / masked_macs, stages without cells."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fp_jax import config as config_lib
+from fp_jax import data
+from fp_jax import parallel
+from fp_jax import pruning
+from fp_jax import reward as reward_lib
+from fp_jax import space
+from fp_jax import supernet
+from fp_jax import supernet_flops
+from fp_jax.train import search
+from tests.search_test import RATIOS, tiny_config
+
+IDENT = [0, space.IDENTITY, 1, space.IDENTITY] * space.NUM_NODES   # every node: h0 + h1
+
+
+def test_supernet_macs_by_hand():
+  # num_layers 0, F 4, 8x8x3, 10 classes: stem 3->12 at 8x8; cell 0 reduces to F 8 at 4x4
+  # (h(i-1) = stem: factorized reduction 12 -> 8, calib_x a factorized reduction 12 -> 8);
+  # cell 1 reduces to F 16 at 2x2 (8 -> 16 twice); classifier 16 x 10.
+  plan = supernet.make_plan(0, 4, (8, 8, 3), 10)
+  assert [(c.reduce, c.calib) for c in plan.cells] == [(True, ("fr", "none"))] * 2
+  stem = 8 * 8 * 9 * 3 * 12
+  cell0 = 16 * 12 * 8 + 16 * 12 * 8 + 16 * (5 * 8) * 8    # reduce, calib_x, final over 5 nodes
+  cell1 = 4 * 8 * 16 + 4 * 8 * 16 + 4 * (5 * 16) * 16
+  ident = np.asarray(IDENT + IDENT)
+  assert supernet_flops.count(plan, ident) == stem + cell0 + cell1 + 16 * 10
+  # node 0 slot 0: sep 5x5 of h0 in both cells (dw 25 c, pw c x c, twice); the final
+  # conv's inputs stay the same
+  sep = ident.copy()
+  sep[1] = sep[21] = space.SEP5        # both cells are reduction cells: arc[20:]
+  extra = 16 * (25 * 8 + 64 + 25 * 8 + 64) + 4 * (25 * 16 + 256 + 25 * 16 + 256)
+  assert supernet_flops.count(plan, sep) == stem + cell0 + cell1 + 160 + extra
+  # node 1 reads node 0 (k = 2): node 0 is no longer unused -> final conv over 4 nodes
+  used = ident.copy()
+  used[4] = used[24] = 2
+  assert supernet_flops.count(plan, used) == (stem + cell0 + cell1 + 160 - 16 * 8 * 8
+                                              - 4 * 16 * 16)
+  # kept widths: the stem keeps 6 of 12 channels -> stem, both stem readers halve
+  kept = [w for _, w, _ in pruning.supernet_spaces(plan)]
+  kept[0] = 6
+  assert supernet_flops.count(plan, ident, kept) == (stem + cell0 + cell1 + 160) - (
+      stem // 2 + 16 * 6 * 8 * 2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load("digits", 256)
+
+
+@pytest.mark.parametrize("measure", ["layers", "macs"])
+def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
+  config = tiny_config(ratio_measure=measure, num_layers=3, alpha=0.5, beta=20.0)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  srch = search.Search.build(config, digits, RATIOS, mesh)
+  params = srch.init_state()["child"]["params"]
+  rng = np.random.default_rng(3)
+  for i in range(4):
+    arc = space.sample_uniform(rng)
+    r = srch.evaluate_sample(params, arc, np.zeros(5, int), i)
+    assert r["masked_macs"] == r["macs"] == supernet_flops.count(srch.plan, arc)
+    assert r["ratio"] == 0.0 and r["reward"] == r["train_acc"] == r["prune_acc"]
+    r = srch.evaluate_sample(params, arc, rng.integers(1, 5, 5), i)
+    assert r["masked_macs"] < r["macs"]
+    assert r["reward"] == 0.5 * r["ratio"] * (1 + 20.0 * (r["prune_acc"] - r["train_acc"])) \
+        + r["train_acc"]
+    if measure == "layers":   # stages of cells N R N R N
+      assert r["ratio"] == sum(r["ratios"][s] for s in (0, 1, 2, 3, 4))
+    else:
+      assert r["ratio"] == 8 * (1 - r["masked_macs"] / r["macs"])
+      assert 0 < r["ratio"] < 8
+
+
+def test_macs_ratio_does_not_grow_with_depth(digits):
+  """At a uniform ratio the layers measure grows with the cells; the macs measure is a
+  scaled fraction of the network (depth-independent up to the stem and classifier)."""
+  got = {}
+  for depth in (3, 6):
+    for measure in ("layers", "macs"):
+      config = tiny_config(ratio_measure=measure, num_layers=depth)
+      srch = search.Search.build(config, digits, RATIOS, parallel.make_mesh(jax.devices()[:1]))
+      params = srch.init_state()["child"]["params"]
+      arc = space.parse_arc(space.ENAS_ARC)
+      got[depth, measure] = srch.evaluate_sample(params, arc, np.full(5, 2), 0)["ratio"]
+  assert got[3, "layers"] == pytest.approx(5 * 0.4) and got[6, "layers"] == pytest.approx(8 * 0.4)
+  assert abs(got[6, "macs"] - got[3, "macs"]) < 0.1 * got[3, "macs"]
+
+
+def test_stages_without_cells_have_ratio_zero(digits, tmp_path):
+  # num_layers 0: two reduction cells (stages 1, 3); stages 0, 2 and 4 hold no cell
+  srch = search.Search.build(tiny_config(), digits, RATIOS, parallel.make_mesh(jax.devices()[:1]))
+  assert search.empty_stages(srch.plan) == [0, 2, 4]
+  params = srch.init_state()["child"]["params"]
+  r = srch.evaluate_sample(params, space.sample_uniform(np.random.default_rng(0)),
+                           np.array([4, 1, 4, 2, 4]), 0)
+  assert r["ratios"] == [0.0, float(np.float32(0.2)), 0.0, float(np.float32(0.4)), 0.0]
+  arch = search.run(tiny_config(epochs=1), str(tmp_path), digits, RATIOS)
+  assert [arch["ratios"][s] for s in (0, 2, 4)] == [0.0, 0.0, 0.0]
+  for line in open(tmp_path / "search" / "samples.jsonl"):
+    row = json.loads(line)
+    assert [row["ratios"][s] for s in (0, 2, 4)] == [0.0, 0.0, 0.0]
+    assert 0 < row["masked_macs"] <= row["macs"]
+
+
+def test_ratio_measure_is_validated():
+  config = tiny_config(ratio_measure="flops", num_layers=3)
+  with pytest.raises(config_lib.ConfigError, match="search.ratio_measure='flops': must be one "
+                     "of layers, macs"):
+    config_lib.validate(config)
