@@ -1,0 +1,178 @@
+"""Importance criteria taylor (|w * dL/dw|) and random, checked against hand computations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from fp_jax import child
+from fp_jax import compaction
+from fp_jax import data
+from fp_jax import flops
+from fp_jax import parallel
+from fp_jax import pruning
+from fp_jax import space
+from fp_jax import supernet
+from fp_jax.train import compress
+from fp_jax.train import search
+
+ARC = space.parse_arc(space.ENAS_ARC)
+RATIOS = np.float32([0.5, 0.25, 0.5, 0.25, 0.5])
+
+
+def xent(logits, y):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def top(scores, ratio):
+  """Hand computation: 0/1 mask keeping the max(1, round((1 - ratio) * C)) highest scores."""
+  scores = np.asarray(scores, np.float64)
+  keep = max(1, int(np.round((1 - ratio) * len(scores))))
+  out = np.zeros(len(scores))
+  out[np.argsort(-scores, kind="stable")[:keep]] = 1
+  return out
+
+
+def per_out_channel(w):
+  return np.abs(np.asarray(w, np.float64)).sum(axis=tuple(range(np.ndim(w) - 1)))
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.standard_normal((16, 8, 8, 3)), jnp.float32),
+          jnp.asarray(rng.integers(0, 10, 16), jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def fixed(batch):
+  plan = child.make_plan(ARC, 1, 4, (8, 8, 3), 10)
+  params, stats = child.init(jax.random.key(0), plan, ARC)
+  x, y = batch
+  grads = jax.grad(lambda p: xent(child.forward(plan, ARC, p, stats, x, False,
+                                                with_aux=False)[0], y))(params)
+  return plan, params, grads
+
+
+def _own_group(g, space_index):
+  """The stem's (or an inner space's) units form a group of their own."""
+  units = g.unit_of[space_index]
+  group = g.unit_group[units[0]]
+  assert np.all(g.unit_group[units] == group) and g.group_size[group] == len(set(units))
+  return units
+
+
+def test_fixed_taylor_scores_are_w_times_grad(fixed):
+  plan, params, grads = fixed
+  masks = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "taylor", grads=grads))
+  g, inner = compaction.structure(plan)
+  _own_group(g, plan.stem)
+  stem = lambda t: t["blocks"]["stem"]["conv"]
+  want = top(per_out_channel(np.asarray(stem(params)) * np.asarray(stem(grads))), RATIOS[0])
+  np.testing.assert_array_equal(compaction.value_mask(plan, masks, plan.stem), want)
+  # and it is not the L1 criterion's choice on this network (the test can tell them apart)
+  l1 = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "l1"))
+  assert not np.array_equal(l1["units"], masks["units"])
+  # every sep_conv's inner channels: sum |pw1 * dL/dpw1| over the filter
+  checked = 0
+  for j, n in enumerate(plan.nodes):
+    if n.kind != "sep":
+      continue
+    _own_group(g, inner[n.name])
+    pw1 = lambda t: np.asarray(t["blocks"][n.name]["pw1"])
+    ratio = RATIOS[plan.cells[n.cell].stage]
+    np.testing.assert_array_equal(compaction.value_mask(plan, masks, inner[n.name]),
+                                  top(per_out_channel(pw1(params) * pw1(grads)), ratio))
+    checked += 1
+  assert checked >= 4
+
+
+def test_fixed_random_ranks(fixed):
+  plan, params, _ = fixed
+  key = jax.random.key(7)
+  masks = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "random", key=key))
+  g, _ = compaction.structure(plan)
+  scores = np.asarray(jax.random.uniform(key, (len(g.unit_group),)))
+  units = _own_group(g, plan.stem)
+  np.testing.assert_array_equal(compaction.value_mask(plan, masks, plan.stem),
+                                top(scores[units], RATIOS[0]))
+  # every group keeps its count, as with any criterion
+  l1 = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "l1"))
+  assert flops.count(plan, ARC, compaction.widths_of(plan, masks)) == \
+      flops.count(plan, ARC, compaction.widths_of(plan, l1))
+  other = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "random",
+                                                key=jax.random.key(8)))
+  assert not np.array_equal(other["units"], masks["units"])
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    compaction.child_masks(plan, ARC, params, RATIOS, "random")
+
+
+def test_supernet_taylor_and_random(batch):
+  plan = supernet.make_plan(3, 4, (8, 8, 3), 10)    # N R N R N; the stem feeds cell 0 only
+  params = supernet.init(jax.random.key(1), plan)
+  arc = ARC.copy()
+  arc[1] = space.SEP3                                # normal cell, node 0, slot 0: sep 3x3
+  x, y = batch
+  grads = jax.grad(lambda p: xent(supernet.forward(plan, p, jnp.asarray(arc), x,
+                                                   with_aux=False)[0], y))(params)
+  groups = pruning.supernet_groups(plan, arc)
+  masks = pruning.supernet_masks(plan, params, jnp.asarray(arc), RATIOS, groups, "taylor", grads)
+  stem = lambda t: np.asarray(t["stem"]["conv"])
+  np.testing.assert_array_equal(masks["stem"], top(per_out_channel(stem(params) * stem(grads)),
+                                                   RATIOS[0]))
+  # cell 0, node 0, slot 0's inner channels (its own group): the sep3 pw1 of that slot
+  pw1 = lambda t: np.asarray(t["cells"][0]["sep3"]["pw1"][0, 0, 0])
+  np.testing.assert_array_equal(masks["cells"][0]["inner"][0, 0],
+                                top(per_out_channel(pw1(params) * pw1(grads)), RATIOS[0]))
+  key = jax.random.key(3)
+  rnd = pruning.supernet_masks(plan, params, jnp.asarray(arc), RATIOS, groups, "random", key=key)
+  n = sum(w for _, w, _ in pruning.supernet_spaces(plan))
+  scores = np.asarray(jax.random.uniform(key, (n,)))
+  np.testing.assert_array_equal(rnd["stem"], top(scores[:plan.stem_channels], RATIOS[0]))
+  np.testing.assert_array_equal(rnd["kept"], masks["kept"])   # same counts, other channels
+  assert not np.array_equal(rnd["units"], masks["units"])
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "random"])
+def test_reward_eval_criteria_same_on_one_and_two_devices(criterion):
+  """taylor's gradient is the global batch's; random's key is replicated."""
+  ds = data.load("digits", 256)
+  plan = supernet.make_plan(1, 4, ds.image_shape, ds.num_classes)
+  params = supernet.init(jax.random.key(2), plan)
+  arc = space.sample_uniform(np.random.default_rng(4))
+  x, y, _ = next(data.eval_batches(ds.x_valid, ds.y_valid, batch_size=64, mean=ds.mean,
+                                   std=ds.std))
+  outs = []
+  for n in (1, 2):
+    mesh = parallel.make_mesh(jax.devices()[:n])
+    evaluate = search.make_reward_eval(plan, criterion, mesh)
+    outs.append(jax.device_get(evaluate(params, jnp.asarray(arc), jnp.float32(RATIOS),
+                                        pruning.supernet_groups(plan, arc), jax.random.key(5),
+                                        *parallel.shard(mesh, (x, y)))))
+  assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
+  np.testing.assert_array_equal(outs[0][2], outs[1][2])
+
+
+def test_compress_taylor_grads_average_batches():
+  """The mean of the per-batch gradients of equal batches is the gradient over their union
+  (eval mode: BN uses running statistics), on 2 devices."""
+  plan = child.make_plan(ARC, 1, 4, (8, 8, 3), 10)
+  params, stats = child.init(jax.random.key(0), plan, ARC)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 16, 8, 8, 3)).astype(np.float32)
+  y = rng.integers(0, 10, (2, 16)).astype(np.int32)
+  got = compress.taylor_grads(plan, ARC, params, stats, zip(x, y),
+                              parallel.make_mesh(jax.devices()[:2]))
+  want = jax.grad(lambda p: xent(child.forward(plan, ARC, p, stats, x.reshape(32, 8, 8, 3),
+                                               False, with_aux=False)[0], y.reshape(32)))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_compress_importance_is_validated():
+  from fp_jax import config as config_lib
+  config = smoke.get_config()
+  config.compress.importance = "magnitude"
+  with pytest.raises(config_lib.ConfigError, match="compress.importance='magnitude': must be "
+                     "one of l1, bn, taylor, random"):
+    config_lib.validate(config)
