@@ -49,9 +49,9 @@ def fixed(batch):
   plan = child.make_plan(ARC, 1, 4, (8, 8, 3), 10)
   params, stats = child.init(jax.random.key(0), plan, ARC)
   x, y = batch
-  grads = jax.grad(lambda p: xent(child.forward(plan, ARC, p, stats, x, False,
-                                                with_aux=False)[0], y))(params)
-  return plan, params, grads
+  grads = jax.jit(jax.grad(lambda p: xent(child.forward(plan, ARC, p, stats, x, False,
+                                                        with_aux=False)[0], y)))(params)
+  return plan, params, grads, stats
 
 
 def _own_group(g, space_index):
@@ -63,7 +63,7 @@ def _own_group(g, space_index):
 
 
 def test_fixed_taylor_scores_are_w_times_grad(fixed):
-  plan, params, grads = fixed
+  plan, params, grads, _ = fixed
   masks = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "taylor", grads=grads))
   g, inner = compaction.structure(plan)
   _own_group(g, plan.stem)
@@ -88,7 +88,7 @@ def test_fixed_taylor_scores_are_w_times_grad(fixed):
 
 
 def test_fixed_random_ranks(fixed):
-  plan, params, _ = fixed
+  plan, params, _, _ = fixed
   key = jax.random.key(7)
   masks = jax.device_get(compaction.child_masks(plan, ARC, params, RATIOS, "random", key=key))
   g, _ = compaction.structure(plan)
@@ -108,24 +108,27 @@ def test_fixed_random_ranks(fixed):
 
 
 def test_supernet_taylor_and_random(batch):
-  plan = supernet.make_plan(3, 4, (8, 8, 3), 10)    # N R N R N; the stem feeds cell 0 only
+  plan = supernet.make_plan(1, 4, (8, 8, 3), 10)    # R R N; the stem feeds cell 0 only
   params = supernet.init(jax.random.key(1), plan)
   arc = ARC.copy()
   arc[1] = space.SEP3                                # normal cell, node 0, slot 0: sep 3x3
+  assert not plan.cells[2].reduce and plan.cells[2].stage == 4
   x, y = batch
-  grads = jax.grad(lambda p: xent(supernet.forward(plan, p, jnp.asarray(arc), x,
-                                                   with_aux=False)[0], y))(params)
+  grads = jax.jit(jax.grad(lambda p: xent(supernet.forward(plan, p, jnp.asarray(arc), x,
+                                                           with_aux=False)[0], y)))(params)
   groups = pruning.supernet_groups(plan, arc)
-  masks = pruning.supernet_masks(plan, params, jnp.asarray(arc), RATIOS, groups, "taylor", grads)
+  masks_of = jax.jit(lambda p, g, k, criterion: pruning.supernet_masks(
+      plan, p, jnp.asarray(arc), RATIOS, groups, criterion, g, k), static_argnums=3)
+  masks = masks_of(params, grads, None, "taylor")
   stem = lambda t: np.asarray(t["stem"]["conv"])
   np.testing.assert_array_equal(masks["stem"], top(per_out_channel(stem(params) * stem(grads)),
                                                    RATIOS[0]))
-  # cell 0, node 0, slot 0's inner channels (its own group): the sep3 pw1 of that slot
-  pw1 = lambda t: np.asarray(t["cells"][0]["sep3"]["pw1"][0, 0, 0])
-  np.testing.assert_array_equal(masks["cells"][0]["inner"][0, 0],
-                                top(per_out_channel(pw1(params) * pw1(grads)), RATIOS[0]))
+  # cell 2, node 0, slot 0's inner channels (its own group): the sep3 pw1 of that slot
+  pw1 = lambda t: np.asarray(t["cells"][2]["sep3"]["pw1"][0, 0, 0])
+  np.testing.assert_array_equal(masks["cells"][2]["inner"][0, 0],
+                                top(per_out_channel(pw1(params) * pw1(grads)), RATIOS[4]))
   key = jax.random.key(3)
-  rnd = pruning.supernet_masks(plan, params, jnp.asarray(arc), RATIOS, groups, "random", key=key)
+  rnd = masks_of(params, None, key, "random")
   n = sum(w for _, w, _ in pruning.supernet_spaces(plan))
   scores = np.asarray(jax.random.uniform(key, (n,)))
   np.testing.assert_array_equal(rnd["stem"], top(scores[:plan.stem_channels], RATIOS[0]))
@@ -133,11 +136,10 @@ def test_supernet_taylor_and_random(batch):
   assert not np.array_equal(rnd["units"], masks["units"])
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "random"])
-def test_reward_eval_criteria_same_on_one_and_two_devices(criterion):
-  """taylor's gradient is the global batch's; random's key is replicated."""
+def test_reward_eval_taylor_same_on_one_and_two_devices():
+  """taylor's gradient is the global batch's."""
   ds = data.load("digits", 256)
-  plan = supernet.make_plan(1, 4, ds.image_shape, ds.num_classes)
+  plan = supernet.make_plan(0, 4, ds.image_shape, ds.num_classes)   # two reduction cells
   params = supernet.init(jax.random.key(2), plan)
   arc = space.sample_uniform(np.random.default_rng(4))
   x, y, _ = next(data.eval_batches(ds.x_valid, ds.y_valid, batch_size=64, mean=ds.mean,
@@ -145,7 +147,7 @@ def test_reward_eval_criteria_same_on_one_and_two_devices(criterion):
   outs = []
   for n in (1, 2):
     mesh = parallel.make_mesh(jax.devices()[:n])
-    evaluate = search.make_reward_eval(plan, criterion, mesh)
+    evaluate = search.make_reward_eval(plan, "taylor", mesh)
     outs.append(jax.device_get(evaluate(params, jnp.asarray(arc), jnp.float32(RATIOS),
                                         pruning.supernet_groups(plan, arc), jax.random.key(5),
                                         *parallel.shard(mesh, (x, y)))))
@@ -153,18 +155,14 @@ def test_reward_eval_criteria_same_on_one_and_two_devices(criterion):
   np.testing.assert_array_equal(outs[0][2], outs[1][2])
 
 
-def test_compress_taylor_grads_average_batches():
+def test_compress_taylor_grads_average_batches(fixed, batch):
   """The mean of the per-batch gradients of equal batches is the gradient over their union
   (eval mode: BN uses running statistics), on 2 devices."""
-  plan = child.make_plan(ARC, 1, 4, (8, 8, 3), 10)
-  params, stats = child.init(jax.random.key(0), plan, ARC)
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((2, 16, 8, 8, 3)).astype(np.float32)
-  y = rng.integers(0, 10, (2, 16)).astype(np.int32)
-  got = compress.taylor_grads(plan, ARC, params, stats, zip(x, y),
+  plan, params, want, stats = fixed
+  x, y = batch
+  got = compress.taylor_grads(plan, ARC, params, stats,
+                              zip(np.split(np.asarray(x), 2), np.split(np.asarray(y), 2)),
                               parallel.make_mesh(jax.devices()[:2]))
-  want = jax.grad(lambda p: xent(child.forward(plan, ARC, p, stats, x.reshape(32, 8, 8, 3),
-                                               False, with_aux=False)[0], y.reshape(32)))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 

@@ -1,7 +1,4 @@
 """search.ratio_measure (layers | macs), samples' macs / masked_macs, stages without cells."""
-import dataclasses
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -10,7 +7,6 @@ from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax import parallel
 from fp_jax import pruning
-from fp_jax import reward as reward_lib
 from fp_jax import space
 from fp_jax import supernet
 from fp_jax import supernet_flops
@@ -77,35 +73,40 @@ def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
       assert 0 < r["ratio"] < 8
 
 
-def test_macs_ratio_does_not_grow_with_depth(digits):
+def test_macs_ratio_does_not_grow_with_depth():
   """At a uniform ratio the layers measure grows with the cells; the macs measure is a
   scaled fraction of the network (depth-independent up to the stem and classifier)."""
+  arc = space.parse_arc(space.ENAS_ARC)
   got = {}
   for depth in (3, 6):
-    for measure in ("layers", "macs"):
-      config = tiny_config(ratio_measure=measure, num_layers=depth)
-      srch = search.Search.build(config, digits, RATIOS, parallel.make_mesh(jax.devices()[:1]))
-      params = srch.init_state()["child"]["params"]
-      arc = space.parse_arc(space.ENAS_ARC)
-      got[depth, measure] = srch.evaluate_sample(params, arc, np.full(5, 2), 0)["ratio"]
-  assert got[3, "layers"] == pytest.approx(5 * 0.4) and got[6, "layers"] == pytest.approx(8 * 0.4)
-  assert abs(got[6, "macs"] - got[3, "macs"]) < 0.1 * got[3, "macs"]
+    plan = supernet.make_plan(depth, 8, (8, 8, 1), 10)
+    params = supernet.init(jax.random.key(0), plan)
+    groups = pruning.supernet_groups(plan, arc)
+    masks = jax.jit(lambda p, g: pruning.supernet_masks(plan, p, arc, np.full(5, 0.4, np.float32),
+                                                        g))(params, groups)
+    macs, masked = supernet_flops.count(plan, arc), supernet_flops.count(plan, arc, masks["kept"])
+    got[depth] = (supernet_flops.ratio("layers", plan, [0.4] * 5),
+                  supernet_flops.ratio("macs", plan, None, macs, masked))
+  assert got[3][0] == pytest.approx(5 * 0.4) and got[6][0] == pytest.approx(8 * 0.4)
+  assert abs(got[6][1] - got[3][1]) < 0.1 * got[3][1]
+  assert 8 * 0.4 < got[6][1] < 8 * (1 - 0.6 ** 2)   # between r and 1 - (1 - r)^2 of 8
 
 
-def test_stages_without_cells_have_ratio_zero(digits, tmp_path):
+def test_stages_without_cells_have_ratio_zero(digits):
   # num_layers 0: two reduction cells (stages 1, 3); stages 0, 2 and 4 hold no cell
   srch = search.Search.build(tiny_config(), digits, RATIOS, parallel.make_mesh(jax.devices()[:1]))
   assert search.empty_stages(srch.plan) == [0, 2, 4]
-  params = srch.init_state()["child"]["params"]
-  r = srch.evaluate_sample(params, space.sample_uniform(np.random.default_rng(0)),
-                           np.array([4, 1, 4, 2, 4]), 0)
-  assert r["ratios"] == [0.0, float(np.float32(0.2)), 0.0, float(np.float32(0.4)), 0.0]
-  arch = search.run(tiny_config(epochs=1), str(tmp_path), digits, RATIOS)
+  state = srch.init_state()
+  rng = np.random.default_rng(0)
+  rows = [srch.evaluate_sample(state["child"]["params"], space.sample_uniform(rng),
+                               np.array([4, 1, 4, 2, 4]), i) for i in range(3)]
+  assert rows[0]["ratios"] == [0.0, float(np.float32(0.2)), 0.0, float(np.float32(0.4)), 0.0]
+  arch = srch.choose(state, rows)
+  assert arch["ratios"] == rows[0]["ratios"]
+  assert 0 < arch["masked_macs"] < arch["macs"]
+  # no samples: the controller's mode, with the same stages at 0
+  arch = srch.choose(state, [])
   assert [arch["ratios"][s] for s in (0, 2, 4)] == [0.0, 0.0, 0.0]
-  for line in open(tmp_path / "search" / "samples.jsonl"):
-    row = json.loads(line)
-    assert [row["ratios"][s] for s in (0, 2, 4)] == [0.0, 0.0, 0.0]
-    assert 0 < row["masked_macs"] <= row["macs"]
 
 
 def test_ratio_measure_is_validated():
