@@ -74,14 +74,19 @@ def main():
                          args.classes)
   full_macs = flops.count(plan, arc)["macs"]
 
-  def keep(c, r):   # pruning.keep_mask's count
-    return max(1, int(np.round((np.float32(1) - np.float32(r)) * np.float32(c))))
-
-  def reduction(r):
-    widths = {"stem": keep(plan.stem_channels, r),
-              "cells": [{"cell": keep(s.filters, r),
-                         "inner": [[keep(s.filters, r)] * 2 for _ in range(space.NUM_NODES)]}
-                        for s in plan.cells]}
+  def reduction(r):     # every channel group keeps flops.kept(size, r) (graph.py values)
+    vals = []
+    for n in plan.nodes:
+      if n.kind == "image":
+        vals.append(n.channels)
+      elif n.kind == "concat":
+        vals.append(sum(vals[i] for i in n.inputs))
+      elif n.kind in ("avg", "max", "add"):
+        vals.append(vals[n.inputs[0]])
+      else:
+        vals.append(flops.kept(n.channels, r))
+    widths = {"values": vals, "inner": {n.name: flops.kept(n.channels, r)
+                                        for n in plan.nodes if n.kind == "sep"}}
     return 1.0 - flops.count(plan, arc, widths)["macs"] / full_macs
 
   grid = np.round(np.arange(0.0, 0.91, 0.01), 2)

@@ -37,9 +37,10 @@ import numpy as np
 
 from fp_jax import graph
 from fp_jax import layers
+from fp_jax.infer import kernels
 from fp_jax.infer import padding
 
-DEPTHWISE_IMPLS = ("auto", "flat", "shift", "xla")
+DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
 MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 
@@ -47,7 +48,7 @@ MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 @dataclasses.dataclass(frozen=True)
 class Options:
   im2col: bool = False          # kxk convs (k > 1) as im2col + GEMM instead of XLA's conv
-  depthwise: str = "auto"       # shift | flat | xla | auto (shift on CPU, xla elsewhere)
+  depthwise: str = "auto"       # kernel | shift | flat | xla | auto (see depthwise_impl)
   pad_channels: int = 8         # zero-pad channel groups to a multiple of this (padding.py)
   dots: str = "auto"            # XLA:CPU GEMMs: xla (its own emitter) | ynn (YNNPACK) | auto: xla
 
@@ -124,22 +125,41 @@ def folded(plan, arc, params, stats, opts=Options()):
 # ---------------------------------------------------------------- operators (traced)
 
 
-def depthwise(x, w, impl="auto", pad=None):
-  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME.
+def depthwise_impl(impl="auto", k=5):
+  """The implementation `depthwise` runs for `impl`: 'auto' is 'kernel' on CPU when
+  fp_jax's kernel is available (kernels.py) and handles k, else 'shift' on CPU and
+  'xla' elsewhere."""
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "kernel" if k in kernels.KERNELS and kernels.available() else "shift"
+
+
+def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME, on x (+ bias [C], the
+  producing conv's, so the kernel can fold it in), ReLU'd when relu.
 
   pad >= k // 2 (shift and flat): pad x by this much and start the taps at
   pad - k // 2, so every depthwise of one tensor pads it alike and XLA computes
   the (ReLU'd) padded tensor once for all of them.
 
-  impl 'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
+  impl 'kernel': fp_jax's register-blocked CPU kernel, an XLA custom call with
+  the ReLU and padding folded in (kernels.py, depthwise.cc; ~2x 'shift');
+  'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
   choice); 'flat': the same sum in the [B,H,W*C] view, where a shift along W is
   an offset of j*C into the contiguous minor dimension (faster alone, not inside
   the network, where XLA fuses the [B*H*W,C] view of the consumer dot into it);
   'xla': a grouped convolution (fast on GPU/TPU, 5-10x slower on XLA:CPU);
-  'auto': shift on CPU, xla elsewhere.
+  'auto': depthwise_impl.
   """
-  if impl == "auto":
-    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+  impl = depthwise_impl(impl, np.shape(w)[0])
+  if impl == "kernel":
+    return kernels.depthwise(x, w, relu, bias)
+  if bias is not None:
+    x = x + bias
+  if relu:
+    x = jax.nn.relu(x)
   if impl == "xla":
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
@@ -237,10 +257,10 @@ def sep_conv(fs, x, stride=1, opts=Options()):
   `stride`: [B,H,W,C] -> [B,ceil(H/s),ceil(W/s),C]."""
   # the first depthwise pads by MAX_PAD: sep convs of one input share its padded ReLU
   k, hw = np.shape(fs["dw1"])[0], x.shape[1:3]
-  y = layers.subsample(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise, MAX_PAD), hw, k,
-                       stride)
-  y = conv(y, fs["pw1"], fs["b1"])
-  return conv(depthwise(jax.nn.relu(y), fs["dw2"], opts.depthwise), fs["pw2"], fs["b2"])
+  y = layers.subsample(depthwise(x, fs["dw1"], opts.depthwise, MAX_PAD, relu=True), hw, k, stride)
+  y = conv(y, fs["pw1"])                # its bias b1 is added by the next depthwise
+  return conv(depthwise(y, fs["dw2"], opts.depthwise, relu=True, bias=fs["b1"]), fs["pw2"],
+              fs["b2"])
 
 
 def pool(kind, x, stride=1):
