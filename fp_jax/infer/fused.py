@@ -20,7 +20,11 @@ kxk convolution (k > 1: the stem) as explicit patch extraction + `jnp.dot`
 `Options.pad_channels` zero-pads every channel group to a multiple of the SIMD
 width (padding.py: pruned widths such as 22 or 43 leave scalar remainders in
 every vectorized row), and `Options.dots` picks XLA:CPU's GEMM emitter
-(`compiler_options`). The aux
+(`compiler_options`). On CPU the depthwise convolutions run as fp_jax's own
+kernel, an XLA custom call inside the same computation (`depthwise` 'kernel':
+kernels.py, depthwise.cc) that also absorbs the ReLU, the zero padding and the
+bias of the pointwise conv before it; XLA's loop fusion for them was a third of
+the network's time at ~15 GMAC/s. Exported artifacts use 'shift' (export.py). The aux
 head is training-only and not part of inference. Logits equal
 `child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`
 up to float rounding, for full and compact (compaction.py) networks alike.
@@ -39,6 +43,7 @@ from fp_jax import graph
 from fp_jax import layers
 from fp_jax.infer import kernels
 from fp_jax.infer import padding
+from fp_jax.infer.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
 
 DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
@@ -176,29 +181,6 @@ def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
   out = sum(xp[:, o + i:o + i + h, (o + j) * c:(o + j) * c + wd * c] * wt[i, j]
             for i in range(k) for j in range(k))
   return out.reshape(b, h, wd, c)
-
-
-def _pool3x3(x, init, combine):
-  """Separable 3x3 stride-1 SAME window reduction in the [B,H,W*C] view."""
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=init)
-  xp = xp.reshape(b, h + 2, (w + 2) * c)
-  r = combine(combine(xp[:, 0:h], xp[:, 1:h + 1]), xp[:, 2:h + 2])
-  out = combine(combine(r[:, :, 0:w * c], r[:, :, c:c + w * c]), r[:, :, 2 * c:2 * c + w * c])
-  return out.reshape(b, h, w, c)
-
-
-def avg_pool3x3(x):
-  """layers.avg_pool3x3 (padding excluded from the count) as two separable sums."""
-  h, w = x.shape[1:3]
-  ones = np.pad(np.ones((h, w)), 1)
-  count = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
-  return _pool3x3(x, 0.0, jnp.add) * jnp.asarray(1.0 / count, x.dtype)[:, :, None]
-
-
-def max_pool3x3(x):
-  """layers.max_pool3x3 as two separable maxima."""
-  return _pool3x3(x, -jnp.inf, jnp.maximum)
 
 
 def _same_pads(n, k, stride):
