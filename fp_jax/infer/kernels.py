@@ -74,10 +74,14 @@ def available():
   """True when the kernels are built and registered with XLA:CPU (see the docstring)."""
   if os.environ.get("FP_JAX_KERNELS", "1") == "0" or not _cpu_ok():
     return False
-  path = _build()
-  if path is None:
+  try:
+    path = _build()
+    if path is None:
+      return False
+    lib = ctypes.cdll.LoadLibrary(path)
+  except OSError as e:                 # unwritable cache directory, unloadable library
+    logging.warning("fp_jax kernels: not available: %s", e)
     return False
-  lib = ctypes.cdll.LoadLibrary(path)
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FpJaxDepthwise), platform="cpu")
   return True
 
