@@ -57,6 +57,7 @@ def parse():
 
 def main():
   args = parse()
+  load_start = os.getloadavg()
   if args.cpus:      # before JAX creates its CPU client and thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
   if args.xla_flags:
@@ -74,14 +75,19 @@ def main():
                          args.classes)
   full_macs = flops.count(plan, arc)["macs"]
 
-  def keep(c, r):   # pruning.keep_mask's count
-    return max(1, int(np.round((np.float32(1) - np.float32(r)) * np.float32(c))))
-
-  def reduction(r):
-    widths = {"stem": keep(plan.stem_channels, r),
-              "cells": [{"cell": keep(s.filters, r),
-                         "inner": [[keep(s.filters, r)] * 2 for _ in range(space.NUM_NODES)]}
-                        for s in plan.cells]}
+  def reduction(r):     # every channel group keeps flops.kept(size, r) (graph.py values)
+    vals = []
+    for n in plan.nodes:
+      if n.kind == "image":
+        vals.append(n.channels)
+      elif n.kind == "concat":
+        vals.append(sum(vals[i] for i in n.inputs))
+      elif n.kind in ("avg", "max", "add"):
+        vals.append(vals[n.inputs[0]])
+      else:
+        vals.append(flops.kept(n.channels, r))
+    widths = {"values": vals, "inner": {n.name: flops.kept(n.channels, r)
+                                        for n in plan.nodes if n.kind == "sep"}}
     return 1.0 - flops.count(plan, arc, widths)["macs"] / full_macs
 
   grid = np.round(np.arange(0.0, 0.91, 0.01), 2)
@@ -116,6 +122,7 @@ def main():
               f"im2col={not opts.im2col}": fused.Options(**dict(base, im2col=not opts.im2col)),
               "pad_channels=1": fused.Options(**dict(base, pad_channels=1)),
               "dots=ynn": fused.Options(**dict(base, dots="ynn")),
+              "depthwise=shift": fused.Options(**dict(base, depthwise="shift")),
               "none (im2col off, pad 1, ynn)": fused.Options(**dict(base, im2col=False,
                                                                      pad_channels=1, dots="ynn"))}
   fns = {}
@@ -141,7 +148,19 @@ def main():
              "met": {"fused_vs_perop_ge_2": net["pruned_perop_ms"] / pf >= 2,
                      "vs_baseline_perop_ge_4": net["baseline_perop_ms"] / pf >= 4,
                      "within_3x_floor": pf / floor <= 3}}
-  result = {"args": vars(args), "env": dict(common.environment(), loadavg_end=os.getloadavg()),
+  vs_ort = {}
+  if "onnxruntime" in res["runtimes"]:
+    for n, v in res["runtimes"]["onnxruntime"].items():
+      b = v["block_ratio_vs_fused"]
+      vs_ort[n] = {"onnxruntime_median_ms": v["median_ms"],
+                   "fused_median_ms": res["runtimes"]["fused"][n]["median_ms"],
+                   "ratio_of_medians": v["median_vs_fused"], "per_repeat_ratio": b,
+                   "met_1.2": v["median_vs_fused"] >= 1.2}
+  result = {"args": vars(args), "env": dict(common.environment(), loadavg_start=load_start,
+                                             loadavg_end=os.getloadavg()),
+            "depthwise_resolved": {"perop": fused.depthwise_impl(args.depthwise),
+                                   "fused": fused.depthwise_impl(opts.depthwise)},
+            "fused_vs_onnxruntime": vs_ort,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "ratio_all_stages": ratio, "mac_reduction": res["mac_reduction"],
@@ -154,18 +173,38 @@ def main():
                      f"so that a full run takes a few minutes on this shared 2-core CPU; "
                      f"1/5/15-min load averages at the end in env")}
   path = common.write_json("latency", args.out, result)
-  print(latency.to_markdown(res))
+  md = [latency.to_markdown(res)]
   t = targets
-  print(f"\n## Targets (ratio {ratio} in every stage, -{100 * res['mac_reduction']:.1f}% "
-        f"multiply-adds)\n")
-  print(common.table(["pruned fused ms", "vs pruned per-op (>=2)", "vs unpruned per-op (>=4)",
-                      "/ floor (<=3)", "met"],
-                     [[t["pruned_fused_ms"], t["fused_vs_perop_pruned"],
-                       t["pruned_fused_vs_baseline_perop"], t["pruned_fused_over_floor"],
-                       " ".join(k for k, ok in t["met"].items() if ok) or "none"]]))
-  print("\n## Fused-path options (pruned network, interleaved pass)\n")
-  print(common.table(["fused options", "mean ms"], [[k, v] for k, v in ablation_ms.items()]))
-  print(f"wrote {path}")
+  md += [f"\n## Targets (ratio {ratio} in every stage, -{100 * res['mac_reduction']:.1f}% "
+         f"multiply-adds)\n",
+         common.table(["pruned fused ms", "vs pruned per-op (>=2)", "vs unpruned per-op (>=4)",
+                       "/ floor (<=3)", "met"],
+                      [[t["pruned_fused_ms"], t["fused_vs_perop_pruned"],
+                        t["pruned_fused_vs_baseline_perop"], t["pruned_fused_over_floor"],
+                        " ".join(k for k, ok in t["met"].items() if ok) or "none"]])]
+  if vs_ort:
+    md += ["\n## fp_jax fused vs ONNX Runtime (goal: ONNX Runtime median / fused median >= 1.2)\n",
+           common.table(["network", "ORT median ms", "fused median ms", "ratio",
+                         "per-repeat ratio min / q1 / median / q3 / max (repeats)", ">= 1.2"],
+                        [[n, v["onnxruntime_median_ms"], v["fused_median_ms"],
+                          v["ratio_of_medians"],
+                          " / ".join(f"{v['per_repeat_ratio'][k]:.2f}"
+                                     for k in ("min", "q1", "median", "q3", "max"))
+                          + f" ({v['per_repeat_ratio']['blocks']})", v["met_1.2"]]
+                         for n, v in vs_ort.items()])]
+  md += ["\n## Fused-path options (pruned network, interleaved pass)\n",
+         common.table(["fused options", "mean ms"], [[k, v] for k, v in ablation_ms.items()]),
+         f"\nLoad average (1/5/15 min) at the start {tuple(round(v, 2) for v in load_start)}, "
+         f"at the end {tuple(round(v, 2) for v in os.getloadavg())}; {threads} core(s) "
+         f"{sorted(os.sched_getaffinity(0))}; threads: {runtimes.THREADS}."]
+  stem = os.path.splitext(path)[0]
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(md) + "\n")
+  if "onnxruntime" in res["runtimes"]:
+    runtimes.plot(res["runtimes"], stem + "_runtimes.png",
+                  f"batch 1, {threads} thread(s); {res['device']}")
+  print("\n".join(md))
+  print(f"wrote {path}, {stem}.md")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ core); LiteRT ran both alike (9.6 / 9.7 ms).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -55,7 +56,17 @@ from fp_jax.infer import fused
 RUNTIME_OPTS = fused.Options(im2col=False, depthwise="xla", pad_channels=8)
 
 
+def portable(opts):
+  """opts without fp_jax's custom-call kernels (an exported artifact must run without
+  them): the 'kernel' depthwise (also what 'auto' picks on CPU) becomes 'shift'."""
+  if opts.depthwise == "kernel" or (opts.depthwise == "auto"
+                                    and fused.depthwise_impl("auto") == "kernel"):
+    return dataclasses.replace(opts, depthwise="shift")
+  return opts
+
+
 def _fn(plan, arc, params, stats, opts):
+  opts = portable(opts)
   fp = fused.folded(plan, arc, params, stats, opts)
   return functools.partial(fused.forward, plan, np.asarray(arc), fp, opts=opts)
 

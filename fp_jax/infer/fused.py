@@ -20,7 +20,11 @@ kxk convolution (k > 1: the stem) as explicit patch extraction + `jnp.dot`
 `Options.pad_channels` zero-pads every channel group to a multiple of the SIMD
 width (padding.py: pruned widths such as 22 or 43 leave scalar remainders in
 every vectorized row), and `Options.dots` picks XLA:CPU's GEMM emitter
-(`compiler_options`). The aux
+(`compiler_options`). On CPU the depthwise convolutions run as fp_jax's own
+kernel, an XLA custom call inside the same computation (`depthwise` 'kernel':
+kernels.py, depthwise.cc) that also absorbs the ReLU, the zero padding and the
+bias of the pointwise conv before it; XLA's loop fusion for them was a third of
+the network's time at ~15 GMAC/s. Exported artifacts use 'shift' (export.py). The aux
 head is training-only and not part of inference. Logits equal
 `child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`
 up to float rounding, for full and compact (compaction.py) networks alike.
@@ -37,9 +41,11 @@ import numpy as np
 
 from fp_jax import graph
 from fp_jax import layers
+from fp_jax.infer import kernels
 from fp_jax.infer import padding
+from fp_jax.infer.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
 
-DEPTHWISE_IMPLS = ("auto", "flat", "shift", "xla")
+DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
 MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 
@@ -47,7 +53,7 @@ MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 @dataclasses.dataclass(frozen=True)
 class Options:
   im2col: bool = False          # kxk convs (k > 1) as im2col + GEMM instead of XLA's conv
-  depthwise: str = "auto"       # shift | flat | xla | auto (shift on CPU, xla elsewhere)
+  depthwise: str = "auto"       # kernel | shift | flat | xla | auto (see depthwise_impl)
   pad_channels: int = 8         # zero-pad channel groups to a multiple of this (padding.py)
   dots: str = "auto"            # XLA:CPU GEMMs: xla (its own emitter) | ynn (YNNPACK) | auto: xla
 
@@ -124,22 +130,41 @@ def folded(plan, arc, params, stats, opts=Options()):
 # ---------------------------------------------------------------- operators (traced)
 
 
-def depthwise(x, w, impl="auto", pad=None):
-  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME.
+def depthwise_impl(impl="auto", k=5):
+  """The implementation `depthwise` runs for `impl`: 'auto' is 'kernel' on CPU when
+  fp_jax's kernel is available (kernels.py) and handles k, else 'shift' on CPU and
+  'xla' elsewhere."""
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "kernel" if k in kernels.KERNELS and kernels.available() else "shift"
+
+
+def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME, on x (+ bias [C], the
+  producing conv's, so the kernel can fold it in), ReLU'd when relu.
 
   pad >= k // 2 (shift and flat): pad x by this much and start the taps at
   pad - k // 2, so every depthwise of one tensor pads it alike and XLA computes
   the (ReLU'd) padded tensor once for all of them.
 
-  impl 'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
+  impl 'kernel': fp_jax's register-blocked CPU kernel, an XLA custom call with
+  the ReLU and padding folded in (kernels.py, depthwise.cc; ~2x 'shift');
+  'shift': a sum of k*k shifted, scaled copies of x (layers.py's CPU
   choice); 'flat': the same sum in the [B,H,W*C] view, where a shift along W is
   an offset of j*C into the contiguous minor dimension (faster alone, not inside
   the network, where XLA fuses the [B*H*W,C] view of the consumer dot into it);
   'xla': a grouped convolution (fast on GPU/TPU, 5-10x slower on XLA:CPU);
-  'auto': shift on CPU, xla elsewhere.
+  'auto': depthwise_impl.
   """
-  if impl == "auto":
-    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+  impl = depthwise_impl(impl, np.shape(w)[0])
+  if impl == "kernel":
+    return kernels.depthwise(x, w, relu, bias)
+  if bias is not None:
+    x = x + bias
+  if relu:
+    x = jax.nn.relu(x)
   if impl == "xla":
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
@@ -156,29 +181,6 @@ def depthwise(x, w, impl="auto", pad=None):
   out = sum(xp[:, o + i:o + i + h, (o + j) * c:(o + j) * c + wd * c] * wt[i, j]
             for i in range(k) for j in range(k))
   return out.reshape(b, h, wd, c)
-
-
-def _pool3x3(x, init, combine):
-  """Separable 3x3 stride-1 SAME window reduction in the [B,H,W*C] view."""
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=init)
-  xp = xp.reshape(b, h + 2, (w + 2) * c)
-  r = combine(combine(xp[:, 0:h], xp[:, 1:h + 1]), xp[:, 2:h + 2])
-  out = combine(combine(r[:, :, 0:w * c], r[:, :, c:c + w * c]), r[:, :, 2 * c:2 * c + w * c])
-  return out.reshape(b, h, w, c)
-
-
-def avg_pool3x3(x):
-  """layers.avg_pool3x3 (padding excluded from the count) as two separable sums."""
-  h, w = x.shape[1:3]
-  ones = np.pad(np.ones((h, w)), 1)
-  count = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
-  return _pool3x3(x, 0.0, jnp.add) * jnp.asarray(1.0 / count, x.dtype)[:, :, None]
-
-
-def max_pool3x3(x):
-  """layers.max_pool3x3 as two separable maxima."""
-  return _pool3x3(x, -jnp.inf, jnp.maximum)
 
 
 def _same_pads(n, k, stride):
@@ -237,10 +239,10 @@ def sep_conv(fs, x, stride=1, opts=Options()):
   `stride`: [B,H,W,C] -> [B,ceil(H/s),ceil(W/s),C]."""
   # the first depthwise pads by MAX_PAD: sep convs of one input share its padded ReLU
   k, hw = np.shape(fs["dw1"])[0], x.shape[1:3]
-  y = layers.subsample(depthwise(jax.nn.relu(x), fs["dw1"], opts.depthwise, MAX_PAD), hw, k,
-                       stride)
-  y = conv(y, fs["pw1"], fs["b1"])
-  return conv(depthwise(jax.nn.relu(y), fs["dw2"], opts.depthwise), fs["pw2"], fs["b2"])
+  y = layers.subsample(depthwise(x, fs["dw1"], opts.depthwise, MAX_PAD, relu=True), hw, k, stride)
+  y = conv(y, fs["pw1"])                # its bias b1 is added by the next depthwise
+  return conv(depthwise(y, fs["dw2"], opts.depthwise, relu=True, bias=fs["b1"]), fs["pw2"],
+              fs["b2"])
 
 
 def pool(kind, x, stride=1):

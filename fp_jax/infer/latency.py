@@ -263,6 +263,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
       "depthwise": {"perop": depthwise, "fused": opts.depthwise},
+      "depthwise_impl": {"perop": fused.depthwise_impl(depthwise),       # what 'auto' ran
+                         "fused": fused.depthwise_impl(opts.depthwise)},
       "pad_channels": opts.pad_channels, "dots": opts.dots,
       "compiler_options": fused.compiler_options(opts) or {},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
@@ -295,7 +297,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
           lat, {k: batch_size / statistics.median(v) for k, v in tput.items()},
           {n: dict(diffs[n], fused=0.0, perop=diffs[n]["fused_vs_perop"],
                    **{r: diffs[n][f"{r}_vs_fused"] for r in rts}) for n in NETS},
-          NETS, PATHS + tuple(rts)),
+          NETS, PATHS + tuple(rts), block=LATENCY_BLOCK),
       "timing": ("batch-1: wall time per image incl. waiting for the result, the %d "
                  "variants interleaved in blocks of %d images (rotating order); throughput: "
                  "median of %d batches; breakdown: mean over the faster half of %d reps"

@@ -23,7 +23,8 @@ def to_markdown(r):
   out = [f"# Latency\n\n{r['device']}; batch-1 mean over {r['images']} images after "
          f"{r['warmup']} warm-up calls; throughput at batch {r['batch_size']}; "
          f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
-         f"fused={r['depthwise']['fused']}; fused channels padded to a multiple of "
+         f"fused={r['depthwise']['fused']} (ran {r.get('depthwise_impl', {}).get('perop', '?')} / "
+         f"{r.get('depthwise_impl', {}).get('fused', '?')}); fused channels padded to a multiple of "
          f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']}).\n",
          "## Network\n",
          _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",

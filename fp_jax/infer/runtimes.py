@@ -136,35 +136,63 @@ def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print):
   return runners, files
 
 
-def section(latency_s, throughput, diffs, nets, names=ALL):
+def block_ratios(a_s, b_s, block):
+  """Per-block ratios mean(a) / mean(b) of two interleaved series of per-image seconds
+  (block consecutive images of each per repeat; latency.interleave): the spread of
+  a / b over the repeats, as {min, q1, median, q3, max, blocks}."""
+  n = min(len(a_s), len(b_s)) // block * block
+  if n == 0:
+    return {}
+  a = np.asarray(a_s[:n]).reshape(-1, block).mean(1)
+  b = np.asarray(b_s[:n]).reshape(-1, block).mean(1)
+  r = a / b
+  q = np.percentile(r, [0, 25, 50, 75, 100])
+  return dict(zip(("min", "q1", "median", "q3", "max"), map(float, q)), blocks=int(len(r)))
+
+
+def section(latency_s, throughput, diffs, nets, names=ALL, block=1):
   """The latency.json `runtimes` section: {runtime: {net: {mean_ms, median_ms, p10_ms,
-  p90_ms (batch 1), images_per_s (batch throughput), max_abs_diff_vs_fused}}} from
-  per-variant batch-1 seconds {f'{net}_{runtime}': [s]}, images/s and logit diffs."""
+  p90_ms (batch 1), images_per_s (batch throughput), max_abs_diff_vs_fused,
+  median_vs_fused (this runtime's median ms / fused's), block_ratio_vs_fused (the
+  spread of that ratio over the interleaved repeats of `block` images, block_ratios)}}}
+  from per-variant batch-1 seconds {f'{net}_{runtime}': [s]}, images/s and logit diffs."""
   out = {}
   for rt in names:
     out[rt] = {}
     for n in nets:
       ms = 1e3 * np.asarray(latency_s[f"{n}_{rt}"])
+      fu = 1e3 * np.asarray(latency_s[f"{n}_fused"])
       out[rt][n] = {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
                     "p10_ms": float(np.percentile(ms, 10)),
                     "p90_ms": float(np.percentile(ms, 90)),
                     "images_per_s": float(throughput[f"{n}_{rt}"]),
-                    "max_abs_diff_vs_fused": float(diffs[n][rt])}
+                    "max_abs_diff_vs_fused": float(diffs[n][rt]),
+                    "median_vs_fused": float(np.median(ms) / np.median(fu)),
+                    "block_ratio_vs_fused": block_ratios(latency_s[f"{n}_{rt}"],
+                                                         latency_s[f"{n}_fused"], block)}
   return out
 
 
 def to_markdown(rts, batch_size):
-  """The runtimes section as a table (ms per image at batch 1, images/s at batch_size)."""
+  """The runtimes section as a table (ms per image at batch 1, images/s at batch_size,
+  median / fused with the spread [q1, q3] and [min, max] of the per-repeat ratios)."""
   nets = list(rts["fused"])
   head = ["runtime"] + [f"{n} {k}" for n in nets for k in ("mean ms", "median ms")] + [
       f"{n} img/s (batch {batch_size})" for n in nets] + [
-      f"{n} median / fused" for n in nets]
+      f"{n} median / fused [q1, q3] {{min, max}} over repeats" for n in nets]
+
+  def ratio(r, n):
+    b = r[n].get("block_ratio_vs_fused") or {}
+    med = r[n]["median_ms"] / rts["fused"][n]["median_ms"]
+    if not b:
+      return f"{med:.2f}"
+    return f"{med:.2f} [{b['q1']:.2f}, {b['q3']:.2f}] {{{b['min']:.2f}, {b['max']:.2f}}}"
+
   rows = []
   for rt in [r for r in ALL if r in rts]:
     r = rts[rt]
     rows.append([LABELS[rt]] + [f"{r[n][k]:.3f}" for n in nets for k in ("mean_ms", "median_ms")]
-                + [f"{r[n]['images_per_s']:.1f}" for n in nets]
-                + [f"{r[n]['median_ms'] / rts['fused'][n]['median_ms']:.2f}" for n in nets])
+                + [f"{r[n]['images_per_s']:.1f}" for n in nets] + [ratio(r, n) for n in nets])
   return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                    + ["| " + " | ".join(row) + " |" for row in rows])
 

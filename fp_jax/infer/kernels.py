@@ -1,0 +1,102 @@
+"""fp_jax's own CPU kernels as XLA FFI custom calls, built on first use.
+
+`depthwise(x, w, relu, bias)` runs depthwise.cc (a register-blocked kxk depthwise with
+the preceding bias, ReLU and zero padding folded in; see its header for why XLA's loop fusion is slow
+here) inside a jitted computation, like any other op. The shared library is
+compiled once per machine with the system C++ compiler ($CXX, else c++) against
+jaxlib's FFI headers into $FP_JAX_KERNEL_DIR (default ~/.cache/fp_jax/kernels),
+named by a hash of the source, flags and jaxlib version, and registered with
+XLA:CPU. `available()` is False (and fused.depthwise's 'auto' falls back to
+'shift') off x86-64, without AVX2/FMA, without a compiler, or when the build
+fails; FP_JAX_KERNELS=0 turns the kernels off. Exported artifacts never contain
+the custom call (export.py picks portable implementations).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cc")
+TARGET = "fp_jax_depthwise"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
+
+
+def _cpu_ok():
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return False
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((l for l in f if l.startswith("flags")), "").split()
+  except OSError:
+    return False
+  return "avx2" in flags and "fma" in flags
+
+
+def _build():
+  """Path of the compiled library (building it if needed), or None."""
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not cxx:
+    return None
+  with open(SOURCE, "rb") as f:
+    src = f.read()
+  tag = hashlib.sha256(src + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+  root = os.environ.get("FP_JAX_KERNEL_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "fp_jax", "kernels")
+  path = os.path.join(root, f"depthwise_{tag}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(root, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+  os.close(fd)
+  cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    logging.warning("fp_jax kernels: build failed (%s): %s", " ".join(cmd), proc.stderr[-2000:])
+    return None
+  os.replace(tmp, path)              # atomic: concurrent builders each write their own tmp
+  return path
+
+
+@functools.cache
+def available():
+  """True when the kernels are built and registered with XLA:CPU (see the docstring)."""
+  if os.environ.get("FP_JAX_KERNELS", "1") == "0" or not _cpu_ok():
+    return False
+  try:
+    path = _build()
+    if path is None:
+      return False
+    lib = ctypes.cdll.LoadLibrary(path)
+  except OSError as e:                 # unwritable cache directory, unloadable library
+    logging.warning("fp_jax kernels: not available: %s", e)
+    return False
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FpJaxDepthwise), platform="cpu")
+  return True
+
+
+def depthwise(x, w, relu=False, bias=None):
+  """x [B,H,W,C] f32, w [k,k,1,C] (k in KERNELS), bias [C] -> [B,H,W,C]: stride 1,
+  SAME, on x + bias (ReLU'd when relu). Traced; needs available()."""
+  if not available():
+    raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
+  k = np.shape(w)[0]
+  if k not in KERNELS or np.shape(w)[:2] != (k, k):
+    raise ValueError(f"depthwise kernel: k must be one of {KERNELS}, got shape {np.shape(w)}")
+  wt = w[:, :, 0, :]
+  wt = np.ascontiguousarray(wt, np.float32) if isinstance(wt, np.ndarray) else wt
+  if bias is None:
+    bias = np.zeros(x.shape[-1], np.float32)
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(
+      x, wt, bias, relu=np.int64(bool(relu)))
