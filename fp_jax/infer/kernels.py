@@ -47,6 +47,8 @@ def _build():
   """Path of the compiled library (building it if needed), or None."""
   cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
   if not cxx:
+    logging.warning("fp_jax kernels: no C++ compiler (set $CXX or install c++); fused "
+                    "inference uses XLA's depthwise ('shift')")
     return None
   with open(SOURCE, "rb") as f:
     src = f.read()
