@@ -107,8 +107,10 @@ def test_short_digits_search_learns_and_writes_results(tmp_path, digits):
   assert metrics[-1]["child_loss"] < metrics[0]["child_loss"]
   for r in samples:
     assert len(r["arc"]) == 40 and len(r["ratios"]) == 5
-    assert r["reward"] == 0.5 * r["ratio"] * (1 + 20.0 * (r["prune_acc"] - r["train_acc"])) \
+    a, b = config.search.alpha, config.search.beta
+    assert r["reward"] == a * r["ratio"] * (1 + b * (r["prune_acc"] - r["train_acc"])) \
         + r["train_acc"]
+    assert 0 < r["masked_macs"] <= r["macs"]
   saved = json.load(open(tmp_path / "search" / "arch.json"))
   assert saved == json.loads(json.dumps(arch))
   assert saved["normal"] + saved["reduce"] == [int(v) for v in saved["arc_string"].split()]
