@@ -99,10 +99,10 @@ def depthwise_conv(x, w, stride=1):
     return lax.conv_general_dilated(x, w, (stride, stride), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
-  return subsample(_depthwise_shift(x, _vary_like(w, x)), x.shape[1:3], w.shape[0], stride)
+  return subsample(_depthwise_shift(x, vary_like(w, x)), x.shape[1:3], w.shape[0], stride)
 
 
-def _vary_like(w, x):
+def vary_like(w, x):
   """w marked as varying over the mesh axes x varies over (inside shard_map), so a
   custom_vjp's per-device weight cotangent has the primal's type; the implicit psum
   of replicated weights' gradients then happens at this cast's transpose."""
@@ -145,8 +145,10 @@ def _depthwise_shift_bwd(res, g):
   k, hw = w.shape[0], x.shape[1:3]
   dx = _shift_sum(_pad_same(g, k), w[::-1, ::-1], hw)
   xp = _pad_same(x, k)
-  prods = [xp[:, i:i + hw[0], j:j + hw[1], :] * g for i in range(k) for j in range(k)]
-  sums = lax.reduce(prods, [np.zeros((), g.dtype)] * len(prods),
+  gf = g.astype(jnp.float32)          # weight-gradient sums accumulate in float32
+  prods = [xp[:, i:i + hw[0], j:j + hw[1], :].astype(jnp.float32) * gf
+           for i in range(k) for j in range(k)]
+  sums = lax.reduce(prods, [np.zeros((), np.float32)] * len(prods),
                     lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
   dw = jnp.stack(sums).reshape(w.shape).astype(w.dtype)
   return dx.astype(x.dtype), dw
@@ -175,8 +177,9 @@ def max_pool3x3(x, stride=1):
 def batch_norm(p, s, x, train, axis_name=None):
   """BN over (B, H, W). s None -> batch statistics always, returns s_new None."""
   if s is None or train:
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
+    xf = x.astype(jnp.float32)        # statistics in float32 whatever the compute dtype
+    mean = jnp.mean(xf, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
     if axis_name is not None:
       mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
@@ -187,7 +190,12 @@ def batch_norm(p, s, x, train, axis_name=None):
                "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * var}
   else:
     mean, var, s_new = s["mean"], s["var"], s
-  y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+  if x.dtype == jnp.float32:
+    y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+  else:   # low precision: one multiply-add in x's dtype, the affine folded in float32
+    inv = lax.rsqrt(var + BN_EPS) * p["scale"].astype(jnp.float32)
+    shift = p["bias"].astype(jnp.float32) - mean * inv
+    y = x * inv.astype(x.dtype) + shift.astype(x.dtype)
   return y, s_new
 
 

@@ -29,6 +29,7 @@ from fp_jax import data
 from fp_jax import errors
 from fp_jax import logs
 from fp_jax import parallel
+from fp_jax import precision
 from fp_jax import preemption
 from fp_jax import pruning
 from fp_jax import reward as reward_lib
@@ -60,15 +61,18 @@ def child_optimizer(s, steps_per_epoch):
   return schedules.sgdr_momentum(*_opt_key(s, steps_per_epoch))
 
 
-def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
+def make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
   """Data-parallel supernet step: (child_state, arc, key, x, y) -> (child_state, metrics).
 
   keep_prob: dropout keep of the pooled features (ENAS's search child: 0.9); key: the
-  step's PRNG key (folded with the device index inside)."""
+  step's PRNG key (folded with the device index inside); dtype: compute dtype
+  (fp_jax/precision.py: params, optimizer state and loss stay float32)."""
   def step(state, arc, key, x, y):
     def loss_fn(params):
-      logits, aux = supernet.forward(plan, params, arc, x, AXIS,
+      pc, xc = precision.compute(params, x, dtype)
+      logits, aux = supernet.forward(plan, pc, arc, xc, AXIS,
                                      reg={"key": key, "keep_prob": keep_prob})
+      logits, aux = precision.cast((logits, aux), jnp.float32)
       ce = xent(logits, y)
       loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -83,13 +87,15 @@ def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_reward_eval(plan, criterion, mesh):
+def make_reward_eval(plan, criterion, mesh, dtype="float32"):
   """(params, arc, ratios [5], groups, x, y) -> (train_acc, prune_acc) on one batch.
 
   groups: pruning.supernet_groups(plan, arc) (host-side, static shapes)."""
   def evaluate(params, arc, ratios, groups, x, y):
     acc = lambda p: jax.lax.pmean(jnp.mean(
-        jnp.argmax(supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0], -1) == y), AXIS)
+        jnp.argmax(supernet.forward(plan, precision.cast(p, dtype), arc,
+                                    precision.cast(x, dtype), AXIS, with_aux=False)[0],
+                   -1) == y), AXIS)
     masks = pruning.supernet_masks(plan, params, arc, ratios, groups, criterion)
     return acc(params), acc(pruning.apply_supernet_masks(plan, params, arc, masks))
 
@@ -98,11 +104,11 @@ def make_reward_eval(plan, criterion, mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion):
+def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32"):
   """Optimizer and compiled steps, shared by every Search with the same settings."""
   tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh),
-          make_reward_eval(plan, criterion, mesh))
+  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype),
+          make_reward_eval(plan, criterion, mesh, dtype))
 
 
 @dataclasses.dataclass
@@ -133,7 +139,8 @@ class Search:
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
     tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
-                                                   float(s.keep_prob), s.importance)
+                                                   float(s.keep_prob), s.importance,
+                                                   config.get("dtype", "float32"))
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
                reward_eval, reward_lib.make(s.alpha, s.beta))
