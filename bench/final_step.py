@@ -67,7 +67,8 @@ def run(args):
     info[name].update(s, img_s=args.batch / s["median_s"])
     if not args.no_rss:
       rev, dtype = name.split("/")
-      info[name]["peak_rss_bytes"] = steps.rss_child(args.kind, rev, args, dtype)
+      info[name]["peak_rss_bytes"], info[name]["peak_device_bytes"] = steps.rss_child(
+          args.kind, rev, args, dtype)
   return info, load0, load1
 
 
@@ -76,10 +77,10 @@ def main(argv=None, kind="fixed", size=(15, 36, 144)):
   info, load0, load1 = run(args)
   gib = lambda b: "" if b is None else f"{b / 2**30:.2f}"
   rows = [[name, v["img_s"], 1e3 * v["median_s"], v["median_user_s"], v["median_sys_s"],
-           gib(v.get("peak_rss_bytes")), gib(v["xla_temp_bytes"]), v["compile_s"]]
-          for name, v in info.items()]
+           gib(v.get("peak_rss_bytes")), gib(v.get("peak_device_bytes")),
+           gib(v["xla_temp_bytes"]), v["compile_s"]] for name, v in info.items()]
   headers = ["revision/dtype", "img/s", "step ms (median)", "user cpu s", "sys cpu s",
-             "peak RSS GiB", "XLA temp GiB", "compile s"]
+             "peak RSS GiB", "peak device GiB", "XLA temp GiB", "compile s"]
   title = (f"{args.kind} step: layers={args.num_layers} filters={args.out_filters} "
            f"batch={args.batch} image={args.image}, {args.steps} timed reps (medians), "
            f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {os.cpu_count()} cores")

@@ -125,8 +125,9 @@ def xla_temp_bytes(compiled):
 
 
 def rss_child(kind, rev, args, dtype, steps=2):
-  """Peak RSS (bytes) of a fresh process that compiles one variant and runs `steps` steps
-  (RSS is per process: interleaved variants would share one peak)."""
+  """(peak RSS bytes, peak device bytes or None) of a fresh process that compiles one
+  variant and runs `steps` steps (peaks are per process: interleaved variants would
+  share one)."""
   code = ("import sys, json, argparse; sys.path.insert(0, %r)\n"
           "from fp_jax import memory\n"
           "if %r in ('', 'cur'): memory.install()\n"
@@ -134,13 +135,17 @@ def rss_child(kind, rev, args, dtype, steps=2):
           "a = argparse.Namespace(**json.loads(sys.argv[1]))\n"
           "c, s, call, _ = steps.build(%r, %r, a, %r)\n"
           "for i in range(%d): s, _ = call(s, i)\n"
-          "print('PEAK', memory.peak_rss_bytes())\n") % (ROOT, rev, kind, rev, dtype, steps)
+          "print('PEAK', memory.peak_rss_bytes())\n"
+          "print('DEVPEAK', memory.device_peak_bytes())\n") % (ROOT, rev, kind, rev, dtype, steps)
   import json
   keys = ("num_layers", "out_filters", "batch", "image", "classes", "seed")
   out = subprocess.run([sys.executable, "-c", code, json.dumps({k: getattr(args, k) for k in keys})],
                        capture_output=True, text=True, cwd=ROOT)
+  found = {}
   for line in out.stdout.splitlines():
-    if line.startswith("PEAK "):
-      return int(line.split()[1])
-  common.log(f"rss_child {kind} {rev} {dtype} failed: {out.stderr[-2000:]}")
-  return None
+    key, _, value = line.partition(" ")
+    if key in ("PEAK", "DEVPEAK"):
+      found[key] = None if value == "None" else int(value)
+  if "PEAK" not in found:
+    common.log(f"rss_child {kind} {rev} {dtype} failed: {out.stderr[-2000:]}")
+  return found.get("PEAK"), found.get("DEVPEAK")

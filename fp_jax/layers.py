@@ -307,10 +307,11 @@ def classifier(p, x, dropout=None):
 
 def dropout(x, key, keep):
   """Inverted dropout: each element kept with probability `keep` and scaled by 1/keep."""
-  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
+  keep_x = jnp.asarray(keep, x.dtype)   # a traced float32 keep must not promote x
+  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep_x, 0.0)
 
 
 def drop_path(x, key, keep):
   """Drops whole examples of x [B, ...] with probability 1 - keep, scales the rest by 1/keep."""
   m = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(m, x / keep, 0.0)
+  return jnp.where(m, x / jnp.asarray(keep, x.dtype), 0.0)   # traced keep: no promotion

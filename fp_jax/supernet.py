@@ -245,4 +245,4 @@ def _global_dropout(f, key, keep, axis_name):
   n, i = lax.axis_size(axis_name), lax.axis_index(axis_name)
   m = jax.random.bernoulli(key, keep, (n * f.shape[0],) + f.shape[1:])
   m = lax.dynamic_slice_in_dim(m, i * f.shape[0], f.shape[0])
-  return jnp.where(m, f / keep, 0.0)
+  return jnp.where(m, f / jnp.asarray(keep, f.dtype), 0.0)

@@ -95,6 +95,20 @@ def test_supernet_forward_computes_in_bfloat16():
   assert logits.dtype == jnp.bfloat16 and aux.dtype == jnp.bfloat16   # no silent float32
 
 
+def test_fixed_forward_with_drop_path_computes_in_bfloat16():
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 0, 4, (HW, HW, 3), CLASSES)
+  params, stats = child.init(jax.random.key(0), plan, arc)
+  reg = {"key": jax.random.key(1), "keep_prob": 0.8, "drop_path_keep_prob": 0.6,
+         "progress": jnp.float32(0.5)}     # traced float32 keep probabilities
+  x = jnp.asarray(_batch(0)[0], jnp.bfloat16)
+  logits, aux, new = jax.eval_shape(
+      lambda p, x: child.forward(plan, arc, precision.cast(p, jnp.bfloat16), stats, x, True,
+                                 reg=reg), params, x)
+  assert logits.dtype == jnp.bfloat16 and aux.dtype == jnp.bfloat16
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(new))   # BN statistics
+
+
 def _recipe(dtype):
   return trainer_lib.Recipe(epochs=2, steps_per_epoch=STEPS // 2, batch_size=BATCH,
                             eval_batch_size=BATCH, lr_max=0.05, lr_min=0.001, lr_t0=1,
