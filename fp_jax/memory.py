@@ -50,7 +50,16 @@ def install():
 
 
 def peak_rss_bytes():
-  """This process's peak resident set size so far (Linux: ru_maxrss is in KiB)."""
+  """This process's peak resident set size so far: VmHWM on Linux (ru_maxrss survives
+  exec, so a child started by a large process would report its parent's peak), else
+  ru_maxrss."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss if sys.platform == "darwin" else rss * 1024
 
