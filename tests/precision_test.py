@@ -178,6 +178,10 @@ def test_masked_equals_compact_in_bfloat16(fixed):
     b = np.asarray(run(cp, cs, train), np.float32)
     scale = max(1.0, float(np.max(np.abs(a))))
     print(f"train={train}: max|masked - compact| {np.max(np.abs(a - b)):.3g} (scale {scale:.3g})")
-    # the same network in bfloat16: removed channels add exact zeros (measured difference:
-    # 0); allow one bfloat16 rounding of a differently ordered sum
-    assert np.max(np.abs(a - b)) <= 2 ** -7 * scale
+    # the same network in bfloat16: removed channels add exact zeros. Eval mode: measured
+    # 0; allow one bfloat16 rounding (2^-7 relative). Train mode normalises with batch
+    # statistics of 16 images at 2x2 in the last cells, which amplify one-ulp bfloat16
+    # differences of differently fused sums (as compaction_test's float32 train-mode bound
+    # is 10x its eval bound): measured 0.031 at scale 2.3, allowed 2^-5 relative.
+    tol = (2 ** -5 if train else 2 ** -7) * scale
+    assert np.max(np.abs(a - b)) <= tol
