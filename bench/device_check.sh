@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check (GPU/TPU): search step, final step and the latency bench at their real sizes,
-# in float32 and bfloat16, into one JSON: bench/results/device_check.json (img/s, step ms,
-# peak device memory, peak RSS, XLA temp bytes, compile s; the latency bench's own JSON).
+# the steps in float32 and bfloat16, into one JSON: bench/results/device_check.json (img/s,
+# step ms, peak device memory, peak RSS, XLA temp bytes, compile s; the latency bench's own
+# JSON). The latency bench runs float32 only until fp_jax/infer honours config.dtype.
 #
 #   bash bench/device_check.sh            # real sizes, on the machine's accelerator
 #   bash bench/device_check.sh --small    # tiny sizes (a dry run; works on CPU)
