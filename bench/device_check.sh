@@ -24,12 +24,12 @@ if [ $SMALL = 1 ]; then
   SEARCH="--num_layers 0 --out_filters 4 --batch 8 --image 8 --steps 2 --warmup 1"
   FINAL="--num_layers 0 --out_filters 4 --batch 8 --image 8 --steps 2 --warmup 1"
   LAT="--num_layers 1 --out_filters 8 --images 5 --batch 4 --warmup 2 --no_runtimes"
-  LIMIT=(240 240 240)
+  LIMIT=(150 150 150 150 120)
 else
   SEARCH="--num_layers 6 --out_filters 20 --batch 160 --image 32 --steps 10 --warmup 2"
   FINAL="--num_layers 15 --out_filters 36 --batch 144 --image 32 --steps 10 --warmup 2"
   LAT="--images 300 --batch 64 --warmup 20 --no_runtimes"
-  LIMIT=(150 200 110)               # seconds: 460 s of the 480 s budget
+  LIMIT=(70 70 110 110 100)         # seconds: 460 s of the 480 s budget
 fi
 python -c "import jax; print('devices:', jax.devices())" || exit 1
 start=$(date +%s)
@@ -41,11 +41,18 @@ run() {  # name limit command...
   echo "{\"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 )), \"limit_s\": $limit}" > "$TMP/$name.status"
   echo "[$name] rc=$rc in $(( $(date +%s) - t0 )) s"; tail -n 8 "$TMP/$name.log"
 }
-run search_step "${LIMIT[0]}" python -m bench.final_step --kind supernet $SEARCH \
-  --dtypes float32,bfloat16 --out "$TMP/search_step.json"
-run final_step "${LIMIT[1]}" python -m bench.final_step --kind fixed $FINAL \
-  --dtypes float32,bfloat16 --out "$TMP/final_step.json"
-run latency "${LIMIT[2]}" python -m bench.latency $LAT --out "$TMP/latency.json"
+# one process per step and dtype: each compiles once, and its peaks (device memory, RSS) are
+# that variant's own (bench/final_step.py records the process's peaks)
+i=0
+for kind in search_step final_step; do
+  for dtype in float32 bfloat16; do
+    if [ $kind = search_step ]; then K="--kind supernet $SEARCH"; else K="--kind fixed $FINAL"; fi
+    run "${kind}_$dtype" "${LIMIT[$i]}" python -m bench.final_step $K --dtypes $dtype --no_rss \
+      --out "$TMP/${kind}_$dtype.json"
+    i=$((i + 1))
+  done
+done
+run latency "${LIMIT[4]}" python -m bench.latency $LAT --out "$TMP/latency.json"
 python - "$TMP" "$OUT" "$start" "$SMALL" <<'PY'
 import json, os, sys, time
 tmp, out, start, small = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
@@ -53,7 +60,8 @@ import jax
 res = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "small": small,
        "total_seconds": int(time.time()) - start, "parts": {}}
-for name in ("search_step", "final_step", "latency"):
+for name in ("search_step_float32", "search_step_bfloat16", "final_step_float32",
+             "final_step_bfloat16", "latency"):
   part = json.load(open(os.path.join(tmp, name + ".status")))
   path = os.path.join(tmp, name + ".json")
   if os.path.exists(path):
@@ -62,9 +70,10 @@ for name in ("search_step", "final_step", "latency"):
       part["result"] = r
     else:
       part["args"] = r["args"]
+      part["peak_device_bytes"] = r.get("process_peak_device_bytes")
+      part["peak_rss_bytes"] = r.get("process_peak_rss_bytes")
       part["variants"] = {k: {f: v.get(f) for f in ("img_s", "median_s", "compile_s",
-                                                   "xla_temp_bytes", "peak_rss_bytes",
-                                                   "peak_device_bytes", "median_user_s")}
+                                                   "xla_temp_bytes", "median_user_s")}
                           for k, v in r["variants"].items()}
       for v in part["variants"].values():
         v["step_ms"] = 1e3 * v.pop("median_s")

@@ -88,6 +88,7 @@ def main(argv=None, kind="fixed", size=(15, 36, 144)):
   name = args.name or ("final_step" if args.kind == "fixed" else f"{args.kind}_step")
   result = {"args": vars(args), "env": common.environment(), "loadavg_start": load0,
             "process_peak_rss_bytes": memory.peak_rss_bytes(),
+            "process_peak_device_bytes": memory.device_peak_bytes(),
             "loadavg_end": load1, "variants": info, "table": table}
   path = common.write_json(name, args.out, result)
   with open(os.path.splitext(path)[0] + ".md", "w") as f:
