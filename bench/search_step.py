@@ -1,13 +1,17 @@
 """Search-size child training step: weight-sharing supernet vs the fixed network.
 
   python -m bench.search_step [--num_layers 6 --out_filters 20 --batch 160 --image 32]
+                              [--dtype float32|bfloat16]
 
 Times, interleaved, (a) the supernet step (search.make_child_step, 1-device mesh)
 with a freshly sampled arc every step, (a') the same step with one arc held
 fixed, and (b) the fixed network (child.py) of that arc compiled statically with
 the same optimizer, loss (cross-entropy + aux_weight * aux) and train-mode BN.
 Also compile times, and the controller's sample / update of `--controller_num`
-architectures. Writes bench/results/search_step.json and prints a table.
+architectures; XLA temp bytes of both steps and the process's peak RSS after the
+supernet's compile and first step (before the fixed network is built) and at the end.
+Before/after a change, per dtype: bench/final_step.py --kind supernet --revs REV,cur.
+Writes bench/results/search_step.json and prints a table.
 """
 from __future__ import annotations
 
@@ -28,17 +32,21 @@ from bench import common
 from configs import default
 from fp_jax import child
 from fp_jax import controller
+from fp_jax import memory
+from fp_jax import precision
 from fp_jax import parallel
 from fp_jax import space
 from fp_jax import supernet
 from fp_jax.train import search
 
 
-def make_fixed_step(plan, arc, tx, aux_weight):
+def make_fixed_step(plan, arc, tx, aux_weight, dtype="float32"):
   """The fixed network's train step, equivalent to search.make_child_step."""
   def step(state, x, y):
     def loss_fn(params):
-      logits, aux, stats = child.forward(plan, arc, params, state["stats"], x, True)
+      pc, xc = precision.compute(params, x, dtype)
+      logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True)
+      logits, aux = precision.cast((logits, aux), jnp.float32)
       ce = search.xent(logits, y)
       loss = ce + aux_weight * search.xent(aux, y) if aux is not None else ce
       return loss, (ce, jnp.mean(jnp.argmax(logits, -1) == y), stats)
@@ -78,11 +86,14 @@ def bench_child(args, arc):
   n_super = param_count(sparams)
   sstate = parallel.replicate(mesh, {"params": sparams, "opt_state": tx.init(sparams)})
   sx, sy = parallel.shard(mesh, (x_np, y_np))
-  sstep = search.make_child_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
+  sstep = search.make_child_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh, args.dtype)
   fixed_arc = jnp.asarray(arc)
   common.log(f"supernet: {n_super} params, compiling the step")
   scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, jax.random.key(0), sx, sy)
   common.log(f"supernet step: trace {s_trace:.1f}s compile {s_compile:.1f}s")
+  sstate, _ = scompiled(sstate, fixed_arc, jax.random.key(0), sx, sy)
+  super_rss = memory.peak_rss_bytes()   # compile + one step, before the fixed network
+  common.log(f"supernet: peak RSS {super_rss / 2**30:.2f} GiB after compile and one step")
 
   # (b) the fixed network of `arc`
   fplan = child.make_plan(arc, args.num_layers, args.out_filters, shape, args.classes)
@@ -90,7 +101,7 @@ def bench_child(args, arc):
   n_fixed = param_count(fparams)
   fstate = {"params": fparams, "opt_state": tx.init(fparams), "stats": fstats}
   fx, fy = jnp.asarray(x_np), jnp.asarray(y_np)
-  fstep = make_fixed_step(fplan, arc, tx, cfg.aux_weight)
+  fstep = make_fixed_step(fplan, arc, tx, cfg.aux_weight, args.dtype)
   fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy)
   common.log(f"fixed step ({n_fixed} params): trace {f_trace:.1f}s compile {f_compile:.1f}s")
 
@@ -122,6 +133,10 @@ def bench_child(args, arc):
                     "fixed_trace_s": f_trace, "fixed_compile_s": f_compile,
                     "supernet_temp_mb": temp_mb(scompiled), "fixed_temp_mb": temp_mb(fcompiled)}
   res["supernet_init_s"] = init_s
+  res["memory"] = {"supernet_peak_rss_bytes": super_rss,
+                   "peak_rss_bytes_end": memory.peak_rss_bytes(),
+                   "supernet_xla": memory.xla_memory(scompiled),
+                   "fixed_xla": memory.xla_memory(fcompiled)}
   res["params"] = {"supernet": n_super, "fixed": n_fixed}
   res["ratio_fixed_over_supernet_sampled"] = (res["fixed"]["img_s"]
                                               / res["supernet_sampled"]["img_s"])
@@ -166,7 +181,9 @@ def main():
   parser.add_argument("--controller_num", type=int, default=10)
   parser.add_argument("--controller_calls", type=int, default=50)
   parser.add_argument("--skip_child", action="store_true")
+  parser.add_argument("--dtype", default="float32", choices=precision.DTYPES)
   args = parser.parse_args()
+  memory.install()
   if args.arc == "enas":
     arc = space.parse_arc(space.ENAS_ARC)
   elif args.arc == "uniform":
@@ -194,7 +211,10 @@ def main():
         ["fixed / supernet same arc", r["ratio_fixed_over_supernet_same_arc"], "", "", "", ""],
         ["supernet.init (eager)", "", 1e3 * r["supernet_init_s"], "", "", ""],
         ["XLA temp MB per step: supernet / fixed", f"{c['supernet_temp_mb']:.0f} / "
-         f"{c['fixed_temp_mb']:.0f}", "", "", "", ""]]
+         f"{c['fixed_temp_mb']:.0f}", "", "", "", ""],
+        ["peak RSS GiB: supernet (compile + 1 step) / whole run",
+         f"{r['memory']['supernet_peak_rss_bytes'] / 2**30:.2f} / "
+         f"{r['memory']['peak_rss_bytes_end'] / 2**30:.2f}", "", "", "", ""]]
   r = result["controller"] = bench_controller(args)
   c = r["compile"]
   rows += [[f"controller sample_jit num={r['num']}", "", 1e3 * r["sample"]["median_s"], "", "",

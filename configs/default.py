@@ -7,6 +7,8 @@ def get_config():
   config.seed = 0
   config.stages = "search,final,compress,latency"
   config.overwrite = False
+  config.dtype = "float32"             # compute dtype: float32 | bfloat16 (params, BN stats,
+                                       # losses, optimizer state stay float32)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"

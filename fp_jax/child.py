@@ -51,13 +51,20 @@ def init(key, plan, arc=None):
   return params, stats
 
 
+# Rematerialisation policy of the training step: a sep_conv keeps only its input for the
+# backward and recomputes its two [ReLU, depthwise, pointwise, BN] halves there, instead of
+# saving ~10 activations of its size each (at final size, 15 layers / F 36 / batch 144, XLA's
+# temp buffer falls from ~17 GiB; see bench/final_step.py). Convs and pools keep theirs.
+_sep_conv_remat = jax.checkpoint(layers.sep_conv, static_argnums=(3, 4, 5))
+
+
 def apply_block(node, p, s, x, train, axis_name=None):
   """One conv / fr / sep node: (y, new stats)."""
   if node.kind == "conv":
     return layers.relu_conv_bn(p, s, x, train, axis_name, relu=node.relu)
   if node.kind == "fr":
     return layers.factorized_reduce(p, s, x, node.stride, train, axis_name, relu=node.relu)
-  return layers.sep_conv(p, s, x, train, axis_name, stride=node.stride)
+  return _sep_conv_remat(p, s, x, train, axis_name, node.stride)
 
 
 def path_keep_prob(keep, cell_index, num_cells, progress):

@@ -14,6 +14,7 @@ RATIO_MEASURES = ("layers", "macs")              # supernet_flops.MEASURES
 COMPRESS_MODES = ("finetune", "scratch")
 LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)
 LATENCY_INIT = ("trained", "random")
+DTYPES = ("float32", "bfloat16")          # precision.DTYPES (kept import-light)
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,7 @@ def validate(config):
   """Checks every field this program reads; raises ConfigError on the first bad one."""
   _int(config, "seed", 0)
   stages(config)
+  _choice(config, "dtype", DTYPES)
   if not isinstance(_get(config, "overwrite"), bool):
     raise ConfigError(f"overwrite={config.overwrite!r}: must be True or False")
   name = _get(config, "data.name")

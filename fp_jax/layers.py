@@ -99,18 +99,62 @@ def depthwise_conv(x, w, stride=1):
     return lax.conv_general_dilated(x, w, (stride, stride), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
-  return subsample(_depthwise_shift(x, w), x.shape[1:3], w.shape[0], stride)
+  return subsample(_depthwise_shift(x, vary_like(w, x)), x.shape[1:3], w.shape[0], stride)
 
 
-@jax.checkpoint   # keep only x and w for the backward, not k*k shifted copies of x
-def _depthwise_shift(x, w):
-  k, (h, wd) = w.shape[0], x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+def vary_like(w, x):
+  """w marked as varying over the mesh axes x varies over (inside shard_map), so a
+  custom_vjp's per-device weight cotangent has the primal's type; the implicit psum
+  of replicated weights' gradients then happens at this cast's transpose."""
+  vary = lambda a: getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ())
+  extra = tuple(sorted(set(vary(x)) - set(vary(w))))
+  return lax.pcast(w, extra, to="varying") if extra else w
+
+
+def _pad_same(x, k):
+  """x zero-padded by k // 2 on both sides of H and W, materialised once (a barrier keeps
+  XLA from fusing the pad into each of the k*k shifted reads, which costs a bounds
+  check and select per element and read)."""
+  p = k // 2
+  return lax.optimization_barrier(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
+
+
+def _shift_sum(xp, w, hw):
+  """sum_{i,j} xp[:, i:i+h, j:j+w, :] * w[i, j, 0]: a stride-1 depthwise correlation."""
+  k, (h, wd) = w.shape[0], hw
   out = 0.0
   for i in range(k):
     for j in range(k):
       out = out + xp[:, i:i + h, j:j + wd, :] * w[i, j, 0]
   return out
+
+
+@jax.custom_vjp
+def _depthwise_shift(x, w):
+  return _shift_sum(_pad_same(x, w.shape[0]), w, x.shape[1:3])
+
+
+def _depthwise_shift_fwd(x, w):
+  return _depthwise_shift(x, w), (x, w)   # residuals: x and w only, no k*k shifted copies
+
+
+def _depthwise_shift_bwd(res, g):
+  """dx: the same shift-sum of the padded cotangent with the flipped kernel; dw: all
+  k*k channel sums in one variadic reduction (one pass over x and g, not k*k)."""
+  x, w = res
+  k, hw = w.shape[0], x.shape[1:3]
+  dx = _shift_sum(_pad_same(g, k), w[::-1, ::-1], hw)
+  xp = _pad_same(x, k)
+  gf = g.astype(jnp.float32)          # weight-gradient sums accumulate in float32
+  prods = [xp[:, i:i + hw[0], j:j + hw[1], :].astype(jnp.float32) * gf
+           for i in range(k) for j in range(k)]
+  sums = lax.reduce(prods, [np.zeros((), np.float32)] * len(prods),
+                    lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+  dw = jnp.stack(sums).reshape(w.shape).astype(w.dtype)
+  return dx.astype(x.dtype), dw
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def avg_pool3x3(x, stride=1):
@@ -133,8 +177,9 @@ def max_pool3x3(x, stride=1):
 def batch_norm(p, s, x, train, axis_name=None):
   """BN over (B, H, W). s None -> batch statistics always, returns s_new None."""
   if s is None or train:
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
+    xf = x.astype(jnp.float32)        # statistics in float32 whatever the compute dtype
+    mean = jnp.mean(xf, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
     if axis_name is not None:
       mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
@@ -145,7 +190,12 @@ def batch_norm(p, s, x, train, axis_name=None):
                "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * var}
   else:
     mean, var, s_new = s["mean"], s["var"], s
-  y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+  if x.dtype == jnp.float32:
+    y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+  else:   # low precision: one multiply-add in x's dtype, the affine folded in float32
+    inv = lax.rsqrt(var + BN_EPS) * p["scale"].astype(jnp.float32)
+    shift = p["bias"].astype(jnp.float32) - mean * inv
+    y = x * inv.astype(x.dtype) + shift.astype(x.dtype)
   return y, s_new
 
 
@@ -257,10 +307,11 @@ def classifier(p, x, dropout=None):
 
 def dropout(x, key, keep):
   """Inverted dropout: each element kept with probability `keep` and scaled by 1/keep."""
-  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
+  keep_x = jnp.asarray(keep, x.dtype)   # a traced float32 keep must not promote x
+  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep_x, 0.0)
 
 
 def drop_path(x, key, keep):
   """Drops whole examples of x [B, ...] with probability 1 - keep, scales the rest by 1/keep."""
   m = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(m, x / keep, 0.0)
+  return jnp.where(m, x / jnp.asarray(keep, x.dtype), 0.0)   # traced keep: no promotion

@@ -134,6 +134,8 @@ def run(config, workdir):
     for field in BATCH_FIELDS.get(stage, ()):
       parallel.check_batch(config_lib._get(config, field), field)
   import jax  # after distributed start-up
+  from fp_jax import memory
+  memory.install()    # compile-time heap back to the OS before each step first runs
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))

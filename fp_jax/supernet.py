@@ -190,7 +190,7 @@ def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False):
     return buf.at[k + 2].set(out), None
 
   buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
-  w = p["final"]["w"] * unused(cell_arc)[:, None, None]                 # [7, F, F]
+  w = p["final"]["w"] * unused(cell_arc).astype(p["final"]["w"].dtype)[:, None, None]
   y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(buf), w)
   out = layers.batch_norm(p["final"]["bn"], None, y, True, axis_name)[0]
   return (out, buf[2:]) if with_nodes else out
@@ -245,4 +245,4 @@ def _global_dropout(f, key, keep, axis_name):
   n, i = lax.axis_size(axis_name), lax.axis_index(axis_name)
   m = jax.random.bernoulli(key, keep, (n * f.shape[0],) + f.shape[1:])
   m = lax.dynamic_slice_in_dim(m, i * f.shape[0], f.shape[0])
-  return jnp.where(m, f / keep, 0.0)
+  return jnp.where(m, f / jnp.asarray(keep, f.dtype), 0.0)

@@ -74,7 +74,8 @@ class Search:
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
     tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
-                                                   float(s.keep_prob), s.importance)
+                                                   float(s.keep_prob), s.importance,
+                                                   config.get("dtype", "float32"))
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from fp_jax import parallel
+from fp_jax import precision
 from fp_jax import pruning
 from fp_jax import schedules
 from fp_jax import supernet
@@ -36,15 +37,18 @@ def child_optimizer(s, steps_per_epoch):
   return schedules.sgdr_momentum(*_opt_key(s, steps_per_epoch))
 
 
-def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
+def make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
   """Data-parallel supernet step: (child_state, arc, key, x, y) -> (child_state, metrics).
 
   keep_prob: dropout keep of the pooled features (ENAS's search child: 0.9); key: the
-  step's PRNG key (folded with the device index inside)."""
+  step's PRNG key (folded with the device index inside); dtype: compute dtype
+  (fp_jax/precision.py: params, optimizer state and loss stay float32)."""
   def step(state, arc, key, x, y):
     def loss_fn(params):
-      logits, aux = supernet.forward(plan, params, arc, x, AXIS,
+      pc, xc = precision.compute(params, x, dtype)
+      logits, aux = supernet.forward(plan, pc, arc, xc, AXIS,
                                      reg={"key": key, "keep_prob": keep_prob})
+      logits, aux = precision.cast((logits, aux), jnp.float32)
       ce = xent(logits, y)
       loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -59,16 +63,19 @@ def make_child_step(plan, tx, aux_weight, keep_prob, mesh):
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_reward_eval(plan, criterion, mesh):
+def make_reward_eval(plan, criterion, mesh, dtype="float32"):
   """(params, arc, ratios [5], groups, key, x, y) -> (train_acc, prune_acc, kept) on one
   batch; kept f32 [spaces]: the masked network's channels per space of
   pruning.supernet_spaces.
 
   groups: pruning.supernet_groups(plan, arc) (host-side, static shapes); key: the PRNG
   key of criterion 'random'. Criterion 'taylor' scores with the gradient of the
-  unmasked architecture's loss on this batch (one more backward pass)."""
+  unmasked architecture's loss on this batch (one more backward pass). dtype: compute
+  dtype (masks and gradients in float32)."""
   def evaluate(params, arc, ratios, groups, key, x, y):
-    logits = lambda p: supernet.forward(plan, p, arc, x, AXIS, with_aux=False)[0]
+    logits = lambda p: precision.cast(supernet.forward(
+        plan, precision.cast(p, dtype), arc, precision.cast(x, dtype), AXIS,
+        with_aux=False)[0], jnp.float32)
     acc = lambda z: jax.lax.pmean(jnp.mean(jnp.argmax(z, -1) == y), AXIS)
     grads = None
     if criterion == "taylor":
@@ -85,8 +92,8 @@ def make_reward_eval(plan, criterion, mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion):
+def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32"):
   """Optimizer and compiled steps, shared by every Search with the same settings."""
   tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh),
-          make_reward_eval(plan, criterion, mesh))
+  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype),
+          make_reward_eval(plan, criterion, mesh, dtype))

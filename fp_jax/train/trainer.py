@@ -27,6 +27,7 @@ from fp_jax import errors
 from fp_jax import logs
 from fp_jax import masked_update
 from fp_jax import parallel
+from fp_jax import precision
 from fp_jax import preemption
 from fp_jax import schedules
 from fp_jax.parallel import AXIS, BATCH, REPLICATED
@@ -56,13 +57,14 @@ class Recipe:
   cutout: int
   crop_pad: int
   flip: bool
+  dtype: str = "float32"    # compute dtype (fp_jax/precision.py)
 
   @property
   def total_steps(self):
     return self.epochs * self.steps_per_epoch
 
 
-def make_train_step(plan, arc, tx, hparams, seed, mesh):
+def make_train_step(plan, arc, tx, hparams, seed, mesh, dtype="float32"):
   """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
   (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
   one compilation serves every schedule and length."""
@@ -74,8 +76,10 @@ def make_train_step(plan, arc, tx, hparams, seed, mesh):
            "drop_path_keep_prob": drop_path_keep_prob, "progress": progress}
 
     def loss_fn(params):
-      logits, aux, stats = child.forward(plan, arc, params, state["stats"], x, True, AXIS,
+      pc, xc = precision.compute(params, x, dtype)
+      logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True, AXIS,
                                          with_aux=aux_weight > 0, reg=reg)
+      logits, aux = precision.cast((logits, aux), jnp.float32)
       ce = xent(logits, y)
       loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -90,12 +94,13 @@ def make_train_step(plan, arc, tx, hparams, seed, mesh):
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_eval_step(plan, arc, mesh):
+def make_eval_step(plan, arc, mesh, dtype="float32"):
   """(params, stats, x, y, weight) -> (correct, count) summed over the global batch."""
   arc = np.asarray(arc)
 
   def evaluate(params, stats, x, y, w):
-    logits = child.forward(plan, arc, params, stats, x, False, AXIS, with_aux=False)[0]
+    logits = child.forward(plan, arc, precision.cast(params, dtype), stats,
+                           precision.cast(x, dtype), False, AXIS, with_aux=False)[0]
     correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
     return jax.lax.psum(correct, AXIS), jax.lax.psum(jnp.sum(w), AXIS)
 
@@ -112,12 +117,13 @@ def _transform(optim, plan, arc, masked):
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(plan, arc_key, optim, hparams, seed, mesh, masked):
+def _steps(plan, arc_key, optim, hparams, seed, mesh, masked, dtype="float32"):
   """Compiled steps shared by every trainer of the same network and hyperparameters
   (the final network and its compress stage share the eval step)."""
   arc = np.asarray(arc_key)
-  return (make_train_step(plan, arc, _transform(optim, plan, arc, masked), hparams, seed, mesh),
-          make_eval_step(plan, arc, mesh))
+  return (make_train_step(plan, arc, _transform(optim, plan, arc, masked), hparams, seed, mesh,
+                          dtype),
+          make_eval_step(plan, arc, mesh, dtype))
 
 
 @dataclasses.dataclass
@@ -148,7 +154,8 @@ class FixedTrainer:
                                          r.lr_min)
     train_step, eval_step = _steps(
         plan, tuple(int(a) for a in arc), (r.momentum, r.l2, r.grad_clip),
-        (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None)
+        (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None,
+        r.dtype)
     return cls(plan, np.asarray(arc), recipe, seed, stream, mean, std, mesh, masks, schedule,
                train_step, eval_step)
 
