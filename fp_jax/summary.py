@@ -96,7 +96,11 @@ def latency_rows(latency):
 
 
 def sample_costs(config, samples):
-  """Multiply-adds of each sampled (arc, ratios) at the search size, masked."""
+  """Multiply-adds of each sampled (arc, ratios), masked: the searched network's
+  `masked_macs` that samples.jsonl records; for rows of runs before that field, the fixed
+  network's at the search size, masked at the ratios (compaction.ratio_widths)."""
+  if samples and all("masked_macs" in r for r in samples):
+    return np.asarray([r["masked_macs"] for r in samples])
   shape, classes = profile.KNOWN_SHAPES.get(config["data"]["name"], (None, None))
   if shape is None:
     return None
@@ -124,11 +128,15 @@ def _plots(workdir, config, samples, metrics, arch):
     fig.colorbar(sc, ax=ax, label="search step")
     if arch:
       chosen = sample_costs(config, [{"arc": arch["normal"] + arch["reduce"],
-                                      "ratios": arch["ratios"]}])[0]
+                                      "ratios": arch["ratios"],
+                                      **({"masked_macs": arch["masked_macs"]}
+                                         if "masked_macs" in arch else {})}])[0]
       ax.scatter([chosen / 1e6], [arch["prune_acc"]], marker="*", s=250, c="red",
                  edgecolors="black", label="chosen")
       ax.legend()
-    ax.set_xlabel("multiply-adds (M), masked, search size")
+    ax.set_xlabel("multiply-adds (M) of the searched network, masked"
+                  if all("masked_macs" in r for r in samples) else
+                  "multiply-adds (M), masked, fixed network at search size")
     ax.set_ylabel("validation accuracy, masked (PruneAcc)")
     ax.set_title("sampled architectures")
     fig.tight_layout()

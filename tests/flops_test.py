@@ -48,8 +48,12 @@ def _xla_flops(fn, *args):
 
 @pytest.fixture
 def xla_depthwise(monkeypatch):
-  """Depthwise convolutions as grouped convolutions, so the jaxpr sees them as convs."""
+  """Depthwise convolutions as grouped convolutions, so the jaxpr sees them as convs
+  (jax.checkpoint caches traces: cleared so none traced with another impl is reused)."""
+  jax.clear_caches()
   monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "xla")
+  yield
+  jax.clear_caches()
 
 
 @pytest.mark.parametrize("name,shape", CASES)
