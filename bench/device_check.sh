@@ -2,7 +2,8 @@
 # Device check (GPU/TPU): search step, final step and the latency bench at their real sizes,
 # the steps in float32 and bfloat16, into one JSON: bench/results/device_check.json (img/s,
 # step ms, peak device memory, peak RSS, XLA temp bytes, compile s; the latency bench's own
-# JSON). The latency bench runs float32 only until fp_jax/infer honours config.dtype.
+# JSON). The latency bench runs float32 here (its --dtype bfloat16 times fp_jax's executors in
+# bfloat16; not in this budget).
 #
 #   bash bench/device_check.sh            # real sizes, on the machine's accelerator
 #   bash bench/device_check.sh --small    # tiny sizes (a dry run; works on CPU)

@@ -50,6 +50,8 @@ def parse():
   p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--no_runtimes", action="store_true", help="skip ONNX Runtime and LiteRT")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of fp_jax's executors (exports stay float32)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="", help="JSON path (default bench/results/latency.json)")
   return p.parse_args()
@@ -109,7 +111,7 @@ def main():
 
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,
-                       pad_channels=args.pad_channels, dots=args.dots)
+                       pad_channels=args.pad_channels, dots=args.dots, dtype=args.dtype)
   res = latency.measure(nets, args.images, args.batch, args.warmup, opts, depthwise=args.depthwise,
                         seed=args.seed, check_child=True, log=common.log, others=others)
   res["threads"] = threads
@@ -158,8 +160,9 @@ def main():
                    "met_1.2": v["median_vs_fused"] >= 1.2}
   result = {"args": vars(args), "env": dict(common.environment(), loadavg_start=load_start,
                                              loadavg_end=os.getloadavg()),
-            "depthwise_resolved": {"perop": fused.depthwise_impl(args.depthwise),
-                                   "fused": fused.depthwise_impl(opts.depthwise)},
+            "depthwise_resolved": {"perop": fused.depthwise_impl(args.depthwise, dtype=args.dtype),
+                                   "fused": fused.depthwise_impl(opts.depthwise,
+                                                                 dtype=args.dtype)},
             "fused_vs_onnxruntime": vs_ort,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),

@@ -76,8 +76,10 @@ def latency_rows(latency):
             f"| pruned | {n['pruned_perop_ms']:.3f} | {n['pruned_fused_ms']:.3f} |", "",
             f"On {latency['device']}; details in latency/latency.md.", ""]
   names = [r for r in ("perop", "fused", "onnxruntime", "litert") if r in rts]
-  labels = {"perop": "per-op", "fused": "fused", "onnxruntime": "ONNX Runtime",
-            "litert": "LiteRT"}
+  low = latency.get("dtype", "float32") != "float32"   # fp_jax's executors in bfloat16
+  labels = {"perop": f"per-op ({latency.get('dtype')})" if low else "per-op",
+            "fused": f"fused ({latency.get('dtype')})" if low else "fused",
+            "onnxruntime": "ONNX Runtime", "litert": "LiteRT"}
   lines = ["## Latency (batch 1, ms per image, mean / median)", "",
            "| network | " + " | ".join(labels[r] for r in names) + " |",
            "|---|" + "---|" * len(names)]

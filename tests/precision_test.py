@@ -185,3 +185,30 @@ def test_masked_equals_compact_in_bfloat16(fixed):
     # is 10x its eval bound): measured 0.031 at scale 2.3, allowed 2^-5 relative.
     tol = (2 ** -5 if train else 2 ** -7) * scale
     assert np.max(np.abs(a - b)) <= tol
+
+
+def test_inference_executors_compute_in_bfloat16():
+  """latency honours config.dtype: the fused and per-op executors run the network in
+  bfloat16 (weights folded in float32, then cast; XLA's depthwise, the kernel is float32
+  only), take float32 images, return float32 logits close to float32's."""
+  from fp_jax.infer import fused   # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import perop   # pylint: disable=g-import-not-at-top
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 1, 8, (8, 8, 3), 10)
+  params, stats = child.init(jax.random.key(0), plan, arc)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 3)), jnp.float32)
+  ref = np.asarray(fused.Fused(plan, arc, params, stats)(x))
+  opts = fused.Options(dtype="bfloat16")
+  fb = fused.Fused(plan, arc, params, stats, opts)
+  got = fb(x)
+  assert got.dtype == jnp.float32 and {a.dtype for a in jax.tree.leaves(fb.fp)} == {
+      jnp.dtype(jnp.bfloat16)}
+  scale = float(np.max(np.abs(ref)))
+  assert float(np.max(np.abs(np.asarray(got) - ref))) <= 0.05 * scale
+  assert float(np.max(np.abs(np.asarray(got) - ref))) > 0     # it really ran in bfloat16
+  po = perop.PerOp(plan, arc, params, stats, dtype="bfloat16")(x)
+  assert po.dtype == jnp.float32
+  assert float(np.max(np.abs(np.asarray(po) - ref))) <= 0.05 * scale
+  assert fused.depthwise_impl("auto", 5, "bfloat16") in ("shift", "xla")
+  np.testing.assert_allclose(np.asarray(fb.run_cells(x)), np.asarray(got),
+                             atol=0.02 * scale)

@@ -56,6 +56,8 @@ class Options:
   depthwise: str = "auto"       # kernel | shift | flat | xla | auto (see depthwise_impl)
   pad_channels: int = 8         # zero-pad channel groups to a multiple of this (padding.py)
   dots: str = "auto"            # XLA:CPU GEMMs: xla (its own emitter) | ynn (YNNPACK) | auto: xla
+  dtype: str = "float32"        # compute dtype (config.dtype): Fused folds BN in float32, then
+                                # casts the weights; images enter and logits leave as float32
 
 
 def compiler_options(opts):
@@ -130,15 +132,16 @@ def folded(plan, arc, params, stats, opts=Options()):
 # ---------------------------------------------------------------- operators (traced)
 
 
-def depthwise_impl(impl="auto", k=5):
+def depthwise_impl(impl="auto", k=5, dtype="float32"):
   """The implementation `depthwise` runs for `impl`: 'auto' is 'kernel' on CPU when
-  fp_jax's kernel is available (kernels.py) and handles k, else 'shift' on CPU and
-  'xla' elsewhere."""
+  fp_jax's kernel is available (kernels.py) and handles k and the dtype (float32 only),
+  else 'shift' on CPU and 'xla' elsewhere."""
   if impl != "auto":
     return impl
   if jax.default_backend() != "cpu":
     return "xla"
-  return "kernel" if k in kernels.KERNELS and kernels.available() else "shift"
+  usable = k in kernels.KERNELS and jnp.dtype(dtype) == jnp.float32
+  return "kernel" if usable and kernels.available() else "shift"
 
 
 def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
@@ -158,7 +161,7 @@ def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
   'xla': a grouped convolution (fast on GPU/TPU, 5-10x slower on XLA:CPU);
   'auto': depthwise_impl.
   """
-  impl = depthwise_impl(impl, np.shape(w)[0])
+  impl = depthwise_impl(impl, np.shape(w)[0], x.dtype)
   if impl == "kernel":
     return kernels.depthwise(x, w, relu, bias)
   if bias is not None:
@@ -339,6 +342,9 @@ class Fused:
     self.plan, self.arc, self.opts = plan, np.asarray(arc), opts
     self.compiler_options = compiler_options(opts)          # also checks opts.dots
     self.fp = folded(plan, self.arc, params, stats, opts)   # numpy: traced as constants
+    self.dtype = jnp.dtype(opts.dtype)
+    if self.dtype != jnp.float32:
+      self.fp = jax.tree.map(lambda a: np.asarray(a).astype(self.dtype), self.fp)
     self.cache = {}
 
   def compiled(self, key, fn, *xs):
@@ -350,9 +356,10 @@ class Fused:
     return c
 
   def network(self, x):
-    """The compiled whole network for x's shape: call it as c(x)."""
-    return self.compiled("network", functools.partial(forward, self.plan, self.arc, self.fp,
-                                                      opts=self.opts), x)
+    """The compiled whole network for x's shape: call it as c(x) (x and the logits
+    float32; the network computes in opts.dtype)."""
+    run = functools.partial(forward, self.plan, self.arc, self.fp, opts=self.opts)
+    return self.compiled("network", lambda x: run(x.astype(self.dtype)).astype(jnp.float32), x)
 
   def __call__(self, x):
     return self.network(x)(x)
@@ -361,14 +368,15 @@ class Fused:
     return functools.partial(cell, self.plan, self.fp, i, opts=self.opts)
 
   def stem(self, x):
-    return self.compiled("stem", functools.partial(stem, self.plan, self.fp, opts=self.opts),
-                         x)(x)
+    run = functools.partial(stem, self.plan, self.fp, opts=self.opts)
+    return self.compiled("stem", lambda x: run(x.astype(self.dtype)), x)(x)
 
   def cell(self, i, x0, x1):
     return self.compiled(f"cell{i}", self._cell_fn(i), x0, x1)(x0, x1)
 
   def classifier(self, x):
-    return self.compiled("classifier", functools.partial(classifier, self.fp["fc"]), x)(x)
+    return self.compiled("classifier",
+                         lambda x: classifier(self.fp["fc"], x).astype(jnp.float32), x)(x)
 
   def run_cells(self, x):
     """Logits via one computation per piece: stem, each cell, classifier."""

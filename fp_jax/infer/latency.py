@@ -201,7 +201,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
     counts[name] = flops.count(net.plan, net.arc, widths)
     t = time.perf_counter()
     ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise,
-                                    ops=perop.Ops(fused.compiler_options(opts)))
+                                    ops=perop.Ops(fused.compiler_options(opts)),
+                                    dtype=opts.dtype)
     block(ex[name, "perop"](singles[0]))
     compile_s[f"{name}_perop"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -263,8 +264,9 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
       "depthwise": {"perop": depthwise, "fused": opts.depthwise},
-      "depthwise_impl": {"perop": fused.depthwise_impl(depthwise),       # what 'auto' ran
-                         "fused": fused.depthwise_impl(opts.depthwise)},
+      "depthwise_impl": {"perop": fused.depthwise_impl(depthwise, dtype=opts.dtype),
+                         "fused": fused.depthwise_impl(opts.depthwise, dtype=opts.dtype)},
+      "dtype": opts.dtype,      # fp_jax's executors; the exported runtimes run float32
       "pad_channels": opts.pad_channels, "dots": opts.dots,
       "compiler_options": fused.compiler_options(opts) or {},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
@@ -334,7 +336,7 @@ def run(config, workdir):
   else:
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
-                       dots=lat.dots)
+                       dots=lat.dots, dtype=config.get("dtype", "float32"))
   threads = runtimes_lib.use_cores(int(lat.threads))
   plan = nets["baseline"].plan
   others, models = runtimes_lib.build(nets, plan.image_hw + (plan.in_channels,),

@@ -91,11 +91,14 @@ class PerOp:
   caller can time it.
   """
 
-  def __init__(self, plan, arc, params, stats, depthwise="auto", ops=None):
+  def __init__(self, plan, arc, params, stats, depthwise="auto", ops=None, dtype="float32"):
+    """dtype: compute dtype (config.dtype): weights, statistics and activations in it;
+    images enter and logits leave as float32."""
     if depthwise not in fused.DEPTHWISE_IMPLS:
       raise ValueError(f"depthwise must be one of {fused.DEPTHWISE_IMPLS}, got {depthwise!r}")
     self.plan, self.arc, self.depthwise = plan, np.asarray(arc), depthwise
-    put = lambda t: jax.tree.map(jnp.asarray, t)
+    self.dtype = jnp.dtype(dtype)
+    put = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
     self.params, self.stats = put(params), put(stats)
     self.ops = ops or Ops()
 
@@ -110,6 +113,7 @@ class PerOp:
 
   def stem(self, x, mark=None):
     """x [B,H,W,C] -> [B,H,W,S]: conv, BN."""
+    x = x.astype(self.dtype)
     n = self.plan.nodes[self.plan.stem]
     return self._conv_bn(self.params["blocks"][n.name], self.stats["blocks"][n.name], x, mark)
 
@@ -165,7 +169,7 @@ class PerOp:
   def classifier(self, x):
     """ReLU, global average pool, dense (no bias): [B,H,W,C] -> [B,classes]."""
     return self.ops("dense", self.ops("global_pool", self.ops("relu", x)),
-                    self.params["fc"]["w"])
+                    self.params["fc"]["w"]).astype(jnp.float32)
 
   def __call__(self, x):
     vals = {self.plan.stem: self.stem(x)}
