@@ -128,7 +128,7 @@ def test_prune_acc_equals_activation_masked_reference():
       assert float(jnp.max(jnp.abs(got - ref))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(ref))))
       assert float(prune_acc) == float(jnp.mean(jnp.argmax(ref, -1) == y))
       # kept: the channels each space keeps, in pruning.supernet_spaces order
-      flat = jnp.concatenate([masks["units"][groups["unit_of"]]])
+      flat = masks["units"][groups["unit_of"]]
       widths = np.cumsum([0] + [w for _, w, _ in pruning.supernet_spaces(plan)])
       np.testing.assert_array_equal(np.asarray(kept), [float(jnp.sum(flat[a:b])) for a, b
                                                        in zip(widths[:-1], widths[1:])])

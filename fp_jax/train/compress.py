@@ -93,8 +93,7 @@ def taylor_grads(plan, arc, params, stats, batches, mesh):
   def grad(p, s, x, y):
     def loss(p):
       logits = child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
-      ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
-      return jax.lax.pmean(ce, parallel.AXIS)
+      return jax.lax.pmean(trainer_lib.xent(logits, y), parallel.AXIS)
     return jax.grad(loss)(p)
   step = parallel.data_parallel(grad, mesh, (REPLICATED, REPLICATED, BATCH, BATCH), REPLICATED)
   params, stats = parallel.replicate(mesh, jax.device_get((params, stats)))
@@ -146,18 +145,16 @@ def run(config, workdir, ds):
   x, y = final.training_images(ds)
   recipe = compress_recipe(config, len(y))
 
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
-  grads, key = importance_inputs(config, plan, arc, params, stats, x, y, ds.mean, ds.std,
-                                 trainer.mesh)
+  mesh = parallel.make_mesh()
+  grads, key = importance_inputs(config, plan, arc, params, stats, x, y, ds.mean, ds.std, mesh)
   masks = jax.device_get(jax.jit(
       lambda p, r, g, k: compaction.child_masks(plan, arc, p, r, c.importance, g, k))(
           params, np.float32(ratios), grads, key))
   masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
   pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
-  if c.mode == "finetune":
-    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean,
-                                             ds.std, masks=masks)
+  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
+                                           mesh, masks=masks if c.mode == "finetune" else None)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   restats = bn_reestimate.reestimate(train_mode_stats(plan, arc), masked, stats,
                                      bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)

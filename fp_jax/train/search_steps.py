@@ -17,10 +17,7 @@ from fp_jax import pruning
 from fp_jax import schedules
 from fp_jax import supernet
 from fp_jax.parallel import AXIS, BATCH, REPLICATED
-
-
-def xent(logits, labels):
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+from fp_jax.train.trainer import xent
 
 
 def empty_stages(plan):
@@ -77,9 +74,12 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32"):
         plan, precision.cast(p, dtype), arc, precision.cast(x, dtype), AXIS,
         with_aux=False)[0], jnp.float32)
     acc = lambda z: jax.lax.pmean(jnp.mean(jnp.argmax(z, -1) == y), AXIS)
+    def loss(p):                       # (global-batch loss, logits)
+      z = logits(p)
+      return jax.lax.pmean(xent(z, y), AXIS), z
+
     grads = None
     if criterion == "taylor":
-      loss = lambda p: (lambda z: (jax.lax.pmean(xent(z, y), AXIS), z))(logits(p))
       grads, full = jax.grad(loss, has_aux=True)(params)
     else:
       full = logits(params)
