@@ -109,7 +109,18 @@ def fixed_step(pkg, num_layers, filters, batch, image, classes, dtype="float32",
   return compiled, state, call, trace_s + compile_s
 
 
-BUILDERS = {"supernet": supernet_step, "fixed": fixed_step}
+def _torch(channels_last):
+  def builder(*args):
+    from bench import torch_peer   # pylint: disable=g-import-not-at-top
+    return torch_peer.fixed_step(*args, channels_last=channels_last)
+  return builder
+
+
+# torch / torch_cl: the eager PyTorch peer (bench/torch_peer.py), NCHW / channels_last,
+# working tree and float32 only.
+BUILDERS = {"supernet": supernet_step, "fixed": fixed_step, "torch": _torch(False),
+            "torch_cl": _torch(True)}
+PEERS = ("torch", "torch_cl")
 
 
 def build(kind, rev, args, dtype):

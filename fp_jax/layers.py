@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from fp_jax import pools
+
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 AUX_WIDTHS = (128, 768)
@@ -159,19 +161,12 @@ _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 def avg_pool3x3(x, stride=1):
   """3x3 SAME average at `stride`, padding excluded from the count (as TF)."""
-  window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
-  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-  total = lax.reduce_window(x, 0.0, lax.add, window, strides, pad)
-  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-  count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pad)
-  return subsample(total / count, x.shape[1:3], 3, stride)
+  return subsample(pools.avg_pool3x3(x), x.shape[1:3], 3, stride)
 
 
 def max_pool3x3(x, stride=1):
   """3x3 SAME maximum at `stride` (padding never wins)."""
-  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-  y = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), pad)
-  return subsample(y, x.shape[1:3], 3, stride)
+  return subsample(pools.max_pool3x3(x), x.shape[1:3], 3, stride)
 
 
 def batch_norm(p, s, x, train, axis_name=None):

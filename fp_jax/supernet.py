@@ -159,8 +159,8 @@ def _branches(axis_name):
   # Checkpointed branches keep only their inputs as residuals: without it the backward
   # of every switch materialises (zero) residuals of all branches.
   return (jax.checkpoint(sep("sep3")), jax.checkpoint(sep("sep5")),
-          lambda p, idx, x: layers.avg_pool3x3(x),
-          lambda p, idx, x: layers.max_pool3x3(x),
+          jax.checkpoint(lambda p, idx, x: layers.avg_pool3x3(x)),
+          jax.checkpoint(lambda p, idx, x: layers.max_pool3x3(x)),
           lambda p, idx, x: x)
 
 

@@ -1,0 +1,75 @@
+"""3x3 stride-1 SAME pooling as separable shifted reductions, for training (layers.py) and
+inference (the fused and per-op paths): XLA:CPU's reduce_window is several times slower,
+forward and backward, and runs on one thread (bench/results/issue15.md). Values equal
+reduce_window's (max exactly; sums in another order); a max's gradient is split evenly
+between tied inputs (reduce_window's goes to one of them)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _pool3x3(x, init, combine):
+  """Separable 3x3 stride-1 SAME window reduction in the [B,H,W*C] view."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=init)
+  xp = xp.reshape(b, h + 2, (w + 2) * c)
+  r = combine(combine(xp[:, 0:h], xp[:, 1:h + 1]), xp[:, 2:h + 2])
+  out = combine(combine(r[:, :, 0:w * c], r[:, :, c:c + w * c]), r[:, :, 2 * c:2 * c + w * c])
+  return out.reshape(b, h, w, c)
+
+
+def _inverse_count(h, w, dtype):
+  """[H, W, 1]: 1 / the number of real (unpadded) pixels in each 3x3 SAME window."""
+  ones = np.pad(np.ones((h, w)), 1)
+  count = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
+  return jnp.asarray(1.0 / count, dtype)[:, :, None]
+
+
+@jax.custom_vjp
+def avg_pool3x3(x):
+  """layers.avg_pool3x3 (padding excluded from the count) as two separable sums."""
+  return _pool3x3(x, 0.0, jnp.add) * _inverse_count(*x.shape[1:3], x.dtype)
+
+
+def _avg_fwd(x):
+  return avg_pool3x3(x), None
+
+
+def _avg_bwd(_, g):
+  """The transpose: the symmetric window's sum of the count-scaled cotangent."""
+  return (_pool3x3(g * _inverse_count(*g.shape[1:3], g.dtype), 0.0, jnp.add),)
+
+
+avg_pool3x3.defvjp(_avg_fwd, _avg_bwd)
+
+
+@jax.custom_vjp
+def max_pool3x3(x):
+  """layers.max_pool3x3 as two separable maxima."""
+  return _pool3x3(x, -jnp.inf, jnp.maximum)
+
+
+def _max_fwd(x):
+  y = max_pool3x3(x)
+  return y, (x, y)
+
+
+def _max_bwd(res, g):
+  """Each output's cotangent goes to the first input of its window (row-major) equal
+  to the maximum, as XLA's select-and-scatter routes it."""
+  x, y = res
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taken = jnp.zeros(y.shape, bool)
+  dxp = 0.0
+  for i in range(3):
+    for j in range(3):
+      hit = (xp[:, i:i + h, j:j + w] == y) & ~taken
+      taken = taken | hit
+      dxp = dxp + jnp.pad(jnp.where(hit, g, 0.0), ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)))
+  return (dxp[:, 1:h + 1, 1:w + 1].astype(x.dtype),)
+
+
+max_pool3x3.defvjp(_max_fwd, _max_bwd)

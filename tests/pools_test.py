@@ -1,0 +1,40 @@
+"""The shifted 3x3 pools (fp_jax/pools.py) against XLA's reduce_window, values and
+gradients, at stride 1 and 2 through layers.py."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from fp_jax import layers
+
+PAD = ((0, 0), (1, 1), (1, 1), (0, 0))
+
+
+def window_max(x, stride):
+  y = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), PAD)
+  return layers.subsample(y, x.shape[1:3], 3, stride)
+
+
+def window_avg(x, stride):
+  total = lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), PAD)
+  count = lax.reduce_window(jnp.ones((1,) + x.shape[1:3] + (1,)), 0.0, lax.add,
+                            (1, 3, 3, 1), (1, 1, 1, 1), PAD)
+  return layers.subsample(total / count, x.shape[1:3], 3, stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 3), (1, 8, 8, 4)])
+def test_pools_and_their_gradients_equal_reduce_window(shape, stride):
+  """Maxima exactly equal; the max's cotangent goes to the first maximal input of each
+  window (ties included, as select-and-scatter); averages and their transposes equal."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  x = x.at[0, 1, 1, 0].set(x[0, 1, 2, 0]).at[0, 2, 2, 1].set(0.0).at[0, 2, 3, 1].set(0.0)
+  x = x.at[:, :, :, -1].set(1.0)                      # a channel of ties everywhere
+  for ours, ref, tol in ((layers.max_pool3x3, window_max, 0.0),
+                         (layers.avg_pool3x3, window_avg, 1e-6)):
+    y, vjp = jax.vjp(lambda v: ours(v, stride), x)
+    y_ref, vjp_ref = jax.vjp(lambda v: ref(v, stride), x)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=tol)
+    g = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)
