@@ -214,6 +214,47 @@ def cell_inputs(spec, p, prev, axis_name=None):
   return hs, ins[1]
 
 
+def cell_runs(plan):
+  """Consecutive cells one scan runs: [[cell index, ...], ...] in order. A cell joins the
+  run before it when its inputs need no calibration and its nodes have the run's shape
+  (filters, hw); then the carry (h(i-2), h(i-1)) -> (h(i-1), output) feeds it exactly as
+  the unrolled loop would (a run's first cell may be a reduction: its second input is
+  its own factorized reduction, already F wide)."""
+  runs = []
+  for spec in plan.cells:
+    last = plan.cells[runs[-1][-1]] if runs else None
+    if (last is not None and not spec.reduce and spec.calib == ("none", "none")
+        and (spec.filters, spec.hw) == (last.filters, last.hw)):
+      runs[-1].append(spec.index)
+    else:
+      runs.append([spec.index])
+  return runs
+
+
+BODY_KEYS = ("sep3", "sep5", "final")   # a cell's parameters inside its run's scan
+
+
+def _run_cells(params, run, arc_parts, h0, h1, carry, axis_name):
+  """((h(i-2), h(i-1)) of the cell after the run, outputs [len(run), B,H,W,F]) from the
+  first cell's calibrated inputs and the h(i-2) its successor reads (`carry`); arc_parts
+  int32 [len(run), 20]. A run of one cell calls `cell`; a longer one scans one compiled
+  cell body over the stacked cell parameters (compile time grows with the number of
+  distinct cell bodies, not of cells)."""
+  if len(run) == 1:
+    out = cell(params["cells"][run[0]], arc_parts[0], h0, h1, axis_name)
+    return (carry, out), out[None]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                         *[{k: params["cells"][i][k] for k in BODY_KEYS} for i in run])
+
+  def body(carry, xs):
+    a, b = carry
+    p, part = xs
+    out = cell(p, part, a, b, axis_name)
+    return (b, out), out
+
+  return lax.scan(body, (h0, h1), (stacked, arc_parts))
+
+
 def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
   """(logits [B,classes], aux logits or None) of architecture `arc` int32 [40].
 
@@ -224,13 +265,14 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
   normal, reduce = arc[:space.CELL_LEN], arc[space.CELL_LEN:]
   y = layers.relu_conv_bn(params["stem"], None, x, True, axis_name, relu=False)[0]
   prev, aux = [y, y], None
-  for spec in plan.cells:
-    cp = params["cells"][spec.index]
-    (h0, h1), carry = cell_inputs(spec, cp, prev, axis_name)
-    out = cell(cp, reduce if spec.reduce else normal, h0, h1, axis_name)
-    if with_aux and spec.index == plan.aux_index:
-      aux = layers.aux_head(params["aux"], None, out, True, axis_name)[0]
-    prev = [carry, out]
+  for run in cell_runs(plan):
+    spec = plan.cells[run[0]]
+    (h0, h1), carry = cell_inputs(spec, params["cells"][spec.index], prev, axis_name)
+    parts = jnp.stack([reduce if plan.cells[i].reduce else normal for i in run])
+    prev, outs = _run_cells(params, run, parts, h0, h1, carry, axis_name)
+    if with_aux and plan.aux_index in run:
+      aux = layers.aux_head(params["aux"], None, outs[run.index(plan.aux_index)], True,
+                            axis_name)[0]
   dropout = None
   if reg is not None and reg["keep_prob"] < 1.0:
     dropout = lambda f: _global_dropout(f, reg["key"], reg["keep_prob"], axis_name)

@@ -137,3 +137,26 @@ def test_mask_transform_compiles_once_for_all_ratios():
     kept.add(float(jnp.sum(out["cells"][0]["final"]["bn"]["scale"] != 0)))
   assert len(traces) == 1
   assert len(kept) > 1
+
+
+def test_scanned_cell_runs_equal_the_unrolled_cells():
+  """forward scans runs of same-shaped cells (one compiled body each); its logits, aux
+  logits and gradients equal the cell-by-cell loop's."""
+  plan = supernet.make_plan(6, 4, (8, 8, 1), 10)
+  assert supernet.cell_runs(plan) == [[0], [1], [2, 3, 4], [5, 6, 7]]
+  params = supernet.init(jax.random.key(3), plan)
+  arc = jnp.asarray(space.sample_uniform(np.random.default_rng(5)))
+  x = jax.random.normal(jax.random.key(4), (6, 8, 8, 1))
+
+  def unrolled(p):
+    outs = [out for _, _, _, out in collect(plan, p, arc, x)]
+    aux = layers.aux_head(p["aux"], None, outs[plan.aux_index], True)[0]
+    return layers.classifier(p["fc"], outs[-1]), aux
+
+  loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(z)) for z in f(p))
+  want, want_g = jax.jit(jax.value_and_grad(loss(unrolled)))(params)
+  got, got_g = jax.jit(jax.value_and_grad(loss(
+      lambda p: supernet.forward(plan, p, arc, x))))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
