@@ -150,9 +150,11 @@ def _depthwise_shift_bwd(res, g):
   gf = g.astype(jnp.float32)          # weight-gradient sums accumulate in float32
   prods = [xp[:, i:i + hw[0], j:j + hw[1], :].astype(jnp.float32) * gf
            for i in range(k) for j in range(k)]
+  # per-example partial sums [B, C] first: XLA:CPU runs a reduction to [C] on one thread,
+  # one to [B, C] on all (2.2x faster at 32x32, bench/results/issue15.md)
   sums = lax.reduce(prods, [np.zeros((), np.float32)] * len(prods),
-                    lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
-  dw = jnp.stack(sums).reshape(w.shape).astype(w.dtype)
+                    lambda a, b: [u + v for u, v in zip(a, b)], (1, 2))
+  dw = jnp.stack(sums).sum(1).reshape(w.shape).astype(w.dtype)
   return dx.astype(x.dtype), dw
 
 

@@ -142,8 +142,10 @@ def test_mask_transform_compiles_once_for_all_ratios():
 def test_scanned_cell_runs_equal_the_unrolled_cells():
   """forward scans runs of same-shaped cells (one compiled body each); its logits, aux
   logits and gradients equal the cell-by-cell loop's."""
-  plan = supernet.make_plan(6, 4, (8, 8, 1), 10)
-  assert supernet.cell_runs(plan) == [[0], [1], [2, 3, 4], [5, 6, 7]]
+  assert supernet.cell_runs(supernet.make_plan(6, 4, (8, 8, 1), 10)) == [
+      [0], [1], [2, 3, 4], [5, 6, 7]]
+  plan = supernet.make_plan(3, 4, (8, 8, 1), 10)        # cells N R N R N
+  assert supernet.cell_runs(plan) == [[0], [1, 2], [3, 4]]
   params = supernet.init(jax.random.key(3), plan)
   arc = jnp.asarray(space.sample_uniform(np.random.default_rng(5)))
   x = jax.random.normal(jax.random.key(4), (6, 8, 8, 1))
