@@ -1,5 +1,6 @@
-"""The shifted 3x3 pools (fp_jax/pools.py) against XLA's reduce_window, values and
-gradients, at stride 1 and 2 through layers.py."""
+"""The training path's shifted ops against XLA's own, values and gradients: the 3x3 pools
+(fp_jax/pools.py) against reduce_window, the depthwise shift-sum (layers.py, custom VJP)
+against a grouped convolution."""
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -38,3 +39,22 @@ def test_pools_and_their_gradients_equal_reduce_window(shape, stride):
     np.testing.assert_allclose(y, y_ref, rtol=0, atol=tol)
     g = jax.random.normal(jax.random.key(1), y.shape)
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_shift_depthwise_and_its_gradients_equal_grouped_conv(k, stride):
+  x = jax.random.normal(jax.random.key(2), (3, 7, 8, 5))
+  w = jax.random.normal(jax.random.key(3), (k, k, 1, 5))
+
+  def run(impl):
+    old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, impl
+    try:
+      y, vjp = jax.vjp(lambda a, b: layers.depthwise_conv(a, b, stride), x, w)
+      return y, vjp(jax.random.normal(jax.random.key(4), y.shape))
+    finally:
+      layers.DEPTHWISE_IMPL = old
+
+  (y, (dx, dw)), (y_ref, (dx_ref, dw_ref)) = run("shift"), run("xla")
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
