@@ -52,16 +52,17 @@ def max_pool3x3(x):
 
 
 def _max_fwd(x):
-  y = max_pool3x3(x)
-  return y, (x, y)
+  return max_pool3x3(x), x
 
 
-def _max_bwd(res, g):
+def _max_bwd(x, g):
   """Each output's cotangent goes to the first input of its window (row-major) equal
-  to the maximum, as XLA's select-and-scatter routes it."""
-  x, y = res
+  to the maximum, as XLA's select-and-scatter routes it. The maxima are recomputed here
+  from the residual x: XLA may rematerialise x in the backward with other rounding, and
+  a forward maximum compared with it would then match nothing."""
   h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  y = max_pool3x3(x)
   taken = jnp.zeros(y.shape, bool)
   dxp = 0.0
   for i in range(3):
