@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from fp_jax import graph
 from fp_jax import layers
@@ -74,33 +75,77 @@ def path_keep_prob(keep, cell_index, num_cells, progress):
   return 1.0 - jnp.minimum(1.0, progress) * (1.0 - depth_keep)
 
 
-def run_graph(plan, x, block_fn, drop=None):
-  """Values of every node of `plan` on the image x (a list, index = node).
+def _cell_nodes(plan, c):
+  """[(j, node)] of cell c's own nodes (contiguous in the graph)."""
+  return [(j, n) for j, n in enumerate(plan.nodes) if n.cell == c]
 
-  block_fn(j, node, x) -> y runs conv/fr/sep nodes; drop(j, node, y) -> y (optional)
-  applies to nodes with node.drop.
-  """
-  vals = []
-  for j, n in enumerate(plan.nodes):
-    ins = [vals[i] for i in n.inputs]
-    if n.kind == "image":
-      y = x
-    elif n.kind in graph.PARAM_KINDS:
-      y = block_fn(j, n, ins[0])
-    elif n.kind == "avg":
-      y = layers.avg_pool3x3(ins[0], n.stride)
-    elif n.kind == "max":
-      y = layers.max_pool3x3(ins[0], n.stride)
-    elif n.kind == "add":
-      y = ins[0] + ins[1]
-    elif n.kind == "concat":
-      y = jnp.concatenate(ins, axis=-1)
+
+def _signature(plan, params, c):
+  """What a cell computes, up to its index: its nodes relative to its two inputs and its
+  own first node (name suffix, kind, inputs, widths, sizes, options) and its parameter
+  shapes (a compact network's cells may differ in width)."""
+  nodes = _cell_nodes(plan, c)
+  first, ins = nodes[0][0], plan.cells[c].inputs
+  where = lambda i: ("in", ins.index(i)) if i in ins else ("own", i - first)
+  sig = []
+  for j, n in nodes:
+    if any(i < first and i not in ins for i in n.inputs):
+      return None                       # reads a value from outside its inputs
+    shapes = (jax.tree.map(jnp.shape, params["blocks"][n.name])
+              if n.kind in graph.PARAM_KINDS else None)
+    sig.append((n.name.split("/", 2)[2], n.kind, tuple(where(i) for i in n.inputs),
+                n.channels, n.hw, n.k, n.stride, n.relu, n.drop, str(shapes)))
+  return (tuple(plan.nodes[i].hw + (plan.nodes[i].channels,) for i in ins), tuple(sig))
+
+
+def cell_runs(plan, params):
+  """Consecutive cells of one signature whose inputs chain (cell i+1 reads h(i-1) and the
+  output of cell i): [[cell index, ...], ...] in order; each run of several cells is
+  compiled once and scanned over its stacked parameters."""
+  runs = []
+  for spec in plan.cells:
+    if runs:
+      last = plan.cells[runs[-1][-1]]
+      if (spec.inputs == (last.inputs[1], last.out)
+          and _signature(plan, params, spec.index) is not None
+          and _signature(plan, params, spec.index) == _signature(plan, params, last.index)):
+        runs[-1].append(spec.index)
+        continue
+    runs.append([spec.index])
+  return runs
+
+
+def _run_cell(plan, c, bp, bs, h0, h1, block, drop):
+  """Cell c's output from its inputs (h0, h1), with its blocks' params bp / stats bs keyed
+  by the name suffix; block(node, p, s, x) -> (y, s_new), drop(j_offset, node, y) -> y.
+  Returns (output, new stats keyed by suffix)."""
+  nodes = _cell_nodes(plan, c)
+  first, ins = nodes[0][0], plan.cells[c].inputs
+  vals, new = {ins[0]: h0, ins[1]: h1}, {}
+  for j, n in nodes:
+    args = [vals[i] for i in n.inputs]
+    key = n.name.split("/", 2)[2]
+    if n.kind in graph.PARAM_KINDS:
+      y, new[key] = block(n, bp[key], bs[key], args[0])
     else:
-      raise ValueError(f"unknown node kind {n.kind!r}")
+      y = _plain(n, args)
     if drop is not None and n.drop:
-      y = drop(j, n, y)
-    vals.append(y)
-  return vals
+      y = drop(j - first, n, y)
+    vals[j] = y
+  return vals[plan.cells[c].out], new
+
+
+def _plain(n, ins):
+  """A node without parameters."""
+  if n.kind == "avg":
+    return layers.avg_pool3x3(ins[0], n.stride)
+  if n.kind == "max":
+    return layers.max_pool3x3(ins[0], n.stride)
+  if n.kind == "add":
+    return ins[0] + ins[1]
+  if n.kind == "concat":
+    return jnp.concatenate(ins, axis=-1)
+  raise ValueError(f"unknown node kind {n.kind!r}")
 
 
 def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, reg=None):
@@ -110,10 +155,13 @@ def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, r
   the pooled features, 'drop_path_keep_prob': keep of the last cell's ops,
   'progress': step / total steps in [0, 1]}. Draws differ per device (the key
   is folded with the `axis_name` index).
+
+  Runs of same-signature cells (`cell_runs`) are one `lax.scan` over their stacked
+  parameters and statistics: the same values as the cell-by-cell graph, compiled once.
   """
   del arc
   new = {"blocks": {}}
-  dropout = drop = None
+  dropout = drop_at = None
   if reg is not None:
     key = reg["key"]
     if axis_name is not None:
@@ -121,22 +169,58 @@ def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, r
     if reg["keep_prob"] < 1.0:
       dropout = lambda f: layers.dropout(f, jax.random.fold_in(key, 1 << 30), reg["keep_prob"])
     if reg["drop_path_keep_prob"] < 1.0:
-      def drop(j, n, y):
-        keep = path_keep_prob(reg["drop_path_keep_prob"], n.cell, len(plan.cells),
+      def drop_at(j, cell_index, y):    # j: the node's graph index (may be traced)
+        keep = path_keep_prob(reg["drop_path_keep_prob"], cell_index, len(plan.cells),
                               reg["progress"])
         return layers.drop_path(y, jax.random.fold_in(key, j), keep)
 
-  def block_fn(j, n, h):
-    y, new["blocks"][n.name] = apply_block(n, params["blocks"][n.name],
-                                           stats["blocks"][n.name], h, train, axis_name)
-    return y
+  block = lambda n, p, s, h: apply_block(n, p, s, h, train, axis_name)
+  vals = {}
+  for j, n in enumerate(plan.nodes):     # the image and the stem
+    if n.cell >= 0:
+      break
+    vals[j] = x if n.kind == "image" else None
+    if n.kind in graph.PARAM_KINDS:
+      vals[j], new["blocks"][n.name] = block(n, params["blocks"][n.name],
+                                             stats["blocks"][n.name], vals[n.inputs[0]])
+  outs = {}
+  for run in cell_runs(plan, params):
+    c0 = plan.cells[run[0]]
+    firsts = [_cell_nodes(plan, c)[0][0] for c in run]
+    names = [n.name.split("/", 2)[2] for _, n in _cell_nodes(plan, c0.index)
+             if n.kind in graph.PARAM_KINDS]
+    local = lambda tree, c: {k: tree["blocks"][f"cells/{c}/{k}"] for k in names}
 
-  vals = run_graph(plan, x, block_fn, drop)
+    def body(carry, xs, c0=c0):
+      h0, h1 = carry
+      bp, bs, cell_index, first = xs
+      drop = None
+      if drop_at is not None:
+        drop = lambda dj, n, y: drop_at(first + dj, cell_index, y)
+      out, st = _run_cell(plan, c0.index, bp, bs, h0, h1, block, drop)
+      return (h1, out), (out, st)
+
+    h0, h1 = vals[c0.inputs[0]], vals[c0.inputs[1]]
+    if len(run) == 1:
+      _, (o, st) = body((h0, h1), (local(params, c0.index), local(stats, c0.index),
+                                          c0.index, firsts[0]))
+      ys, sts = o[None], [st]
+    else:
+      stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+      xs = (stack([local(params, c) for c in run]), stack([local(stats, c) for c in run]),
+            jnp.asarray(run), jnp.asarray(firsts))
+      _, (ys, st) = lax.scan(body, (h0, h1), xs)
+      sts = [jax.tree.map(lambda a, i=i: a[i], st) for i in range(len(run))]
+    for i, c in enumerate(run):
+      outs[c] = ys[i]
+      for k, v in sts[i].items():
+        new["blocks"][f"cells/{c}/{k}"] = v
+    for c in run:
+      vals[plan.cells[c].out] = outs[c]
   aux_logits = None
   if with_aux:
-    aux_logits, new["aux"] = layers.aux_head(params["aux"], stats["aux"],
-                                             vals[plan.cells[plan.aux_index].out], train,
-                                             axis_name)
+    aux_logits, new["aux"] = layers.aux_head(params["aux"], stats["aux"], outs[plan.aux_index],
+                                             train, axis_name)
   else:
     new["aux"] = stats["aux"]
   return layers.classifier(params["fc"], vals[plan.out], dropout), aux_logits, new
