@@ -148,6 +148,37 @@ def _plain(n, ins):
   raise ValueError(f"unknown node kind {n.kind!r}")
 
 
+def apply_run(plan, run, params, stats, h0, h1, block, drop_at=None):
+  """(outputs [len(run), B,H,W,C], [new BN statistics of each cell, keyed by name suffix])
+  of a run of cells (`cell_runs`) from its first cell's inputs; several cells are one
+  lax.scan over their stacked parameters and statistics, whose drop-path keys and depths
+  are scan inputs. block(node, p, s, x) -> (y, s_new); drop_at(j, cell index, y) -> y."""
+  c0 = plan.cells[run[0]]
+  firsts = [_cell_nodes(plan, c)[0][0] for c in run]
+  names = [n.name.split("/", 2)[2] for _, n in _cell_nodes(plan, c0.index)
+           if n.kind in graph.PARAM_KINDS]
+  local = lambda tree, c: {k: tree["blocks"][f"cells/{c}/{k}"] for k in names}
+
+  def body(carry, xs):
+    a, b = carry
+    bp, bs, cell_index, first = xs
+    drop = None
+    if drop_at is not None:
+      drop = lambda dj, n, y: drop_at(first + dj, cell_index, y)
+    out, st = _run_cell(plan, c0.index, bp, bs, a, b, block, drop)
+    return (b, out), (out, st)
+
+  if len(run) == 1:
+    _, (out, st) = body((h0, h1), (local(params, c0.index), local(stats, c0.index),
+                                   c0.index, firsts[0]))
+    return out[None], [st]
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  xs = (stack([local(params, c) for c in run]), stack([local(stats, c) for c in run]),
+        jnp.asarray(run), jnp.asarray(firsts))
+  _, (ys, st) = lax.scan(body, (h0, h1), xs)
+  return ys, [jax.tree.map(lambda a, i=i: a[i], st) for i in range(len(run))]
+
+
 def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, reg=None):
   """(logits [B,classes], aux logits or None, new stats).
 
@@ -186,37 +217,12 @@ def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, r
   outs = {}
   for run in cell_runs(plan, params):
     c0 = plan.cells[run[0]]
-    firsts = [_cell_nodes(plan, c)[0][0] for c in run]
-    names = [n.name.split("/", 2)[2] for _, n in _cell_nodes(plan, c0.index)
-             if n.kind in graph.PARAM_KINDS]
-    local = lambda tree, c: {k: tree["blocks"][f"cells/{c}/{k}"] for k in names}
-
-    def body(carry, xs, c0=c0):
-      h0, h1 = carry
-      bp, bs, cell_index, first = xs
-      drop = None
-      if drop_at is not None:
-        drop = lambda dj, n, y: drop_at(first + dj, cell_index, y)
-      out, st = _run_cell(plan, c0.index, bp, bs, h0, h1, block, drop)
-      return (h1, out), (out, st)
-
-    h0, h1 = vals[c0.inputs[0]], vals[c0.inputs[1]]
-    if len(run) == 1:
-      _, (o, st) = body((h0, h1), (local(params, c0.index), local(stats, c0.index),
-                                          c0.index, firsts[0]))
-      ys, sts = o[None], [st]
-    else:
-      stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-      xs = (stack([local(params, c) for c in run]), stack([local(stats, c) for c in run]),
-            jnp.asarray(run), jnp.asarray(firsts))
-      _, (ys, st) = lax.scan(body, (h0, h1), xs)
-      sts = [jax.tree.map(lambda a, i=i: a[i], st) for i in range(len(run))]
+    ys, sts = apply_run(plan, run, params, stats, vals[c0.inputs[0]], vals[c0.inputs[1]],
+                        block, drop_at)
     for i, c in enumerate(run):
-      outs[c] = ys[i]
+      outs[c] = vals[plan.cells[c].out] = ys[i]
       for k, v in sts[i].items():
         new["blocks"][f"cells/{c}/{k}"] = v
-    for c in run:
-      vals[plan.cells[c].out] = outs[c]
   aux_logits = None
   if with_aux:
     aux_logits, new["aux"] = layers.aux_head(params["aux"], stats["aux"], outs[plan.aux_index],
