@@ -4,7 +4,9 @@ with the blocks of layers.py.
 params: {'blocks': {name: conv {conv, bn} | fr {conv1, conv2, bn} | sep {dw1, pw1, bn1,
 dw2, pw2, bn2}}, 'aux': ..., 'fc': {w, b}}; stats (BN running statistics) has the
 same nesting for its BN layers. Every width is read from the parameter shapes, so a
-compact (pruned) network runs with the same plan.
+compact (pruned) network runs with the same plan. Consecutive cells that compute the same
+thing (`cell_runs`) run as one lax.scan, so compile time grows with the number of distinct
+cells, not of cells.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ sampled op, so one compilation serves every architecture. The cell ends with the
 concat of the nodes and inputs no node uses, ReLU, a 1x1 conv whose input rows are
 chosen per node index (weights [7, F, F], rows of used nodes zeroed), BN -> F.
 
+Runs of cells of one shape whose inputs need no calibration (`cell_runs`) are one
+lax.scan over their stacked parameters (one compiled cell body per run).
+
 BN always normalises with batch statistics (synchronised over `axis_name`) and
 keeps no moving averages, as ENAS's search child. Masked forward passes (fake
 pruning) use `pruning.apply_supernet_masks`.
