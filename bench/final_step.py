@@ -54,11 +54,11 @@ def run(args):
     if kind not in steps.BUILDERS:
       raise SystemExit(f"error: --kind {kind!r}: must be among {sorted(steps.BUILDERS)}")
   variants, info = {}, {}
+  # older revisions: float32 only; the peers: the working tree in float32 only
   combos = [(k, r, d) for k in kinds for r in revs for d in dtypes
-            if d == "float32" or (r == "cur" and k not in steps.PEERS)]   # older revs and
-  for kind, rev, dtype in combos:                     # the peers: float32 only
-    if kind in steps.PEERS and rev != "cur":
-      continue
+            if (d == "float32" or r == "cur") and (k not in steps.PEERS or
+                                                   (r, d) == ("cur", "float32"))]
+  for kind, rev, dtype in combos:
     name = f"{rev}/{dtype}" if len(kinds) == 1 else f"{kind} {rev}/{dtype}"
     common.log(f"{name}: building")
     compiled, state, call, compile_s = steps.build(kind, rev, args, dtype)

@@ -104,16 +104,15 @@ def cell_runs(plan, params):
   """Consecutive cells of one signature whose inputs chain (cell i+1 reads h(i-1) and the
   output of cell i): [[cell index, ...], ...] in order; each run of several cells is
   compiled once and scanned over its stacked parameters."""
+  sigs = [_signature(plan, params, spec.index) for spec in plan.cells]
   runs = []
   for spec in plan.cells:
-    if runs:
-      last = plan.cells[runs[-1][-1]]
-      if (spec.inputs == (last.inputs[1], last.out)
-          and _signature(plan, params, spec.index) is not None
-          and _signature(plan, params, spec.index) == _signature(plan, params, last.index)):
-        runs[-1].append(spec.index)
-        continue
-    runs.append([spec.index])
+    last = plan.cells[runs[-1][-1]] if runs else None
+    if (last is not None and spec.inputs == (last.inputs[1], last.out)
+        and sigs[spec.index] is not None and sigs[spec.index] == sigs[last.index]):
+      runs[-1].append(spec.index)
+    else:
+      runs.append([spec.index])
   return runs
 
 
@@ -208,14 +207,10 @@ def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, r
         return layers.drop_path(y, jax.random.fold_in(key, j), keep)
 
   block = lambda n, p, s, h: apply_block(n, p, s, h, train, axis_name)
+  stem = plan.nodes[plan.stem]
   vals = {}
-  for j, n in enumerate(plan.nodes):     # the image and the stem
-    if n.cell >= 0:
-      break
-    vals[j] = x if n.kind == "image" else None
-    if n.kind in graph.PARAM_KINDS:
-      vals[j], new["blocks"][n.name] = block(n, params["blocks"][n.name],
-                                             stats["blocks"][n.name], vals[n.inputs[0]])
+  vals[plan.stem], new["blocks"][stem.name] = block(stem, params["blocks"][stem.name],
+                                                    stats["blocks"][stem.name], x)
   outs = {}
   for run in cell_runs(plan, params):
     c0 = plan.cells[run[0]]

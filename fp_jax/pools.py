@@ -1,8 +1,8 @@
 """3x3 stride-1 SAME pooling as separable shifted reductions, for training (layers.py) and
 inference (the fused and per-op paths): XLA:CPU's reduce_window is several times slower,
 forward and backward, and runs on one thread (bench/results/issue15.md). Values equal
-reduce_window's (max exactly; sums in another order); a max's gradient is split evenly
-between tied inputs (reduce_window's goes to one of them)."""
+reduce_window's (max exactly; sums in another order), and so do the gradients: a max's
+goes to the first maximal input of its window, as select-and-scatter routes it."""
 from __future__ import annotations
 
 import jax
