@@ -15,7 +15,9 @@ def get_config():
   config.data.valid_size = 5000        # held out of train for the controller's rewards
   config.data.crop_pad = 4
   config.data.flip = True
-  config.data.tfds_data_dir = ""
+  config.data.tfds_data_dir = ""       # TFDS datasets: prepared with python -m fp_jax.prepare
+  config.data.idx_dir = "/usr/share/datasets/fashion-mnist"   # fashion_mnist's IDX files
+                                       # (apt-get install dataset-fashion-mnist); else TFDS's
 
   s = config.search = ml_collections.ConfigDict()
   s.epochs = 150

@@ -130,7 +130,10 @@ def validate(config):
   name = _get(config, "data.name")
   if not isinstance(name, str) or not name or (name.startswith("npz:") and len(name) == 4):
     raise ConfigError(f"data.name={name!r}: must be a TFDS name (e.g. cifar10), digits, "
-                      "synthetic or npz:PATH")
+                      "fashion_mnist, synthetic or npz:PATH")
+  for path in ("data.tfds_data_dir", "data.idx_dir"):
+    if not isinstance(_get(config, path), str):
+      raise ConfigError(f"{path}={_get(config, path)!r}: must be a folder path (a string)")
   _int(config, "data.valid_size", 0)
   _int(config, "data.crop_pad", 0, 16)
   for path in ("search", "final"):

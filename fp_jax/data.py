@@ -1,4 +1,4 @@
-"""Datasets (TFDS, digits, synthetic, npz) and step-indexed batching.
+"""Datasets (TFDS, digits, Fashion-MNIST IDX, synthetic, npz) and step-indexed batching.
 
 Every batch is a pure function of (arrays, seed, stream, step), so resuming is
 exact and all processes agree on the global batch; each process materialises
@@ -12,8 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
+from fp_jax import idx
+
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-ALLOWED = "a TFDS name (e.g. cifar10), digits, synthetic, or npz:PATH"
+ALLOWED = "a TFDS name (e.g. cifar10), digits, fashion_mnist, synthetic, or npz:PATH"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"   # Debian: dataset-fashion-mnist
+PREPARE = "python -m fp_jax.prepare"
 
 
 class DataError(ValueError):
@@ -41,13 +45,17 @@ class Dataset:
 
 
 def load(name: str, valid_size: int, *, tfds_data_dir: str = "",
-         synthetic_sizes=(1024, 256)) -> Dataset:
+         idx_dir: str = FASHION_MNIST_DIR, synthetic_sizes=(1024, 256)) -> Dataset:
   """Loads `name` and holds out `valid_size` training images for validation.
 
+  Nothing is downloaded: TFDS datasets must be prepared first (`python -m fp_jax.prepare`).
+
   Args:
-    name: a TFDS name, 'digits', 'synthetic' or 'npz:PATH'.
+    name: a TFDS name, 'digits', 'fashion_mnist', 'synthetic' or 'npz:PATH'.
     valid_size: images moved from train to valid (0 <= valid_size < N).
     tfds_data_dir: TFDS data directory ('' = the TFDS default).
+    idx_dir: folder of the Fashion-MNIST IDX files (gzipped or not); when it holds none,
+      TFDS's prepared fashion_mnist is used.
     synthetic_sizes: (train, test) sizes of the synthetic dataset.
 
   Returns:
@@ -61,6 +69,8 @@ def load(name: str, valid_size: int, *, tfds_data_dir: str = "",
   num_classes = None
   if name == "digits":
     x_train, y_train, x_test, y_test = _load_digits()
+  elif name == "fashion_mnist":
+    x_train, y_train, x_test, y_test, num_classes = _load_fashion_mnist(idx_dir, tfds_data_dir)
   elif name == "synthetic":
     x_train, y_train, x_test, y_test = _load_synthetic(synthetic_sizes)
   elif name.startswith("npz:"):
@@ -131,18 +141,54 @@ def _load_npz(path: str):
                        arrays["x_test"], arrays["y_test"])
 
 
-def _load_tfds(name: str, data_dir: str):
-  """Loads TFDS 'train' and 'test' as numpy; any failure raises DataError."""
+def _load_fashion_mnist(idx_dir: str, tfds_data_dir: str):
+  """The IDX files in idx_dir (checked against the published sums), else TFDS's copy."""
+  found = idx.present(idx_dir, idx.FASHION_MNIST) if os.path.isdir(idx_dir) else []
+  if found:
+    try:
+      arrays = idx.load(idx_dir, idx.FASHION_MNIST)
+    except (idx.IdxError, OSError) as e:
+      raise DataError(f"data.idx_dir: {e}") from None
+    if max(arrays["y_train"].max(), arrays["y_test"].max()) > 9:
+      raise DataError(f"data.idx_dir: {idx_dir}: labels outside 0..9")
+    src = f"data.idx_dir: Fashion-MNIST in {idx_dir!r}"
+    return _check_arrays(src, *(arrays[k] for k in NPZ_KEYS)) + (10,)
+  if _tfds_prepared("fashion_mnist", tfds_data_dir):
+    return _load_tfds("fashion_mnist", tfds_data_dir)
+  names = ", ".join(f"{spec.name}[.gz]" for spec in idx.FASHION_MNIST.files().values())
+  raise DataError(
+      f"data.idx_dir: no Fashion-MNIST IDX files in {idx_dir!r} ({names}) and TFDS has no "
+      f"prepared fashion_mnist; install them with `apt-get install dataset-fashion-mnist` "
+      f"(into {FASHION_MNIST_DIR}), or set data.idx_dir to a folder holding them")
+
+
+def _tfds():
+  """tensorflow_datasets, with TensorFlow kept off the accelerators (they are JAX's)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except Exception:  # pylint: disable=broad-except
+      pass  # No such device type, or TF devices were already initialised.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def _tfds_prepared(name: str, data_dir: str) -> bool:
+  """Whether TFDS has `name` prepared in data_dir (no download, no preparation)."""
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    for kind in ("GPU", "TPU"):  # Keep accelerators for JAX.
-      try:
-        tf.config.set_visible_devices([], kind)
-      except Exception:  # pylint: disable=broad-except
-        pass  # No such device type, or TF devices were already initialised.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return bool(_tfds().builder(name, data_dir=data_dir or None).is_prepared())
+  except Exception:  # pylint: disable=broad-except  # not importable / unknown: not prepared
+    return False
+
+
+def _load_tfds(name: str, data_dir: str):
+  """Loads TFDS 'train' and 'test' as numpy; never downloads; any failure raises DataError."""
+  try:
+    tfds = _tfds()
     (train, test), info = tfds.load(name, split=["train", "test"], as_supervised=True,
-                                    with_info=True, data_dir=data_dir or None)
+                                    with_info=True, data_dir=data_dir or None,
+                                    download=False)
     arrays = []
     for ds in (train, test):
       # Chunked batching instead of batch_size=-1: the latter pads ragged images
@@ -154,8 +200,10 @@ def _load_tfds(name: str, data_dir: str):
     num_classes = getattr(label, "num_classes", None)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
-        f"data.name: could not load TFDS dataset {name!r}: {_reason(e)}. Prepare it "
-        f"first (tfds build {name} / data.tfds_data_dir), or use {ALLOWED}") from e
+        f"data.name: could not load TFDS dataset {name!r}: {_reason(e)}. Runs never "
+        f"download: prepare it first ({PREPARE} {name}"
+        f"{' --data_dir ' + data_dir if data_dir else ''}), or point data.tfds_data_dir at "
+        f"a prepared copy, or use {ALLOWED}") from e
   src = f"data.name: TFDS dataset {name!r}"
   if any(a is None for a in arrays):
     raise DataError(f"{src} has an empty train or test split")

@@ -143,7 +143,7 @@ def run(config, workdir):
   ds = None
   if {"search", "final", "compress"} & set(stages):
     ds = data.load(config.data.name, config.data.valid_size,
-                   tfds_data_dir=config.data.tfds_data_dir)
+                   tfds_data_dir=config.data.tfds_data_dir, idx_dir=config.data.idx_dir)
   if "search" in stages:
     from fp_jax.train import search
     search.run(config, workdir, ds, config_lib.ratio_choices(config))

@@ -18,13 +18,14 @@ from fp_jax import results
 from fp_jax import space
 
 KNOWN_SHAPES = {"cifar10": ((32, 32, 3), 10), "synthetic": ((32, 32, 3), 10),
-                "digits": ((8, 8, 1), 10)}
+                "digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}
 
 
 def image_shape(config):
   if config.data.name in KNOWN_SHAPES:
     return KNOWN_SHAPES[config.data.name]
-  ds = data.load(config.data.name, 0, tfds_data_dir=config.data.tfds_data_dir)
+  ds = data.load(config.data.name, 0, tfds_data_dir=config.data.tfds_data_dir,
+                 idx_dir=config.data.idx_dir)
   return ds.image_shape, ds.num_classes
 
 
