@@ -28,11 +28,11 @@ def fail(message):
   sys.exit(2)
 
 
-def _reason(e: Exception, lines: int = 1) -> str:
-  """The first `lines` non-empty lines of an exception message, with its type."""
+def _reason(e: Exception, lines: int = 1, limit: int = 400) -> str:
+  """The first `lines` non-empty lines of an exception message, with its type, shortened."""
   text = " ".join([l.strip() for l in str(e).splitlines() if l.strip()][:lines])
   text = f"{type(e).__name__}: {text}"
-  return text if len(text) <= 400 else text[:397] + "..."
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _hide_accelerators_from_tf():
@@ -130,13 +130,14 @@ def prepare(name: str, *, data_dir: str = "", manual_dir: str = "",
 def _download_error(e: Exception, name: str, manual_dir: str, archives) -> PrepareError:
   """The PrepareError for an exception out of download_and_prepare."""
   import requests  # pylint: disable=g-import-not-at-top
-  if type(e).__name__ == "NonMatchingChecksumError":
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+  if isinstance(e, download_manager.NonMatchingChecksumError):  # Expected and got: 3 lines.
     if manual_dir:
-      return PrepareError(f"--manual_dir: {_reason(e, 3)}: not the published file; download "
-                          f"it again ({', '.join(u for u, _ in archives)})")
-    return PrepareError(f"NAME: {_reason(e, 3)}: a damaged download; run again")
-  if isinstance(e, (requests.RequestException, ConnectionError)) or \
-      type(e).__name__ == "DownloadError":
+      return PrepareError(f"--manual_dir: {_reason(e, 3, 1000)}: not the published file; "
+                          f"download it again ({', '.join(u for u, _ in archives)})")
+    return PrepareError(f"NAME: {_reason(e, 3, 1000)}: a damaged download; run again")
+  if isinstance(e, (requests.RequestException, ConnectionError, tfds.download.DownloadError)):
     return PrepareError(f"NAME: could not download {name!r} ({_reason(e)}); "
                         f"{_offline_hint(archives)}")
   return PrepareError(f"NAME: could not prepare TFDS dataset {name!r}: {_reason(e)}")
