@@ -17,8 +17,9 @@ a0.5_b20 4.9 / 206 / 1.1 (cutout 4.31); a0.02_b0 4.3 / 321 / 1.8; a0.005_b5
 3.71 / 422 / 2.4 (cutout 3.11). Cutout (16x16) applies to final training and
 fine-tuning only; the search is the same with and without it.
 
-CIFAR-10 must be prepared for TFDS first (`tfds build cifar10`, or point
---config.data.tfds_data_dir at a prepared copy); nothing is downloaded quietly.
+CIFAR-10 must be prepared for TFDS first: `python -m fp_jax.prepare cifar10
+[--data_dir DIR]` (then --config.data.tfds_data_dir=DIR unless DIR is TFDS's default), or
+offline `--manual_dir ARCHIVES` with ARCHIVES/cifar-10-binary.tar.gz. Runs never download.
 """
 import re
 
