@@ -162,14 +162,19 @@ def _load_fashion_mnist(idx_dir: str, tfds_data_dir: str):
       f"(into {FASHION_MNIST_DIR}), or set data.idx_dir to a folder holding them")
 
 
-def _tfds():
-  """tensorflow_datasets, with TensorFlow kept off the accelerators (they are JAX's)."""
+def hide_accelerators_from_tf():
+  """GPUs and TPUs stay free for JAX (TensorFlow would take their memory)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
     except Exception:  # pylint: disable=broad-except
       pass  # No such device type, or TF devices were already initialised.
+
+
+def _tfds():
+  """tensorflow_datasets, with TensorFlow kept off the accelerators."""
+  hide_accelerators_from_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 

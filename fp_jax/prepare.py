@@ -17,6 +17,8 @@ import sys
 import urllib.parse
 import urllib.request
 
+from fp_jax import data
+
 
 class PrepareError(ValueError):
   """Bad input; message starts with the argument, e.g. '--manual_dir: ...'."""
@@ -33,16 +35,6 @@ def _reason(e: Exception, lines: int = 1, limit: int = 400) -> str:
   text = " ".join([l.strip() for l in str(e).splitlines() if l.strip()][:lines])
   text = f"{type(e).__name__}: {text}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _hide_accelerators_from_tf():
-  """GPUs and TPUs stay free for JAX (TensorFlow would take their memory)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for kind in ("GPU", "TPU"):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except Exception:  # pylint: disable=broad-except
-      pass  # No such device type, or TF devices were already initialised.
 
 
 def _builder(tfds, name: str, data_dir: str):
@@ -116,7 +108,7 @@ def prepare(name: str, *, data_dir: str = "", manual_dir: str = "",
     check_manual_dir(manual_dir, archives)
   elif not os.path.isdir(os.path.join(downloads, builder.name)):  # Else TFDS may have them.
     check_hosts(archives)
-  _hide_accelerators_from_tf()
+  data.hide_accelerators_from_tf()
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
   try:
     builder.download_and_prepare(download_dir=download_dir or None, download_config=config)

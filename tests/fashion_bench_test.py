@@ -1,0 +1,107 @@
+"""The Fashion-MNIST benchmarks' own arithmetic: equal-cost comparison against the uniform
+pruning curve, seed summaries, reward-quantile picks, rank statistics, resumed tables."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bench import fashion_table
+from bench import proxy_fidelity
+
+
+def _rows():
+  rows = []
+  for seed, shift in ((0, 0.0), (1, 1.0)):
+    rows.append({"setting": "enas", "seed": seed, "macs": 10e6, "test_error": 8.0 + shift})
+    for ratio, macs, err in ((0.2, 7e6, 9.0), (0.4, 4e6, 11.0), (0.6, 2e6, 15.0)):
+      rows.append({"setting": "enas_uniform", "seed": seed, "uniform_ratio": ratio,
+                   "pruned_macs": macs, "test_error_finetuned": err + shift})
+    rows.append({"setting": "fp_a0.02_b20", "seed": seed, "pruned_macs": 5.5e6,
+                 "test_error_finetuned": 9.5 + shift})
+  return rows
+
+
+def test_uniform_curve_and_equal_cost_difference():
+  rows = _rows()
+  macs, errs = fashion_table.uniform_curve(rows, seed=1)
+  assert macs == [2e6, 4e6, 7e6, 10e6] and errs == [16.0, 12.0, 10.0, 9.0]
+  # seed 1's curve at 5.5M: halfway between (4M, 12) and (7M, 10) -> 11; fp: 10.5
+  assert fashion_table.vs_curve(rows[-1], rows) == pytest.approx(-0.5)
+  assert fashion_table.vs_curve(dict(rows[-1], pruned_macs=1e6), rows) is None
+  mean_macs, mean_errs = fashion_table.uniform_curve(rows)
+  assert mean_errs == [15.5, 11.5, 9.5, 8.5] and mean_macs[0] == 2e6
+
+
+def test_summary_means_and_sample_spread():
+  rows = _rows()
+  for r in rows:
+    r.setdefault("seconds", {"compress": 2.0})
+    if r["setting"] == "fp_a0.02_b20":
+      r["vs_enas_uniform"] = fashion_table.vs_curve(r, rows)
+  s = fashion_table.summarise(rows)
+  fp = s["fp_a0.02_b20"]
+  assert fp["seeds"] == 2 and fp["test_error_finetuned"] == pytest.approx(10.0)
+  assert fp["test_error_finetuned_sd"] == pytest.approx(np.std([9.5, 10.5], ddof=1))
+  assert fp["vs_enas_uniform"] == pytest.approx(-0.5) and fp["vs_enas_uniform_sd"] == 0.0
+  assert s["enas + uniform 0.4"]["test_error_finetuned"] == pytest.approx(11.5)
+  assert s["enas + uniform 0.4"]["compress_s"] == 2.0
+
+
+def test_reward_curves_average_over_seeds():
+  rows = [{"setting": "random", "reward_per_epoch": [1.0, 2.0, 3.0],
+           "entropy_per_epoch": [5.0, 5.0, 5.0]},
+          {"setting": "random", "reward_per_epoch": [3.0, 4.0],
+           "entropy_per_epoch": [5.0, 4.0]}]
+  c = fashion_table.reward_curves(rows, "random")
+  assert c == {"reward": [2.0, 3.0], "entropy": [5.0, 4.5], "seeds": 2}
+  assert fashion_table.reward_curves(rows, "enas") is None
+
+
+def test_finished_rows_are_reused_not_rerun(tmp_path, monkeypatch):
+  """A rerun completes only what is missing: rows with the same recipe key come back as they
+  were, and --max_runs leaves the rest listed as missing."""
+  out = tmp_path / "t.json"
+  key = fashion_table.recipe_key("fp_a0.02_b20", 0, [])
+  row = {"key": key, "setting": "fp_a0.02_b20", "seed": 0, "ratios": [0.1] * 5,
+         "test_error": 9.0, "test_error_masked": 30.0, "test_error_finetuned": 9.5,
+         "pruned_macs": 5e6, "pruned_params": 1e4, "macs": 8e6, "params": 2e4,
+         "seconds": {"search": 1.0}, "reward_per_epoch": [1.0], "entropy_per_epoch": [2.0]}
+  out.write_text(json.dumps({"rows": [row]}))
+  monkeypatch.setattr(fashion_table, "run_stages",
+                      lambda *a, **k: pytest.fail("a finished run was rerun"))
+  common = ["--settings", "fp_a0.02_b20", "--out", str(out), "--workdir", str(tmp_path / "w")]
+  fashion_table.main(["--seeds", "0"] + common)
+  result = json.loads(out.read_text())
+  assert result["rows"][0]["test_error_finetuned"] == 9.5 and not result["missing"]
+  assert os.path.exists(str(out)[:-5] + ".md") and os.path.exists(str(out)[:-5] + ".png")
+  # seed 1 is new; --max_runs 0 runs nothing new and lists it as missing
+  fashion_table.main(["--seeds", "0", "1", "--max_runs", "0"] + common)
+  again = json.loads(out.read_text())
+  assert again["rows"] == result["rows"]
+  assert again["missing"] == [["fp_a0.02_b20", 1, None]]
+
+
+def test_recipe_key_changes_with_overrides_and_seed():
+  a = fashion_table.recipe_key("enas", 0, [])
+  assert a == fashion_table.recipe_key("enas", 0, [])
+  assert a != fashion_table.recipe_key("enas", 1, [])
+  assert a != fashion_table.recipe_key("enas", 0, ["search.epochs=2"])
+  assert a != fashion_table.recipe_key("enas", 0, [], "0.4")
+
+
+def test_spread_by_reward_picks_quantiles():
+  cands = [{"reward": float(r)} for r in np.random.default_rng(0).permutation(101)]
+  picked = proxy_fidelity.spread_by_reward(cands, 5)
+  assert [c["reward"] for c in picked] == [0.0, 25.0, 50.0, 75.0, 100.0]
+
+
+def test_rank_stats_match_hand_values():
+  x = [1, 2, 3, 4, 5, 6]
+  y = [2, 1, 4, 3, 6, 5]           # 3 discordant pairs of 15: tau = (12 - 3) / 15
+  st = proxy_fidelity.rank_stats(x, y, boot=300)
+  assert st["kendall_tau"] == pytest.approx(0.6)
+  assert st["spearman_rho"] == pytest.approx(1 - 6 * 6 / (6 * 35))
+  lo, hi = st["kendall_tau_ci95"]
+  assert -1 <= lo <= st["kendall_tau"] <= hi <= 1
+  assert proxy_fidelity.rank_stats(x, x[::-1], boot=50)["kendall_tau"] == pytest.approx(-1)
