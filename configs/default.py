@@ -36,6 +36,8 @@ def get_config():
   s.uniform_child_epochs = 0           # warm-up epochs training the supernet on uniform arcs
   s.controller_updates = 30            # per epoch
   s.controller_samples = 10            # architectures per update
+  s.policy = "controller"              # controller (ENAS: the LSTM learns) | random (uniform
+                                       # draws, same budget, nothing learned: Li & Talwalkar 2019)
   s.lr_max = 0.05
   s.lr_min = 0.0005
   s.lr_t0 = 10                         # epochs of the first cosine cycle

@@ -15,6 +15,7 @@ COMPRESS_MODES = ("finetune", "scratch")
 LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)
 LATENCY_INIT = ("trained", "random")
 DTYPES = ("float32", "bfloat16")          # precision.DTYPES (kept import-light)
+POLICIES = ("controller", "random")       # search.policy (train/search.py)
 
 
 class ConfigError(ValueError):
@@ -151,6 +152,7 @@ def validate(config):
   _int(config, "search.uniform_child_epochs", 0)
   _int(config, "search.controller_updates", 0)
   _int(config, "search.controller_samples", 1)
+  _choice(config, "search.policy", POLICIES)
   for path in ("search", "final"):    # the SGD recipe of both networks
     _float(config, f"{path}.lr_max", 0.0, lo_open=True)
     _float(config, f"{path}.lr_min", 0.0)

@@ -8,10 +8,15 @@ ratio decisions (stages 0..4, see `space.stage_of_layer`), whose logits are
 bounded by the full tanh constant (ops use tanh_constant / op_tanh_reduce; that
 bound left the ratios almost unmovable). One function, `_run`, either samples
 all decisions or teacher-forces given ones (scoring).
+
+`sample_random` is the `search.policy=random` counterpart of `sample`: every
+decision uniform over its allowed choices (random search with weight sharing,
+Li & Talwalkar 2019), nothing learned.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +189,36 @@ def score(params, arc, ratio_idx, cfg: ControllerConfig):
   _, _, log_prob, entropy = jax.vmap(
       lambda a, r: _run(params, cfg, None, (a, r)))(arc, ratio_idx)
   return log_prob, entropy
+
+
+def sample_random(rng: np.random.Generator, num: int, num_ratio_choices: int) -> dict:
+  """`num` uniformly random decisions, as `sample` without the LSTM.
+
+  Per architecture, `space.sample_uniform`'s arc (each input uniform over 0..k+1 for
+  node k, each op over the NUM_OPS ops), then NUM_STAGES ratio indices uniform over
+  0..num_ratio_choices-1.
+
+  Returns:
+    {'arc': int32 [num, 40], 'ratio_idx': int32 [num, 5]}.
+  """
+  arc, ratio_idx = [], []
+  for _ in range(num):
+    arc.append(space.sample_uniform(rng))
+    ratio_idx.append(rng.integers(0, num_ratio_choices, NUM_STAGES))
+  return {"arc": np.stack(arc).reshape(num, space.ARC_LEN),
+          "ratio_idx": np.asarray(ratio_idx, np.int32).reshape(num, NUM_STAGES)}
+
+
+def random_entropy(num_ratio_choices: int) -> float:
+  """Exact entropy (nats) of `sample_random`'s distribution over (arc, ratio_idx).
+
+  The sum of log(number of choices) over all decisions, as `sample`'s entropy sums
+  per-decision entropies: 2 cells x 2 inputs x log((k + 2) choices) over nodes k, 2 x 2
+  x log(NUM_OPS) per node, and NUM_STAGES x log(num_ratio_choices).
+  """
+  inputs = sum(math.log(k + 2) for k in range(space.NUM_NODES))
+  return (4 * inputs + 4 * space.NUM_NODES * math.log(space.NUM_OPS)
+          + NUM_STAGES * math.log(num_ratio_choices))
 
 
 def make_optimizer(cfg: ControllerConfig) -> optax.GradientTransformation:

@@ -3,8 +3,11 @@
 Each epoch trains the shared child with a freshly sampled architecture every
 step, then makes `controller_updates` REINFORCE updates over
 `controller_samples` architectures each, rewarded on validation minibatches
-(unmasked TrainAcc and masked PruneAcc on the same batch). All state lives in
-one pytree; batches and controller keys are pure functions of (seed, position).
+(unmasked TrainAcc and masked PruneAcc on the same batch). With
+`search.policy=random` (random search with weight sharing, Li & Talwalkar 2019)
+every architecture is drawn uniformly instead (`controller.sample_random`) and
+nothing is learned: the controller's state stays at its init. All state lives in
+one pytree; batches, keys and draws are pure functions of (seed, position).
 Checkpoints, SIGTERM and resume (DESIGN §3) are in train/search_state.py.
 """
 from __future__ import annotations
@@ -101,6 +104,20 @@ class Search:
       key = jax.random.fold_in(key, i)
     return key
 
+  def _rng(self, purpose, *ints):
+    """A numpy Generator that is a pure function of (seed, purpose, ints)."""
+    return np.random.default_rng([self.config.seed, purpose, *ints])
+
+  def _sample(self, ctrl, num, purpose, *ints):
+    """`num` architectures of search.policy for (purpose, ints): {'arc', 'ratio_idx'}.
+
+    controller: `controller.sample` with key `_key(purpose, *ints)`; random: uniform draws
+    (`controller.sample_random`) from `_rng(purpose, *ints)`.
+    """
+    if self.config.search.policy == "random":
+      return controller.sample_random(self._rng(purpose, *ints), num, len(self.ratio_choices))
+    return controller.sample_jit(ctrl["params"], self._key(purpose, *ints), num, self.ccfg)
+
   def _batch(self, x, y, step, batch_size, stream, augment):
     c = self.config.data
     xb, yb = data.train_batch(
@@ -187,8 +204,8 @@ class Search:
     t0, timed = time.perf_counter(), 0
     try:
       if pos < spe:
-        if epoch < s.uniform_child_epochs:   # supernet warm-up on uniformly sampled arcs
-          rng = np.random.default_rng([self.config.seed, 3, epoch])
+        if epoch < s.uniform_child_epochs or s.policy == "random":   # uniform arcs (warm-up)
+          rng = self._rng(3, epoch)
           arcs = np.stack([space.sample_uniform(rng) for _ in range(spe)])
         else:
           arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch), spe,
@@ -215,8 +232,7 @@ class Search:
 
     for u in range(updates, s.controller_updates):
       update = epoch * s.controller_updates + u
-      sampled = controller.sample_jit(ctrl["params"], self._key(1, update),
-                                      s.controller_samples, self.ccfg)
+      sampled = self._sample(ctrl, s.controller_samples, 1, update)
       batch = []
       for m in range(s.controller_samples):
         r = self.evaluate_sample(child["params"], np.asarray(sampled["arc"][m]),
@@ -225,10 +241,13 @@ class Search:
         r["step"] = (epoch + 1) * spe
         r["update"] = update + 1   # the controller update this sample was used in
         batch.append(r)
-      rewards = jnp.asarray([r["reward"] for r in batch], jnp.float32)
-      ctrl, cmetrics = controller.update_jit(ctrl, sampled["arc"], sampled["ratio_idx"],
-                                             rewards, self.ccfg)
-      entropy = float(cmetrics["entropy"])
+      if s.policy == "random":   # nothing learned; the uniform policy's exact entropy
+        entropy = controller.random_entropy(len(self.ratio_choices))
+      else:
+        rewards = jnp.asarray([r["reward"] for r in batch], jnp.float32)
+        ctrl, cmetrics = controller.update_jit(ctrl, sampled["arc"], sampled["ratio_idx"],
+                                               rewards, self.ccfg)
+        entropy = float(cmetrics["entropy"])
       samples += batch
       updates = u + 1
       if on_sample:
@@ -258,8 +277,8 @@ class Search:
         cands.append(r)
       if len(cands) == s.num_candidates:
         break
-    if not cands:   # no controller updates were run: take the controller's mode
-      sampled = controller.sample_jit(state["controller"]["params"], self._key(2), 1, self.ccfg)
+    if not cands:   # no controller updates were run: one sample of the policy
+      sampled = self._sample(state["controller"], 1, 2)
       cands = [{"arc": np.asarray(sampled["arc"][0]).tolist(),
                 "ratios": self.stage_ratios(sampled["ratio_idx"][0]).tolist()}]
     best = None
@@ -326,7 +345,9 @@ def _run(config, workdir, ds, ratio_choices, preempt):
     else:
       state = search_state.restore(search, ckpt, latest)
       metrics_w.truncate_after(state["epoch"] * search.steps_per_epoch)   # one line per epoch
-      samples_w.truncate_after(int(state["controller"]["step"]), key="update")
+      # updates done so far (the controller's step, which search.policy=random leaves at 0)
+      samples_w.truncate_after(state["epoch"] * s.controller_updates + state["updates"],
+                               key="update")
       logging.info("search: resuming from checkpoint %d in %s: %d of %d epochs done, then "
                    "%d/%d child steps and %d/%d controller updates", latest, ckpt_dir,
                    state["epoch"], s.epochs, state["pos"], search.steps_per_epoch,

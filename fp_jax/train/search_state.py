@@ -55,7 +55,7 @@ def settings(search):
           "ratio_choices": [float(r) for r in search.ratio_choices]}
   for k in ("num_layers", "out_filters", "batch_size", "eval_batch_size",
             "controller_updates", "controller_samples", "init_scale", "final_init",
-            "share_inputs"):
+            "share_inputs", "policy"):
     hard[f"search.{k}"] = s[k]
   soft = {f"data.{k}": c.data[k] for k in ("crop_pad", "flip")}
   for k in ("alpha", "beta", "importance", "uniform_child_epochs", "lr_max", "lr_min",
@@ -64,6 +64,10 @@ def settings(search):
   for k in c.controller.keys():
     soft[f"controller.{k}"] = c.controller[k]
   return {"hard": hard, "soft": soft}
+
+
+# settings added after checkpoints were first written: their value in the older ones
+_ADDED_SETTINGS = {"search.policy": "controller"}
 
 
 def to_checkpoint(search, state):
@@ -110,9 +114,10 @@ def restore(search, ckpt, step):
     raise checkpoint.CheckpointError(f"{where} is unreadable ({e}); {fresh}") from None
   now = settings(search)
   for key, value in now["hard"].items():
-    if saved_settings["hard"].get(key) != json.loads(json.dumps(value)):
+    was = saved_settings["hard"].get(key, _ADDED_SETTINGS.get(key))
+    if was != json.loads(json.dumps(value)):
       raise checkpoint.CheckpointError(
-          f"{where} was written with {key}={saved_settings['hard'].get(key)!r}, this run has "
+          f"{where} was written with {key}={was!r}, this run has "
           f"{value!r}: rerun with the same settings, or {fresh}")
   for key, value in now["soft"].items():
     if saved_settings["soft"].get(key) != json.loads(json.dumps(value)):
