@@ -2,7 +2,7 @@
 
 Needs the IDX files: `apt-get install dataset-fashion-mnist` (into
 /usr/share/datasets/fashion-mnist; elsewhere: --config.data.idx_dir=DIR, or TFDS's prepared
-fashion_mnist). Variants a<a>_b<b>[_random][_long]:
+fashion_mnist). Variants a<a>_b<b>[_random][_long|_best]:
 
   python -m fp_jax.main --config=configs/fashion.py --workdir=runs/fm_a0.02_b20
   python -m fp_jax.main --config=configs/fashion.py:a0_b0 --workdir=runs/fm_a0_b0
@@ -10,13 +10,18 @@ fashion_mnist). Variants a<a>_b<b>[_random][_long]:
   python -m fp_jax.main --config=configs/fashion.py:a0.5_b20 --workdir=runs/fm_a0.5_b20
   python -m fp_jax.main --config=configs/fashion.py:a0.02_b20_random --workdir=runs/fm_random
   python -m fp_jax.main --config=configs/fashion.py:a0.02_b20_long --workdir=runs/fm_long  # GPU
+  python -m fp_jax.main --config=configs/fashion.py:a0.02_b20_best --workdir=runs/fm_best \
+      --config.stages=final,compress,latency --config.final.arc="ARC" --config.compress.ratios="R"
 
+(the last: the best searched network, ARC and R from its search/arch.json, trained longer.)
 a0_b0 is plain ENAS (TrainAcc only); a0.02_b0 the ratio term alone; a0.02_b20 (the
 default) fake pruning; a0.5_b20 the paper's aggressive setting. `_random` replaces the
 controller by random search (search.policy=random: same number of rewarded samples, same
 final choice). `_long` is the paper's recipe (DESIGN §5: search 6 layers / F 20 / 150
 epochs, final 15 layers / F 36 / 630 epochs, full passes) on 28x28x1 images: days on a CPU,
-meant for a GPU.
+meant for a GPU. `_best` trains a chosen network longer on 2 CPU cores (full passes over the
+55,000 images: 15 final epochs, 3 fine-tuning epochs; about two and a half hours at the
+speeds of bench/results/fashion_steps.md), everything else as the short recipe.
 
 How the short recipe was scaled (one whole pipeline, search + final + compress + latency,
 in about 20 minutes on 2 CPU cores; bench/results/fashion_table.md has the measured times):
@@ -48,11 +53,10 @@ PAPER_CELLS = 8          # the paper's searched network: 6 layers + 2 reduction 
 
 def get_config(variant="a0.02_b20"):
   variant = variant or "a0.02_b20"
-  m = re.fullmatch(r"(a[0-9.]+_b[0-9.]+)(_random)?(_long)?", variant)
+  m = re.fullmatch(r"(a[0-9.]+_b[0-9.]+)(_random)?(_long|_best)?", variant)
   if not m or m.group(1) not in VARIANTS:
     raise ValueError(f"configs/fashion.py:{variant}: unknown variant; allowed: "
-                     f"{', '.join(VARIANTS)}, each optionally with _random and/or _long "
-                     f"(in that order)")
+                     f"{', '.join(VARIANTS)}, each optionally with _random, then _long or _best")
   a, b = (float(v[1:]) for v in m.group(1).split("_"))
   config = default.get_config()
   config.data.name = "fashion_mnist"
@@ -62,7 +66,7 @@ def get_config(variant="a0.02_b20"):
   s = config.search
   s.policy = "random" if m.group(2) else "controller"
   s.beta = b
-  if m.group(3):           # the paper's recipe (configs/default.py) on 28x28x1
+  if m.group(3) == "_long":   # the paper's recipe (configs/default.py) on 28x28x1
     s.alpha = a
     config.final.eval_batch_size = 500
     return config
@@ -103,4 +107,11 @@ def get_config(variant="a0.02_b20"):
   k.lr_max = 0.02
   t = config.latency
   t.images = 300
+  if m.group(3) == "_best":
+    f.epochs = f.lr_t0 = 15
+    f.steps_per_epoch = 0            # full passes
+    f.drop_path_keep_prob = 0.8
+    k.finetune_epochs = 3
+    k.steps_per_epoch = 0
+    t.images = 1000
   return config
