@@ -40,6 +40,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fp_jax import results  # pylint: disable=g-import-not-at-top
+
 SETTINGS = {"enas": "a0_b0", "random": "a0.02_b20_random", "fp_a0.02_b0": "a0.02_b0",
             "fp_a0.02_b20": "a0.02_b20", "fp_a0.5_b20": "a0.5_b20"}
 STAGES = ("search", "final", "compress")
@@ -53,16 +55,14 @@ def log(msg):
 
 
 def _read(workdir, rel):
-  with open(os.path.join(workdir, rel)) as f:
-    return json.load(f)
+  """DIR/rel's JSON object (the stage has finished: it exists)."""
+  out = results.read_json(workdir, rel)
+  if out is None:
+    raise SystemExit(f"error: {os.path.join(workdir, rel)} does not exist")
+  return out
 
 
-def _jsonl(workdir, rel):
-  path = os.path.join(workdir, rel)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+_jsonl = results.read_jsonl
 
 
 def command(variant, seed, workdir, stage, overrides=()):
