@@ -64,8 +64,9 @@ def spread_by_reward(cands, n):
   return [cands[order[i]] for i in picks]
 
 
-def score_candidates(config, search_dir, n_random, eval_batches, seed):
-  """The search's distinct samples plus n_random uniform ones, scored by the final supernet."""
+def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed):
+  """n_search of the search's distinct samples (spread over their recorded rewards) plus
+  n_random uniform ones, scored by the final supernet."""
   import jax  # pylint: disable=g-import-not-at-top
   from fp_jax import checkpoint, config as config_lib, data, space  # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib, search_state  # pylint: disable=g-import-not-at-top
@@ -84,7 +85,9 @@ def score_candidates(config, search_dir, n_random, eval_batches, seed):
     key = (tuple(r["arc"]), tuple(r["ratios"]))
     if key not in seen:
       seen.add(key)
-      cands.append({"arc": r["arc"], "ratios": r["ratios"], "source": "search"})
+      cands.append({"arc": r["arc"], "ratios": r["ratios"], "source": "search",
+                    "reward": r["reward"]})
+  cands = spread_by_reward(cands, n_search) if n_search < len(cands) else cands
   rng = np.random.default_rng([seed, 77])
   for _ in range(n_random):
     arc = space.sample_uniform(rng)
@@ -152,18 +155,24 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--search_dir", default="", help="a finished search (default: run one)")
   p.add_argument("--samples", type=int, default=16)
+  p.add_argument("--from_search", type=int, default=48, help="candidates from the search")
   p.add_argument("--random", type=int, default=48, help="uniform candidates added")
   p.add_argument("--eval_batches", type=int, default=4)
   p.add_argument("--final_epochs", type=int, default=2)
-  p.add_argument("--steps", type=int, default=75, help="final steps per epoch")
-  p.add_argument("--finetune_steps", type=int, default=40)
+  p.add_argument("--steps", type=int, default=100, help="final steps per epoch")
+  p.add_argument("--finetune_steps", type=int, default=50)
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   p.add_argument("--workdir", default=WORKDIR)
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "proxy_fidelity.json"))
   args = p.parse_args(argv)
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import fashion  # pylint: disable=g-import-not-at-top
-  config = fashion.get_config(args.variant)
-  config.seed = args.seed
+  if args.search_dir:   # the search's own resolved config (its checkpoint must match it)
+    config = ml_collections.ConfigDict(fashion_table._read(args.search_dir, "config.json"))
+    args.seed = config.seed
+  else:
+    config = fashion.get_config(args.variant)
+    config.seed = args.seed
   for o in args.set:
     key, value = o.split("=", 1)
     node = config
@@ -180,7 +189,8 @@ def main(argv=None):
   if os.path.exists(cache):
     scored = json.load(open(cache))
   else:
-    scored = score_candidates(config, search_dir, args.random, args.eval_batches, args.seed)
+    scored = score_candidates(config, search_dir, args.from_search, args.random,
+                              args.eval_batches, args.seed)
     os.makedirs(args.workdir, exist_ok=True)
     json.dump(scored, open(cache, "w"))
   picked = spread_by_reward(scored, args.samples)
