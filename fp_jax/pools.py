@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def _pool3x3(x, init, combine):
@@ -59,18 +60,30 @@ def _max_bwd(x, g):
   """Each output's cotangent goes to the first input of its window (row-major) equal
   to the maximum, as XLA's select-and-scatter routes it. The maxima are recomputed here
   from the residual x: XLA may rematerialise x in the backward with other rounding, and
-  a forward maximum compared with it would then match nothing."""
+  a forward maximum compared with it would then match nothing.
+
+  Two passes: the window position (0..8) of each output's first maximal input, kept as
+  int8; then each input sums the cotangents of the (up to 9) windows that chose it. (A
+  running "taken" mask over the 9 positions fused into one loop, which XLA:CPU evaluated
+  once per padded term: 20-45x the forward's time at 28x28.)"""
   h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   y = max_pool3x3(x)
-  taken = jnp.zeros(y.shape, bool)
-  dxp = 0.0
-  for i in range(3):
-    for j in range(3):
-      hit = (xp[:, i:i + h, j:j + w] == y) & ~taken
-      taken = taken | hit
-      dxp = dxp + jnp.pad(jnp.where(hit, g, 0.0), ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)))
-  return (dxp[:, 1:h + 1, 1:w + 1].astype(x.dtype),)
+  first = jnp.full(y.shape, 8, jnp.int8)
+  for t in range(7, -1, -1):
+    i, j = divmod(t, 3)
+    first = jnp.where(xp[:, i:i + h, j:j + w] == y, jnp.int8(t), first)
+  # padded by one (cotangent 0, position -1): input q is position (i, j) of window
+  # q + 1 - (i, j), i.e. row 2 - i, column 2 - j of the padded arrays
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  firstp, gp = lax.optimization_barrier((jnp.pad(first, pad, constant_values=-1),
+                                         jnp.pad(g, pad)))
+  dx = 0.0
+  for t in range(9):
+    i, j = divmod(t, 3)
+    sl = (slice(None), slice(2 - i, 2 - i + h), slice(2 - j, 2 - j + w))
+    dx = dx + jnp.where(firstp[sl] == t, gp[sl], 0.0)
+  return (dx.astype(x.dtype),)
 
 
 max_pool3x3.defvjp(_max_fwd, _max_bwd)
