@@ -20,11 +20,12 @@ controller by random search (search.policy=random: same number of rewarded sampl
 final choice). `_long` is the paper's recipe (DESIGN §5: search 6 layers / F 20 / 150
 epochs, final 15 layers / F 36 / 630 epochs, full passes) on 28x28x1 images: days on a CPU,
 meant for a GPU. `_best` trains a chosen network longer on 2 CPU cores (full passes over the
-55,000 images: 15 final epochs, 3 fine-tuning epochs; about two and a half hours at the
-speeds of bench/results/fashion_steps.md), everything else as the short recipe.
+55,000 images: 15 final epochs, 3 fine-tuning epochs; estimated from the F 16 step speed
+at about two and a half hours, not yet run), everything else as the short recipe.
 
 How the short recipe was scaled (one whole pipeline, search + final + compress + latency,
-in about 20 minutes on 2 CPU cores; bench/results/fashion_table.md has the measured times):
+aimed at about 20 minutes on 2 quiet CPU cores; measured so far only on a shared machine:
+54 min wall, 2,900 CPU-seconds, docs/fashion_mnist.md):
 - the networks: search and final both at 3 layers (5 cells: every stage holds one, so the
   search rewards the ratios compress applies), F 8 in the search and F 16 in the final
   network (the paper widens F 20 -> 36 from search to final);
