@@ -20,8 +20,8 @@ controller by random search (search.policy=random: same number of rewarded sampl
 final choice). `_long` is the paper's recipe (DESIGN §5: search 6 layers / F 20 / 150
 epochs, final 15 layers / F 36 / 630 epochs, full passes) on 28x28x1 images: days on a CPU,
 meant for a GPU. `_best` trains a chosen network longer on 2 CPU cores (full passes over the
-55,000 images: 15 final epochs, 3 fine-tuning epochs; estimated from the F 16 step speed
-at about two and a half hours, not yet run), everything else as the short recipe.
+55,000 images: 10 final epochs, 2 fine-tuning epochs, ~10,300 steps of 64; estimated at
+about two and a half hours from the F 16 step's CPU time, not yet run), everything else as the short recipe.
 
 How the short recipe was scaled (one whole pipeline, search + final + compress + latency,
 aimed at about 20 minutes on 2 quiet CPU cores; measured so far only on a shared machine:
@@ -109,10 +109,10 @@ def get_config(variant="a0.02_b20"):
   t = config.latency
   t.images = 300
   if m.group(3) == "_best":
-    f.epochs = f.lr_t0 = 15
+    f.epochs = f.lr_t0 = 10
     f.steps_per_epoch = 0            # full passes
     f.drop_path_keep_prob = 0.8
-    k.finetune_epochs = 3
+    k.finetune_epochs = 2
     k.steps_per_epoch = 0
     t.images = 1000
   return config
