@@ -82,7 +82,7 @@ class Search:
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
-                      "ratios are fixed at 0 (the controller's choice for them is ignored)",
+                      "ratios are fixed at 0 (the policy's choice for them is ignored)",
                       ", ".join(map(str, empty)), s.num_layers)
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
