@@ -13,7 +13,8 @@ bootstrap 95 % intervals (resampling the architectures), and a scatter PNG.
 
   python -m bench.proxy_fidelity [--samples 16] [--search_dir DIR] [--workdir DIR]
 
-Each standalone run keeps its work directory (a rerun trains only what is missing).
+Each standalone run keeps its work directory (a rerun trains only what is missing;
+`--max_samples N` trains at most N new ones, then writes the figures of those done).
 Writes bench/results/proxy_fidelity.{json,md,png}.
 """
 from __future__ import annotations
@@ -162,6 +163,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=100, help="final steps per epoch")
   p.add_argument("--finetune_steps", type=int, default=50)
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  p.add_argument("--max_samples", type=int, default=-1,
+                 help="train at most N new samples, then write what is done (-1: all)")
   p.add_argument("--workdir", default=WORKDIR)
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "proxy_fidelity.json"))
   args = p.parse_args(argv)
@@ -194,37 +197,51 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     json.dump(scored, open(cache, "w"))
   picked = spread_by_reward(scored, args.samples)
-  rows = []
+  rows, new = [], 0
   for i, c in enumerate(picked):
+    done = os.path.exists(os.path.join(args.workdir, f"sample{i:02d}", "compress", "result.json"))
+    if not done and 0 <= args.max_samples <= new:
+      continue
     fashion_table.log(f"sample {i + 1}/{len(picked)}: reward {c['reward']:.4f} ({c['source']})")
     rows.append({**c, **standalone(c, i, args, config, args.variant)})
-  stats_by_pair = {f"{a}~{b}": rank_stats([r[a] for r in rows], [r[b] for r in rows])
-                   for a, b in PAIRS}
+    new += not done
   env = {"cpu": fashion_table.cpu_model(), "loadavg": [round(v, 2) for v in os.getloadavg()],
          "time": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": time.perf_counter() - t0}
+  write(args, rows, len(picked), len(scored), search_dir, env)
+
+
+def write(args, rows, wanted, scored, search_dir, env):
+  """bench/results/proxy_fidelity.{json,md,png} of the samples trained so far."""
+  stats_by_pair = ({f"{a}~{b}": rank_stats([r[a] for r in rows], [r[b] for r in rows])
+                    for a, b in PAIRS} if len(rows) >= 3 else {})
   result = {"environment": env, "args": vars(args), "search_dir": search_dir,
-            "candidates_scored": len(scored), "rows": rows, "rank_correlation": stats_by_pair}
+            "candidates_scored": scored, "samples_wanted": wanted, "rows": rows,
+            "rank_correlation": stats_by_pair}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   lines = ["# Proxy fidelity: supernet figures vs the same architectures trained alone", "",
-           f"{len(rows)} (arc, ratios) from one supernet ({search_dir}), chosen at evenly "
-           f"spaced reward quantiles among {len(scored)} scored candidates; standalone: "
+           f"{len(rows)} of {wanted} (arc, ratios) from one supernet ({search_dir}), chosen at "
+           f"evenly spaced reward quantiles among {scored} scored candidates; standalone: "
            f"{args.final_epochs} x {args.steps} steps final training, masked at the ratios "
            f"(BN re-estimated), {args.finetune_steps} fine-tuning steps. {env['cpu']}, load "
-           f"{env['loadavg']}, {env['wall_s'] / 60:.0f} min in all.", "",
-           "| supernet | standalone | Kendall tau [95 % CI] | Spearman rho [95 % CI] |",
-           "|---|---|---|---|"]
-  for (a, b) in PAIRS:
-    st = stats_by_pair[f"{a}~{b}"]
-    lines.append(f"| {a} | {b} | {st['kendall_tau']:.3f} [{st['kendall_tau_ci95'][0]:.2f}, "
-                 f"{st['kendall_tau_ci95'][1]:.2f}] | {st['spearman_rho']:.3f} "
-                 f"[{st['spearman_rho_ci95'][0]:.2f}, {st['spearman_rho_ci95'][1]:.2f}] |")
+           f"{env['loadavg']}, {env['wall_s'] / 60:.0f} min this invocation.", ""]
+  if len(rows) < wanted:
+    lines += [f"**Partial: {wanted - len(rows)} samples not trained yet** (rerun to continue).",
+              ""]
+  if stats_by_pair:
+    lines += ["| supernet | standalone | Kendall tau [95 % CI] | Spearman rho [95 % CI] |",
+              "|---|---|---|---|"]
+    for (a, b) in PAIRS:
+      st = stats_by_pair[f"{a}~{b}"]
+      lines.append(f"| {a} | {b} | {st['kendall_tau']:.3f} [{st['kendall_tau_ci95'][0]:.2f}, "
+                   f"{st['kendall_tau_ci95'][1]:.2f}] | {st['spearman_rho']:.3f} "
+                   f"[{st['spearman_rho_ci95'][0]:.2f}, {st['spearman_rho_ci95'][1]:.2f}] |")
   md = "\n".join(lines) + "\n"
   with open(args.out[:-len(".json")] + ".md", "w") as f:
     f.write(md)
-  plot(rows, stats_by_pair, args.out[:-len(".json")] + ".png")
+  if stats_by_pair:
+    plot(rows, stats_by_pair, args.out[:-len(".json")] + ".png")
   print(md)
-
 
 if __name__ == "__main__":
   main()
