@@ -128,9 +128,13 @@ def uniform_row(base, workdir, ratio, seed, overrides, cmd_of):
 
 
 def recipe_key(setting, seed, overrides, extra=""):
-  """Rows are reused only for the same setting, seed, overrides and configs/fashion.py."""
-  text = open(os.path.join(ROOT, "configs", "fashion.py")).read()
-  blob = json.dumps([setting, seed, sorted(overrides), extra, text])
+  """Rows are reused only for the same setting, seed, overrides and resolved recipe (the
+  variant's config from configs/fashion.py, field by field: a rewording of the file keeps
+  its rows, a changed value does not)."""
+  from configs import fashion  # pylint: disable=g-import-not-at-top
+  variant = SETTINGS["enas" if setting == "enas_uniform" else setting]
+  recipe = fashion.get_config(variant).to_json(sort_keys=True)
+  blob = json.dumps([setting, seed, sorted(overrides), extra, recipe])
   return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -341,6 +345,13 @@ def main(argv=None):
     row["key"] = key
     rows.append(row)
     new_runs += 1
+    write(args, rows, jobs)
+  print(write(args, rows, jobs))
+
+
+def write(args, rows, jobs):
+  """The results JSON, table and plot from the rows so far (after every new run, so that a
+  session that ends mid-table keeps what it finished); returns the table."""
   for r in rows:
     if r["setting"] != "enas_uniform":
       r["vs_enas_uniform"] = vs_curve(r, rows) if r["setting"] != "enas" else None
@@ -363,8 +374,7 @@ def main(argv=None):
     f.write(md)
   if rows:
     plot(rows, curves, stem + ".png")
-  print(md)
-
+  return md
 
 if __name__ == "__main__":
   main()

@@ -88,6 +88,36 @@ def test_recipe_key_changes_with_overrides_and_seed():
   assert a != fashion_table.recipe_key("enas", 1, [])
   assert a != fashion_table.recipe_key("enas", 0, ["search.epochs=2"])
   assert a != fashion_table.recipe_key("enas", 0, [], "0.4")
+  assert a != fashion_table.recipe_key("fp_a0.02_b20", 0, [])   # another variant's values
+
+
+def test_each_finished_run_is_kept_before_the_next_starts(tmp_path, monkeypatch):
+  """A session that ends mid-table keeps the runs it finished: the JSON is rewritten after
+  every new row, before the next run starts."""
+  out = tmp_path / "t.json"
+  calls = []
+
+  def fake_run(cmd_of, workdir, stages=fashion_table.STAGES):
+    if calls:
+      raise KeyboardInterrupt   # the session ends during the second run
+    calls.append(workdir)
+    return {"search": 1.0}
+
+  def fake_row(workdir, setting, seed, times):
+    return {"setting": setting, "seed": seed, "ratios": [0.2] * 5, "test_error": 9.0,
+            "test_error_masked": 30.0, "test_error_finetuned": 9.5, "pruned_macs": 5e6,
+            "pruned_params": 1e4, "macs": 8e6, "params": 2e4, "seconds": times,
+            "reward_per_epoch": [1.0], "entropy_per_epoch": [2.0]}
+
+  monkeypatch.setattr(fashion_table, "run_stages", fake_run)
+  monkeypatch.setattr(fashion_table, "row_of", fake_row)
+  with pytest.raises(KeyboardInterrupt):
+    fashion_table.main(["--seeds", "0", "--settings", "fp_a0.02_b0", "fp_a0.02_b20",
+                        "--out", str(out), "--workdir", str(tmp_path / "w")])
+  kept = json.loads(out.read_text())
+  assert [(r["setting"], r["seed"]) for r in kept["rows"]] == [("fp_a0.02_b0", 0)]
+  assert kept["rows"][0]["key"] == fashion_table.recipe_key("fp_a0.02_b0", 0, [])
+  assert kept["missing"] == [["fp_a0.02_b20", 0, None]]
 
 
 def test_spread_by_reward_picks_quantiles():
