@@ -14,8 +14,11 @@ bootstrap 95 % intervals (resampling the architectures), and a scatter PNG.
   python -m bench.proxy_fidelity [--samples 16] [--search_dir DIR] [--workdir DIR]
 
 Each standalone run keeps its work directory (a rerun trains only what is missing;
-`--max_samples N` trains at most N new ones, then writes the figures of those done).
-Writes bench/results/proxy_fidelity.{json,md,png}.
+`--max_samples N` trains at most N new ones, then writes the figures of those done). The
+results JSON is rewritten after every sample and holds the search's resolved config, the
+picked candidates and the finished rows, so a rerun on another machine (work directories
+gone) trains only the samples still missing, without the search. Writes
+bench/results/proxy_fidelity.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -150,6 +153,22 @@ def plot(rows, stats_by_pair, path):
   fig.savefig(path, dpi=110)
 
 
+RESUME_ARGS = ("variant", "seed", "samples", "from_search", "random", "eval_batches",
+               "final_epochs", "steps", "finetune_steps", "set")
+
+
+def resumable(path, args):
+  """The earlier invocation's JSON at `path` when it picked its candidates with these
+  arguments (then its config, picks and rows are reused); else None."""
+  if not os.path.exists(path):
+    return None
+  old = json.load(open(path))
+  if "picked" not in old or any(old["args"].get(k) != getattr(args, k) for k in RESUME_ARGS
+                                if not (k == "seed" and args.search_dir)):
+    return None
+  return old
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variant", default="a0.02_b20", help="configs/fashion.py variant")
@@ -170,7 +189,45 @@ def main(argv=None):
   args = p.parse_args(argv)
   import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import fashion  # pylint: disable=g-import-not-at-top
-  if args.search_dir:   # the search's own resolved config (its checkpoint must match it)
+  t0 = time.perf_counter()
+  old = resumable(args.out, args)
+  if old is not None:   # picks and config from the JSON: no search, no scoring
+    config = ml_collections.ConfigDict(old["search_config"])
+    picked, scored, search_dir = old["picked"], old["candidates_scored"], old["search_dir"]
+    args.seed = config.seed
+    rows = {r["index"]: r for r in old["rows"] if "index" in r}
+  else:
+    config, search_dir = search_config(args, ml_collections, fashion)
+    fashion_table.run_stages(
+        lambda st: fashion_table.command(args.variant, args.seed, search_dir, st, args.set),
+        search_dir, ("search",))
+    cache = os.path.join(args.workdir, "candidates.json")
+    if os.path.exists(cache):
+      cands = json.load(open(cache))
+    else:
+      cands = score_candidates(config, search_dir, args.from_search, args.random,
+                               args.eval_batches, args.seed)
+      os.makedirs(args.workdir, exist_ok=True)
+      json.dump(cands, open(cache, "w"))
+    picked, scored, rows = spread_by_reward(cands, args.samples), len(cands), {}
+  new = 0
+  for i, c in enumerate(picked):
+    if i in rows:
+      continue
+    if 0 <= args.max_samples <= new:
+      continue
+    done = os.path.exists(os.path.join(args.workdir, f"sample{i:02d}", "compress", "result.json"))
+    fashion_table.log(f"sample {i + 1}/{len(picked)}: reward {c['reward']:.4f} ({c['source']})")
+    rows[i] = {**c, **standalone(c, i, args, config, args.variant), "index": i}
+    new += not done
+    write(args, rows, picked, scored, search_dir, config, t0)
+  write(args, rows, picked, scored, search_dir, config, t0)
+
+
+def search_config(args, ml_collections, fashion):
+  """(resolved config, search work directory): --search_dir's own (its checkpoint must match
+  it), else the variant's with --set applied, searched under --workdir."""
+  if args.search_dir:
     config = ml_collections.ConfigDict(fashion_table._read(args.search_dir, "config.json"))
     args.seed = config.seed
   else:
@@ -183,40 +240,20 @@ def main(argv=None):
     for part in parents:
       node = node[part]
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
-  search_dir = args.search_dir or os.path.join(args.workdir, "search_run")
-  t0 = time.perf_counter()
-  fashion_table.run_stages(
-      lambda st: fashion_table.command(args.variant, args.seed, search_dir, st, args.set),
-      search_dir, ("search",))
-  cache = os.path.join(args.workdir, "candidates.json")
-  if os.path.exists(cache):
-    scored = json.load(open(cache))
-  else:
-    scored = score_candidates(config, search_dir, args.from_search, args.random,
-                              args.eval_batches, args.seed)
-    os.makedirs(args.workdir, exist_ok=True)
-    json.dump(scored, open(cache, "w"))
-  picked = spread_by_reward(scored, args.samples)
-  rows, new = [], 0
-  for i, c in enumerate(picked):
-    done = os.path.exists(os.path.join(args.workdir, f"sample{i:02d}", "compress", "result.json"))
-    if not done and 0 <= args.max_samples <= new:
-      continue
-    fashion_table.log(f"sample {i + 1}/{len(picked)}: reward {c['reward']:.4f} ({c['source']})")
-    rows.append({**c, **standalone(c, i, args, config, args.variant)})
-    new += not done
+  return config, args.search_dir or os.path.join(args.workdir, "search_run")
+
+def write(args, rows_by_index, picked, scored, search_dir, config, t0):
+  """bench/results/proxy_fidelity.{json,md,png} of the samples trained so far."""
+  rows = [rows_by_index[i] for i in sorted(rows_by_index)]
+  wanted = len(picked)
   env = {"cpu": fashion_table.cpu_model(), "loadavg": [round(v, 2) for v in os.getloadavg()],
          "time": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": time.perf_counter() - t0}
-  write(args, rows, len(picked), len(scored), search_dir, env)
-
-
-def write(args, rows, wanted, scored, search_dir, env):
-  """bench/results/proxy_fidelity.{json,md,png} of the samples trained so far."""
   stats_by_pair = ({f"{a}~{b}": rank_stats([r[a] for r in rows], [r[b] for r in rows])
                     for a, b in PAIRS} if len(rows) >= 3 else {})
   result = {"environment": env, "args": vars(args), "search_dir": search_dir,
             "candidates_scored": scored, "samples_wanted": wanted, "rows": rows,
-            "rank_correlation": stats_by_pair}
+            "rank_correlation": stats_by_pair, "search_config": config.to_dict(),
+            "picked": picked}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   lines = ["# Proxy fidelity: supernet figures vs the same architectures trained alone", "",

@@ -135,3 +135,36 @@ def test_rank_stats_match_hand_values():
   lo, hi = st["kendall_tau_ci95"]
   assert -1 <= lo <= st["kendall_tau"] <= hi <= 1
   assert proxy_fidelity.rank_stats(x, x[::-1], boot=50)["kendall_tau"] == pytest.approx(-1)
+
+
+def test_proxy_fidelity_resumes_from_its_json_alone(tmp_path, monkeypatch):
+  """A rerun on a machine without the work directories trains only the missing samples: the
+  picks, the search's config and the finished rows come from the results JSON."""
+  out = tmp_path / "p.json"
+  cands = [{"arc": [0] * 40, "ratios": [0.1 * (i % 5)] * 5, "source": "search",
+            "reward": float(i), "train_acc": 0.5 + i, "prune_acc": 0.4 - i, "gap": -0.1 * i,
+            "ratio": 1.0, "macs": 1e6, "masked_macs": 5e5} for i in range(12)]
+  trained = []
+
+  def fake_standalone(c, i, args, config, variant):
+    trained.append(i)
+    v = 0.01 * c["reward"]
+    return {"final_acc": 0.7 + v, "masked_acc": 0.5 - v, "finetuned_acc": 0.6 + v,
+            "pruned_macs": 1, "seconds": {}, "standalone_gap": -0.2 - 2 * v,
+            "standalone_reward": 0.7 + 0.01 * c["reward"]}
+
+  monkeypatch.setattr(proxy_fidelity, "standalone", fake_standalone)
+  monkeypatch.setattr(fashion_table, "run_stages", lambda *a, **k: {})
+  monkeypatch.setattr(proxy_fidelity, "score_candidates", lambda *a, **k: cands)
+  common = ["--samples", "4", "--out", str(out)]
+  proxy_fidelity.main(common + ["--max_samples", "3", "--workdir", str(tmp_path / "w1")])
+  first = json.loads(out.read_text())
+  assert trained == [0, 1, 2] and len(first["picked"]) == 4 and len(first["rows"]) == 3
+  monkeypatch.setattr(fashion_table, "run_stages", lambda *a, **k: pytest.fail("searched"))
+  monkeypatch.setattr(proxy_fidelity, "score_candidates", lambda *a, **k: pytest.fail("scored"))
+  proxy_fidelity.main(common + ["--workdir", str(tmp_path / "w2")])   # w1 gone, as it were
+  again = json.loads(out.read_text())
+  assert trained == [0, 1, 2, 3]
+  assert [r["index"] for r in again["rows"]] == [0, 1, 2, 3]
+  assert again["rows"][:3] == first["rows"] and again["picked"] == first["picked"]
+  assert again["rank_correlation"]["train_acc~final_acc"]["kendall_tau"] == pytest.approx(1.0)
