@@ -3,7 +3,7 @@
 Counts the same architecture two ways, analytically (multiply-adds of convs and
 linear layers, batch 1, aux head excluded from multiply-adds):
 
-  ours  fp_jax.flops.count on fp_jax's graph of the fixed network (graph.py),
+  ours  fp_jax.models.flops.count on fp_jax's graph of the fixed network (graph.py),
         which follows ENAS's `_fixed_layer` since the ENAS-parity change (before
         it every input was calibrated: 547.9M / 3.703M).
   enas  this file's own count under the ENAS TensorFlow child's conventions: a 1x1
@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from fp_jax import child
-from fp_jax import flops
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import flops
+from fp_jax.models import layers
+from fp_jax.models import space
 
 
 def enas_counts(arc, num_layers, f, hw=32, c_in=3, classes=10):

@@ -37,10 +37,10 @@ import numpy as np
 
 from bench import common
 from configs import smoke
-from fp_jax import bn_reestimate
-from fp_jax import compaction
+from fp_jax.pruning import bn_reestimate
+from fp_jax.pruning import compaction
 from fp_jax import data
-from fp_jax import flops
+from fp_jax.models import flops
 from fp_jax import main as main_lib
 from fp_jax.train import compress
 from fp_jax.train import final

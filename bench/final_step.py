@@ -17,7 +17,7 @@ Each variant (revision x dtype) is compiled once (trace + compile seconds, XLA t
 from compiled.memory_analysis()) and called once per repetition, the order rotating
 (bench/common.py: medians of wall and CPU seconds; load average recorded). Peak RSS is
 per process, so each variant's is measured in a fresh process of its own (compile plus
-two steps; the working tree's runs install fp_jax.memory's post-compile heap trim, as
+two steps; the working tree's runs install fp_jax.run.memory's post-compile heap trim, as
 the program does). `--revs` names git revisions (bench/steps.py exports them as
 renamed packages); `cur` is the working tree. Writes bench/results/<name>.{json,md}.
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # pylint: disable=g-import-not-at-top
 from bench import steps
-from fp_jax import memory
+from fp_jax.run import memory
 
 
 def parse(argv=None, kind="fixed", size=(15, 36, 144)):

@@ -69,7 +69,7 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from bench import common  # pylint: disable=g-import-not-at-top
-  from fp_jax import child, flops, space  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import child, flops, space  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import fused, latency, networks, runtimes  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fp_jax import layers
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import layers
+from fp_jax.models import space
+from fp_jax.models import supernet
 
 
 

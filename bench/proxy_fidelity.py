@@ -72,7 +72,7 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
   """n_search of the search's distinct samples (spread over their recorded rewards) plus
   n_random uniform ones, scored by the final supernet."""
   import jax  # pylint: disable=g-import-not-at-top
-  from fp_jax import checkpoint, config as config_lib, data, space  # pylint: disable=g-import-not-at-top
+  from fp_jax.run import checkpoint, config as config_lib, data, space  # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib, search_state  # pylint: disable=g-import-not-at-top
   ds = data.load(config.data.name, config.data.valid_size, idx_dir=config.data.idx_dir,
                  tfds_data_dir=config.data.tfds_data_dir)
@@ -110,7 +110,7 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
 
 def standalone(c, i, args, search_config, variant):
   """Trains candidate c alone (final + compress stages); its accuracies and reward."""
-  from fp_jax import space  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import space  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(args.workdir, f"sample{i:02d}")
   arc = space.arc_to_string(np.asarray(c["arc"]))
   overrides = [f"final.arc={arc}", f"compress.ratios={' '.join(f'{r:g}' for r in c['ratios'])}",

@@ -24,11 +24,11 @@ import numpy as np
 
 from bench import common
 from configs import default
-from fp_jax import parallel
-from fp_jax import pruning
-from fp_jax import space
-from fp_jax import supernet
-from fp_jax.parallel import AXIS, BATCH, REPLICATED
+from fp_jax.run import parallel
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
+from fp_jax.models import supernet
+from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
 from fp_jax.train import search
 
 

@@ -36,14 +36,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def worker(args):
   """Times the step on `args.mesh_devices` devices (0: all); process 0 writes args.json_out."""
-  from fp_jax import parallel  # pylint: disable=g-import-not-at-top
+  from fp_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from fp_jax import space  # pylint: disable=g-import-not-at-top
-  from fp_jax import supernet  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import space  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import supernet  # pylint: disable=g-import-not-at-top
   from fp_jax.train import search  # pylint: disable=g-import-not-at-top
 
   counts = [int(n) for n in args.mesh_devices.split(",")] if args.mesh_devices else [0]

@@ -30,13 +30,13 @@ import optax
 
 from bench import common
 from configs import default
-from fp_jax import child
-from fp_jax import controller
-from fp_jax import memory
-from fp_jax import precision
-from fp_jax import parallel
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import child
+from fp_jax.models import controller
+from fp_jax.run import memory
+from fp_jax.run import precision
+from fp_jax.run import parallel
+from fp_jax.models import space
+from fp_jax.models import supernet
 from fp_jax.train import search
 
 

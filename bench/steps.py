@@ -47,8 +47,20 @@ def package(rev):
   return name
 
 
+# where a module of an older revision lives now (fp_jax's packages by idea)
+HOMES = ("", "models.", "pruning.", "train.", "run.")
+
+
 def _mod(pkg, name):
-  return importlib.import_module(f"{pkg}.{name}")
+  """Module `name` (its old top-level name, or its path) of revision `pkg`, wherever that
+  revision keeps it."""
+  for home in HOMES:
+    try:
+      return importlib.import_module(f"{pkg}.{home}{name}")
+    except ModuleNotFoundError as e:
+      if not e.name or not e.name.startswith(f"{pkg}."):
+        raise
+  raise ModuleNotFoundError(f"{pkg}: no module {name}")
 
 
 def _compute(pkg, params, x, dtype):

@@ -39,9 +39,9 @@ import optax
 from bench import legacy_supernet
 from configs import smoke
 from fp_jax import data
-from fp_jax import schedules
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.train import schedules
+from fp_jax.models import space
+from fp_jax.models import supernet
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

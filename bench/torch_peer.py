@@ -1,6 +1,6 @@
 """The eager PyTorch peer of the training-step benches: the fixed network of one arc
 (no weight sharing, no per-step architecture) built from fp_jax's own graph
-(fp_jax/graph.py), trained as the search child is (cross-entropy + aux_weight * aux,
+(fp_jax/models/graph.py), trained as the search child is (cross-entropy + aux_weight * aux,
 dropout on the pooled features, decayed weights, global-norm clipping, Nesterov
 momentum), NCHW or channels_last.
 
@@ -24,11 +24,11 @@ import numpy as np
 
 from bench import common
 from configs import default
-from fp_jax import child
-from fp_jax import graph
-from fp_jax import layers
-from fp_jax import memory
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import graph
+from fp_jax.models import layers
+from fp_jax.run import memory
+from fp_jax.models import space
 
 torch = None   # imported on first use: the rest of bench/ must not need it
 

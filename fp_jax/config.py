@@ -5,8 +5,8 @@ import numbers
 import os
 import re
 
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import space
+from fp_jax.models import supernet
 
 STAGES = ("search", "final", "compress", "latency", "profile")
 IMPORTANCE = ("l1", "bn", "taylor", "random")   # pruning.CRITERIA (kept import-light)

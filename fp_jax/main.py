@@ -18,9 +18,9 @@ from ml_collections import config_flags
 
 from fp_jax import config as config_lib
 from fp_jax import data
-from fp_jax import errors
-from fp_jax import parallel
-from fp_jax import weights
+from fp_jax.run import errors
+from fp_jax.run import parallel
+from fp_jax.run import weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -134,7 +134,7 @@ def run(config, workdir):
     for field in BATCH_FIELDS.get(stage, ()):
       parallel.check_batch(config_lib._get(config, field), field)
   import jax  # after distributed start-up
-  from fp_jax import memory
+  from fp_jax.run import memory
   memory.install()    # compile-time heap back to the OS before each step first runs
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

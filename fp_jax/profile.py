@@ -11,11 +11,11 @@ import os
 from absl import logging
 import jax
 
-from fp_jax import child
+from fp_jax.models import child
 from fp_jax import data
-from fp_jax import flops
+from fp_jax.models import flops
 from fp_jax import results
-from fp_jax import space
+from fp_jax.models import space
 
 KNOWN_SHAPES = {"cifar10": ((32, 32, 3), 10), "synthetic": ((32, 32, 3), 10),
                 "digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}

@@ -10,7 +10,7 @@ import json
 import os
 
 from fp_jax import config as config_lib
-from fp_jax import space
+from fp_jax.models import space
 
 FINAL_WEIGHTS = os.path.join("final", "weights.npz")
 COMPRESS_WEIGHTS = os.path.join("compress", "weights.npz")

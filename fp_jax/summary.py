@@ -16,12 +16,12 @@ import os
 
 import numpy as np
 
-from fp_jax import child
-from fp_jax import compaction
-from fp_jax import flops
+from fp_jax.models import child
+from fp_jax.pruning import compaction
+from fp_jax.models import flops
 from fp_jax import profile
 from fp_jax import results
-from fp_jax import space
+from fp_jax.models import space
 
 
 def _mega(n):

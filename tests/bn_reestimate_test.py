@@ -1,16 +1,16 @@
-"""BN re-estimation (fp_jax/bn_reestimate.py): exact averages against hand computations,
+"""BN re-estimation (fp_jax/pruning/bn_reestimate.py): exact averages against hand computations,
 masked channels, and the data-parallel (2 forced CPU devices) synchronisation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import bn_reestimate
-from fp_jax import child
-from fp_jax import compaction
-from fp_jax import layers
-from fp_jax import parallel
-from fp_jax import space
+from fp_jax.pruning import bn_reestimate
+from fp_jax.models import child
+from fp_jax.pruning import compaction
+from fp_jax.models import layers
+from fp_jax.run import parallel
+from fp_jax.models import space
 from fp_jax.train import compress
 
 ARC = space.parse_arc(space.ENAS_ARC)

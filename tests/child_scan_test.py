@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import child
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import space
 
 # every op kind, few sep_convs (compile time): normal and reduction cell, (a, op, b, op) x 5
 ARC = np.array([0, 0, 1, 2, 2, 4, 1, 3, 3, 2, 0, 4, 4, 3, 2, 4, 5, 4, 3, 2,

@@ -1,15 +1,15 @@
-"""Tests for fp_jax.compaction: fixed-network masks, masking and compaction (CPU, tiny)."""
+"""Tests for fp_jax.pruning.compaction: fixed-network masks, masking and compaction (CPU, tiny)."""
 import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
 
-from fp_jax import child
-from fp_jax import compaction
-from fp_jax import flops
-from fp_jax import layers
-from fp_jax import pruning
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.pruning import compaction
+from fp_jax.models import flops
+from fp_jax.models import layers
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
 
 F, HW, CLASSES, BATCH = 4, 8, 10, 8
 RATIO_CHOICES = np.round(np.arange(9) * 0.1, 1)

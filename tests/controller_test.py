@@ -1,4 +1,4 @@
-"""Tests for fp_jax.controller (CPU)."""
+"""Tests for fp_jax.models.controller (CPU)."""
 import dataclasses
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import controller
-from fp_jax import space
+from fp_jax.models import controller
+from fp_jax.models import space
 
 CFG = controller.ControllerConfig()
 

@@ -13,8 +13,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fp_jax import child
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import space
 from fp_jax.infer import networks
 
 DN = ("NHWC", "HWIO", "NHWC")

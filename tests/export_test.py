@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import child
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import networks
@@ -106,7 +106,7 @@ def test_use_cores_range():
 
 def test_missing_runtime_is_a_run_error(monkeypatch):
   """A runtime that is not installed stops the run with one clear error (no skipping)."""
-  from fp_jax import errors  # pylint: disable=g-import-not-at-top
+  from fp_jax.run import errors  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
   with pytest.raises(errors.RunError, match="onnxruntime is not installed"):
     runtimes.OnnxRuntime({1: b""}, threads=1)

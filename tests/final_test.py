@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import data
-from fp_jax import flops
-from fp_jax import layers
-from fp_jax import space
-from fp_jax import weights
+from fp_jax.models import flops
+from fp_jax.models import layers
+from fp_jax.models import space
+from fp_jax.run import weights
 from fp_jax.train import compress
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
@@ -249,7 +249,7 @@ def test_final_preempted_and_resumed_equals_unbroken(tmp_path, monkeypatch):
   """SIGTERM in the middle of an epoch: the step finishes, a checkpoint is saved, the run
   exits cleanly; rerunning resumes and ends with the same metrics, result and weights."""
   import signal
-  from fp_jax import preemption
+  from fp_jax.run import preemption
   config = _tiny_config()
   config.final.epochs, config.final.steps_per_epoch, config.final.lr_t0 = 2, 4, 2
   ds = _digits()

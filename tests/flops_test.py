@@ -1,13 +1,13 @@
-"""Tests for fp_jax.flops: analytic counts vs the parameter pytree, the traced jaxpr and XLA."""
+"""Tests for fp_jax.models.flops: analytic counts vs the parameter pytree, the traced jaxpr and XLA."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import child
-from fp_jax import flops
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import flops
+from fp_jax.models import layers
+from fp_jax.models import space
 
 ARCS = {"enas": space.ENAS_ARC,
         "random1": space.arc_to_string(space.sample_uniform(np.random.default_rng(1))),

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import data
-from fp_jax import flops
-from fp_jax import parallel
-from fp_jax import pruning
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import flops
+from fp_jax.run import parallel
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
+from fp_jax.models import supernet
 from fp_jax.train import compress
 from fp_jax.train import search
 

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import child
-from fp_jax import flops
-from fp_jax import graph
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.models import flops
+from fp_jax.models import graph
+from fp_jax.models import layers
+from fp_jax.models import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import latency

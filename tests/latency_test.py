@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from fp_jax import space
+from fp_jax.models import space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/smoke.py"
@@ -82,7 +82,7 @@ def test_trained_networks_load(tmp_path):
   """latency.init=trained reads final/ and compress/ weights files (weights.py format)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fp_jax import child, flops, results, weights  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import child, flops, results, weights  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import networks  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)

@@ -8,10 +8,10 @@ import jax
 import ml_collections
 import pytest
 
-from fp_jax import child
+from fp_jax.models import child
 from fp_jax import config as config_lib
-from fp_jax import flops
-from fp_jax import space
+from fp_jax.models import flops
+from fp_jax.models import space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/smoke.py"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fp_jax import config as config_lib
-from fp_jax import parallel
+from fp_jax.run import parallel
 from launch import local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ STUB = textwrap.dedent("""\
     # process `--fail` fails after a cross-process collective; the other one then
     # waits in the next collective (and the failing one at jax's shutdown barrier)
     import sys
-    from fp_jax import parallel
+    from fp_jax.run import parallel
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
     parallel.init_distributed(args["coordinator_address"], int(args["num_processes"]),
                               int(args["process_id"]))

@@ -15,11 +15,11 @@ import pytest
 from scipy import stats
 
 from configs import smoke
-from fp_jax import checkpoint
+from fp_jax.run import checkpoint
 from fp_jax import config as config_lib
-from fp_jax import controller
+from fp_jax.models import controller
 from fp_jax import data
-from fp_jax import space
+from fp_jax.models import space
 from fp_jax.train import search
 from fp_jax.train import search_state
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import config as config_lib
 from fp_jax import data
-from fp_jax import layers
-from fp_jax import parallel
-from fp_jax import precision
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import layers
+from fp_jax.run import parallel
+from fp_jax.run import precision
+from fp_jax.models import space
+from fp_jax.models import supernet
 from fp_jax.train import search
 from fp_jax.train import trainer as trainer_lib
 

@@ -15,10 +15,10 @@ from jax import lax
 import numpy as np
 
 from fp_jax import data
-from fp_jax import parallel
-from fp_jax import pruning
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.run import parallel
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
+from fp_jax.models import supernet
 from fp_jax.train import search
 
 DN = ("NHWC", "HWIO", "NHWC")

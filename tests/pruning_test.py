@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp_jax import layers
-from fp_jax import pruning
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.models import layers
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
+from fp_jax.models import supernet
 
 
 def _keep(c, r):

@@ -5,11 +5,11 @@ import pytest
 
 from fp_jax import config as config_lib
 from fp_jax import data
-from fp_jax import parallel
-from fp_jax import pruning
-from fp_jax import space
-from fp_jax import supernet
-from fp_jax import supernet_flops
+from fp_jax.run import parallel
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
+from fp_jax.models import supernet
+from fp_jax.models import supernet_flops
 from fp_jax.train import search
 from tests.search_test import RATIOS, tiny_config
 

@@ -23,12 +23,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import smoke
-from fp_jax import checkpoint
+from fp_jax.run import checkpoint
 from fp_jax import data
-from fp_jax import errors
-from fp_jax import logs
-from fp_jax import parallel
-from fp_jax import preemption
+from fp_jax.run import errors
+from fp_jax.run import logs
+from fp_jax.run import parallel
+from fp_jax.run import preemption
 from fp_jax.train import search
 from fp_jax.train import search_state
 

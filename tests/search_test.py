@@ -9,9 +9,9 @@ import pytest
 
 from configs import smoke
 from fp_jax import data
-from fp_jax import parallel
-from fp_jax import reward as reward_lib
-from fp_jax import space
+from fp_jax.run import parallel
+from fp_jax.train import reward as reward_lib
+from fp_jax.models import space
 from fp_jax.train import search
 
 RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)

@@ -1,5 +1,5 @@
 """The training path's shifted ops against XLA's own, values and gradients: the 3x3 pools
-(fp_jax/pools.py) against reduce_window, the depthwise shift-sum (layers.py, custom VJP)
+(fp_jax/models/pools.py) against reduce_window, the depthwise shift-sum (layers.py, custom VJP)
 against a grouped convolution."""
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fp_jax import layers
+from fp_jax.models import layers
 
 PAD = ((0, 0), (1, 1), (1, 1), (0, 0))
 

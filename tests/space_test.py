@@ -1,8 +1,8 @@
-"""Tests for fp_jax.space: the ENAS 40-int architecture string."""
+"""Tests for fp_jax.models.space: the ENAS 40-int architecture string."""
 import numpy as np
 import pytest
 
-from fp_jax import space
+from fp_jax.models import space
 
 
 def _arc_list(text=space.ENAS_ARC):

@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 
-from fp_jax import child
-from fp_jax import compaction
-from fp_jax import flops
-from fp_jax import space
+from fp_jax.models import child
+from fp_jax.pruning import compaction
+from fp_jax.models import flops
+from fp_jax.models import space
 from fp_jax import summary
 
 

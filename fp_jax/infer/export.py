@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import errors
+from fp_jax.run import errors
 from fp_jax.infer import fused
 
 

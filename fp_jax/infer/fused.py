@@ -39,11 +39,11 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from fp_jax import graph
-from fp_jax import layers
+from fp_jax.models import graph
+from fp_jax.models import layers
 from fp_jax.infer import kernels
 from fp_jax.infer import padding
-from fp_jax.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
+from fp_jax.models.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
 
 DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")

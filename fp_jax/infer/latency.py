@@ -61,8 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import child
-from fp_jax import flops
+from fp_jax.models import child
+from fp_jax.models import flops
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import networks

@@ -14,15 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import config as config_lib
-from fp_jax import flops
-from fp_jax import layers
+from fp_jax.models import flops
+from fp_jax.models import layers
 from fp_jax import profile
 from fp_jax import results
-from fp_jax import space
-from fp_jax import weights
+from fp_jax.models import space
+from fp_jax.run import weights
 from fp_jax.infer import padding
 
 

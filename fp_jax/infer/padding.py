@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fp_jax import compaction
-from fp_jax import flops
-from fp_jax import groups as groups_lib
+from fp_jax.pruning import compaction
+from fp_jax.models import flops
+from fp_jax.pruning import groups as groups_lib
 
 
 def round_up(n, multiple):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import layers
+from fp_jax.models import layers
 from fp_jax.infer import fused
 
 

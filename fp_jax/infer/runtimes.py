@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from fp_jax import errors
+from fp_jax.run import errors
 
 RUNTIMES = ("onnxruntime", "litert")
 ALL = ("perop", "fused") + RUNTIMES

@@ -32,17 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import bn_reestimate
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.pruning import bn_reestimate
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import config as config_lib
 from fp_jax import data
-from fp_jax import flops
-from fp_jax import parallel
+from fp_jax.models import flops
+from fp_jax.run import parallel
 from fp_jax import results
-from fp_jax.parallel import BATCH, REPLICATED
-from fp_jax import space
-from fp_jax import weights
+from fp_jax.run.parallel import BATCH, REPLICATED
+from fp_jax.models import space
+from fp_jax.run import weights
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
 

@@ -18,12 +18,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from fp_jax import child
+from fp_jax.models import child
 from fp_jax import data
-from fp_jax import flops
+from fp_jax.models import flops
 from fp_jax import results
-from fp_jax import space
-from fp_jax import weights
+from fp_jax.models import space
+from fp_jax.run import weights
 from fp_jax.train import trainer as trainer_lib
 
 

@@ -23,19 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import checkpoint
+from fp_jax.run import checkpoint
 from fp_jax import config as config_lib
-from fp_jax import controller
+from fp_jax.models import controller
 from fp_jax import data
-from fp_jax import errors
-from fp_jax import logs
-from fp_jax import parallel
-from fp_jax import preemption
-from fp_jax import pruning
-from fp_jax import reward as reward_lib
-from fp_jax import space
-from fp_jax import supernet
-from fp_jax import supernet_flops
+from fp_jax.run import errors
+from fp_jax.run import logs
+from fp_jax.run import parallel
+from fp_jax.run import preemption
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.train import reward as reward_lib
+from fp_jax.models import space
+from fp_jax.models import supernet
+from fp_jax.models import supernet_flops
 from fp_jax.train import search_state
 from fp_jax.train.search_steps import (_opt_key, _steps, child_optimizer, empty_stages,  # noqa: F401
                                        make_child_step, make_reward_eval, xent)

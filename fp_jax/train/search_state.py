@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import checkpoint
-from fp_jax import controller
-from fp_jax import errors
-from fp_jax import supernet
+from fp_jax.run import checkpoint
+from fp_jax.models import controller
+from fp_jax.run import errors
+from fp_jax.models import supernet
 from jax.sharding import NamedSharding, PartitionSpec
 
 

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fp_jax import parallel
-from fp_jax import precision
-from fp_jax import pruning
-from fp_jax import schedules
-from fp_jax import supernet
-from fp_jax.parallel import AXIS, BATCH, REPLICATED
+from fp_jax.run import parallel
+from fp_jax.run import precision
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.train import schedules
+from fp_jax.models import supernet
+from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
 from fp_jax.train.trainer import xent
 
 
@@ -39,7 +39,7 @@ def make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
 
   keep_prob: dropout keep of the pooled features (ENAS's search child: 0.9); key: the
   step's PRNG key (folded with the device index inside); dtype: compute dtype
-  (fp_jax/precision.py: params, optimizer state and loss stay float32)."""
+  (fp_jax/run/precision.py: params, optimizer state and loss stay float32)."""
   def step(state, arc, key, x, y):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)

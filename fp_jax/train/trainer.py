@@ -19,18 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fp_jax import checkpoint
-from fp_jax import child
-from fp_jax import compaction
+from fp_jax.run import checkpoint
+from fp_jax.models import child
+from fp_jax.pruning import compaction
 from fp_jax import data
-from fp_jax import errors
-from fp_jax import logs
-from fp_jax import masked_update
-from fp_jax import parallel
-from fp_jax import precision
-from fp_jax import preemption
-from fp_jax import schedules
-from fp_jax.parallel import AXIS, BATCH, REPLICATED
+from fp_jax.run import errors
+from fp_jax.run import logs
+from fp_jax.pruning import masked_update
+from fp_jax.run import parallel
+from fp_jax.run import precision
+from fp_jax.run import preemption
+from fp_jax.train import schedules
+from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
 
 
 def xent(logits, labels):
@@ -57,7 +57,7 @@ class Recipe:
   cutout: int
   crop_pad: int
   flip: bool
-  dtype: str = "float32"    # compute dtype (fp_jax/precision.py)
+  dtype: str = "float32"    # compute dtype (fp_jax/run/precision.py)
 
   @property
   def total_steps(self):

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import parallel
-from fp_jax.parallel import BATCH, REPLICATED
+from fp_jax.run import parallel
+from fp_jax.run.parallel import BATCH, REPLICATED
 
 
 def _is_bn(node):

@@ -32,7 +32,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from fp_jax import graph
+from fp_jax.models import graph
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from fp_jax import errors
+from fp_jax.run import errors
 
 _FORMAT = 1
 
@@ -269,4 +269,4 @@ def clear(directory: str) -> None:
       os.remove(directory)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"fp_jax.checkpoint.clear:{directory}")
+    multihost_utils.sync_global_devices(f"fp_jax.run.checkpoint.clear:{directory}")

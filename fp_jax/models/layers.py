@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from fp_jax import pools
+from fp_jax.models import pools
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9

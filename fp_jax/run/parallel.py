@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fp_jax import config as config_lib
-from fp_jax import errors
+from fp_jax.run import errors
 
 AXIS = "data"
 AUTO = "auto"   # --coordinator_address=auto: let jax.distributed detect the cluster

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fp_jax import pruning
-from fp_jax import space
+from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import space
 
 MACS_RATIO_SCALE = 8
 MEASURES = ("layers", "macs")

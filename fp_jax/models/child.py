@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fp_jax import graph
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import graph
+from fp_jax.models import layers
+from fp_jax.models import space
 
 
 def make_plan(arc, num_layers, out_filters, image_shape, num_classes):

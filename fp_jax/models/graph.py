@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fp_jax import space
+from fp_jax.models import space
 
 KINDS = ("image", "conv", "fr", "sep", "avg", "max", "add", "concat")
 PARAM_KINDS = ("conv", "fr", "sep")

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import layers
+from fp_jax.models import space
 
 MAX_INPUTS = 2 + space.NUM_NODES - 1   # node k chooses among k + 2 <= 6 inputs
 NUM_VALUES = 2 + space.NUM_NODES       # cell inputs and nodes: rows of the final conv

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fp_jax import space
+from fp_jax.models import space
 
 NUM_STAGES = 5
 # Fixed (not learned) op bias of the normal cell, as the ENAS implementation.

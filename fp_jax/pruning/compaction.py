@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import graph
-from fp_jax import groups as groups_lib
-from fp_jax import pruning
+from fp_jax.models import graph
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import supernet_masks as pruning
 
 
 @functools.lru_cache(maxsize=32)

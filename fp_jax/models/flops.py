@@ -14,8 +14,8 @@ import math
 import jax
 import numpy as np
 
-from fp_jax import layers
-from fp_jax import space
+from fp_jax.models import layers
+from fp_jax.models import space
 
 
 def full_widths(plan):

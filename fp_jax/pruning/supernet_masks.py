@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax import groups as groups_lib
-from fp_jax import space
-from fp_jax import supernet
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.models import space
+from fp_jax.models import supernet
 
 CRITERIA = ("l1", "bn", "taylor", "random")
 

@@ -1,0 +1,1 @@
+"""The networks: arc space, layers, the supernet, the fixed network, the controller, costs."""

@@ -1,0 +1,1 @@
+"""Fake pruning and real pruning: channel groups, masks, compaction."""

@@ -1,0 +1,1 @@
+"""Run machinery: devices and meshes, precision, memory, checkpoints, preemption, logs, weight files, errors."""
