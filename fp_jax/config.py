@@ -1,84 +1,135 @@
-"""Config validation: every bad value becomes one ConfigError naming the field."""
+"""Config validation from one table: FIELDS maps every field of configs/default.py to what it
+allows (type, range or choices; the choices come from the modules that implement them).
+
+`validate` checks a whole config (every table field present, no field outside the table,
+every value allowed); a bad one is one ConfigError naming the field and what is allowed.
+"""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import re
+from typing import Callable
 
+from fp_jax import data
+from fp_jax.infer import fused
+from fp_jax.models import controller
 from fp_jax.models import space
 from fp_jax.models import supernet
+from fp_jax.models import supernet_flops
+from fp_jax.pruning import supernet_masks
+from fp_jax.run import precision
 
 STAGES = ("search", "final", "compress", "latency", "profile")
-IMPORTANCE = ("l1", "bn", "taylor", "random")   # pruning.CRITERIA (kept import-light)
-RATIO_MEASURES = ("layers", "macs")              # supernet_flops.MEASURES
-COMPRESS_MODES = ("finetune", "scratch")
-LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)
-LATENCY_INIT = ("trained", "random")
-DTYPES = ("float32", "bfloat16")          # precision.DTYPES (kept import-light)
-POLICIES = ("controller", "random")       # search.policy (train/search.py)
 
 
 class ConfigError(ValueError):
   pass
 
 
-def _get(config, path):
-  node = config
-  for part in path.split("."):
-    if part not in node:
-      raise ConfigError(f"{path}: missing from the config")
-    node = node[part]
-  return node
+@dataclasses.dataclass(frozen=True)
+class Int:
+  lo: int
+  hi: int | None = None
+
+  @property
+  def allowed(self):
+    return f"an integer >= {self.lo}" if self.hi is None else f"an integer in {self.lo}..{self.hi}"
+
+  def check(self, path, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+      raise ConfigError(f"{path}={v!r}: must be an integer")
+    if v < self.lo or (self.hi is not None and v > self.hi):
+      raise ConfigError(f"{path}={v}: must be {self.allowed}")
+    return v
 
 
-def _int(config, path, lo, hi=None):
-  v = _get(config, path)
-  if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-    raise ConfigError(f"{path}={v!r}: must be an integer")
-  if v < lo or (hi is not None and v > hi):
-    allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-    raise ConfigError(f"{path}={v}: must be an integer {allowed}")
-  return v
+@dataclasses.dataclass(frozen=True)
+class Float:
+  lo: float
+  hi: float | None = None
+  lo_open: bool = False          # v > lo instead of v >= lo
+
+  @property
+  def allowed(self):
+    low = f"> {self.lo}" if self.lo_open else f">= {self.lo}"
+    return low + (f" and <= {self.hi}" if self.hi is not None else "")
+
+  def check(self, path, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+      raise ConfigError(f"{path}={v!r}: must be a number")
+    if v < self.lo or (self.lo_open and v == self.lo) or (self.hi is not None and v > self.hi):
+      raise ConfigError(f"{path}={v}: must be {self.allowed}")
+    return float(v)
 
 
-def _float(config, path, lo, hi=None, lo_open=False):
-  v = _get(config, path)
-  if isinstance(v, bool) or not isinstance(v, numbers.Real):
-    raise ConfigError(f"{path}={v!r}: must be a number")
-  if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-    low = f"> {lo}" if lo_open else f">= {lo}"
-    raise ConfigError(f"{path}={v}: must be {low}" + (f" and <= {hi}" if hi is not None else ""))
-  return float(v)
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  values: tuple
+
+  @property
+  def allowed(self):
+    return f"one of {', '.join(self.values)}"
+
+  def check(self, path, v):
+    if v not in self.values:
+      raise ConfigError(f"{path}={v!r}: must be {self.allowed}")
+    return v
 
 
-def _choice(config, path, allowed):
-  v = _get(config, path)
-  if v not in allowed:
-    raise ConfigError(f"{path}={v!r}: must be one of {', '.join(allowed)}")
-  return v
+@dataclasses.dataclass(frozen=True)
+class Of:
+  """A value of a given type: bool (True or False) or str (e.g. a folder path)."""
+  type: type
+  allowed: str
+
+  def check(self, path, v):
+    if not isinstance(v, self.type):
+      raise ConfigError(f"{path}={v!r}: must be {self.allowed}")
+    return v
 
 
-def stages(config):
-  names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+  """A value with its own syntax: parse(path, v) returns it parsed or raises ConfigError."""
+  parse: Callable
+  allowed: str
+
+  def check(self, path, v):
+    return self.parse(path, v)
+
+
+BOOL = Of(bool, "True or False")
+FOLDER = Of(str, "a folder path (a string)")
+
+
+def _stages(path, v):
+  names = [s.strip() for s in str(v).split(",") if s.strip()]
   if not names:
-    raise ConfigError(f"stages={config.stages!r}: name at least one of {', '.join(STAGES)}")
+    raise ConfigError(f"{path}={v!r}: name at least one of {', '.join(STAGES)}")
   for n in names:
     if n not in STAGES:
-      raise ConfigError(f"stages: unknown stage {n!r}; allowed: {', '.join(STAGES)} "
+      raise ConfigError(f"{path}: unknown stage {n!r}; allowed: {', '.join(STAGES)} "
                         "(comma-separated)")
   return sorted(set(names), key=STAGES.index)
 
 
-def ratio_choices(config):
-  v = _get(config, "search.ratio_choices")
+def _data_name(path, v):
+  if not isinstance(v, str) or not v or (v.startswith("npz:") and len(v) == 4):
+    raise ConfigError(f"{path}={v!r}: must be {data.ALLOWED}")
+  return v
+
+
+def _ratio_choices(path, v):
   if isinstance(v, str):
     v = [t for t in v.replace(",", " ").split()]
   try:
     values = [float(x) for x in v]
   except (TypeError, ValueError):
-    raise ConfigError(f"search.ratio_choices={v!r}: must be a list of numbers in [0, 1)") from None
+    raise ConfigError(f"{path}={v!r}: must be a list of numbers in [0, 1)") from None
   if not values or any(not 0.0 <= x < 1.0 for x in values):
-    raise ConfigError(f"search.ratio_choices={v!r}: must be a non-empty list of numbers in [0, 1)")
+    raise ConfigError(f"{path}={v!r}: must be a non-empty list of numbers in [0, 1)")
   return tuple(values)
 
 
@@ -100,13 +151,9 @@ def _ratio_tokens(v):
   return None if "" in tokens else tokens
 
 
-def compress_ratios(config):
-  """compress.ratios as 5 floats in [0, 1), or None when empty (take search/arch.json).
-
-  Accepts '0.5 0.3 0.5 0.3 0.5', '0.5,0.3,...', '(0.5, 0.3, ...)', '[...]' and a
-  tuple or list of numbers; anything else is a ConfigError.
-  """
-  v = _get(config, "compress.ratios")
+def _stage_ratios(path, v):
+  """5 floats in [0, 1), or None when empty. Accepts '0.5 0.3 0.5 0.3 0.5', '0.5,0.3,...',
+  '(0.5, 0.3, ...)', '[...]' and a tuple or list of numbers."""
   if isinstance(v, str) and not v.strip():
     return None
   values = None
@@ -117,94 +164,135 @@ def compress_ratios(config):
     except (TypeError, ValueError):
       values = None
   if values is None or len(values) != 5 or any(not 0.0 <= x < 1.0 for x in values):
-    raise ConfigError(f"compress.ratios={v!r}: must be {RATIOS_ALLOWED}")
+    raise ConfigError(f"{path}={v!r}: must be {RATIOS_ALLOWED}")
   return tuple(values)
 
 
-def validate(config):
-  """Checks every field this program reads; raises ConfigError on the first bad one."""
-  _int(config, "seed", 0)
-  stages(config)
-  _choice(config, "dtype", DTYPES)
-  if not isinstance(_get(config, "overwrite"), bool):
-    raise ConfigError(f"overwrite={config.overwrite!r}: must be True or False")
-  name = _get(config, "data.name")
-  if not isinstance(name, str) or not name or (name.startswith("npz:") and len(name) == 4):
-    raise ConfigError(f"data.name={name!r}: must be a TFDS name (e.g. cifar10), digits, "
-                      "fashion_mnist, synthetic or npz:PATH")
-  for path in ("data.tfds_data_dir", "data.idx_dir"):
-    if not isinstance(_get(config, path), str):
-      raise ConfigError(f"{path}={_get(config, path)!r}: must be a folder path (a string)")
-  _int(config, "data.valid_size", 0)
-  _int(config, "data.crop_pad", 0, 16)
-  for path in ("search", "final"):
-    _int(config, f"{path}.num_layers", 1, 60)
-    _int(config, f"{path}.out_filters", 2, 1024)
-    _int(config, f"{path}.batch_size", 1)
-    _int(config, f"{path}.epochs", 0)
-    _int(config, f"{path}.steps_per_epoch", 0)
-  _int(config, "search.eval_batch_size", 1)
-  _float(config, "search.alpha", 0.0)
-  _float(config, "search.beta", 0.0)
-  ratio_choices(config)
-  _choice(config, "search.importance", IMPORTANCE)
-  _choice(config, "search.ratio_measure", RATIO_MEASURES)
-  _int(config, "search.uniform_child_epochs", 0)
-  _int(config, "search.controller_updates", 0)
-  _int(config, "search.controller_samples", 1)
-  _choice(config, "search.policy", POLICIES)
-  for path in ("search", "final"):    # the SGD recipe of both networks
-    _float(config, f"{path}.lr_max", 0.0, lo_open=True)
-    _float(config, f"{path}.lr_min", 0.0)
-    _int(config, f"{path}.lr_t0", 1)
-    _int(config, f"{path}.lr_tmul", 1)
-    _float(config, f"{path}.momentum", 0.0, 1.0)
-    _float(config, f"{path}.l2", 0.0)
-    _float(config, f"{path}.aux_weight", 0.0)
-    _float(config, f"{path}.grad_clip", 0.0, lo_open=True)
-  _float(config, "search.keep_prob", 0.0, 1.0, lo_open=True)
-  _choice(config, "search.init_scale", supernet.INITS)
-  _choice(config, "search.final_init", supernet.FINAL_INITS)
-  if not isinstance(_get(config, "search.share_inputs"), bool):
-    raise ConfigError(f"search.share_inputs={config.search.share_inputs!r}: must be True or False")
-  _int(config, "search.num_candidates", 1)
-  _int(config, "search.final_eval_batches", 1)
-  _int(config, "search.ckpt_every_steps", 0)
-  _int(config, "controller.lstm_size", 1)
-  _float(config, "controller.temperature", 0.0, lo_open=True)
-  _float(config, "controller.tanh_constant", 0.0, lo_open=True)
-  _float(config, "controller.op_tanh_reduce", 0.0, lo_open=True)
-  _float(config, "controller.entropy_weight", 0.0)
-  _float(config, "controller.baseline_decay", 0.0, 1.0)
-  _float(config, "controller.lr", 0.0, lo_open=True)
-  _int(config, "final.cutout", 0, 1024)
-  _int(config, "final.eval_batch_size", 1)
-  _float(config, "final.keep_prob", 0.0, 1.0, lo_open=True)
-  _float(config, "final.drop_path_keep_prob", 0.0, 1.0, lo_open=True)
-  compress_ratios(config)
-  _choice(config, "compress.importance", IMPORTANCE)
-  _choice(config, "compress.mode", COMPRESS_MODES)
-  _int(config, "compress.finetune_epochs", 0)
-  _int(config, "compress.steps_per_epoch", 0)
-  _int(config, "compress.batch_size", 1)
-  _int(config, "compress.bn_batches", 1)
-  _float(config, "compress.lr_max", 0.0, lo_open=True)
-  _float(config, "compress.lr_min", 0.0)
-  _choice(config, "latency.init", LATENCY_INIT)
-  _int(config, "latency.images", 1)
-  _int(config, "latency.batch_size", 1)
-  _int(config, "latency.warmup", 0)
-  _int(config, "latency.pad_channels", 1, 64)
-  _choice(config, "latency.dots", LATENCY_DOTS)
+def _arc(path, v):
+  if not v:
+    return None
+  try:
+    return space.parse_arc(v)
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from None
+
+
+def _threads(path, v):
   cores = len(os.sched_getaffinity(0))
-  if _int(config, "latency.threads", 0) > cores:
-    raise ConfigError(f"latency.threads={config.latency.threads}: must be an integer in "
-                      f"0..{cores} (0: all {cores} usable cores)")
-  if not isinstance(_get(config, "latency.im2col"), bool):
-    raise ConfigError(f"latency.im2col={config.latency.im2col!r}: must be True or False")
-  arc = _get(config, "final.arc")
-  if arc:
-    try:
-      space.parse_arc(arc)
-    except ValueError as e:
-      raise ConfigError(f"final.arc: {e}") from None
+  if Int(0).check(path, v) > cores:
+    raise ConfigError(f"{path}={v}: must be an integer in 0..{cores} (0: all {cores} usable "
+                      "cores)")
+  return v
+
+
+# what the search child and the final network both have: size, batches, the SGD recipe
+NETWORK = {
+    "num_layers": Int(1, 60), "out_filters": Int(2, 1024), "batch_size": Int(1),
+    "eval_batch_size": Int(1), "epochs": Int(0), "steps_per_epoch": Int(0),
+    "lr_max": Float(0.0, lo_open=True), "lr_min": Float(0.0), "lr_t0": Int(1), "lr_tmul": Int(1),
+    "momentum": Float(0.0, 1.0), "l2": Float(0.0), "aux_weight": Float(0.0),
+    "grad_clip": Float(0.0, lo_open=True), "keep_prob": Float(0.0, 1.0, lo_open=True),
+}
+CRITERIA = Choice(supernet_masks.CRITERIA)
+
+FIELDS = {
+    "seed": Int(0),
+    "stages": Parsed(_stages, f"comma-separated names of {', '.join(STAGES)}"),
+    "overwrite": BOOL,
+    "dtype": Choice(precision.DTYPES),
+    "data.name": Parsed(_data_name, data.ALLOWED),
+    "data.valid_size": Int(0),
+    "data.crop_pad": Int(0, 16),
+    "data.flip": BOOL,
+    "data.tfds_data_dir": FOLDER,
+    "data.idx_dir": FOLDER,
+    **{f"search.{k}": v for k, v in NETWORK.items()},
+    "search.alpha": Float(0.0),
+    "search.beta": Float(0.0),
+    "search.ratio_choices": Parsed(_ratio_choices, "a non-empty list of numbers in [0, 1)"),
+    "search.importance": CRITERIA,
+    "search.ratio_measure": Choice(supernet_flops.MEASURES),
+    "search.uniform_child_epochs": Int(0),
+    "search.controller_updates": Int(0),
+    "search.controller_samples": Int(1),
+    "search.policy": Choice(controller.POLICIES),
+    "search.init_scale": Choice(supernet.INITS),
+    "search.final_init": Choice(supernet.FINAL_INITS),
+    "search.share_inputs": BOOL,
+    "search.num_candidates": Int(1),
+    "search.final_eval_batches": Int(1),
+    "search.ckpt_every_steps": Int(0),
+    "controller.lstm_size": Int(1),
+    "controller.temperature": Float(0.0, lo_open=True),
+    "controller.tanh_constant": Float(0.0, lo_open=True),
+    "controller.op_tanh_reduce": Float(0.0, lo_open=True),
+    "controller.entropy_weight": Float(0.0),
+    "controller.baseline_decay": Float(0.0, 1.0),
+    "controller.lr": Float(0.0, lo_open=True),
+    **{f"final.{k}": v for k, v in NETWORK.items()},
+    "final.arc": Parsed(_arc, f"empty or {space.ARC_LEN} ints (DESIGN §3)"),
+    "final.cutout": Int(0, 1024),
+    "final.drop_path_keep_prob": Float(0.0, 1.0, lo_open=True),
+    "compress.ratios": Parsed(_stage_ratios, "empty or " + RATIOS_ALLOWED),
+    "compress.importance": CRITERIA,
+    "compress.mode": Choice(("finetune", "scratch")),
+    "compress.finetune_epochs": Int(0),
+    "compress.steps_per_epoch": Int(0),
+    "compress.batch_size": Int(1),
+    "compress.bn_batches": Int(1),
+    "compress.lr_max": Float(0.0, lo_open=True),
+    "compress.lr_min": Float(0.0),
+    "latency.init": Choice(("trained", "random")),
+    "latency.images": Int(1),
+    "latency.batch_size": Int(1),
+    "latency.warmup": Int(0),
+    "latency.im2col": BOOL,
+    "latency.pad_channels": Int(1, 64),
+    "latency.dots": Choice(fused.DOT_LIBRARIES),
+    "latency.threads": Parsed(_threads, "an integer in 0..(usable cores); 0: all"),
+}
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"{path}: missing from the config")
+    node = node[part]
+  return node
+
+
+def paths(config, prefix=""):
+  """The dotted paths of every leaf field of `config` (nested ConfigDicts are sections)."""
+  out = []
+  for key, value in config.items():
+    path = prefix + key
+    out += paths(value, path + ".") if hasattr(value, "items") else [path]
+  return out
+
+
+def parse(config, path):
+  """Field `path` of `config`, checked against FIELDS and parsed (e.g. stages as a list)."""
+  return FIELDS[path].check(path, _get(config, path))
+
+
+def stages(config):
+  return parse(config, "stages")
+
+
+def ratio_choices(config):
+  return parse(config, "search.ratio_choices")
+
+
+def compress_ratios(config):
+  """compress.ratios as 5 floats in [0, 1), or None when empty (take search/arch.json)."""
+  return parse(config, "compress.ratios")
+
+
+def validate(config):
+  """Checks every field against FIELDS; raises ConfigError on the first bad one."""
+  for path in paths(config):
+    if path not in FIELDS:
+      raise ConfigError(f"{path}: unknown field (the fields are configs/default.py's)")
+  for path in FIELDS:
+    parse(config, path)

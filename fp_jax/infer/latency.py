@@ -336,7 +336,7 @@ def run(config, workdir):
   else:
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
-                       dots=lat.dots, dtype=config.get("dtype", "float32"))
+                       dots=lat.dots, dtype=config.dtype)
   threads = runtimes_lib.use_cores(int(lat.threads))
   plan = nets["baseline"].plan
   others, models = runtimes_lib.build(nets, plan.image_hw + (plan.in_channels,),

@@ -25,6 +25,8 @@ import optax
 
 from fp_jax.models import space
 
+POLICIES = ("controller", "random")   # search.policy: `sample` (the LSTM learns) | `sample_random`
+
 NUM_STAGES = 5
 # Fixed (not learned) op bias of the normal cell, as the ENAS implementation.
 _B_SOFT_NO_LEARN = np.array([0.25, 0.25] + [-0.25] * (space.NUM_OPS - 2), np.float32)

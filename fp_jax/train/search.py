@@ -78,7 +78,7 @@ class Search:
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
     tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
                                                    float(s.keep_prob), s.importance,
-                                                   config.get("dtype", "float32"))
+                                                   config.dtype)
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
@@ -317,7 +317,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
   search = Search.build(config, ds, ratio_choices)
   is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(out, "ckpt")
-  every = int(s.get("ckpt_every_steps", 0))
+  every = s.ckpt_every_steps
   if config.overwrite:
     checkpoint.clear(ckpt_dir)
   metrics_w = logs.MetricsWriter(out, "metrics", enabled=is_main)
