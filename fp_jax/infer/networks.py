@@ -16,12 +16,10 @@ import numpy as np
 
 from fp_jax.models import child
 from fp_jax.pruning import compaction
-from fp_jax import config as config_lib
 from fp_jax.models import flops
 from fp_jax.models import layers
 from fp_jax import profile
 from fp_jax import results
-from fp_jax.models import space
 from fp_jax.run import weights
 from fp_jax.infer import padding
 
@@ -105,15 +103,10 @@ def trained_networks(workdir):
   nets = {}
   for name, rel, stage in (("baseline", results.FINAL_WEIGHTS, "final"),
                            ("pruned", results.COMPRESS_WEIGHTS, "compress")):
-    path = os.path.join(workdir, rel)
-    if not os.path.exists(path):
-      raise config_lib.ConfigError(
-          f"latency.init=trained: {path} does not exist; run the {stage} stage first "
-          "(--config.stages=final,compress,latency) or use --config.latency.init=random")
-    tree, meta = weights.load(path)
-    arc = space.parse_arc(meta["arc_string"])
-    plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
-                           tuple(meta["image_shape"]), meta["num_classes"])
+    plan, arc, tree, _ = weights.load_network(
+        os.path.join(workdir, rel), "latency.init=trained",
+        f"run the {stage} stage first (--config.stages=final,compress,latency) or use "
+        "--config.latency.init=random")
     nets[name] = Net(plan, arc, tree["params"], tree["stats"])
   return nets
 

@@ -6,7 +6,7 @@
 The tree is any nesting of dicts, lists and None over arrays (params and BN
 stats of child.py); the header stores that nesting with leaves numbered, so a
 reader needs no template. `meta` holds what rebuilds the plan:
-arc_string, num_layers, out_filters, image_shape, num_classes.
+arc_string, num_layers, out_filters, image_shape, num_classes (`load_network`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import os
 import zipfile
 
 import numpy as np
+
+from fp_jax.models import child
+from fp_jax.models import space
 
 _HEADER = "__fp_jax_header__"
 
@@ -71,3 +74,16 @@ def load(path):
   except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
     raise WeightsError(f"{path}: not a readable fp_jax weights file ({type(e).__name__}: {e}); "
                        "rerun the stage that wrote it with --config.overwrite=True") from None
+
+
+def load_network(path, field, advice):
+  """(plan, arc, tree, meta) of a network file (final/ or compress/weights.npz): the child.py
+  plan rebuilt from meta, the tree in numpy arrays. No file: WeightsError
+  '{field}: {path} does not exist; {advice}' (the field that wanted it, what to run first)."""
+  if not os.path.exists(path):
+    raise WeightsError(f"{field}: {path} does not exist; {advice}")
+  tree, meta = load(path)
+  arc = space.parse_arc(meta["arc_string"])
+  plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
+                         tuple(meta["image_shape"]), meta["num_classes"])
+  return plan, arc, tree, meta

@@ -41,7 +41,6 @@ from fp_jax.models import flops
 from fp_jax.run import parallel
 from fp_jax import results
 from fp_jax.run.parallel import BATCH, REPLICATED
-from fp_jax.models import space
 from fp_jax.run import weights
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
@@ -49,14 +48,9 @@ from fp_jax.train import trainer as trainer_lib
 
 def load_trained(workdir):
   """(plan, arc, params, stats, meta) of DIR/final/weights.npz."""
-  path = os.path.join(workdir, results.FINAL_WEIGHTS)
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f"compress: {path} does not exist; run the final stage first "
-                                 "(--config.stages=final,compress)")
-  tree, meta = weights.load(path)
-  arc = space.parse_arc(meta["arc_string"])
-  plan = child.make_plan(arc, meta["num_layers"], meta["out_filters"],
-                         tuple(meta["image_shape"]), meta["num_classes"])
+  plan, arc, tree, meta = weights.load_network(
+      os.path.join(workdir, results.FINAL_WEIGHTS), "compress",
+      "run the final stage first (--config.stages=final,compress)")
   to_jax = lambda t: jax.tree.map(jax.numpy.asarray, t)
   return plan, arc, to_jax(tree["params"]), to_jax(tree["stats"]), meta
 
