@@ -7,8 +7,9 @@ and records the mean child accuracy (training batches, dropout on) per epoch, fo
 
   current   fp_jax's defaults (configs/default.py search.*): ENAS's supernet
             (supernet.py), init_scale, lr, clipping, dropout as configured
-  legacy    the supernet before ENAS parity (bench/legacy_supernet.py: every
-            input calibrated, cells output all 5 nodes, no per-cell projection)
+  legacy    the supernet before ENAS parity: supernet.py of fp_jax at LEGACY (0c0c863),
+            loaded by bench/steps.py (every cell input calibrated, a reduction cell
+            reduces both inputs, cells output all 5 nodes, no per-cell projection)
   plus any variant given by --variant NAME:key=value,... over the current design
             (keys: init_scale, final_init, share_inputs, lr_max, lr_min, grad_clip, keep_prob,
             warmup_epochs, optimizer)
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench import legacy_supernet
+from bench import steps
 from configs import smoke
 from fp_jax import data
 from fp_jax.train import schedules
@@ -44,6 +45,7 @@ from fp_jax.models import space
 from fp_jax.models import supernet
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+LEGACY = "0c0c863"             # the last revision before ENAS parity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +66,7 @@ def defaults():
   s = smoke.get_config().search
   return Setup(init_scale=s.init_scale, final_init=s.final_init, share_inputs=s.share_inputs,
                lr_max=s.lr_max, lr_min=s.lr_min,
-               grad_clip=s.grad_clip, keep_prob=s.keep_prob,
-               warmup_epochs=int(s.get("warmup_epochs", 0)))
+               grad_clip=s.grad_clip, keep_prob=s.keep_prob)
 
 
 def xent(logits, y):
@@ -78,9 +79,10 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
   spe = data.batches_per_epoch(len(ds.y_train), batch)
   shape = ds.image_shape
   if setup.design == "legacy":
-    plan = legacy_supernet.make_plan(num_layers, filters, shape, ds.num_classes)
-    params = legacy_supernet.init(jax.random.key(seed), plan)
-    fwd = lambda p, a, x, key: legacy_supernet.forward(plan, p, a, x)
+    legacy = steps._mod(steps.package(LEGACY), "supernet")
+    plan = legacy.make_plan(num_layers, filters, shape, ds.num_classes)
+    params = legacy.init(jax.random.key(seed), plan)
+    fwd = lambda p, a, x, key: legacy.forward(plan, p, a, x)
   else:
     plan = supernet.make_plan(num_layers, filters, shape, ds.num_classes)
     params = supernet.init(jax.random.key(seed), plan, setup.init_scale, setup.final_init,
