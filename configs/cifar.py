@@ -21,22 +21,16 @@ CIFAR-10 must be prepared for TFDS first: `python -m fp_jax.prepare cifar10
 [--data_dir DIR]` (then --config.data.tfds_data_dir=DIR unless DIR is TFDS's default), or
 offline `--manual_dir ARCHIVES` with ARCHIVES/cifar-10-binary.tar.gz. Runs never download.
 """
-import re
-
 from configs import default
+from configs import sweep
 
-VARIANTS = ("a0.02_b20", "a0.5_b20", "a0.02_b0", "a0.005_b5")
+SWEEP = sweep.Sweep("configs/cifar.py", ("a0.02_b20", "a0.5_b20", "a0.02_b0", "a0.005_b5"),
+                    default="a0.02_b20", options=(("_cutout",),))
 
 
-def get_config(variant="a0.02_b20"):
-  variant = variant or "a0.02_b20"
-  m = re.fullmatch(r"(a[0-9.]+_b[0-9.]+)(_cutout)?", variant)
-  if not m or m.group(1) not in VARIANTS:
-    raise ValueError(f"configs/cifar.py:{variant}: unknown variant; allowed: "
-                     f"{', '.join(VARIANTS)}, each optionally with _cutout")
-  alpha, beta = (float(v[1:]) for v in m.group(1).split("_"))
+def get_config(variant=""):
+  setting, (cutout,) = SWEEP.parse(variant)
   config = default.get_config()
-  config.search.alpha = alpha
-  config.search.beta = beta
-  config.final.cutout = 16 if m.group(2) else 0
+  config.search.alpha, config.search.beta = sweep.alpha_beta(setting)
+  config.final.cutout = 16 if cutout else 0
   return config

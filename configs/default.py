@@ -1,5 +1,11 @@
-"""Shared defaults: the paper's settings (DESIGN §5), imported by the experiment configs."""
+"""Shared defaults: the paper's settings (DESIGN §5), imported by the experiment configs.
+
+Every field the program reads is here, with its default; fp_jax/config.py FIELDS says what
+each allows (code reads fields directly, never with a fallback of its own).
+"""
 import ml_collections
+
+from fp_jax import data
 
 
 def get_config():
@@ -16,8 +22,8 @@ def get_config():
   config.data.crop_pad = 4
   config.data.flip = True
   config.data.tfds_data_dir = ""       # TFDS datasets: prepared with python -m fp_jax.prepare
-  config.data.idx_dir = "/usr/share/datasets/fashion-mnist"   # fashion_mnist's IDX files
-                                       # (apt-get install dataset-fashion-mnist); else TFDS's
+  config.data.idx_dir = data.FASHION_MNIST_DIR   # fashion_mnist's IDX files (apt-get install
+                                       # dataset-fashion-mnist); else TFDS's
 
   s = config.search = ml_collections.ConfigDict()
   s.epochs = 150

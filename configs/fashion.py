@@ -44,30 +44,26 @@ aimed at about 20 minutes on 2 quiet CPU cores; measured so far only on a shared
 - augmentation fit for the data: zero padding 2 + random 28x28 crop, horizontal flip
   (valid for clothing); no cutout.
 """
-import re
-
 from configs import default
+from configs import sweep
 
-VARIANTS = ("a0_b0", "a0.02_b0", "a0.02_b20", "a0.5_b20")
+SWEEP = sweep.Sweep("configs/fashion.py", ("a0_b0", "a0.02_b0", "a0.02_b20", "a0.5_b20"),
+                    default="a0.02_b20", options=(("_random",), ("_long", "_best")))
 PAPER_CELLS = 8          # the paper's searched network: 6 layers + 2 reduction cells
 
 
-def get_config(variant="a0.02_b20"):
-  variant = variant or "a0.02_b20"
-  m = re.fullmatch(r"(a[0-9.]+_b[0-9.]+)(_random)?(_long|_best)?", variant)
-  if not m or m.group(1) not in VARIANTS:
-    raise ValueError(f"configs/fashion.py:{variant}: unknown variant; allowed: "
-                     f"{', '.join(VARIANTS)}, each optionally with _random, then _long or _best")
-  a, b = (float(v[1:]) for v in m.group(1).split("_"))
+def get_config(variant=""):
+  setting, (random, length) = SWEEP.parse(variant)
+  a, b = sweep.alpha_beta(setting)
   config = default.get_config()
   config.data.name = "fashion_mnist"
   config.data.valid_size = 5000
   config.data.crop_pad = 2
   config.data.flip = True
   s = config.search
-  s.policy = "random" if m.group(2) else "controller"
+  s.policy = "random" if random else "controller"
   s.beta = b
-  if m.group(3) == "_long":   # the paper's recipe (configs/default.py) on 28x28x1
+  if length == "_long":   # the paper's recipe (configs/default.py) on 28x28x1
     s.alpha = a
     config.final.eval_batch_size = 500
     return config
@@ -108,7 +104,7 @@ def get_config(variant="a0.02_b20"):
   k.lr_max = 0.02
   t = config.latency
   t.images = 300
-  if m.group(3) == "_best":
+  if length == "_best":
     f.epochs = f.lr_t0 = 10
     f.steps_per_epoch = 0            # full passes
     f.drop_path_keep_prob = 0.8

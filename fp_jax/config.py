@@ -253,7 +253,8 @@ FIELDS = {
 }
 
 
-def _get(config, path):
+def value(config, path):
+  """config's field at dotted `path`, as it is (ConfigError when missing)."""
   node = config
   for part in path.split("."):
     if part not in node:
@@ -262,18 +263,17 @@ def _get(config, path):
   return node
 
 
-def paths(config, prefix=""):
-  """The dotted paths of every leaf field of `config` (nested ConfigDicts are sections)."""
-  out = []
-  for key, value in config.items():
-    path = prefix + key
-    out += paths(value, path + ".") if hasattr(value, "items") else [path]
+def fields(config, prefix=""):
+  """{dotted path: value} of every leaf field of `config` (nested ConfigDicts are sections)."""
+  out = {}
+  for key, v in config.items():
+    out.update(fields(v, f"{prefix}{key}.") if hasattr(v, "items") else {prefix + key: v})
   return out
 
 
 def parse(config, path):
   """Field `path` of `config`, checked against FIELDS and parsed (e.g. stages as a list)."""
-  return FIELDS[path].check(path, _get(config, path))
+  return FIELDS[path].check(path, value(config, path))
 
 
 def stages(config):
@@ -291,7 +291,7 @@ def compress_ratios(config):
 
 def validate(config):
   """Checks every field against FIELDS; raises ConfigError on the first bad one."""
-  for path in paths(config):
+  for path in fields(config):
     if path not in FIELDS:
       raise ConfigError(f"{path}: unknown field (the fields are configs/default.py's)")
   for path in FIELDS:

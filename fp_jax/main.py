@@ -132,7 +132,7 @@ def run(config, workdir):
   for stage in stages:
     check_stage_done(os.path.join(workdir, DONE_FILE[stage]), config, stage)
     for field in BATCH_FIELDS.get(stage, ()):
-      parallel.check_batch(config_lib._get(config, field), field)
+      parallel.check_batch(config_lib.value(config, field), field)
   import jax  # after distributed start-up
   from fp_jax.run import memory
   memory.install()    # compile-time heap back to the OS before each step first runs

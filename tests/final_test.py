@@ -227,15 +227,38 @@ def test_finetuning_starts_from_reestimated_statistics(tmp_path):
   np.testing.assert_allclose(stem_stats["var"], pre.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant,alpha,beta,cutout", [
-    ("a0.02_b20", 0.02, 20.0, 0), ("a0.5_b20_cutout", 0.5, 20.0, 16),
-    ("a0.02_b0", 0.02, 0.0, 0), ("a0.005_b5_cutout", 0.005, 5.0, 16)])
-def test_paper_variants(variant, alpha, beta, cutout):
+# DESIGN §1: the paper's CIFAR-10 experiments, (a, b) of the reward, each also with CutOut 16
+PAPER = {"a0.02_b20": (0.02, 20.0), "a0.5_b20": (0.5, 20.0), "a0.02_b0": (0.02, 0.0),
+         "a0.005_b5": (0.005, 5.0)}
+PAPER_VARIANTS = [v + c for v in PAPER for c in ("", "_cutout")]
+
+
+@pytest.mark.parametrize("variant", PAPER_VARIANTS)
+def test_paper_variants(variant):
+  """Each paper experiment is a documented configs/cifar.py variant that validates and
+  differs from the paper's settings (configs/default.py) in exactly its a, b and cutout."""
   from configs import cifar
+  from configs import default
+  from fp_jax import config as config_lib
   config = cifar.get_config(variant)
-  assert (config.search.alpha, config.search.beta, config.final.cutout) == (alpha, beta, cutout)
+  config_lib.validate(config)
+  want = default.get_config()
+  want.search.alpha, want.search.beta = PAPER[variant.removesuffix("_cutout")]
+  want.final.cutout = 16 if variant.endswith("_cutout") else 0
+  assert config.to_json(sort_keys=True) == want.to_json(sort_keys=True)
   assert (config.final.num_layers, config.final.out_filters) == (15, 36)
-  assert f"--config=configs/cifar.py:{variant} " in cifar.__doc__
+  assert f"--config=configs/cifar.py:{variant} --workdir=runs/{variant}\n" in cifar.__doc__
+
+
+def test_paper_variants_are_the_variants():
+  """configs/cifar.py holds exactly the paper's experiments, each documented; no variant
+  is a0.02_b20."""
+  import re
+  from configs import cifar
+  assert sorted(cifar.SWEEP.variants()) == sorted(PAPER_VARIANTS)
+  documented = re.findall(r"--config=configs/cifar\.py:(\S+) ", cifar.__doc__)
+  assert sorted(documented) == sorted(PAPER_VARIANTS)
+  assert cifar.get_config().to_json() == cifar.get_config("a0.02_b20").to_json()
 
 
 def test_unknown_variant_is_one_error_line(tmp_path):

@@ -3,6 +3,7 @@
 The searches are tiny (digits, 2 cells, F 8, batch 32, rewards on 64 images, 2 epochs) with
 4 child steps per epoch = 4 samples per update (one controller sampler to compile).
 """
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from fp_jax import data
 from fp_jax.models import space
 from fp_jax.train import search
 from fp_jax.train import search_state
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
@@ -36,14 +38,10 @@ METRIC_FIELDS = {"step", "child_loss", "child_acc", "lr", "reward", "train_acc",
                  "gap", "ratio", "baseline", "entropy"}
 
 
-def tiny_config(policy, **overrides):
-  config = smoke.get_config()
-  for k, v in dict(num_layers=0, out_filters=8, batch_size=32, eval_batch_size=64, epochs=2,
-                   steps_per_epoch=SPE, controller_updates=UPDATES, controller_samples=SAMPLES,
-                   num_candidates=2, final_eval_batches=1, uniform_child_epochs=0,
-                   ckpt_every_steps=2, policy=policy, **overrides).items():
-    config.search[k] = v
-  return config
+# the tiny search (tests/tiny.py) with 2 epochs of SPE steps, the controller from the start
+tiny_config = functools.partial(tiny.tiny_config, epochs=2, steps_per_epoch=SPE,
+                                controller_updates=UPDATES, controller_samples=SAMPLES,
+                                uniform_child_epochs=0, ckpt_every_steps=2)
 
 
 def pvalues(sampled, num_ratio_choices):
@@ -137,13 +135,13 @@ def _results(workdir):
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory, digits):
   workdir = str(tmp_path_factory.mktemp("random"))
-  search.run(tiny_config("random"), workdir, digits, RATIOS)
+  search.run(tiny_config(policy="random"), workdir, digits, RATIOS)
   return workdir, _results(workdir)
 
 
 def test_random_search_learns_nothing_with_the_controllers_budget(tmp_path, digits, random_run):
   workdir, (arch, metrics, samples) = random_run
-  config = tiny_config("random")
+  config = tiny_config(policy="random")
   srch = search.Search.build(config, digits, RATIOS)
   # the final checkpoint's controller is its initial state, leaf for leaf
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "search", "ckpt"))
@@ -197,10 +195,10 @@ def test_killed_random_search_resumes_to_the_same_result(tmp_path, digits, rando
   with monkeypatch.context() as mp:
     mp.setattr(search.Search, "evaluate_sample", killing)
     with pytest.raises(Killed):
-      search.run(tiny_config("random"), str(tmp_path), digits, RATIOS)
+      search.run(tiny_config(policy="random"), str(tmp_path), digits, RATIOS)
   with open(os.path.join(tmp_path, "search", "samples.jsonl")) as f:
     assert len(f.readlines()) == UPDATES * SAMPLES + SAMPLES
-  search.run(tiny_config("random"), str(tmp_path), digits, RATIOS)
+  search.run(tiny_config(policy="random"), str(tmp_path), digits, RATIOS)
   assert _results(str(tmp_path)) == random_run[1]
 
 
@@ -209,4 +207,4 @@ def test_a_random_checkpoint_does_not_resume_as_controller(tmp_path, digits, ran
   shutil.copytree(random_run[0], workdir)
   with pytest.raises(checkpoint.CheckpointError,
                      match="written with search.policy='random', this run has 'controller'"):
-    search.run(tiny_config("controller"), workdir, digits, RATIOS)
+    search.run(tiny_config(policy="controller"), workdir, digits, RATIOS)

@@ -11,7 +11,8 @@ from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
 from fp_jax.train import search
-from tests.search_test import RATIOS, tiny_config
+from tests.search_test import RATIOS
+from tests.tiny import tiny_config
 
 IDENT = [0, space.IDENTITY, 1, space.IDENTITY] * space.NUM_NODES   # every node: h0 + h1
 

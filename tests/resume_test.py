@@ -5,6 +5,7 @@ epoch = 4 controller samples, so one controller sampler serves both), and the co
 go to a persistent cache that the `python -m fp_jax.main` subprocesses read: compiling once
 dominates this file's time.
 """
+import functools
 import glob
 import json
 import logging
@@ -31,6 +32,7 @@ from fp_jax.run import parallel
 from fp_jax.run import preemption
 from fp_jax.train import search
 from fp_jax.train import search_state
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = tuple(smoke.get_config().search.ratio_choices)   # as main passes them
@@ -44,12 +46,7 @@ SETTINGS = dict(num_layers=1, out_filters=8, batch_size=32, eval_batch_size=32, 
                 num_candidates=2, final_eval_batches=1, uniform_child_epochs=1)
 
 
-def tiny_config(seed=0, **overrides):
-  config = smoke.get_config()
-  config.seed = seed
-  for k, v in {**SETTINGS, "ckpt_every_steps": EVERY, **overrides}.items():
-    config.search[k] = v
-  return config
+tiny_config = functools.partial(tiny.tiny_config, **SETTINGS, ckpt_every_steps=EVERY)
 
 
 @pytest.fixture(scope="module")

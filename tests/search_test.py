@@ -7,26 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
 from fp_jax import data
 from fp_jax.run import parallel
 from fp_jax.train import reward as reward_lib
 from fp_jax.models import space
 from fp_jax.train import search
+from tests.tiny import tiny_config
 
 RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
-
-
-def tiny_config(**search_overrides):
-  config = smoke.get_config()
-  s = config.search
-  s.num_layers, s.out_filters, s.batch_size, s.eval_batch_size = 0, 8, 32, 64
-  s.epochs, s.steps_per_epoch, s.controller_updates, s.controller_samples = 1, 0, 1, 4
-  s.num_candidates, s.final_eval_batches = 2, 1
-  s.uniform_child_epochs = 100
-  for k, v in search_overrides.items():
-    s[k] = v
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +125,39 @@ def test_alpha_drives_ratios_up(one_device_search):
   assert chosen[0.5] >= chosen[0.0] and chosen[0.5] > means[0.5], (chosen, means)
 
 
-def test_cifar10_path_under_tfds_mock_data(tmp_path):
+def test_cifar10_path_under_tfds_mock_data():
+  """data.load('cifar10') under TFDS's mock data (48 random 32x32x3 images per split), then
+  one search epoch of 2 steps on it over 2 devices, and a supernet that learns its batch."""
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=48):
     ds = data.load("cifar10", 16)
   assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
+  assert (len(ds.x_train), len(ds.x_valid), len(ds.x_test)) == (32, 16, 48)
+  assert ds.x_train.dtype == np.uint8 and len(np.unique(ds.x_train)) > 200   # random pixels
+  assert all(0 <= y.min() and y.max() < 10 for y in (ds.y_train, ds.y_valid, ds.y_test))
+  np.testing.assert_allclose(ds.mean, ds.x_train.mean((0, 1, 2)) / 255, rtol=1e-5)
   config = tiny_config(out_filters=4, batch_size=8, eval_batch_size=8, steps_per_epoch=2,
                        controller_updates=0)   # the reward path is tested on digits
   config.data.name, config.data.valid_size, config.data.crop_pad = "cifar10", 16, 4
   config.data.flip = True
   mesh = parallel.make_mesh(jax.devices()[:2])
   srch = search.Search.build(config, ds, RATIOS, mesh)
-  state, metrics, samples = srch.run_epoch(srch.init_state())
+  assert (srch.plan.image_hw, srch.plan.in_channels, srch.steps_per_epoch) == ((32, 32), 3, 2)
+  x, y = srch._batch(ds.x_train, ds.y_train, 0, 8, 0, True)
+  assert x.shape == (8, 32, 32, 3) and y.shape == (8,) and len(x.sharding.device_set) == 2
+  init = srch.init_state()
+  before = jax.tree.map(np.asarray, init["child"]["params"])   # the step donates its input
+  state, metrics, samples = srch.run_epoch(init)
+  assert (state["epoch"], metrics["epoch"], metrics["step"], samples) == (1, 1, 2, [])
   assert np.isfinite(metrics["child_loss"]) and metrics["images_per_sec"] > 0
-  assert state["epoch"] == 1
+  assert 0 <= metrics["child_acc"] <= 1
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before,
+                       state["child"]["params"])
+  assert any(jax.tree.leaves(moved))
+  # the same mock batch and arc again and again: the child's loss falls
+  child, arc = state["child"], jnp.asarray(space.parse_arc(space.ENAS_ARC))
+  losses = []
+  for i in range(8):
+    child, m = srch.child_step(child, arc, srch._key(4, i), x, y)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from fp_jax.models import graph
 from fp_jax.models import space
 
 
@@ -16,11 +17,34 @@ def _with(position, value, text=space.ENAS_ARC):
 
 
 def test_constants():
+  """The arc format of DESIGN §3 -- 5 nodes of `in_a op_a in_b op_b` per cell, normal then
+  reduction cell; ops 0 sep_conv3x3, 1 sep_conv5x5, 2 avg_pool3x3, 3 max_pool3x3,
+  4 identity -- is what the constants say, what validate_arc reads, and each op index builds
+  the op it names in the fixed network (graph.py)."""
   assert space.NUM_NODES == 5 and space.NUM_OPS == 5
   assert space.CELL_LEN == 20 and space.ARC_LEN == 40
   assert space.OPS == ("sep_conv3x3", "sep_conv5x5", "avg_pool3x3", "max_pool3x3",
                        "identity")
   assert (space.SEP3, space.SEP5, space.AVG, space.MAX, space.IDENTITY) == (0, 1, 2, 3, 4)
+  # the largest valid values: node k reads inputs 0..k+1, ops 0..NUM_OPS-1, in both cells
+  top = [v for k in range(space.NUM_NODES) for v in (k + 1, space.NUM_OPS - 1) * 2] * 2
+  assert len(top) == space.ARC_LEN and space.validate_arc(top).tolist() == top
+  for pos in range(space.ARC_LEN):   # one more is out of the format everywhere
+    with pytest.raises(ValueError, match=f"position {pos}"):
+      space.validate_arc(top[:pos] + [top[pos] + 1] + top[pos + 1:])
+  assert [len(c) for c in space.split(top)] == [space.CELL_LEN] * 2
+  # op index -> the block the fixed network builds for it (both slots of every node)
+  built = {space.SEP3: ("sep", 3), space.SEP5: ("sep", 5), space.AVG: ("avg", 3),
+           space.MAX: ("max", 3)}
+  for op in range(space.NUM_OPS):
+    cell = " ".join(f"0 {op} 1 {op}" for _ in range(space.NUM_NODES))
+    plan = graph.build(space.parse_arc(cell + " " + cell), 3, 8, (8, 8, 3), 10)   # cell 0: normal
+    slots = [n for n in plan.nodes if "/node" in n.name and n.name[-2] == "/" and n.cell == 0]
+    if op == space.IDENTITY:   # the value passes through: no block for the slot
+      assert slots == []
+    else:
+      assert len(slots) == 2 * space.NUM_NODES
+      assert {(n.kind, n.k) for n in slots} == {built[op]}, space.OPS[op]
 
 
 def test_enas_arc_is_valid_and_round_trips():
