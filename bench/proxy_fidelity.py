@@ -72,7 +72,9 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
   """n_search of the search's distinct samples (spread over their recorded rewards) plus
   n_random uniform ones, scored by the final supernet."""
   import jax  # pylint: disable=g-import-not-at-top
-  from fp_jax.run import checkpoint, config as config_lib, data, space  # pylint: disable=g-import-not-at-top
+  from fp_jax import config as config_lib, data  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import space  # pylint: disable=g-import-not-at-top
+  from fp_jax.run import checkpoint  # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib, search_state  # pylint: disable=g-import-not-at-top
   ds = data.load(config.data.name, config.data.valid_size, idx_dir=config.data.idx_dir,
                  tfds_data_dir=config.data.tfds_data_dir)

@@ -152,7 +152,7 @@ def rss_child(kind, rev, args, dtype, steps=2):
   variant and runs `steps` steps (peaks are per process: interleaved variants would
   share one)."""
   code = ("import sys, json, argparse; sys.path.insert(0, %r)\n"
-          "from fp_jax import memory\n"
+          "from fp_jax.run import memory\n"
           "if %r in ('', 'cur'): memory.install()\n"
           "from bench import steps\n"
           "a = argparse.Namespace(**json.loads(sys.argv[1]))\n"
