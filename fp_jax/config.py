@@ -1,5 +1,6 @@
 """Config validation from one table: FIELDS maps every field of configs/default.py to what it
-allows (type, range or choices; the choices come from the modules that implement them).
+allows: Int and Float ranges, a Choice (its values from the module that implements them), or
+a Parsed value (a flag, a folder, or a syntax of its own: stages, ratio lists, an arc).
 
 `validate` checks a whole config (every table field present, no field outside the table,
 every value allowed); a bad one is one ConfigError naming the field and what is allowed.
@@ -79,18 +80,6 @@ class Choice:
 
 
 @dataclasses.dataclass(frozen=True)
-class Of:
-  """A value of a given type: bool (True or False) or str (e.g. a folder path)."""
-  type: type
-  allowed: str
-
-  def check(self, path, v):
-    if not isinstance(v, self.type):
-      raise ConfigError(f"{path}={v!r}: must be {self.allowed}")
-    return v
-
-
-@dataclasses.dataclass(frozen=True)
 class Parsed:
   """A value with its own syntax: parse(path, v) returns it parsed or raises ConfigError."""
   parse: Callable
@@ -100,8 +89,17 @@ class Parsed:
     return self.parse(path, v)
 
 
-BOOL = Of(bool, "True or False")
-FOLDER = Of(str, "a folder path (a string)")
+def _of(kind, allowed):
+  """A value of one type, taken as it is."""
+  def parse(path, v):
+    if not isinstance(v, kind):
+      raise ConfigError(f"{path}={v!r}: must be {allowed}")
+    return v
+  return Parsed(parse, allowed)
+
+
+BOOL = _of(bool, "True or False")
+FOLDER = _of(str, "a folder path (a string)")
 
 
 def _stages(path, v):

@@ -65,8 +65,7 @@ def test_choices_come_from_the_modules_that_implement_them():
 
 # a value each kind of field refuses, and the words of what it allows
 BAD = {config_lib.Int: ("x", "must be an integer"), config_lib.Float: ("x", "must be a number"),
-       config_lib.Choice: ("no_such_choice", "must be one of "),
-       config_lib.Of: (3, "must be ")}
+       config_lib.Choice: ("no_such_choice", "must be one of ")}
 PARSED_BAD = {"stages": ("serch", "allowed: search, final"), "data.name": ("", "digits"),
               "search.ratio_choices": ("x", "numbers in [0, 1)"),
               "final.arc": ("1 2 3", "40 ints"), "compress.ratios": ("0.5", "5 numbers"),
@@ -76,9 +75,10 @@ PARSED_BAD = {"stages": ("serch", "allowed: search, final"), "data.name": ("", "
 @pytest.mark.parametrize("path", list(config_lib.FIELDS))
 def test_every_field_refuses_a_bad_value_naming_itself_and_what_is_allowed(path):
   spec = config_lib.FIELDS[path]
-  value, needle = PARSED_BAD[path] if isinstance(spec, config_lib.Parsed) else BAD[type(spec)]
-  if isinstance(spec, config_lib.Of):
-    value, needle = ("yes" if spec.type is bool else 3), spec.allowed
+  if spec is config_lib.BOOL or spec is config_lib.FOLDER:
+    value, needle = ("yes" if spec is config_lib.BOOL else 3), spec.allowed
+  else:
+    value, needle = PARSED_BAD[path] if isinstance(spec, config_lib.Parsed) else BAD[type(spec)]
   config = ml_collections.ConfigDict(default.get_config().to_dict(), type_safe=False)
   section, _, key = path.rpartition(".")
   (config[section] if section else config)[key] = value
