@@ -228,7 +228,7 @@ FIELDS = {
     "controller.baseline_decay": Float(0.0, 1.0),
     "controller.lr": Float(0.0, lo_open=True),
     **{f"final.{k}": v for k, v in NETWORK.items()},
-    "final.arc": Parsed(_arc, f"empty or {space.ARC_LEN} ints (DESIGN §3)"),
+    "final.arc": Parsed(_arc, f"empty or {space.ARC_LEN} ints (the ENAS arc format: space.py)"),
     "final.cutout": Int(0, 1024),
     "final.drop_path_keep_prob": Float(0.0, 1.0, lo_open=True),
     "compress.ratios": Parsed(_stage_ratios, "empty or " + RATIOS_ALLOWED),
