@@ -149,9 +149,9 @@ def test_random_search_learns_nothing_with_the_controllers_budget(tmp_path, digi
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "search", "ckpt"))
   state = search_state.restore(srch, ckpt, ckpt.latest_step())
   ckpt.close()
-  init = srch.init_state()["controller"]
-  assert jax.tree.structure(state["controller"]) == jax.tree.structure(init)
-  for got, want in zip(jax.tree.leaves(state["controller"]), jax.tree.leaves(init)):
+  init = srch.init_state().controller
+  assert jax.tree.structure(state.controller) == jax.tree.structure(init)
+  for got, want in zip(jax.tree.leaves(state.controller), jax.tree.leaves(init)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert all(m["baseline"] == 0.0 for m in metrics)
   assert all(m["entropy"] == controller.random_entropy(len(RATIOS)) for m in metrics)

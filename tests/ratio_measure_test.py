@@ -55,7 +55,7 @@ def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
   config = tiny_config(ratio_measure=measure, num_layers=3, alpha=0.5, beta=20.0)
   mesh = parallel.make_mesh(jax.devices()[:1])
   srch = search.Search.build(config, digits, RATIOS, mesh)
-  params = srch.init_state()["child"]["params"]
+  params = srch.init_state().supernet.params
   rng = np.random.default_rng(3)
   for i in range(4):
     arc = space.sample_uniform(rng)
@@ -98,7 +98,7 @@ def test_stages_without_cells_have_ratio_zero(digits):
   assert search.empty_stages(srch.plan) == [0, 2, 4]
   state = srch.init_state()
   rng = np.random.default_rng(0)
-  rows = [srch.evaluate_sample(state["child"]["params"], space.sample_uniform(rng),
+  rows = [srch.evaluate_sample(state.supernet.params, space.sample_uniform(rng),
                                np.array([4, 1, 4, 2, 4]), i) for i in range(3)]
   assert rows[0]["ratios"] == [0.0, float(np.float32(0.2)), 0.0, float(np.float32(0.4)), 0.0]
   arch = srch.choose(state, rows)

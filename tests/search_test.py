@@ -13,6 +13,7 @@ from fp_jax.run import parallel
 from fp_jax.train import reward as reward_lib
 from fp_jax.models import space
 from fp_jax.train import search
+from fp_jax.train.streams import Purpose, Stream
 
 RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 
@@ -46,15 +47,16 @@ def test_one_compilation_for_all_architectures(one_device_search):
   rng = np.random.default_rng(0)
   arcs = {space.arc_to_string(space.sample_uniform(rng)) for _ in range(22)}
   assert len(arcs) == 22
-  child = state["child"]
+  net = state.supernet
   for i, a in enumerate(sorted(arcs)):
-    x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-    child, m = srch.child_step(child, jnp.asarray(space.parse_arc(a)), srch._key(4, i), x, y)
+    x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
+    net, m = srch.supernet_step(net, jnp.asarray(space.parse_arc(a)),
+                                srch.key(Purpose.SUPERNET_STEP, i), x, y)
     assert np.isfinite(float(m["loss"]))
-  assert srch.child_step._cache_size() == 1
+  assert srch.supernet_step._cache_size() == 1
   # the reward evaluation compiles once for every arc and ratio setting too
   for i in range(6):
-    srch.evaluate_sample(child["params"], space.sample_uniform(rng), rng.integers(0, 5, 5), i)
+    srch.evaluate_sample(net.params, space.sample_uniform(rng), rng.integers(0, 5, 5), i)
   assert srch.reward_eval._cache_size() == 1
 
 
@@ -64,13 +66,13 @@ def test_one_and_two_devices_give_the_same_losses(digits):
   losses = []
   for n in (1, 2):
     srch = search.Search.build(config, digits, RATIOS, parallel.make_mesh(jax.devices()[:n]))
-    child = srch.init_state()["child"]
+    net = srch.init_state().supernet
     rng = np.random.default_rng(1)
     run = []
     for i in range(4):
-      x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-      child, m = srch.child_step(child, jnp.asarray(space.sample_uniform(rng)), srch._key(4, i),
-                                 x, y)
+      x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
+      net, m = srch.supernet_step(net, jnp.asarray(space.sample_uniform(rng)),
+                                  srch.key(Purpose.SUPERNET_STEP, i), x, y)
       run.append(float(m["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -79,7 +81,7 @@ def test_one_and_two_devices_give_the_same_losses(digits):
 
 def test_reward_formula_and_zero_ratios(one_device_search):
   srch = dataclasses.replace(one_device_search, reward_fn=reward_lib.make(0.5, 20.0))
-  params = srch.init_state()["child"]["params"]
+  params = srch.init_state().supernet.params
   rng = np.random.default_rng(2)
   for i in range(5):
     arc = space.sample_uniform(rng)
@@ -150,4 +152,4 @@ def test_cifar10_path_under_tfds_mock_data(tmp_path):
   srch = search.Search.build(config, ds, RATIOS, mesh)
   state, metrics, samples = srch.run_epoch(srch.init_state())
   assert np.isfinite(metrics["child_loss"]) and metrics["images_per_sec"] > 0
-  assert state["epoch"] == 1
+  assert state.epoch == 1
