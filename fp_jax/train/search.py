@@ -100,6 +100,7 @@ class Search:
                                    self.steps_per_epoch)
 
   def key(self, purpose, *ints):
+    """The PRNG key of (streams.Purpose `purpose`, ints) for this run's seed."""
     return streams.key(self.config.seed, purpose, *ints)
 
   def _sample(self, ctrl, num, purpose, *ints):
@@ -183,7 +184,7 @@ class Search:
                                             self.ccfg)["arc"])
 
   def train_supernet(self, state, hooks=None, progress=False):
-    """The epoch's remaining supernet steps (ENAS: train the shared child).
+    """The epoch's remaining supernet steps, a sampled architecture each.
 
     Returns (state, stopped by hooks, {'images_per_sec', 'step_time'} of the steps made)."""
     s, epoch, spe = self.config.search, state.epoch, self.steps_per_epoch

@@ -31,7 +31,8 @@ from fp_jax.models import supernet
 from fp_jax.train.search_steps import SupernetState
 from jax.sharding import NamedSharding, PartitionSpec
 
-static = lambda: flax.struct.field(pytree_node=False)   # pylint: disable=invalid-name
+def _static():
+  return flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
@@ -39,8 +40,9 @@ class SearchState:
   """Everything the search carries from step to step (ENAS's loop), as one pytree.
 
   The arrays: the supernet (SupernetState, replicated over the mesh), the controller
-  (controller.ControllerState) and the epoch's supernet losses and accuracies so far
-  (f32 [steps_per_epoch]). The position and the epoch's host records are static fields.
+  (controller.ControllerState) and the losses and accuracies of the epoch's supernet steps
+  (f32 [steps_per_epoch], 0 for steps not made). The position and the epoch's host records
+  are static fields.
   No PRNG key: every key and draw is a function of (config.seed, streams.Purpose,
   position), so the position is all a resumed run needs.
   """
@@ -48,12 +50,12 @@ class SearchState:
   controller: controller.ControllerState
   losses: np.ndarray
   accs: np.ndarray
-  epoch: int = static()               # epochs completed
-  steps: int = static()               # supernet steps done in epoch `epoch`
-  updates: int = static()             # controller updates done in epoch `epoch`
-  samples: tuple = static()           # this epoch's rewarded samples.jsonl rows so far
-  entropy: Any = static()             # of the epoch's latest controller update (None: none yet)
-  last_samples: tuple = static()      # the previous epoch's rows (choose() takes them)
+  epoch: int = _static()              # epochs completed
+  steps: int = _static()              # supernet steps done in epoch `epoch`
+  updates: int = _static()            # controller updates done in epoch `epoch`
+  samples: tuple = _static()          # this epoch's rewarded samples.jsonl rows so far
+  entropy: Any = _static()            # of the epoch's latest controller update (None: none yet)
+  last_samples: tuple = _static()     # the previous epoch's rows (choose() takes them)
 
   @classmethod
   def epoch_start(cls, supernet_state, ctrl, epoch, last_samples, steps_per_epoch):
