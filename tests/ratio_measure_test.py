@@ -43,6 +43,10 @@ def test_supernet_macs_by_hand():
   kept[0] = 6
   assert supernet_flops.count(plan, ident, kept) == (stem + cell0 + cell1 + 160) - (
       stem // 2 + 16 * 6 * 8 * 2)
+  # several widths in one walk: one count each
+  full = [w for _, w, _ in pruning.supernet_spaces(plan)]
+  assert supernet_flops.count(plan, sep, np.stack([full, kept])) == [
+      supernet_flops.count(plan, sep), supernet_flops.count(plan, sep, kept)]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,19 @@ def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
     else:
       assert r["ratio"] == 8 * (1 - r["masked_macs"] / r["macs"])
       assert 0 < r["ratio"] < 8
+
+
+def test_a_reward_row_walks_the_arc_once_for_its_multiply_adds(digits, monkeypatch):
+  srch = search.Search.build(tiny_config(), digits, RATIOS,
+                             parallel.make_mesh(jax.devices()[:1]))
+  count, calls = supernet_flops.count, []
+  monkeypatch.setattr(supernet_flops, "count", lambda *a: calls.append(a) or count(*a))
+  arc = space.sample_uniform(np.random.default_rng(4))
+  r = srch.evaluate_sample(srch.init_state().supernet.params, arc, np.full(5, 2), 0)
+  assert len(calls) == 1
+  assert set(r) == {"arc", "ratios", "train_acc", "prune_acc", "gap", "ratio", "reward", "macs",
+                    "masked_macs"}
+  assert r["macs"] == count(srch.plan, arc) and 0 < r["masked_macs"] < r["macs"]
 
 
 def test_macs_ratio_does_not_grow_with_depth():
