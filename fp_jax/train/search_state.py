@@ -41,10 +41,10 @@ class SearchState:
 
   The arrays: the supernet (SupernetState, replicated over the mesh), the controller
   (controller.ControllerState) and the losses and accuracies of the epoch's supernet steps
-  (f32 [steps_per_epoch], 0 for steps not made). The position and the epoch's host records
-  are static fields.
-  No PRNG key: every key and draw is a function of (config.seed, streams.Purpose,
-  position), so the position is all a resumed run needs.
+  (f32 [steps_per_epoch], 0 for steps not made; written when Search.train_supernet saves or
+  returns the state). The position and the epoch's host records are static fields. No PRNG
+  key: every key and draw is a function of (config.seed, streams.Purpose, position), so the
+  position is all a resumed run needs.
   """
   supernet: SupernetState
   controller: controller.ControllerState
