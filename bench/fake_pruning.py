@@ -45,6 +45,7 @@ from fp_jax import main as main_lib
 from fp_jax.train import compress
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.train.streams import Stream
 
 SETTINGS = {"enas": (0.0, 0.0), "ratio": (1.0, 0.0), "fake_prune": (1.0, 20.0)}  # (a / A, b)
 
@@ -75,7 +76,7 @@ def masked_error(config, workdir, ds, ratio):
   plan, arc, params, stats, _ = compress.load_trained(workdir)
   x, y = final.training_images(ds)
   trainer = trainer_lib.FixedTrainer.build(plan, arc, compress.compress_recipe(config, len(y)),
-                                           config.seed, 20, ds.mean, ds.std)
+                                           config.seed, Stream.COMPRESS, ds.mean, ds.std)
   masks = jax.device_get(jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r))(
       params, np.full(5, ratio, np.float32)))
   masked = compaction.apply_child_masks(plan, arc, params, masks)

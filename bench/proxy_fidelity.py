@@ -76,6 +76,7 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
   from fp_jax.models import space  # pylint: disable=g-import-not-at-top
   from fp_jax.run import checkpoint  # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib, search_state  # pylint: disable=g-import-not-at-top
+  from fp_jax.train.streams import Stream  # pylint: disable=g-import-not-at-top
   ds = data.load(config.data.name, config.data.valid_size, idx_dir=config.data.idx_dir,
                  tfds_data_dir=config.data.tfds_data_dir)
   choices = config_lib.ratio_choices(config)
@@ -85,7 +86,7 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
     state = search_state.restore(search, ckpt, ckpt.latest_step())
   finally:
     ckpt.close()
-  params = state["child"]["params"]
+  params = state.supernet.params
   seen, cands = set(), []
   for r in fashion_table._jsonl(search_dir, "search/samples.jsonl"):
     key = (tuple(r["arc"]), tuple(r["ratios"]))
@@ -101,7 +102,7 @@ def score_candidates(config, search_dir, n_search, n_random, eval_batches, seed)
     cands.append({"arc": arc.tolist(), "ratios": ratios, "source": "random"})
   scored = []
   for c in cands:
-    evals = [search.evaluate_ratios(params, np.asarray(c["arc"]), c["ratios"], b, stream=3)
+    evals = [search.evaluate_ratios(params, np.asarray(c["arc"]), c["ratios"], b, Stream.PROXY)
              for b in range(eval_batches)]
     scored.append({**c, **{k: float(np.mean([e[k] for e in evals]))
                            for k in ("train_acc", "prune_acc", "gap", "ratio", "reward",

@@ -6,7 +6,7 @@ Times, interleaved over random arcs and per-stage ratios (all traced, each
 function compiled once): (a) TrainAcc = supernet forward + accuracy, (b) PruneAcc
 = pruning.supernet_masks + pruning.apply_supernet_masks + forward + accuracy,
 (c) the mask transform alone (masks; masks + apply), and (d) the full reward
-evaluation search.make_reward_eval (both accuracies in one call). --batch is the
+evaluation search_steps.make_reward_eval (both accuracies in one call). --batch is the
 evaluation batch (search.eval_batch_size). Writes bench/results/pruning.json.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fp_jax.pruning import supernet_masks as pruning
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
-from fp_jax.train import search
+from fp_jax.train import search_steps
 
 
 def main():
@@ -65,7 +65,7 @@ def main():
       "masks": jax.jit(lambda p, arc, ratios, g: pruning.supernet_masks(plan, p, arc, ratios, g,
                                                                         args.criterion)),
       "masks_apply": jax.jit(masked),
-      "reward_eval": search.make_reward_eval(plan, args.criterion, mesh),
+      "reward_eval": search_steps.make_reward_eval(plan, args.criterion, mesh),
   }
   arc0 = jnp.asarray(space.sample_uniform(np.random.default_rng(args.seed)))
   r0 = jnp.zeros((5,), jnp.float32)

@@ -3,7 +3,7 @@
   python -m bench.scaling [--devices 1,2,4] [--processes 2] [--num_layers 1 --out_filters 8
                            --image 16 --batch 32] [--no_accelerator]
 
-Times the supernet training step (search.make_child_step, a freshly sampled arc
+Times the supernet training step (search_steps.make_supernet_step, a freshly sampled arc
 each call) for one fixed global batch split over
   - 1, 2 and 4 forced CPU devices in one process (each count in its own subprocess
     with XLA_FLAGS=--xla_force_host_platform_device_count=N);
@@ -44,11 +44,11 @@ def worker(args):
   from configs import default  # pylint: disable=g-import-not-at-top
   from fp_jax.models import space  # pylint: disable=g-import-not-at-top
   from fp_jax.models import supernet  # pylint: disable=g-import-not-at-top
-  from fp_jax.train import search  # pylint: disable=g-import-not-at-top
+  from fp_jax.train import search_steps  # pylint: disable=g-import-not-at-top
 
   counts = [int(n) for n in args.mesh_devices.split(",")] if args.mesh_devices else [0]
   cfg = default.get_config().search
-  tx, _ = search.child_optimizer(cfg, steps_per_epoch=100)
+  tx, _ = search_steps.supernet_optimizer(cfg, steps_per_epoch=100)
   plan = supernet.make_plan(args.num_layers, args.out_filters, (args.image, args.image, 3),
                             args.classes)
   # a host copy: the steps donate their inputs
@@ -69,8 +69,8 @@ def worker(args):
     per = args.batch // jax.process_count()
     rows_p = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
     x, y = parallel.shard(mesh, (x_np[rows_p], y_np[rows_p]))
-    state = parallel.replicate(mesh, {"params": params, "opt_state": tx.init(params)})
-    step = search.make_child_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
+    state = parallel.replicate(mesh, search_steps.SupernetState(params, tx.init(params)))
+    step = search_steps.make_supernet_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
     compiled, trace_s, compile_s = common.compile_timed(step, state, arcs[0], jax.random.key(0), x, y)
     times, losses = [], []
     for rep in range(args.warmup + args.steps):

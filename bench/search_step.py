@@ -3,7 +3,7 @@
   python -m bench.search_step [--num_layers 6 --out_filters 20 --batch 160 --image 32]
                               [--dtype float32|bfloat16]
 
-Times, interleaved, (a) the supernet step (search.make_child_step, 1-device mesh)
+Times, interleaved, (a) the supernet step (search_steps.make_supernet_step, 1-device mesh)
 with a freshly sampled arc every step, (a') the same step with one arc held
 fixed, and (b) the fixed network (child.py) of that arc compiled statically with
 the same optimizer, loss (cross-entropy + aux_weight * aux) and train-mode BN.
@@ -37,19 +37,18 @@ from fp_jax.run import precision
 from fp_jax.run import parallel
 from fp_jax.models import space
 from fp_jax.models import supernet
-from fp_jax.train import search
+from fp_jax.train import losses as loss_lib
+from fp_jax.train import search_steps
 
 
 def make_fixed_step(plan, arc, tx, aux_weight, dtype="float32"):
-  """The fixed network's train step, equivalent to search.make_child_step."""
+  """The fixed network's train step, equivalent to search_steps.make_supernet_step."""
   def step(state, x, y):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True)
-      logits, aux = precision.cast((logits, aux), jnp.float32)
-      ce = search.xent(logits, y)
-      loss = ce + aux_weight * search.xent(aux, y) if aux is not None else ce
-      return loss, (ce, jnp.mean(jnp.argmax(logits, -1) == y), stats)
+      loss, (ce, acc) = loss_lib.classification_loss(logits, aux, y, aux_weight, None)
+      return loss, (ce, acc, stats)
 
     (_, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -74,7 +73,7 @@ def param_count(tree):
 def bench_child(args, arc):
   cfg = default.get_config().search
   shape = (args.image, args.image, 3)
-  tx, _ = search.child_optimizer(cfg, steps_per_epoch=100)
+  tx, _ = search_steps.supernet_optimizer(cfg, steps_per_epoch=100)
   mesh = parallel.make_mesh(jax.devices()[:1])
   x_np, y_np = common.synthetic_batch(args.seed, args.batch, args.image, args.classes)
 
@@ -84,9 +83,9 @@ def bench_child(args, arc):
   sparams = common.block(supernet.init(jax.random.key(args.seed), splan))
   init_s = time.perf_counter() - t
   n_super = param_count(sparams)
-  sstate = parallel.replicate(mesh, {"params": sparams, "opt_state": tx.init(sparams)})
+  sstate = parallel.replicate(mesh, search_steps.SupernetState(sparams, tx.init(sparams)))
   sx, sy = parallel.shard(mesh, (x_np, y_np))
-  sstep = search.make_child_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh, args.dtype)
+  sstep = search_steps.make_supernet_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh, args.dtype)
   fixed_arc = jnp.asarray(arc)
   common.log(f"supernet: {n_super} params, compiling the step")
   scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, jax.random.key(0), sx, sy)
@@ -124,7 +123,7 @@ def bench_child(args, arc):
   times, cpu = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),
                              "supernet_same_arc": run_super(lambda rep: arc),
                              "fixed": run_fixed}, args.steps, args.warmup)
-  common.log("child steps timed")
+  common.log("supernet and fixed-network steps timed")
   assert all(np.isfinite(v) for l in losses.values() for v in l), losses
   res = {k: common.summary(v, cpu[k]) for k, v in times.items()}
   for v in res.values():
@@ -151,15 +150,15 @@ def bench_controller(args):
   num = args.controller_num
   keys = jax.random.split(jax.random.key(args.seed + 2), args.controller_calls + args.warmup + 2)
   c_sample, sample_trace, sample_compile = common.compile_timed(
-      controller.sample_jit, cstate["params"], keys[0], num=num, cfg=ccfg)
-  sampled = c_sample(cstate["params"], keys[0])
+      controller.sample_jit, cstate.params, keys[0], num=num, cfg=ccfg)
+  sampled = c_sample(cstate.params, keys[0])
   rewards = jnp.asarray(np.random.default_rng(args.seed).uniform(0, 1, num), jnp.float32)
   c_update, update_trace, update_compile = common.compile_timed(
       controller.update_jit, cstate, sampled["arc"], sampled["ratio_idx"], rewards, cfg=ccfg)
   state = {"c": cstate, "s": sampled}
 
   def sample(rep):
-    state["s"] = common.block(c_sample(state["c"]["params"], keys[rep + 1]))
+    state["s"] = common.block(c_sample(state["c"].params, keys[rep + 1]))
 
   def update(rep):
     state["c"], _ = common.block(c_update(state["c"], state["s"]["arc"],

@@ -69,20 +69,36 @@ def _compute(pkg, params, x, dtype):
   return _mod(pkg, "precision").compute(params, x, dtype)
 
 
+def _supernet_api(pkg):
+  """(optimizer(cfg, steps_per_epoch), make_step, state(params, opt_state)) of revision pkg:
+  search_steps' supernet_optimizer / make_supernet_step / SupernetState, or, in revisions
+  before them, search's child_optimizer / make_child_step and a dict state."""
+  try:
+    steps = _mod(pkg, "search_steps")
+  except ModuleNotFoundError:
+    steps = None
+  if hasattr(steps, "make_supernet_step"):
+    return steps.supernet_optimizer, steps.make_supernet_step, steps.SupernetState
+  search = _mod(pkg, "search")
+  return (search.child_optimizer, search.make_child_step,
+          lambda params, opt_state: {"params": params, "opt_state": opt_state})
+
+
 def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float32", seed=0):
-  """(compiled step, state, call(state, rep) -> (state, loss)) of search.make_child_step
-  on a 1-device mesh, a fresh uniformly sampled arc every call."""
-  parallel, space = _mod(pkg, "parallel"), _mod(pkg, "space")
-  supernet, search = _mod(pkg, "supernet"), _mod(pkg, "train.search")
+  """(compiled step, state, call(state, rep) -> (state, loss)) of the supernet step
+  (search_steps.make_supernet_step) on a 1-device mesh, a fresh uniformly sampled arc every
+  call."""
+  parallel, space, supernet = _mod(pkg, "parallel"), _mod(pkg, "space"), _mod(pkg, "supernet")
+  optimizer, make_step, state_of = _supernet_api(pkg)
   cfg = default.get_config().search
-  tx, _ = search.child_optimizer(cfg, steps_per_epoch=100)
+  tx, _ = optimizer(cfg, steps_per_epoch=100)
   mesh = parallel.make_mesh(jax.devices()[:1])
   plan = supernet.make_plan(num_layers, filters, (image, image, 3), classes)
   params = supernet.init(jax.random.key(seed), plan)
-  state = parallel.replicate(mesh, {"params": params, "opt_state": tx.init(params)})
+  state = parallel.replicate(mesh, state_of(params, tx.init(params)))
   x, y = parallel.shard(mesh, common.synthetic_batch(seed, batch, image, classes))
   extra = () if dtype == "float32" else (dtype,)
-  step = search.make_child_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh, *extra)
+  step = make_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh, *extra)
   arc0 = jnp.asarray(space.parse_arc(space.ENAS_ARC))
   compiled, trace_s, compile_s = common.compile_timed(step, state, arc0, jax.random.key(0), x, y)
   rng = np.random.default_rng(seed + 1)

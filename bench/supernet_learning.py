@@ -40,9 +40,11 @@ import optax
 from bench import steps
 from configs import smoke
 from fp_jax import data
+from fp_jax.train import losses as loss_lib
 from fp_jax.train import schedules
 from fp_jax.models import space
 from fp_jax.models import supernet
+from fp_jax.train.streams import Stream
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 LEGACY = "0c0c863"             # the last revision before ENAS parity
@@ -67,10 +69,6 @@ def defaults():
   return Setup(init_scale=s.init_scale, final_init=s.final_init, share_inputs=s.share_inputs,
                lr_max=s.lr_max, lr_min=s.lr_min,
                grad_clip=s.grad_clip, keep_prob=s.keep_prob)
-
-
-def xent(logits, y):
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
 def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
@@ -103,8 +101,8 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
   def step(params, opt, arc, key, x, y):
     def loss_fn(p):
       logits, aux = fwd(p, arc, x, key)
-      loss = xent(logits, y) + (0.4 * xent(aux, y) if aux is not None else 0.0)
-      return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+      loss, (_, acc) = loss_lib.classification_loss(logits, aux, y, 0.4, None)
+      return loss, acc
     (_, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, acc
@@ -115,7 +113,7 @@ def run(setup, num_layers, filters, batch, epochs, seed=0, ds=None):
     accs = []
     for i in range(spe):
       x, y = data.train_batch(ds.x_train, ds.y_train, step=epoch * spe + i, batch_size=batch,
-                              seed=seed, stream=0, mean=ds.mean, std=ds.std, crop_pad=0,
+                              seed=seed, stream=Stream.SUPERNET, mean=ds.mean, std=ds.std, crop_pad=0,
                               flip=False)
       params, opt, acc = step(params, opt, jnp.asarray(space.sample_uniform(rng)),
                               jax.random.fold_in(jax.random.key(seed), epoch * spe + i),

@@ -74,22 +74,22 @@ def test_update_baseline_and_metrics():
   """ENAS places the entropy term in the reward (weight large here so it shows)."""
   cfg = dataclasses.replace(CFG, entropy_weight=0.005)
   state = controller.init_state(jax.random.PRNGKey(0), cfg)
-  state["baseline"] = jnp.float32(0.5)
-  out = controller.sample_jit(state["params"], jax.random.PRNGKey(1), 10, cfg)
+  state = state.replace(baseline=jnp.float32(0.5))
+  out = controller.sample_jit(state.params, jax.random.PRNGKey(1), 10, cfg)
   rewards = jnp.linspace(0.0, 1.0, 10)
   new_state, metrics = controller.update_jit(
       state, out["arc"], out["ratio_idx"], rewards, cfg)
   log_prob, entropy = controller.score_jit(
-      state["params"], out["arc"], out["ratio_idx"], cfg)
+      state.params, out["arc"], out["ratio_idx"], cfg)
   # ENAS: the entropy bonus is part of the reward the baseline tracks
   baseline, advantages = 0.5, []
   for r, h in zip(np.asarray(rewards), np.asarray(entropy)):
     r = r + cfg.entropy_weight * h
     baseline -= (1 - cfg.baseline_decay) * (baseline - r)
     advantages.append(r - baseline)
-  np.testing.assert_allclose(new_state["baseline"], baseline, rtol=1e-6)
+  np.testing.assert_allclose(new_state.baseline, baseline, rtol=1e-6)
   np.testing.assert_allclose(metrics["baseline"], baseline, rtol=1e-6)
-  assert int(new_state["step"]) == 1
+  assert int(new_state.step) == 1
   expected = -jnp.mean(log_prob * jnp.array(advantages))
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["reward"], 0.5, rtol=1e-6)
@@ -97,7 +97,7 @@ def test_update_baseline_and_metrics():
   np.testing.assert_allclose(metrics["entropy"], jnp.mean(entropy), rtol=1e-5)
   # The update moves probability towards above-baseline architectures.
   new_log_prob, _ = controller.score_jit(
-      new_state["params"], out["arc"], out["ratio_idx"], cfg)
+      new_state.params, out["arc"], out["ratio_idx"], cfg)
   delta = np.asarray(new_log_prob - log_prob)
   adv = np.array(advantages)
   assert delta[adv > 0].mean() > delta[adv < 0].mean()
@@ -120,7 +120,7 @@ def test_controller_learns_toy_reward_and_compiles_once():
   rewards = []
   for _ in range(250):
     key, sub = jax.random.split(key)
-    out = controller.sample_jit(state["params"], sub, 10, cfg)
+    out = controller.sample_jit(state.params, sub, 10, cfg)
     reward = jnp.mean(out["arc"][:, 1::2] == space.AVG, axis=1)
     state, metrics = update(state, out["arc"], out["ratio_idx"], reward, cfg)
     rewards.append(float(metrics["reward"]))
@@ -131,12 +131,12 @@ def test_controller_learns_toy_reward_and_compiles_once():
 
 def test_update_jit_does_not_recompile():
   state = controller.init_state(jax.random.PRNGKey(0), CFG)
-  out = controller.sample_jit(state["params"], jax.random.PRNGKey(0), 10, CFG)
+  out = controller.sample_jit(state.params, jax.random.PRNGKey(0), 10, CFG)
   state, _ = controller.update_jit(
       state, out["arc"], out["ratio_idx"], jnp.zeros(10), CFG)
   size = controller.update_jit._cache_size()
   for i in range(3):
-    out = controller.sample_jit(state["params"], jax.random.PRNGKey(i), 10, CFG)
+    out = controller.sample_jit(state.params, jax.random.PRNGKey(i), 10, CFG)
     rewards = jax.random.uniform(jax.random.PRNGKey(10 + i), (10,))
     state, _ = controller.update_jit(state, out["arc"], out["ratio_idx"], rewards, CFG)
   assert controller.update_jit._cache_size() == size

@@ -20,6 +20,7 @@ from fp_jax.run import weights
 from fp_jax.train import compress
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.train.streams import Stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARC = space.parse_arc(space.ENAS_ARC)
@@ -215,7 +216,7 @@ def test_finetuning_starts_from_reestimated_statistics(tmp_path):
   images = np.concatenate(list(compress.bn_batches(config, x, y, ds.mean, ds.std)))
   assert images.shape == (3 * config.compress.batch_size, 8, 8, 1)
   np.testing.assert_array_equal(images[:4], data._normalize(
-      x[np.random.default_rng([config.seed, compress.BN_STREAM, 0]).permutation(len(x))[:4]],
+      x[np.random.default_rng([config.seed, Stream.BN_REESTIMATE, 0]).permutation(len(x))[:4]],
       ds.mean, ds.std))
   masks = jax.device_get(compaction.child_masks(plan, ARC, params, np.float32([0.5] * 5)))
   kept = np.flatnonzero(np.asarray(compaction.value_mask(plan, masks, plan.stem)) > 0.5)

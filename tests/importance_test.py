@@ -14,7 +14,7 @@ from fp_jax.pruning import supernet_masks as pruning
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.train import compress
-from fp_jax.train import search
+from fp_jax.train import search_steps
 
 ARC = space.parse_arc(space.ENAS_ARC)
 RATIOS = np.float32([0.5, 0.25, 0.5, 0.25, 0.5])
@@ -147,7 +147,7 @@ def test_reward_eval_taylor_same_on_one_and_two_devices():
   outs = []
   for n in (1, 2):
     mesh = parallel.make_mesh(jax.devices()[:n])
-    evaluate = search.make_reward_eval(plan, "taylor", mesh)
+    evaluate = search_steps.make_reward_eval(plan, "taylor", mesh)
     outs.append(jax.device_get(evaluate(params, jnp.asarray(arc), jnp.float32(RATIOS),
                                         pruning.supernet_groups(plan, arc), jax.random.key(5),
                                         *parallel.shard(mesh, (x, y)))))

@@ -1,7 +1,7 @@
 """search.policy=random: uniform draws, nothing learned, the controller's budget, exact resume.
 
 The searches are tiny (digits, 2 cells, F 8, batch 32, rewards on 64 images, 2 epochs) with
-4 child steps per epoch = 4 samples per update (one controller sampler to compile).
+4 supernet steps per epoch = 4 samples per update (one controller sampler to compile).
 """
 import functools
 import json
@@ -147,9 +147,9 @@ def test_random_search_learns_nothing_with_the_controllers_budget(tmp_path, digi
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "search", "ckpt"))
   state = search_state.restore(srch, ckpt, ckpt.latest_step())
   ckpt.close()
-  init = srch.init_state()["controller"]
-  assert jax.tree.structure(state["controller"]) == jax.tree.structure(init)
-  for got, want in zip(jax.tree.leaves(state["controller"]), jax.tree.leaves(init)):
+  init = srch.init_state().controller
+  assert jax.tree.structure(state.controller) == jax.tree.structure(init)
+  for got, want in zip(jax.tree.leaves(state.controller), jax.tree.leaves(init)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert all(m["baseline"] == 0.0 for m in metrics)
   assert all(m["entropy"] == controller.random_entropy(len(RATIOS)) for m in metrics)
@@ -182,7 +182,7 @@ class Killed(Exception):
 def test_killed_random_search_resumes_to_the_same_result(tmp_path, digits, random_run,
                                                          monkeypatch):
   """Killed in epoch 2's second update: resumes from the checkpoint after epoch 2's second
-  child step, 2 updates in (the controller's step, still 0, does not count them), so
+  supernet step, 2 updates in (the controller's step, still 0, does not count them), so
   samples.jsonl keeps epoch 1's rows and drops epoch 2's."""
   evaluate, calls = search.Search.evaluate_sample, [0]
 

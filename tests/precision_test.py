@@ -15,7 +15,7 @@ from fp_jax.run import parallel
 from fp_jax.run import precision
 from fp_jax.models import space
 from fp_jax.models import supernet
-from fp_jax.train import search
+from fp_jax.train import search_steps
 from fp_jax.train import trainer as trainer_lib
 
 BATCH, HW, CLASSES = 16, 8, 10
@@ -64,11 +64,11 @@ def test_bn_statistics_stay_float32_and_output_follows_x():
 def _supernet_losses(dtype):
   cfg = smoke.get_config().search
   plan = supernet.make_plan(0, 4, (HW, HW, 3), CLASSES)
-  tx, _ = search.child_optimizer(cfg, 10)
+  tx, _ = search_steps.supernet_optimizer(cfg, 10)
   mesh = parallel.make_mesh(jax.devices()[:1])
   params = supernet.init(jax.random.key(0), plan)
-  state = parallel.replicate(mesh, {"params": params, "opt_state": tx.init(params)})
-  step = search.make_child_step(plan, tx, cfg.aux_weight, 1.0, mesh, dtype)
+  state = parallel.replicate(mesh, search_steps.SupernetState(params, tx.init(params)))
+  step = search_steps.make_supernet_step(plan, tx, cfg.aux_weight, 1.0, mesh, dtype)
   rng, losses = np.random.default_rng(1), []
   for i in range(STEPS):
     x, y = parallel.shard(mesh, _batch(i))

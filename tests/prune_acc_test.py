@@ -6,7 +6,7 @@ differ, a reduction's factorized h(i-1) as its second input, the concat of unuse
 nodes and inputs through ReLU, the per-index 1x1 conv and BN), with batch-statistics
 BN, and applies the masks to *activations* (every producer's output times its mask)
 instead of zeroing weights. Its accuracy must equal the PruneAcc that
-`search.make_reward_eval` computes from weight masks, and its logits the masked
+`search_steps.make_reward_eval` computes from weight masks, and its logits the masked
 supernet's.
 """
 import jax
@@ -19,7 +19,7 @@ from fp_jax.run import parallel
 from fp_jax.pruning import supernet_masks as pruning
 from fp_jax.models import space
 from fp_jax.models import supernet
-from fp_jax.train import search
+from fp_jax.train import search_steps
 
 DN = ("NHWC", "HWIO", "NHWC")
 HI = lax.Precision.HIGHEST
@@ -108,7 +108,7 @@ def test_prune_acc_equals_activation_masked_reference():
   ds = data.load("digits", 256)
   plan = supernet.make_plan(3, 8, ds.image_shape, ds.num_classes)   # N R N R N
   mesh = parallel.make_mesh(jax.devices()[:1])
-  evaluate = search.make_reward_eval(plan, "l1", mesh)
+  evaluate = search_steps.make_reward_eval(plan, "l1", mesh)
   rng = np.random.default_rng(0)
   x, y, _ = next(data.eval_batches(ds.x_valid, ds.y_valid, batch_size=128, mean=ds.mean,
                                    std=ds.std))

@@ -44,6 +44,10 @@ def test_supernet_macs_by_hand():
   kept[0] = 6
   assert supernet_flops.count(plan, ident, kept) == (stem + cell0 + cell1 + 160) - (
       stem // 2 + 16 * 6 * 8 * 2)
+  # several widths in one walk: one count each
+  full = [w for _, w, _ in pruning.supernet_spaces(plan)]
+  assert supernet_flops.count(plan, sep, np.stack([full, kept])) == [
+      supernet_flops.count(plan, sep), supernet_flops.count(plan, sep, kept)]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
   config = tiny_config(ratio_measure=measure, num_layers=3, alpha=0.5, beta=20.0)
   mesh = parallel.make_mesh(jax.devices()[:1])
   srch = search.Search.build(config, digits, RATIOS, mesh)
-  params = srch.init_state()["child"]["params"]
+  params = srch.init_state().supernet.params
   rng = np.random.default_rng(3)
   for i in range(4):
     arc = space.sample_uniform(rng)
@@ -72,6 +76,19 @@ def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
     else:
       assert r["ratio"] == 8 * (1 - r["masked_macs"] / r["macs"])
       assert 0 < r["ratio"] < 8
+
+
+def test_a_reward_row_walks_the_arc_once_for_its_multiply_adds(digits, monkeypatch):
+  srch = search.Search.build(tiny_config(), digits, RATIOS,
+                             parallel.make_mesh(jax.devices()[:1]))
+  count, calls = supernet_flops.count, []
+  monkeypatch.setattr(supernet_flops, "count", lambda *a: calls.append(a) or count(*a))
+  arc = space.sample_uniform(np.random.default_rng(4))
+  r = srch.evaluate_sample(srch.init_state().supernet.params, arc, np.full(5, 2), 0)
+  assert len(calls) == 1
+  assert set(r) == {"arc", "ratios", "train_acc", "prune_acc", "gap", "ratio", "reward", "macs",
+                    "masked_macs"}
+  assert r["macs"] == count(srch.plan, arc) and 0 < r["masked_macs"] < r["macs"]
 
 
 def test_macs_ratio_does_not_grow_with_depth():
@@ -99,7 +116,7 @@ def test_stages_without_cells_have_ratio_zero(digits):
   assert search.empty_stages(srch.plan) == [0, 2, 4]
   state = srch.init_state()
   rng = np.random.default_rng(0)
-  rows = [srch.evaluate_sample(state["child"]["params"], space.sample_uniform(rng),
+  rows = [srch.evaluate_sample(state.supernet.params, space.sample_uniform(rng),
                                np.array([4, 1, 4, 2, 4]), i) for i in range(3)]
   assert rows[0]["ratios"] == [0.0, float(np.float32(0.2)), 0.0, float(np.float32(0.4)), 0.0]
   arch = srch.choose(state, rows)

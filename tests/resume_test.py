@@ -37,9 +37,9 @@ from tests import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = tuple(smoke.get_config().search.ratio_choices)   # as main passes them
 EPOCHS = 2
-SPE = 4                        # child steps per epoch
-PER_EPOCH = SPE + 2            # checkpoint numbers per epoch: child steps + controller updates
-EVERY = 2                      # checkpoint every 2 child steps (and at every epoch end)
+SPE = 4                        # supernet steps per epoch
+PER_EPOCH = SPE + 2            # checkpoint numbers per epoch: supernet steps + controller updates
+EVERY = 2                      # checkpoint every 2 supernet steps (and at every epoch end)
 TIMING = ("images_per_sec", "step_time")
 SETTINGS = dict(num_layers=1, out_filters=8, batch_size=32, eval_batch_size=32, epochs=EPOCHS,
                 steps_per_epoch=SPE, controller_updates=2, controller_samples=4,
@@ -101,7 +101,7 @@ class Killed(Exception):
 
 
 def _train_step_hook(monkeypatch, at_step, action):
-  """Calls action() when the training batch of global child step `at_step` is made."""
+  """Calls action() when the training batch of global supernet step `at_step` is made."""
   batch = search.Search._batch
 
   def patched(self, x, y, step, *args, **kwargs):
@@ -136,7 +136,7 @@ def _epoch_end_save_hook(monkeypatch, epoch):
   save = search_state.Checkpoints.save
 
   def patched(self, state):
-    if state["epoch"] == epoch and state["pos"] == 0 and state["updates"] == 0:
+    if state.epoch == epoch and state.steps == 0 and state.updates == 0:
       raise Killed()
     return save(self, state)
 
@@ -144,7 +144,7 @@ def _epoch_end_save_hook(monkeypatch, epoch):
 
 
 KILLS = {
-    # in the child steps of epoch 2: resumes from the checkpoint after its step 2
+    # in the supernet steps of epoch 2: resumes from the checkpoint after its step 2
     "child_phase": lambda mp: _train_step_hook(mp, SPE + 3, _raise(Killed())),
     # in epoch 1's second controller update: samples.jsonl already holds update 1's lines
     "controller_phase": lambda mp: _eval_hook(mp, 6, _raise(Killed())),
@@ -170,7 +170,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, digits, reference, monk
     search.run(tiny_config(), workdir, digits, RATIOS)
   assert f"resuming from checkpoint {killed_at}" in caplog.text
   srch = search.Search.build(tiny_config(), digits, RATIOS)   # the (cached) compiled steps
-  assert srch.child_step._cache_size() == 1 and srch.reward_eval._cache_size() == 1
+  assert srch.supernet_step._cache_size() == 1 and srch.reward_eval._cache_size() == 1
   got, want = results(workdir), reference[1]
   assert got[0] == want[0]                      # arch.json, byte for byte
   assert got[1] == want[1]                      # metrics.jsonl (timing fields aside)
@@ -252,6 +252,56 @@ def test_corrupt_checkpoint_is_an_error_and_overwrite_starts_afresh(tmp_path, di
   assert steps == [PER_EPOCH + 2, 2 * PER_EPOCH]   # keep=2: epoch 2's step 2, then its end
 
 
+def _first_format(state, srch):
+  """`state` (a SearchState) in the checkpoint layout the search has written since the first
+  format (the dict state of c0c2f92: 'child' is the supernet, 'pos' its steps done), spelled
+  out here rather than taken from search_state.to_checkpoint."""
+  ctrl = state.controller
+  return {"child": {"params": state.supernet.params, "opt_state": state.supernet.opt_state},
+          "controller": jax.tree.map(np.asarray, jax.device_get(
+              {"params": ctrl.params, "opt_state": ctrl.opt_state, "baseline": ctrl.baseline,
+               "step": ctrl.step})),
+          "epoch": state.epoch, "pos": state.steps, "updates": state.updates,
+          "losses": state.losses, "accs": state.accs,
+          "entropy": float("nan") if state.entropy is None else state.entropy,
+          "samples": json.dumps(list(state.samples)),
+          "last_samples": json.dumps(list(state.last_samples)),
+          "settings": json.dumps(search_state.settings(srch), sort_keys=True)}
+
+
+def _meta(ckpt_dir, step):
+  with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
+    meta = json.load(f)
+  return meta["arrays"], sorted(meta["leaves"])
+
+
+def test_checkpoint_in_the_first_format_resumes_to_the_same_result(tmp_path, digits,
+                                                                   reference):
+  """A mid-epoch checkpoint with the dict state's keys ('child', 'pos') restores into the
+  SearchState and resumes to the uninterrupted run's files; the search still writes that
+  layout (same array paths and values)."""
+  workdir = _copy_unfinished(reference, tmp_path)
+  ckpt_dir = os.path.join(workdir, "search", "ckpt")
+  mid = PER_EPOCH + 2                        # epoch 2, after its supernet step 2
+  srch = search.Search.build(tiny_config(), digits, RATIOS)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
+  state = search_state.restore(srch, ckpt, mid)
+  written = _meta(ckpt_dir, mid)
+  for step in ckpt.all_steps():              # only the first-format checkpoint is left
+    shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
+  ckpt.save(mid, _first_format(state, srch))
+  ckpt.close()
+  assert _meta(ckpt_dir, mid) == written     # the search writes the first format's layout
+  assert written[1] == sorted(["epoch", "pos", "updates", "entropy", "samples", "last_samples",
+                               "settings"])
+  assert {p.split("/")[0] for p in written[0]} == {"child", "controller", "losses", "accs"}
+  assert (state.epoch, state.steps, state.updates) == (1, 2, 0)
+  search.run(tiny_config(), workdir, digits, RATIOS)
+  assert results(workdir) == reference[1]
+
+
 def test_checkpoint_of_another_model_or_seed_is_an_error(tmp_path, digits, reference):
   workdir = _copy_unfinished(reference, tmp_path)
   ckpt_dir = os.path.join(workdir, "search", "ckpt")
@@ -295,8 +345,8 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
   assert ckpt.latest_step() == good
   state = search_state.restore(srch, ckpt, good)
   ckpt.close()
-  assert search_state._all_finite((state["child"], state["controller"]))
-  assert (state["epoch"], state["pos"], state["updates"]) == (1, 2, 0)
+  assert search_state._all_finite((state.supernet, state.controller))
+  assert (state.epoch, state.steps, state.updates) == (1, 2, 0)
 
 
 def test_same_seed_same_arch_json_other_seed_differs(tmp_path, digits, reference):
@@ -358,6 +408,27 @@ def test_checkpointer_round_trip_keep_and_mismatch(tmp_path):
   ckpt.close()
   checkpoint.clear(directory)
   assert not os.path.exists(directory)
+
+
+def test_checkpointer_restores_each_array_by_its_path(tmp_path):
+  """A template whose leaves flatten in another order than the saved state's (a dict saved,
+  a dataclass with the same names restored) gets every array from its own path."""
+  import flax.struct
+
+  @flax.struct.dataclass
+  class Pair:
+    zeta: jax.Array
+    alpha: jax.Array
+
+  saved = {"pair": {"alpha": np.zeros(3, np.float32), "zeta": np.ones(3, np.float32)}, "n": 1}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, saved)
+  got = ckpt.restore(1, {"pair": Pair(zeta=np.full(3, 7, np.float32),
+                                      alpha=np.full(3, 7, np.float32)), "n": 0})
+  ckpt.close()
+  np.testing.assert_array_equal(got["pair"].alpha, saved["pair"]["alpha"])
+  np.testing.assert_array_equal(got["pair"].zeta, saved["pair"]["zeta"])
+  assert got["n"] == 1
 
 
 def _tb_scalars(directory):

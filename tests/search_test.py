@@ -12,6 +12,7 @@ from fp_jax.run import parallel
 from fp_jax.train import reward as reward_lib
 from fp_jax.models import space
 from fp_jax.train import search
+from fp_jax.train.streams import Purpose, Stream
 from tests.tiny import tiny_config
 
 RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
@@ -34,15 +35,16 @@ def test_one_compilation_for_all_architectures(one_device_search):
   rng = np.random.default_rng(0)
   arcs = {space.arc_to_string(space.sample_uniform(rng)) for _ in range(22)}
   assert len(arcs) == 22
-  child = state["child"]
+  net = state.supernet
   for i, a in enumerate(sorted(arcs)):
-    x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-    child, m = srch.child_step(child, jnp.asarray(space.parse_arc(a)), srch._key(4, i), x, y)
+    x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
+    net, m = srch.supernet_step(net, jnp.asarray(space.parse_arc(a)),
+                                srch.key(Purpose.SUPERNET_STEP, i), x, y)
     assert np.isfinite(float(m["loss"]))
-  assert srch.child_step._cache_size() == 1
+  assert srch.supernet_step._cache_size() == 1
   # the reward evaluation compiles once for every arc and ratio setting too
   for i in range(6):
-    srch.evaluate_sample(child["params"], space.sample_uniform(rng), rng.integers(0, 5, 5), i)
+    srch.evaluate_sample(net.params, space.sample_uniform(rng), rng.integers(0, 5, 5), i)
   assert srch.reward_eval._cache_size() == 1
 
 
@@ -52,13 +54,13 @@ def test_one_and_two_devices_give_the_same_losses(digits):
   losses = []
   for n in (1, 2):
     srch = search.Search.build(config, digits, RATIOS, parallel.make_mesh(jax.devices()[:n]))
-    child = srch.init_state()["child"]
+    net = srch.init_state().supernet
     rng = np.random.default_rng(1)
     run = []
     for i in range(4):
-      x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, 0, True)
-      child, m = srch.child_step(child, jnp.asarray(space.sample_uniform(rng)), srch._key(4, i),
-                                 x, y)
+      x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
+      net, m = srch.supernet_step(net, jnp.asarray(space.sample_uniform(rng)),
+                                  srch.key(Purpose.SUPERNET_STEP, i), x, y)
       run.append(float(m["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -67,7 +69,7 @@ def test_one_and_two_devices_give_the_same_losses(digits):
 
 def test_reward_formula_and_zero_ratios(one_device_search):
   srch = dataclasses.replace(one_device_search, reward_fn=reward_lib.make(0.5, 20.0))
-  params = srch.init_state()["child"]["params"]
+  params = srch.init_state().supernet.params
   rng = np.random.default_rng(2)
   for i in range(5):
     arc = space.sample_uniform(rng)
@@ -143,21 +145,21 @@ def test_cifar10_path_under_tfds_mock_data():
   mesh = parallel.make_mesh(jax.devices()[:2])
   srch = search.Search.build(config, ds, RATIOS, mesh)
   assert (srch.plan.image_hw, srch.plan.in_channels, srch.steps_per_epoch) == ((32, 32), 3, 2)
-  x, y = srch._batch(ds.x_train, ds.y_train, 0, 8, 0, True)
+  x, y = srch._batch(ds.x_train, ds.y_train, 0, 8, Stream.SUPERNET, True)
   assert x.shape == (8, 32, 32, 3) and y.shape == (8,) and len(x.sharding.device_set) == 2
   init = srch.init_state()
-  before = jax.tree.map(np.asarray, init["child"]["params"])   # the step donates its input
+  before = jax.tree.map(np.asarray, init.supernet.params)   # the step donates its input
   state, metrics, samples = srch.run_epoch(init)
-  assert (state["epoch"], metrics["epoch"], metrics["step"], samples) == (1, 1, 2, [])
+  assert (state.epoch, metrics["epoch"], metrics["step"], tuple(samples)) == (1, 1, 2, ())
   assert np.isfinite(metrics["child_loss"]) and metrics["images_per_sec"] > 0
   assert 0 <= metrics["child_acc"] <= 1
   moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before,
-                       state["child"]["params"])
+                       state.supernet.params)
   assert any(jax.tree.leaves(moved))
-  # the same mock batch and arc again and again: the child's loss falls
-  child, arc = state["child"], jnp.asarray(space.parse_arc(space.ENAS_ARC))
+  # the same mock batch and arc again and again: the supernet's loss falls
+  net, arc = state.supernet, jnp.asarray(space.parse_arc(space.ENAS_ARC))
   losses = []
   for i in range(8):
-    child, m = srch.child_step(child, arc, srch._key(4, i), x, y)
+    net, m = srch.supernet_step(net, arc, srch.key(Purpose.SUPERNET_STEP, i), x, y)
     losses.append(float(m["loss"]))
   assert losses[-1] < 0.5 * losses[0], losses

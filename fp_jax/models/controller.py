@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,10 +229,20 @@ def make_optimizer(cfg: ControllerConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=0.0, b2=0.999, eps=1e-3)
 
 
-def init_state(key, cfg: ControllerConfig) -> dict:
+@flax.struct.dataclass
+class ControllerState:
+  """What REINFORCE carries between updates: the LSTM's params (init's tree), Adam's state,
+  the reward baseline (f32 []) and the number of updates made (int32 [])."""
+  params: Any
+  opt_state: Any
+  baseline: Any
+  step: Any
+
+
+def init_state(key, cfg: ControllerConfig) -> ControllerState:
   params = init(key, cfg)
-  return {"params": params, "opt_state": make_optimizer(cfg).init(params),
-          "baseline": jnp.zeros((), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+  return ControllerState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.float32),
+                         jnp.zeros((), jnp.int32))
 
 
 def update(state, arc, ratio_idx, rewards, cfg: ControllerConfig):
@@ -245,26 +257,24 @@ def update(state, arc, ratio_idx, rewards, cfg: ControllerConfig):
     (new_state, metrics {'loss', 'baseline', 'entropy', 'reward', 'log_prob'}).
   """
   rewards = jnp.asarray(rewards, jnp.float32)
-  _, entropy = score(state["params"], arc, ratio_idx, cfg)
+  _, entropy = score(state.params, arc, ratio_idx, cfg)
   shaped = rewards + cfg.entropy_weight * jax.lax.stop_gradient(entropy)
 
   def baseline_step(b, r):
     b = b - (1.0 - cfg.baseline_decay) * (b - r)
     return b, b
 
-  baseline, baselines = jax.lax.scan(baseline_step, state["baseline"], shaped)
+  baseline, baselines = jax.lax.scan(baseline_step, state.baseline, shaped)
   advantage = jax.lax.stop_gradient(shaped - baselines)
 
   def loss_fn(params):
     log_prob, _ = score(params, arc, ratio_idx, cfg)
     return -jnp.mean(log_prob * advantage), log_prob
 
-  (loss, log_prob), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = make_optimizer(cfg).update(
-      grads, state["opt_state"], state["params"])
-  new_state = {"params": optax.apply_updates(state["params"], updates),
-               "opt_state": opt_state, "baseline": baseline,
-               "step": state["step"] + 1}
+  (loss, log_prob), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+  new_state = ControllerState(optax.apply_updates(state.params, updates), opt_state, baseline,
+                              state.step + 1)
   metrics = {"loss": loss, "baseline": baseline, "entropy": jnp.mean(entropy),
              "reward": jnp.mean(rewards), "log_prob": jnp.mean(log_prob)}
   return new_state, metrics

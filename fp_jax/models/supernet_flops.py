@@ -34,13 +34,14 @@ def _cell_rows(arc, spec):
 
 
 def count(plan, arc, kept=None):
-  """Multiply-adds (batch 1) of supernet `plan` running `arc` (int [40]); kept: the
-  channels of every space of pruning.supernet_spaces(plan), in its order (default:
-  every channel)."""
+  """Multiply-adds (batch 1) of supernet `plan` running `arc` (int [40]); kept [spaces]:
+  the channels of every space of pruning.supernet_spaces(plan), in its order (default:
+  every channel). kept [n, spaces] counts n networks in one walk of the arc (a list of n)."""
   sp = pruning.supernet_spaces(plan)
-  width = [w for _, w, _ in sp] if kept is None else [float(k) for k in np.asarray(kept)]
-  if len(width) != len(sp):
-    raise ValueError(f"kept has {len(width)} entries, the plan {len(sp)} spaces")
+  kept = np.asarray([w for _, w, _ in sp] if kept is None else kept, np.float64)
+  if kept.ndim not in (1, 2) or kept.shape[-1] != len(sp):
+    raise ValueError(f"kept has shape {kept.shape}, the plan {len(sp)} spaces")
+  width = list(kept.T)
   of = {key: width[n] for n, (key, _, _) in enumerate(sp)}
   h, w = plan.image_hw
   macs = h * w * 9 * plan.in_channels * of["stem"]
@@ -72,7 +73,7 @@ def count(plan, arc, kept=None):
     unused = sum(vals[v] for v in range(len(vals)) if v not in used)
     macs += hw * unused * of[("final", i)]
     prev = [ins[1], of[("final", i)]]
-  return int(round(macs + prev[1] * plan.num_classes))
+  return np.rint(macs + prev[1] * plan.num_classes).astype(int).tolist()
 
 
 def ratio(measure, plan, stage_ratios, macs=None, masked_macs=None):

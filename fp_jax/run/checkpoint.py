@@ -168,23 +168,25 @@ class Checkpointer:
                         arrays_t) or _compare_python(meta["leaves"], python_t))
     if problem:
       raise CheckpointError(f"{where} does not match this run: {problem}; {self._fresh_hint()}")
+    # saved array i is item a{i}: read each template array from its path's item, so a
+    # state whose leaves flatten in another order (e.g. a dict now a dataclass) restores too
+    item = {path: f"a{i}" for i, path in enumerate(meta["arrays"])}
     with _quiet_asyncio():
       try:
         restored = self._mgr.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(_flat(arrays_t))))["arrays"]
+            arrays=ocp.args.StandardRestore({item[p]: a for p, a in arrays_t})))["arrays"]
       except Exception as e:
         error = unreadable(e)
         gc.collect()   # orbax's failed read tasks log their tracebacks when collected
         raise error from e
     # Reassemble in the template's order; numpy leaves come back as numpy, Python from JSON.
-    out, ai = [], 0
+    out = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
       if _is_python(leaf):
         value = meta["leaves"][_path(keypath)]
         out.append(float(value) if isinstance(leaf, float) else value)
         continue
-      value = restored[f"a{ai}"]
-      ai += 1
+      value = restored[item[_path(keypath)]]
       if isinstance(leaf, np.generic):
         value = leaf.dtype.type(np.asarray(value))
       elif isinstance(leaf, np.ndarray):

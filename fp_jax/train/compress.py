@@ -43,7 +43,10 @@ from fp_jax import results
 from fp_jax.run.parallel import BATCH, REPLICATED
 from fp_jax.run import weights
 from fp_jax.train import final
+from fp_jax.train import losses as loss_lib
+from fp_jax.train import streams
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.train.streams import Purpose, Stream
 
 
 def load_trained(workdir):
@@ -65,17 +68,14 @@ def compress_recipe(config, num_train):
                              lr_t0=max(c.finetune_epochs, 1), lr_tmul=1)
 
 
-BN_STREAM = 30   # data stream of the re-estimation batches (final 10, compress 20)
-
-
 def bn_batches(config, x, y, mean, std, labels=False):
-  """compress.bn_batches training batches of compress.batch_size, shuffled (stream 30),
+  """compress.bn_batches training batches of compress.batch_size, shuffled (its own stream),
   as eval feeds images (normalised, no crop, flip or cutout): this process's rows
   f32 [B/P, H, W, C] of each global batch (with labels: (images, labels int32 [B/P]))."""
   c = config.compress
   for step in range(c.bn_batches):
     xb, yb = data.train_batch(x, y, step=step, batch_size=c.batch_size, seed=config.seed,
-                              stream=BN_STREAM, mean=mean, std=std,
+                              stream=Stream.BN_REESTIMATE, mean=mean, std=std,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
     yield (xb, yb) if labels else xb
@@ -87,7 +87,7 @@ def taylor_grads(plan, arc, params, stats, batches, mesh):
   def grad(p, s, x, y):
     def loss(p):
       logits = child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
-      return jax.lax.pmean(trainer_lib.xent(logits, y), parallel.AXIS)
+      return jax.lax.pmean(loss_lib.xent(logits, y), parallel.AXIS)
     return jax.grad(loss)(p)
   step = parallel.data_parallel(grad, mesh, (REPLICATED, REPLICATED, BATCH, BATCH), REPLICATED)
   params, stats = parallel.replicate(mesh, jax.device_get((params, stats)))
@@ -107,7 +107,7 @@ def importance_inputs(config, plan, arc, params, stats, x, y, mean, std, mesh):
     grads = taylor_grads(plan, arc, params, stats,
                          bn_batches(config, x, y, mean, std, labels=True), mesh)
   if c.importance == "random":
-    key = jax.random.fold_in(jax.random.key(config.seed), 40)
+    key = streams.key(config.seed, Purpose.COMPRESS_SCORES)
   return grads, key
 
 
@@ -147,8 +147,9 @@ def run(config, workdir, ds):
   masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
   full = flops.count(plan, arc)
   pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std,
-                                           mesh, masks=masks if c.mode == "finetune" else None)
+  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.COMPRESS,
+                                           ds.mean, ds.std, mesh,
+                                           masks=masks if c.mode == "finetune" else None)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   restats = bn_reestimate.reestimate(train_mode_stats(plan, arc), masked, stats,
                                      bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)
@@ -162,11 +163,11 @@ def run(config, workdir, ds):
   if c.mode == "finetune":
     init_state = lambda: trainer.init_state(masked, restats)
   else:  # scratch: a fresh initialisation of the thin network, trained alone
-    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 20, ds.mean, ds.std)
+    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.COMPRESS,
+                                             ds.mean, ds.std)
 
     def init_state():
-      fresh_p, fresh_s = child.init(jax.random.fold_in(jax.random.key(config.seed), 20), plan,
-                                    arc)
+      fresh_p, fresh_s = child.init(streams.key(config.seed, Purpose.COMPRESS_INIT), plan, arc)
       _, thin_p, thin_s = compaction.compact(plan, arc, fresh_p, fresh_s, masks)
       return trainer.init_state(thin_p, thin_s)
   state = trainer_lib.train(trainer, init_state, x, y, out, f"compress ({c.mode})",

@@ -24,7 +24,9 @@ from fp_jax.models import flops
 from fp_jax import results
 from fp_jax.models import space
 from fp_jax.run import weights
+from fp_jax.train import streams
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.train.streams import Purpose, Stream
 
 
 def final_recipe(config, num_train):
@@ -56,10 +58,11 @@ def run(config, workdir, ds):
   plan = child.make_plan(arc, f.num_layers, f.out_filters, ds.image_shape, ds.num_classes)
   x, y = training_images(ds)
   recipe = final_recipe(config, len(y))
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 10, ds.mean, ds.std)
+  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.FINAL, ds.mean,
+                                           ds.std)
 
   def init_state():
-    params, stats = child.init(jax.random.fold_in(jax.random.key(config.seed), 10), plan, arc)
+    params, stats = child.init(streams.key(config.seed, Purpose.FINAL_INIT), plan, arc)
     return trainer.init_state(params, stats)
 
   counts = flops.count(plan, arc)

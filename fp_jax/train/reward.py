@@ -1,4 +1,4 @@
-"""The fake-pruning reward (DESIGN §6).
+"""The fake-pruning reward (DESIGN §6) and one sample's evaluation: its samples.jsonl row.
 
 Reward = a * Ratio * (1 + b * Gap) + TrainAcc, Gap = PruneAcc - TrainAcc,
 where TrainAcc / PruneAcc are the accuracies of the unmasked / masked
@@ -10,6 +10,13 @@ the formula exactly.
 from __future__ import annotations
 
 import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp_jax.models import supernet_flops
+from fp_jax.pruning import supernet_masks as pruning
 
 
 def fake_pruning_reward(train_acc: float, prune_acc: float, ratio: float, *,
@@ -23,3 +30,23 @@ def fake_pruning_reward(train_acc: float, prune_acc: float, ratio: float, *,
 def make(alpha: float, beta: float):
   """The reward function handed to the search loop: (train_acc, prune_acc, ratio) -> dict."""
   return functools.partial(fake_pruning_reward, alpha=alpha, beta=beta)
+
+
+def evaluate(plan, reward_eval, reward_fn, measure, params, arc, ratios, batch, key) -> dict:
+  """The samples.jsonl fields of `arc` (int [40]) masked at stage `ratios` (f32 [5]).
+
+  reward_eval: search_steps.make_reward_eval's compiled step, run on `batch` (x, y: one
+  sharded validation batch) with `key` (criterion 'random'); reward_fn: `make`'s.
+  Returns {arc, ratios, train_acc, prune_acc, gap, ratio (supernet_flops.ratio `measure`),
+  reward, macs, masked_macs}: the multiply-adds of the searched network unmasked and with
+  the evaluation's kept channels, from one walk of the arc (supernet_flops.count).
+  """
+  ratios = np.asarray(ratios, np.float32)
+  train_acc, prune_acc, kept = reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios),
+                                           pruning.supernet_groups(plan, arc), key, *batch)
+  full = [w for _, w, _ in pruning.supernet_spaces(plan)]
+  macs, masked_macs = supernet_flops.count(plan, arc, np.stack([full, jax.device_get(kept)]))
+  ratio = supernet_flops.ratio(measure, plan, ratios, macs, masked_macs)
+  return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios],
+              **reward_fn(float(train_acc), float(prune_acc), ratio), macs=macs,
+              masked_macs=masked_macs)

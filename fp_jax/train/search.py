@@ -1,14 +1,14 @@
-"""The search stage: supernet epochs, controller updates, the final choice.
+"""The search stage, ENAS's loop: every epoch trains the supernet, then the controller.
 
-Each epoch trains the shared child with a freshly sampled architecture every
-step, then makes `controller_updates` REINFORCE updates over
-`controller_samples` architectures each, rewarded on validation minibatches
-(unmasked TrainAcc and masked PruneAcc on the same batch). With
-`search.policy=random` (random search with weight sharing, Li & Talwalkar 2019)
-every architecture is drawn uniformly instead (`controller.sample_random`) and
-nothing is learned: the controller's state stays at its init. All state lives in
-one pytree; batches, keys and draws are pure functions of (seed, position).
-Checkpoints, SIGTERM and resume (DESIGN §3) are in train/search_state.py.
+Each epoch first makes `steps_per_epoch` supernet steps, a freshly sampled architecture
+each, then `controller_updates` REINFORCE updates over `controller_samples`
+architectures each, rewarded on validation minibatches (unmasked TrainAcc and masked
+PruneAcc on the same batch: train/reward.py). With `search.policy=random` (random search
+with weight sharing, Li & Talwalkar 2019) every architecture is drawn uniformly instead
+(`controller.sample_random`) and nothing is learned: the controller's state stays at its
+init. All state lives in one SearchState; batches, keys and draws are pure functions of
+(seed, train/streams.py's names, position). Checkpoints, SIGTERM and resume (DESIGN §3)
+are in train/search_state.py.
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ from fp_jax.run import errors
 from fp_jax.run import logs
 from fp_jax.run import parallel
 from fp_jax.run import preemption
-from fp_jax.pruning import supernet_masks as pruning
 from fp_jax.train import reward as reward_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
-from fp_jax.models import supernet_flops
 from fp_jax.train import search_state
-from fp_jax.train.search_steps import (_opt_key, _steps, child_optimizer, empty_stages,  # noqa: F401
-                                       make_child_step, make_reward_eval, xent)
+from fp_jax.train import search_steps
+from fp_jax.train.search_state import SearchState
+from fp_jax.train.search_steps import SupernetState, empty_stages
+from fp_jax.train.streams import Purpose, Stream
+from fp_jax.train import streams
 
 
 def controller_config(config, num_ratio_choices):
@@ -59,11 +60,11 @@ class Search:
   ccfg: controller.ControllerConfig
   ratio_choices: np.ndarray
   steps_per_epoch: int
-  tx: object
-  schedule: object
-  child_step: object
-  reward_eval: object
-  reward_fn: object
+  tx: object               # the supernet's optimizer
+  schedule: object         # its learning rate by supernet step
+  supernet_step: object    # search_steps.make_supernet_step, compiled
+  reward_eval: object      # search_steps.make_reward_eval, compiled
+  reward_fn: object        # reward.make(alpha, beta)
 
   @classmethod
   def build(cls, config, ds, ratio_choices, mesh=None):
@@ -76,52 +77,47 @@ class Search:
                        f"search.eval_batch_size={s.eval_batch_size}")
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
-    tx, schedule, child_step, reward_eval = _steps(plan, mesh, _opt_key(s, spe), s.aux_weight,
-                                                   float(s.keep_prob), s.importance,
-                                                   config.dtype)
+    tx, schedule, supernet_step, reward_eval = search_steps.compiled(
+        plan, mesh, search_steps.optimizer_settings(s, spe), s.aux_weight, float(s.keep_prob),
+        s.importance, config.dtype)
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
                       "ratios are fixed at 0 (the policy's choice for them is ignored)",
                       ", ".join(map(str, empty)), s.num_layers)
     return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
-               np.asarray(ratio_choices, np.float32), spe, tx, schedule, child_step,
+               np.asarray(ratio_choices, np.float32), spe, tx, schedule, supernet_step,
                reward_eval, reward_lib.make(s.alpha, s.beta))
 
   def init_state(self):
-    """The state at the start of the search (epoch 0, position 0)."""
-    k_child, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
-    params = supernet.init(k_child, self.plan, self.config.search.init_scale,
+    """The SearchState at the start of the search (epoch 0, nothing done)."""
+    k_net, k_ctrl = jax.random.split(jax.random.key(self.config.seed))
+    params = supernet.init(k_net, self.plan, self.config.search.init_scale,
                            self.config.search.final_init,
                            self.config.search.share_inputs)
-    child = parallel.replicate(self.mesh, {"params": params, "opt_state": self.tx.init(params)})
-    return search_state.epoch_start(child, controller.init_state(k_ctrl, self.ccfg), 0, [],
-                                     self.steps_per_epoch)
+    net = parallel.replicate(self.mesh, SupernetState(params, self.tx.init(params)))
+    return SearchState.epoch_start(net, controller.init_state(k_ctrl, self.ccfg), 0, [],
+                                   self.steps_per_epoch)
 
-  def _key(self, purpose, *ints):
-    key = jax.random.fold_in(jax.random.key(self.config.seed), purpose)
-    for i in ints:
-      key = jax.random.fold_in(key, i)
-    return key
-
-  def _rng(self, purpose, *ints):
-    """A numpy Generator that is a pure function of (seed, purpose, ints)."""
-    return np.random.default_rng([self.config.seed, purpose, *ints])
+  def key(self, purpose, *ints):
+    """The PRNG key of (streams.Purpose `purpose`, ints) for this run's seed."""
+    return streams.key(self.config.seed, purpose, *ints)
 
   def _sample(self, ctrl, num, purpose, *ints):
     """`num` architectures of search.policy for (purpose, ints): {'arc', 'ratio_idx'}.
 
-    controller: `controller.sample` with key `_key(purpose, *ints)`; random: uniform draws
-    (`controller.sample_random`) from `_rng(purpose, *ints)`.
+    controller: `controller.sample` with key `key(purpose, *ints)`; random: uniform draws
+    (`controller.sample_random`) from `streams.rng(seed, purpose, *ints)`.
     """
     if self.config.search.policy == "random":
-      return controller.sample_random(self._rng(purpose, *ints), num, len(self.ratio_choices))
-    return controller.sample_jit(ctrl["params"], self._key(purpose, *ints), num, self.ccfg)
+      return controller.sample_random(streams.rng(self.config.seed, purpose, *ints), num,
+                                      len(self.ratio_choices))
+    return controller.sample_jit(ctrl.params, self.key(purpose, *ints), num, self.ccfg)
 
   def _batch(self, x, y, step, batch_size, stream, augment):
     c = self.config.data
     xb, yb = data.train_batch(
-        x, y, step=step, batch_size=batch_size, seed=self.config.seed, stream=stream,
+        x, y, step=step, batch_size=batch_size, seed=self.config.seed, stream=int(stream),
         mean=self.ds.mean, std=self.ds.std, crop_pad=c.crop_pad if augment else 0,
         flip=c.flip and augment, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -133,60 +129,67 @@ class Search:
     used[empty_stages(self.plan)] = False
     return np.where(used, self.ratio_choices[np.asarray(ratio_idx)], np.float32(0))
 
-  def evaluate_sample(self, params, arc, ratio_idx, position, stream=1):
-    """Reward fields of one architecture on validation batch `position`."""
+  def evaluate_sample(self, params, arc, ratio_idx, position, stream=Stream.REWARD):
+    """The samples.jsonl fields of one policy decision on validation batch `position`."""
     return self.evaluate_ratios(params, arc, self.stage_ratios(ratio_idx), position, stream)
 
-  def evaluate_ratios(self, params, arc, ratios, position, stream=1):
-    """Reward fields of `arc` masked at stage `ratios` [5] on validation batch `position`:
-    train_acc, prune_acc, gap, ratio (search.ratio_measure), reward, macs and
-    masked_macs (supernet_flops.count of the searched network, unmasked and masked)."""
+  def evaluate_ratios(self, params, arc, ratios, position, stream=Stream.REWARD):
+    """The samples.jsonl fields (reward.evaluate) of `arc` masked at stage `ratios` [5] on
+    validation batch `position` of data stream `stream`."""
     s = self.config.search
-    ratios = np.asarray(ratios, np.float32)
-    x, y = self._batch(self.ds.x_valid, self.ds.y_valid, position, s.eval_batch_size, stream,
-                       augment=False)
-    groups = pruning.supernet_groups(self.plan, arc)
-    train_acc, prune_acc, kept = self.reward_eval(
-        params, jnp.asarray(arc), jnp.asarray(ratios), groups, self._key(5, stream, position),
-        x, y)
-    macs = supernet_flops.count(self.plan, arc)
-    masked_macs = supernet_flops.count(self.plan, arc, jax.device_get(kept))
-    ratio = supernet_flops.ratio(s.ratio_measure, self.plan, ratios, macs, masked_macs)
-    out = self.reward_fn(float(train_acc), float(prune_acc), ratio)
-    return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios], **out,
-                macs=macs, masked_macs=masked_macs)
+    batch = self._batch(self.ds.x_valid, self.ds.y_valid, position, s.eval_batch_size, stream,
+                        augment=False)
+    return reward_lib.evaluate(self.plan, self.reward_eval, self.reward_fn, s.ratio_measure,
+                               params, arc, ratios, batch,
+                               self.key(Purpose.REWARD_SCORES, stream, position))
 
   def run_epoch(self, state, on_sample=None, hooks=None, progress=False):
-    """One epoch of child steps and controller updates, from the state's position.
+    """The rest of epoch `state.epoch`: supernet steps, then controller updates.
 
-    hooks: optional object with `due(state_position) -> bool`, asked after every child step
-      and controller update, and `save(state) -> bool`, called with the resumable state when
-      due (True: stop here). Nothing non-finite reaches `save`: a non-finite child loss raises
+    hooks: optional object with `due(state) -> bool`, asked after every supernet step and
+      controller update, and `save(state) -> bool`, called with the state when due (True:
+      stop here). Nothing non-finite reaches `save`: a non-finite supernet loss raises
       search_state.NonFinite first.
-    progress: show a progress bar (log lines when not on a terminal) for the child steps.
+    progress: show a progress bar (log lines when not on a terminal) for the supernet steps.
 
     Returns:
       (state, metrics, samples): the state at the next epoch's start, the epoch's metrics and
       rewarded samples; or (the mid-epoch state, None, samples so far) when hooks stopped it.
     """
-    s, epoch, spe = self.config.search, state["epoch"], self.steps_per_epoch
-    child, ctrl = state["child"], state["controller"]
-    losses, accs = state["losses"].copy(), state["accs"].copy()
-    samples, entropy = list(state["samples"]), state["entropy"]
-    pos0 = pos = state["pos"]
-    updates = state["updates"]
+    state, stopped, timing = self.train_supernet(state, hooks, progress)
+    if not stopped:
+      state, stopped = self.train_controller(state, on_sample, hooks)
+    if stopped:
+      return state, None, state.samples
+    samples = state.samples
+    step = (state.epoch + 1) * self.steps_per_epoch
+    mean = lambda k: float(np.mean([r[k] for r in samples])) if samples else None
+    metrics = {
+        "step": step, "epoch": state.epoch + 1, "child_loss": float(state.losses.mean()),
+        "child_acc": float(state.accs.mean()), "lr": float(self.schedule(step - 1)),
+        "reward": mean("reward"), "train_acc": mean("train_acc"),
+        "prune_acc": mean("prune_acc"), "gap": mean("gap"), "ratio": mean("ratio"),
+        "baseline": float(state.controller.baseline), "entropy": state.entropy, **timing}
+    return (SearchState.epoch_start(state.supernet, state.controller, state.epoch + 1, samples,
+                                    self.steps_per_epoch), metrics, samples)
 
-    def snapshot():
-      return {"child": child, "controller": ctrl, "epoch": epoch, "pos": pos,
-              "updates": updates, "losses": losses.copy(), "accs": accs.copy(),
-              "samples": list(samples), "entropy": entropy,
-              "last_samples": state["last_samples"]}
+  def _epoch_arcs(self, state):
+    """int [steps_per_epoch, 40]: the architectures of the epoch's supernet steps."""
+    s, spe = self.config.search, self.steps_per_epoch
+    if state.epoch < s.uniform_child_epochs or s.policy == "random":   # uniform (warm-up)
+      rng = streams.rng(self.config.seed, Purpose.UNIFORM_ARCS, state.epoch)
+      return np.stack([space.sample_uniform(rng) for _ in range(spe)])
+    return np.asarray(controller.sample_jit(state.controller.params,
+                                            self.key(Purpose.SUPERNET_ARCS, state.epoch), spe,
+                                            self.ccfg)["arc"])
 
-    def checkpoint_due():
-      return hooks is not None and hooks.due(
-          epoch * (spe + s.controller_updates) + pos + updates)
+  def train_supernet(self, state, hooks=None, progress=False):
+    """The epoch's remaining supernet steps, a sampled architecture each.
 
-    pending = []   # child steps whose loss is not read yet (one step of lag keeps the
+    Returns (state, stopped by hooks, {'images_per_sec', 'step_time'} of the steps made)."""
+    s, epoch, spe = self.config.search, state.epoch, self.steps_per_epoch
+    losses, accs, first = state.losses.copy(), state.accs.copy(), state.steps
+    pending = []   # supernet steps whose loss is not read yet (one step of lag keeps the
                    # device busy while the host prepares the next batch)
 
     def resolve(keep=0):
@@ -199,48 +202,52 @@ class Search:
               f"(epoch {epoch + 1}, step {i + 1} of {spe})")
         losses[i], accs[i] = loss, acc
 
-    bar = logs.Progress(spe, f"search epoch {epoch + 1}/{s.epochs}", initial=pos,
+    bar = logs.Progress(spe, f"search epoch {epoch + 1}/{s.epochs}", initial=first,
                         enabled=progress)
-    t0, timed = time.perf_counter(), 0
+    t0, stopped = time.perf_counter(), False
     try:
-      if pos < spe:
-        if epoch < s.uniform_child_epochs or s.policy == "random":   # uniform arcs (warm-up)
-          rng = self._rng(3, epoch)
-          arcs = np.stack([space.sample_uniform(rng) for _ in range(spe)])
-        else:
-          arcs = np.asarray(controller.sample_jit(ctrl["params"], self._key(0, epoch), spe,
-                                                  self.ccfg)["arc"])
-      for i in range(pos0, spe):
-        x, y = self._batch(self.ds.x_train, self.ds.y_train, epoch * spe + i, s.batch_size, 0,
-                           True)
-        child, m = self.child_step(child, jnp.asarray(arcs[i]), self._key(4, epoch * spe + i),
-                                   x, y)
+      arcs = self._epoch_arcs(state) if first < spe else None
+      for i in range(first, spe):
+        x, y = self._batch(self.ds.x_train, self.ds.y_train, epoch * spe + i, s.batch_size,
+                           Stream.SUPERNET, True)
+        net, m = self.supernet_step(state.supernet, jnp.asarray(arcs[i]),
+                                    self.key(Purpose.SUPERNET_STEP, epoch * spe + i), x, y)
         pending.append((i, m))
         resolve(keep=1)
-        pos, timed = i + 1, timed + 1
-        bar.update(1, **({"loss": float(losses[i - 1])} if i > pos0 else {}))
-        if checkpoint_due():
+        state = state.replace(supernet=net, steps=i + 1)   # losses: when saved or returned
+        bar.update(1, **({"loss": float(losses[i - 1])} if i > first else {}))
+        if hooks is not None and hooks.due(state):
           resolve()
-          if hooks.save(snapshot()):
-            return snapshot(), None, samples
+          state = state.replace(losses=losses.copy(), accs=accs.copy())
+          if hooks.save(state):
+            stopped = True
+            break
       resolve()
     finally:
       bar.close()
-    elapsed = time.perf_counter() - t0
-    images_per_sec = timed * s.batch_size / elapsed if timed else None
-    step_time = elapsed / timed if timed else None
+    state = state.replace(losses=losses, accs=accs)
+    elapsed, timed = time.perf_counter() - t0, state.steps - first
+    return state, stopped, {"images_per_sec": timed * s.batch_size / elapsed if timed else None,
+                            "step_time": elapsed / timed if timed else None}
 
-    for u in range(updates, s.controller_updates):
+  def train_controller(self, state, on_sample=None, hooks=None):
+    """The epoch's remaining controller updates, each over controller_samples rewarded
+    architectures (random policy: the same draws and rewards, nothing learned).
+
+    Returns (state, stopped by hooks)."""
+    s, spe, epoch = self.config.search, self.steps_per_epoch, state.epoch
+    for u in range(state.updates, s.controller_updates):
       update = epoch * s.controller_updates + u
-      sampled = self._sample(ctrl, s.controller_samples, 1, update)
-      batch = []
-      for m in range(s.controller_samples):
-        r = self.evaluate_sample(child["params"], np.asarray(sampled["arc"][m]),
-                                 np.asarray(sampled["ratio_idx"][m]),
-                                 update * s.controller_samples + m)
-        r["step"] = (epoch + 1) * spe
-        r["update"] = update + 1   # the controller update this sample was used in
-        batch.append(r)
+      sampled = self._sample(state.controller, s.controller_samples, Purpose.UPDATE_SAMPLES,
+                             update)
+      batch = tuple(
+          {**self.evaluate_sample(state.supernet.params, np.asarray(sampled["arc"][m]),
+                                  np.asarray(sampled["ratio_idx"][m]),
+                                  update * s.controller_samples + m),
+           "step": (epoch + 1) * spe,
+           "update": update + 1}   # the controller update this sample was used in
+          for m in range(s.controller_samples))
+      ctrl = state.controller
       if s.policy == "random":   # nothing learned; the uniform policy's exact entropy
         entropy = controller.random_entropy(len(self.ratio_choices))
       else:
@@ -248,23 +255,14 @@ class Search:
         ctrl, cmetrics = controller.update_jit(ctrl, sampled["arc"], sampled["ratio_idx"],
                                                rewards, self.ccfg)
         entropy = float(cmetrics["entropy"])
-      samples += batch
-      updates = u + 1
+      state = state.replace(controller=ctrl, updates=u + 1, samples=state.samples + batch,
+                            entropy=entropy)
       if on_sample:
         for r in batch:
           on_sample(r)
-      if checkpoint_due() and hooks.save(snapshot()):
-        return snapshot(), None, samples
-    step = (epoch + 1) * spe
-    mean = lambda k: float(np.mean([r[k] for r in samples])) if samples else None
-    metrics = {
-        "step": step, "epoch": epoch + 1, "child_loss": float(losses.mean()),
-        "child_acc": float(accs.mean()), "lr": float(self.schedule(step - 1)),
-        "reward": mean("reward"), "train_acc": mean("train_acc"),
-        "prune_acc": mean("prune_acc"), "gap": mean("gap"), "ratio": mean("ratio"),
-        "baseline": float(ctrl["baseline"]), "entropy": entropy,
-        "images_per_sec": images_per_sec, "step_time": step_time}
-    return search_state.epoch_start(child, ctrl, epoch + 1, samples, spe), metrics, samples
+      if hooks is not None and hooks.due(state) and hooks.save(state):
+        return state, True
+    return state, False
 
   def choose(self, state, samples):
     """Re-evaluates the best distinct samples on more batches; returns arch.json."""
@@ -278,13 +276,13 @@ class Search:
       if len(cands) == s.num_candidates:
         break
     if not cands:   # no controller updates were run: one sample of the policy
-      sampled = self._sample(state["controller"], 1, 2)
+      sampled = self._sample(state.controller, 1, Purpose.CHOOSE_SAMPLE)
       cands = [{"arc": np.asarray(sampled["arc"][0]).tolist(),
                 "ratios": self.stage_ratios(sampled["ratio_idx"][0]).tolist()}]
     best = None
     for c in cands:
-      evals = [self.evaluate_ratios(state["child"]["params"], np.asarray(c["arc"]), c["ratios"],
-                                    b, stream=2) for b in range(s.final_eval_batches)]
+      evals = [self.evaluate_ratios(state.supernet.params, np.asarray(c["arc"]), c["ratios"],
+                                    b, Stream.CHOOSE) for b in range(s.final_eval_batches)]
       avg = {k: float(np.mean([e[k] for e in evals]))
              for k in ("train_acc", "prune_acc", "gap", "ratio", "reward", "macs",
                        "masked_macs")}
@@ -344,18 +342,18 @@ def _run(config, workdir, ds, ratio_choices, preempt):
                    search.steps_per_epoch, jax.device_count(), ckpt_dir)
     else:
       state = search_state.restore(search, ckpt, latest)
-      metrics_w.truncate_after(state["epoch"] * search.steps_per_epoch)   # one line per epoch
+      metrics_w.truncate_after(state.epoch * search.steps_per_epoch)   # one line per epoch
       # updates done so far (the controller's step, which search.policy=random leaves at 0)
-      samples_w.truncate_after(state["epoch"] * s.controller_updates + state["updates"],
+      samples_w.truncate_after(state.epoch * s.controller_updates + state.updates,
                                key="update")
       logging.info("search: resuming from checkpoint %d in %s: %d of %d epochs done, then "
-                   "%d/%d child steps and %d/%d controller updates", latest, ckpt_dir,
-                   state["epoch"], s.epochs, state["pos"], search.steps_per_epoch,
-                   state["updates"], s.controller_updates)
-    bar = logs.Progress(s.epochs, "search", initial=state["epoch"], unit="epoch",
+                   "%d/%d supernet steps and %d/%d controller updates", latest, ckpt_dir,
+                   state.epoch, s.epochs, state.steps, search.steps_per_epoch,
+                   state.updates, s.controller_updates)
+    bar = logs.Progress(s.epochs, "search", initial=state.epoch, unit="epoch",
                         enabled=is_main)
     try:
-      while state["epoch"] < s.epochs:
+      while state.epoch < s.epochs:
         t = time.perf_counter()
         state, metrics, _ = search.run_epoch(state, on_sample=samples_w.write, hooks=hooks,
                                              progress=is_main)
@@ -365,7 +363,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
         hooks.save(state)
         bar.update(1, reward=metrics["reward"], loss=metrics["child_loss"])
         logging.info("search epoch %d/%d (%.1fs): loss %.4f acc %.3f reward %s ratio %s "
-                     "prune_acc %s %s img/s", state["epoch"], s.epochs,
+                     "prune_acc %s %s img/s", state.epoch, s.epochs,
                      time.perf_counter() - t, metrics["child_loss"], metrics["child_acc"],
                      _fmt(metrics["reward"]), _fmt(metrics["ratio"]),
                      _fmt(metrics["prune_acc"]), _fmt(metrics["images_per_sec"], ".0f"))
@@ -384,7 +382,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
     ckpt.close()
     metrics_w.close()
     samples_w.close()
-  arch = search.choose(state, state["last_samples"])
+  arch = search.choose(state, state.last_samples)
   if is_main:
     path = os.path.join(out, "arch.json")
     with open(path + ".tmp", "w") as f:

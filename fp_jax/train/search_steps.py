@@ -6,7 +6,9 @@ architecture as traced data, so each compiles once for every architecture.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,10 +16,19 @@ import optax
 from fp_jax.run import parallel
 from fp_jax.run import precision
 from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.train import losses as loss_lib
 from fp_jax.train import schedules
 from fp_jax.models import supernet
 from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
-from fp_jax.train.trainer import xent
+
+
+@flax.struct.dataclass
+class SupernetState:
+  """The shared weights under training (supernet.init's tree) and their optimizer state.
+
+  The supernet keeps no BN statistics (batch statistics only, models/supernet.py)."""
+  params: Any
+  opt_state: Any
 
 
 def empty_stages(plan):
@@ -25,19 +36,22 @@ def empty_stages(plan):
   return [k for k in range(5) if all(spec.stage != k for spec in plan.cells)]
 
 
-def _opt_key(s, steps_per_epoch):
+def optimizer_settings(s, steps_per_epoch):
+  """The supernet optimizer's settings in config.search `s` (hashable: keys `compiled`)."""
   return (steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min, s.momentum, s.l2, s.grad_clip)
 
 
-def child_optimizer(s, steps_per_epoch):
-  """(optax transform, lr schedule) of the supernet: L2, clipping, Nesterov SGDR."""
-  return schedules.sgdr_momentum(*_opt_key(s, steps_per_epoch))
+def supernet_optimizer(s, steps_per_epoch):
+  """(optax transform, lr schedule) of the supernet (config.search `s`): L2, clipping,
+  Nesterov SGDR."""
+  return schedules.sgdr_momentum(*optimizer_settings(s, steps_per_epoch))
 
 
-def make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
-  """Data-parallel supernet step: (child_state, arc, key, x, y) -> (child_state, metrics).
+def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
+  """Data-parallel supernet step: (SupernetState, arc int32 [40], key, x [B, H, W, C],
+  y int32 [B]) -> (SupernetState, {'loss', 'acc'} of the main head).
 
-  keep_prob: dropout keep of the pooled features (ENAS's search child: 0.9); key: the
+  keep_prob: dropout keep of the pooled features (ENAS's search script: 0.9); key: the
   step's PRNG key (folded with the device index inside); dtype: compute dtype
   (fp_jax/run/precision.py: params, optimizer state and loss stay float32)."""
   def step(state, arc, key, x, y):
@@ -45,16 +59,12 @@ def make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux = supernet.forward(plan, pc, arc, xc, AXIS,
                                      reg={"key": key, "keep_prob": keep_prob})
-      logits, aux = precision.cast((logits, aux), jnp.float32)
-      ce = xent(logits, y)
-      loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
-      acc = jnp.mean(jnp.argmax(logits, -1) == y)
-      return jax.lax.pmean(loss, AXIS), jax.lax.pmean((ce, acc), AXIS)
+      return loss_lib.classification_loss(logits, aux, y, aux_weight)
 
-    (_, (ce, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt_state": opt_state}, {"loss": ce, "acc": acc}
+    (_, (ce, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return SupernetState(params, opt_state), {"loss": ce, "acc": acc}
 
   return parallel.data_parallel(step, mesh, (REPLICATED,) * 3 + (BATCH, BATCH),
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
@@ -76,7 +86,7 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32"):
     acc = lambda z: jax.lax.pmean(jnp.mean(jnp.argmax(z, -1) == y), AXIS)
     def loss(p):                       # (global-batch loss, logits)
       z = logits(p)
-      return jax.lax.pmean(xent(z, y), AXIS), z
+      return jax.lax.pmean(loss_lib.xent(z, y), AXIS), z
 
     grads = None
     if criterion == "taylor":
@@ -92,8 +102,9 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32"):
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32"):
-  """Optimizer and compiled steps, shared by every Search with the same settings."""
+def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32"):
+  """(tx, lr schedule, supernet step, reward evaluation), shared by every Search with the
+  same settings; opt: optimizer_settings."""
   tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule, make_child_step(plan, tx, aux_weight, keep_prob, mesh, dtype),
+  return (tx, schedule, make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype),
           make_reward_eval(plan, criterion, mesh, dtype))

@@ -29,12 +29,9 @@ from fp_jax.pruning import masked_update
 from fp_jax.run import parallel
 from fp_jax.run import precision
 from fp_jax.run import preemption
+from fp_jax.train import losses as loss_lib
 from fp_jax.train import schedules
 from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
-
-
-def xent(logits, labels):
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +76,8 @@ def make_train_step(plan, arc, tx, hparams, seed, mesh, dtype="float32"):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True, AXIS,
                                          with_aux=aux_weight > 0, reg=reg)
-      logits, aux = precision.cast((logits, aux), jnp.float32)
-      ce = xent(logits, y)
-      loss = ce + aux_weight * xent(aux, y) if aux is not None else ce
-      acc = jnp.mean(jnp.argmax(logits, -1) == y)
-      return jax.lax.pmean(loss, AXIS), (jax.lax.pmean((ce, acc), AXIS), stats)
+      loss, metrics = loss_lib.classification_loss(logits, aux, y, aux_weight)
+      return loss, (metrics, stats)
 
     (_, ((ce, acc), stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"], lr=lr)
@@ -133,7 +127,7 @@ class FixedTrainer:
   arc: np.ndarray
   recipe: Recipe
   seed: int
-  stream: int               # data stream (final 10, compress 20): different batch orders
+  stream: int               # streams.Stream (FINAL, COMPRESS): different batch orders
   mean: np.ndarray
   std: np.ndarray
   mesh: object
