@@ -7,9 +7,9 @@ import re
 
 from fp_jax.models import space
 from fp_jax.models import supernet
+from fp_jax.pruning.importance import CRITERIA as IMPORTANCE   # the criteria registry's names
 
 STAGES = ("search", "final", "compress", "latency", "profile")
-IMPORTANCE = ("l1", "bn", "taylor", "random")   # pruning.CRITERIA (kept import-light)
 RATIO_MEASURES = ("layers", "macs")              # supernet_flops.MEASURES
 COMPRESS_MODES = ("finetune", "scratch")
 LATENCY_DOTS = ("auto", "xla", "ynn")     # fused.DOT_LIBRARIES (kept import-light)

@@ -59,10 +59,10 @@ def run(config, workdir, ds):
   trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, 10, ds.mean, ds.std)
 
   def init_state():
-    params, stats = child.init(jax.random.fold_in(jax.random.key(config.seed), 10), plan, arc)
+    params, stats = child.init(jax.random.fold_in(jax.random.key(config.seed), 10), plan)
     return trainer.init_state(params, stats)
 
-  counts = flops.count(plan, arc)
+  counts = flops.count(plan)
   logging.info("final: %s, %d layers, F %d: %.2fM multiply-adds, %.3fM params; %d epochs x %d "
                "steps of %d", space.arc_to_string(arc), f.num_layers, f.out_filters,
                counts["macs"] / 1e6, counts["params_no_aux"] / 1e6, recipe.epochs,

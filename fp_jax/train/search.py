@@ -31,7 +31,7 @@ from fp_jax.run import errors
 from fp_jax.run import logs
 from fp_jax.run import parallel
 from fp_jax.run import preemption
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
 from fp_jax.train import reward as reward_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -145,7 +145,7 @@ class Search:
     ratios = np.asarray(ratios, np.float32)
     x, y = self._batch(self.ds.x_valid, self.ds.y_valid, position, s.eval_batch_size, stream,
                        augment=False)
-    groups = pruning.supernet_groups(self.plan, arc)
+    groups = groups_lib.supernet_groups(self.plan, arc)
     train_acc, prune_acc, kept = self.reward_eval(
         params, jnp.asarray(arc), jnp.asarray(ratios), groups, self._key(5, stream, position),
         x, y)
