@@ -1,4 +1,5 @@
-"""Importance criteria taylor (|w * dL/dw|) and random, checked against hand computations."""
+"""Importance criteria taylor (|w * dL/dw|) and random, checked against hand computations;
+a criterion registered in one place reaches both networks' masks and config validation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ from fp_jax import data
 from fp_jax.models import flops
 from fp_jax.run import parallel
 from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import importance
 from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -174,4 +176,43 @@ def test_compress_importance_is_validated():
   config.compress.importance = "magnitude"
   with pytest.raises(config_lib.ConfigError, match="compress.importance='magnitude': must be "
                      "one of l1, bn, taylor, random"):
+    config_lib.validate(config)
+
+
+def _l2_score(kernels, scale, lead=0):
+  """A criterion defined only here: the L2 norm of the producing filters."""
+  del scale
+  return jnp.concatenate([jnp.sqrt(jnp.sum(w * w, axis=tuple(range(lead, w.ndim - 1))))
+                          for w in kernels], -1)
+
+
+def test_a_registered_criterion_reaches_both_networks_and_the_config(fixed, monkeypatch):
+  """Adding a criterion is one registry entry: the fixed network's and the supernet's
+  masks rank by it, and config validation accepts its name (and no longer once removed)."""
+  from fp_jax import config as config_lib
+  monkeypatch.setitem(importance.REGISTRY, "l2", importance.Criterion(score=_l2_score))
+  assert importance.CRITERIA[-1] == "l2"
+  l2 = lambda w: np.sqrt(np.sum(np.asarray(w, np.float64) ** 2,
+                                axis=tuple(range(np.ndim(w) - 1))))
+  plan, params, _, _ = fixed
+  masks = jax.device_get(masks_lib.child_masks(plan, params, RATIOS, "l2"))
+  stem = lambda t: t["blocks"]["stem"]["conv"]
+  np.testing.assert_array_equal(masks_lib.value_mask(plan, masks, plan.stem),
+                                top(l2(stem(params)), RATIOS[0]))
+  l1 = jax.device_get(masks_lib.child_masks(plan, params, RATIOS, "l1"))
+  assert not np.array_equal(l1["units"], masks["units"])   # the test can tell them apart
+  splan = supernet.make_plan(1, 4, (8, 8, 3), 10)    # R R N; the stem feeds cell 0 only
+  sparams = supernet.init(jax.random.key(1), splan)
+  arc = ARC.copy()
+  arc[1] = space.SEP3                                # normal cell, node 0, slot 0: sep 3x3
+  smasks = jax.jit(lambda p: masks_lib.supernet_masks(
+      splan, p, jnp.asarray(arc), RATIOS, groups_lib.supernet_groups(splan, arc), "l2"))(sparams)
+  np.testing.assert_array_equal(smasks["stem"], top(l2(sparams["stem"]["conv"]), RATIOS[0]))
+  pw1 = np.asarray(sparams["cells"][2]["sep3"]["pw1"][0, 0, 0])
+  np.testing.assert_array_equal(smasks["cells"][2]["inner"][0, 0], top(l2(pw1), RATIOS[4]))
+  config = smoke.get_config()
+  config.search.importance = config.compress.importance = "l2"
+  config_lib.validate(config)
+  monkeypatch.undo()
+  with pytest.raises(config_lib.ConfigError, match="must be one of l1, bn, taylor, random$"):
     config_lib.validate(config)
