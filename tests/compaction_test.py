@@ -31,7 +31,8 @@ def _ratios(seed):
 # At num_layers 6 (cells N N R N N R N N): a normal cell with two outputs (nodes 5, 6)
 # gives the first reduction an h(i-2) of 2F = its F channels, and a reduction cell with
 # one output (node 6) gives the cell after next an h(i-2) of F channels: ENAS skips
-# both calibrations, tying channel spaces across cells (one through a concat).
+# both calibrations (which ties cells where h(i-2) passes through unchanged; see
+# test_skipped_calibrations_tie_cells).
 TWO_OUT_NORMAL = "0 0 1 1 2 4 0 2 3 3 1 0 4 4 1 3 4 0 2 1"
 ONE_OUT_REDUCE = "0 0 1 1 2 3 0 4 3 1 1 2 4 0 3 0 5 1 2 4"
 
@@ -250,14 +251,26 @@ def test_groups_of_the_published_arc():
 
 
 def test_skipped_calibrations_tie_cells():
-  """Where ENAS skips a calibration, two cells' channel spaces are one group."""
+  """Where ENAS skips a calibration, two cells' channel spaces are one group. All four
+  skips below read h(i-2) raw; in the reduction cells 2 and 5 it (the concat of cells 0
+  and 3) reaches the nodes only through a sep_conv and a strided identity (a factorized
+  reduction), so nothing ties; cells 4 and 7 read the one-output reduction cells 2 and 5
+  through an average pool (node 3), which ties each pair: one group of the reduction's F
+  units at its (earlier) stage, holding the reduction's output and the later cell's base."""
   plan, arc, _, _ = _net("skip_calib")
   names = {n.name for n in plan.nodes}
   skipped = [s.index for s in plan.cells if f"cells/{s.index}/calib_x" not in names]
   assert skipped == [2, 4, 5, 7], skipped
   g, _ = groups_lib.child_groups(plan)
-  cells_of_group = _cells_of_groups(plan, g)
-  assert any(len(c) > 1 for c in cells_of_group.values())
+  tied = {grp: cells for grp, cells in _cells_of_groups(plan, g).items() if len(cells) > 1}
+  assert sorted(sorted(cells) for cells in tied.values()) == [[2, 4], [5, 7]]
+  node = {n.name: j for j, n in enumerate(plan.nodes)}
+  for grp, cells in tied.items():
+    first, later = plan.cells[min(cells)], plan.cells[max(cells)]
+    assert later.inputs[0] == first.out
+    assert g.group_size[grp] == first.filters and g.group_stage[grp] == first.stage
+    for j in (first.out, node[f"cells/{later.index}/base"], node[f"cells/{later.index}/node3"]):
+      assert set(g.unit_group[g.unit_of[j]].tolist()) == {grp}, plan.nodes[j].name
 
 
 def test_bn_criterion_compacts_exactly():
