@@ -144,7 +144,7 @@ def build(arc, num_layers, out_filters, image_shape, num_classes):
     cells.append(GraphCell(i, reduce, stages[i], f, out_hw, tuple(prev), out, ch(out)))
     prev = [prev[1], out]
   return GraphPlan(c, (h, w), 3 * out_filters, num_classes, tuple(nodes), tuple(cells),
-              min(r2 + 1, num_layers + 1), prev[1])
+                   min(r2 + 1, num_layers + 1), prev[1])
 
 
 def param_nodes(plan):

@@ -106,16 +106,15 @@ def _kernels(p):
 
 
 def _supernet_space_scores(plan, tree, arc, score):
-  """Scores [width] of every space of supernet.space_table (0 for node spaces): each
-  slot's sep_conv scores are its chosen op's, at its chosen input's weight set."""
-  out = [score(_kernels(tree["stem"]), tree["stem"]["bn"]["scale"])]
+  """Scores f32 [N] of the channels of every space, in supernet.space_table's order
+  (0 where no producer opens the space: node spaces): each slot's sep_conv scores are
+  its chosen op's, at its chosen input's weight set."""
+  out = {"stem": score(_kernels(tree["stem"]), tree["stem"]["bn"]["scale"])}
   for spec in plan.cells:
-    cp, f = tree["cells"][spec.index], spec.filters
-    out += [score(_kernels(cp[name]), cp[name]["bn"]["scale"])
-            for j, name in enumerate(("calib_x", "calib_y")) if spec.calib[j] != "none"]
-    if spec.reduce:
-      out.append(score(_kernels(cp["reduce"]), cp["reduce"]["bn"]["scale"]))
-    out += [jnp.zeros((f,), jnp.float32)] * space.NUM_NODES
+    i, cp = spec.index, tree["cells"][spec.index]
+    for name in ("calib_x", "calib_y", "reduce"):
+      if name in cp:
+        out[(name, i)] = score(_kernels(cp[name]), cp[name]["bn"]["scale"])
     part = supernet.cell_arc(arc, spec)
     idx, op = supernet.slots(part)
     sets = cp["sep3"]["bn1"]["scale"].shape[2]
@@ -125,11 +124,13 @@ def _supernet_space_scores(plan, tree, arc, score):
     is5 = (op == space.SEP5)[..., None]
     inner = jnp.where(is5, picked[2], picked[0])                          # [5, 2, F]
     outer = jnp.where(is5, picked[3], picked[1])
-    out += [outer[k, s] for k in range(space.NUM_NODES) for s in range(2)]
-    out += [inner[k, s] for k in range(space.NUM_NODES) for s in range(2)]
+    for k in range(space.NUM_NODES):
+      for s in range(2):
+        out[("out", i, k, s)], out[("inner", i, k, s)] = outer[k, s], inner[k, s]
     rows = supernet.unused(part)[:, None, None]       # the final conv reads unused values
-    out.append(score((cp["final"]["w"] * rows,), cp["final"]["bn"]["scale"]))
-  return out
+    out[("final", i)] = score((cp["final"]["w"] * rows,), cp["final"]["bn"]["scale"])
+  return jnp.concatenate([out[key] if key in out else jnp.zeros((w,), jnp.float32)
+                          for key, w, _ in supernet.space_table(plan)])
 
 
 def supernet_units(plan, params, arc, groups, criterion="l1", grads=None, key=None):
@@ -141,7 +142,7 @@ def supernet_units(plan, params, arc, groups, criterion="l1", grads=None, key=No
   if crit.draw is not None:
     imp = crit.draw(key, n)
   else:
-    imp = jnp.concatenate(_supernet_space_scores(plan, tree, arc, crit.score))
+    imp = _supernet_space_scores(plan, tree, arc, crit.score)
   return jnp.zeros(n, jnp.float32).at[groups["unit_of"]].add(imp)
 
 

@@ -79,30 +79,22 @@ def supernet_masks(plan, params, arc, ratios, groups, criterion="l1", grads=None
   imp = importance.supernet_units(plan, params, arc, groups, criterion, grads, key)
   units = unit_masks(imp, groups["unit_group"], groups["group_size"], groups["group_stage"],
                      groups["group_fixed"], ratios)
-  flat, off = units[groups["unit_of"]], 0
-
-  def take(width, shape=()):
-    nonlocal off
-    off += width
-    return flat[off - width:off].reshape(shape + (-1,))
-
-  masks = {"stem": take(plan.stem_channels), "cells": [], "units": units}
-  cells_kept = []
+  flat, off, of = units[groups["unit_of"]], 0, {}
+  for key, width, _ in supernet.space_table(plan):       # unit_of follows the table
+    of[key], off = flat[off:off + width], off + width
+  nodes = range(space.NUM_NODES)
+  masks = {"stem": of["stem"], "cells": [], "units": units}
   for spec in plan.cells:
-    f, m, n = spec.filters, {}, space.NUM_NODES
-    for j, name in enumerate(("calib_x", "calib_y")):
-      if spec.calib[j] != "none":
-        m[name] = take(f)
-    if spec.reduce:
-      m["reduce"] = take(f)
-    m["node"] = take(f * n, (n,))
-    m["out"] = take(f * 2 * n, (n, 2))
-    m["inner"] = take(f * 2 * n, (n, 2))
-    m["final"] = take(f)
+    i = spec.index
+    m = {name: of[(name, i)] for name in ("calib_x", "calib_y", "reduce") if (name, i) in of}
+    m["node"] = jnp.stack([of[("node", i, k)] for k in nodes])
+    for kind in ("out", "inner"):
+      m[kind] = jnp.stack([jnp.stack([of[(kind, i, k, s)] for s in range(2)]) for k in nodes])
+    m["final"] = of[("final", i)]
     masks["cells"].append(m)
-    count = lambda name: jnp.sum(m[name], -1) if name in m else None
-    cells_kept.append(supernet.CellKept(*[count(name) for name in supernet.CellKept._fields]))
-  masks["kept"] = supernet.Kept(jnp.sum(masks["stem"]), tuple(cells_kept))
+  masks["kept"] = supernet.Kept(jnp.sum(masks["stem"]), tuple(
+      supernet.CellKept(**{k: jnp.sum(m[k], -1) if k in m else None
+                           for k in supernet.CellKept._fields}) for m in masks["cells"]))
   return masks
 
 
