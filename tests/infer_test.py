@@ -33,14 +33,14 @@ CASES = {
 
 
 def _net(name):
-  """(plan, arc, params, stats): random weights, random BN stats, maybe compacted."""
+  """(plan, params, stats): random weights, random BN stats, maybe compacted."""
   if name not in _CACHE:
     arc, num_layers, ratios = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
     params, stats = networks.random_init(plan, len(name))
     if ratios is not None:
       params, stats = networks.prune(plan, params, stats, ratios)
-    _CACHE[name] = (plan, arc, params, stats)
+    _CACHE[name] = (plan, params, stats)
   return _CACHE[name]
 
 
@@ -54,7 +54,7 @@ def _executors(name):
 def _reference(name):
   """child.forward eval logits on X (cached)."""
   if ("ref", name) not in _CACHE:
-    plan, arc, params, stats = _net(name)
+    plan, params, stats = _net(name)
     fn = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0])
     _CACHE["ref", name] = np.asarray(fn(params, stats, X))
   return _CACHE["ref", name]
@@ -85,7 +85,7 @@ def test_fused_equals_perop_equals_child(name):
 
 def test_fused_options_and_compact_widths():
   """im2col + grouped-conv depthwise give the same logits; compact nets are smaller."""
-  plan, arc, params, stats = _net("enas_pruned")
+  plan, params, stats = _net("enas_pruned")
   assert params["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
   assert params["fc"]["w"].shape[0] < plan.cells[-1].out_channels
   ref = _reference("enas_pruned")
@@ -99,7 +99,7 @@ def test_fused_options_and_compact_widths():
 def test_channel_padding_keeps_logits(multiple):
   """Every channel group padded to the multiple (odd compact widths, factorized
   reductions, reduction cells) with zeros; logits unchanged."""
-  plan, arc, params, stats = _net("uniform4_pruned")
+  plan, params, stats = _net("uniform4_pruned")
   ref = _reference("uniform4_pruned")
   padded, _ = padding.pad_channels(plan, params, stats, multiple)
   plain_w = flops.widths_of_params(plan, params)
@@ -127,7 +127,7 @@ def test_channel_padding_keeps_logits(multiple):
 
 def test_padding_concat_layout():
   """A concat of padded parts is padded after each part (blocked layout)."""
-  plan, arc, params, stats = _net("uniform4_pruned")
+  plan, params, stats = _net("uniform4_pruned")
   lay = padding.layouts(plan, params, 8)
   for j, n in enumerate(plan.nodes):
     if n.kind == "concat":
@@ -151,7 +151,7 @@ def test_depthwise_shared_padding():
 def test_dot_library_compiler_options():
   """dots=auto|xla: XLA:CPU's own dots (no YNNPACK fusion), per compilation, in the fused
   and per-op paths alike; ynn: XLA's defaults."""
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   assert jax.default_backend() == "cpu"
   hlo = {d: fused.Fused(plan, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
          for d in ("auto", "ynn")}
@@ -289,7 +289,7 @@ def test_breakdown_parts_sum_to_total():
 
 
 def test_export_stablehlo_roundtrip(tmp_path):
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   ref = _reference("tiny")
   path = str(tmp_path / "net.stablehlo")
   exported = export.export_stablehlo(path, plan, params, stats, (HW, HW, 3))
@@ -300,7 +300,7 @@ def test_export_stablehlo_roundtrip(tmp_path):
 
 def test_export_savedmodel_roundtrip(tmp_path):
   pytest.importorskip("tensorflow")
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   ref = _reference("tiny")
   directory = str(tmp_path / "saved")
   export.export_savedmodel(directory, plan, params, stats, (HW, HW, 3))
