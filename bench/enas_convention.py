@@ -92,7 +92,7 @@ def main():
   a = ap.parse_args()
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, a.num_layers, a.out_filters, (32, 32, 3), 10)
-  rows = {"ours": flops.count(plan, arc), "enas": enas_counts(arc, a.num_layers, a.out_filters),
+  rows = {"ours": flops.count(plan), "enas": enas_counts(arc, a.num_layers, a.out_filters),
           "published": {"macs": 751_000_000, "params": 4_600_000}}
   print(f"ENAS cell, {a.num_layers} layers, F {a.out_filters}, 32x32x3")
   print("| convention | multiply-adds (M) | params (M) | params without aux (M) |")

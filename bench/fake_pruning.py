@@ -45,6 +45,7 @@ from fp_jax import main as main_lib
 from fp_jax.train import compress
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.train.streams import Stream
 
 SETTINGS = {"enas": (0.0, 0.0), "ratio": (1.0, 0.0), "fake_prune": (1.0, 20.0)}  # (a / A, b)
@@ -77,14 +78,14 @@ def masked_error(config, workdir, ds, ratio):
   x, y = final.training_images(ds)
   trainer = trainer_lib.FixedTrainer.build(plan, arc, compress.compress_recipe(config, len(y)),
                                            config.seed, Stream.COMPRESS, ds.mean, ds.std)
-  masks = jax.device_get(jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r))(
+  masks = jax.device_get(jax.jit(lambda p, r: masks_lib.child_masks(plan, p, r))(
       params, np.full(5, ratio, np.float32)))
-  masked = compaction.apply_child_masks(plan, arc, params, masks)
-  restats = bn_reestimate.reestimate(compress.train_mode_stats(plan, arc), masked, stats,
+  masked = masks_lib.apply_child_masks(plan, params, masks)
+  restats = bn_reestimate.reestimate(compress.train_mode_stats(plan), masked, stats,
                                      compress.bn_batches(config, x, y, ds.mean, ds.std),
                                      trainer.mesh)
   acc = trainer.evaluate(masked, restats, ds.x_test, ds.y_test)
-  return 100.0 * (1.0 - acc), flops.count(plan, arc, compaction.widths_of(plan, masks))["macs"]
+  return 100.0 * (1.0 - acc), flops.count(plan, compaction.widths_of(plan, masks))["macs"]
 
 
 def run_one(args, setting, seed, ds):

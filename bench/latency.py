@@ -6,7 +6,7 @@
 The published ENAS architecture (space.ENAS_ARC) at final-training size,
 random weights (networks.random_init) with BN statistics estimated on random
 images (networks.estimate_bn), compacted with one ratio for all 5 stages, chosen
-(flops.count of the compaction widths) so multiply-adds fall by about --target,
+(flops.count of compaction.ratio_widths) so multiply-adds fall by about --target,
 and the compact network's BN statistics estimated again. Both networks are
 exported to LiteRT and ONNX (fp_jax.infer.export; --no_runtimes skips them).
 Runs fp_jax.infer.latency.measure (batch-1 latency per image, the variants --
@@ -71,35 +71,24 @@ def main():
   from bench import common  # pylint: disable=g-import-not-at-top
   from fp_jax.models import child, flops, space  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import fused, latency, networks, runtimes  # pylint: disable=g-import-not-at-top
+  from fp_jax.pruning import compaction  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, args.num_layers, args.out_filters, (args.image, args.image, 3),
                          args.classes)
-  full_macs = flops.count(plan, arc)["macs"]
+  full_macs = flops.count(plan)["macs"]
 
-  def reduction(r):     # every channel group keeps flops.kept(size, r) (graph.py values)
-    vals = []
-    for n in plan.nodes:
-      if n.kind == "image":
-        vals.append(n.channels)
-      elif n.kind == "concat":
-        vals.append(sum(vals[i] for i in n.inputs))
-      elif n.kind in ("avg", "max", "add"):
-        vals.append(vals[n.inputs[0]])
-      else:
-        vals.append(flops.kept(n.channels, r))
-    widths = {"values": vals, "inner": {n.name: flops.kept(n.channels, r)
-                                        for n in plan.nodes if n.kind == "sep"}}
-    return 1.0 - flops.count(plan, arc, widths)["macs"] / full_macs
+  def reduction(r):     # every channel group keeps masks.keep_count(size, r)
+    return 1.0 - flops.count(plan, compaction.ratio_widths(plan, (r,) * 5))["macs"] / full_macs
 
   grid = np.round(np.arange(0.0, 0.91, 0.01), 2)
   ratio = float(grid[np.argmin([abs(reduction(r) - args.target) for r in grid])])
   common.log(f"ratio {ratio} for all stages: {100 * reduction(ratio):.1f}% fewer multiply-adds")
   t0 = time.perf_counter()
-  params, stats = networks.random_init(plan, arc, args.seed)
-  stats = networks.estimate_bn(plan, arc, params, stats, args.seed)
-  cp, cs = networks.prune(plan, arc, params, stats, (ratio,) * 5)
-  cs = networks.estimate_bn(plan, arc, cp, cs, args.seed + 1)
+  params, stats = networks.random_init(plan, args.seed)
+  stats = networks.estimate_bn(plan, params, stats, args.seed)
+  cp, cs = networks.prune(plan, params, stats, (ratio,) * 5)
+  cs = networks.estimate_bn(plan, cp, cs, args.seed + 1)
   nets = {"baseline": networks.Net(plan, arc, params, stats),
           "pruned": networks.Net(plan, arc, cp, cs)}
   common.log(f"networks built, BN statistics estimated ({time.perf_counter() - t0:.0f} s)")
@@ -130,7 +119,7 @@ def main():
   fns = {}
   n = nets["pruned"]
   for name, o in ablation.items():
-    f = fused.Fused(n.plan, n.arc, n.params, n.stats, o)
+    f = fused.Fused(n.plan, n.params, n.stats, o)
     jax.block_until_ready(f(singles[0]))
     fns[name] = f
   for rep in range(args.warmup):

@@ -4,7 +4,7 @@
 
 Times, interleaved over random arcs and per-stage ratios (all traced, each
 function compiled once): (a) TrainAcc = supernet forward + accuracy, (b) PruneAcc
-= pruning.supernet_masks + pruning.apply_supernet_masks + forward + accuracy,
+= masks.supernet_masks + masks.apply_supernet_masks + forward + accuracy,
 (c) the mask transform alone (masks; masks + apply), and (d) the full reward
 evaluation search_steps.make_reward_eval (both accuracies in one call). --batch is the
 evaluation batch (search.eval_batch_size). Writes bench/results/pruning.json.
@@ -25,7 +25,9 @@ import numpy as np
 from bench import common
 from configs import default
 from fp_jax.run import parallel
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import importance
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
@@ -34,7 +36,7 @@ from fp_jax.train import search_steps
 
 def main():
   parser = common.add_size_flags(argparse.ArgumentParser(description=__doc__), steps=10)
-  parser.add_argument("--criterion", default="l1", choices=pruning.CRITERIA)
+  parser.add_argument("--criterion", default="l1", choices=importance.CRITERIA)
   args = parser.parse_args()
   shape = (args.image, args.image, 3)
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -53,8 +55,8 @@ def main():
     return jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS)
 
   def masked(p, arc, ratios, groups):
-    masks = pruning.supernet_masks(plan, p, arc, ratios, groups, args.criterion)
-    return pruning.apply_supernet_masks(plan, p, arc, masks)
+    masks = masks_lib.supernet_masks(plan, p, arc, ratios, groups, args.criterion)
+    return masks_lib.apply_supernet_masks(plan, p, arc, masks)
 
   fns = {
       "train_acc": parallel.data_parallel(acc, mesh, (REPLICATED,) * 2 + (BATCH, BATCH),
@@ -62,14 +64,14 @@ def main():
       "prune_acc": parallel.data_parallel(
           lambda p, arc, ratios, g, x, y: acc(masked(p, arc, ratios, g), arc, x, y), mesh,
           (REPLICATED,) * 4 + (BATCH, BATCH), REPLICATED),
-      "masks": jax.jit(lambda p, arc, ratios, g: pruning.supernet_masks(plan, p, arc, ratios, g,
+      "masks": jax.jit(lambda p, arc, ratios, g: masks_lib.supernet_masks(plan, p, arc, ratios, g,
                                                                         args.criterion)),
       "masks_apply": jax.jit(masked),
       "reward_eval": search_steps.make_reward_eval(plan, args.criterion, mesh),
   }
   arc0 = jnp.asarray(space.sample_uniform(np.random.default_rng(args.seed)))
   r0 = jnp.zeros((5,), jnp.float32)
-  g = lambda arc: pruning.supernet_groups(plan, np.asarray(arc))   # host-side, per arc
+  g = lambda arc: groups_lib.supernet_groups(plan, np.asarray(arc))   # host-side, per arc
   call_args = {"train_acc": lambda arc, r: (params, arc, x, y),
                "prune_acc": lambda arc, r: (params, arc, r, g(arc), x, y),
                "masks": lambda arc, r: (params, arc, r, g(arc)),

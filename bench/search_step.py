@@ -41,12 +41,12 @@ from fp_jax.train import losses as loss_lib
 from fp_jax.train import search_steps
 
 
-def make_fixed_step(plan, arc, tx, aux_weight, dtype="float32"):
+def make_fixed_step(plan, tx, aux_weight, dtype="float32"):
   """The fixed network's train step, equivalent to search_steps.make_supernet_step."""
   def step(state, x, y):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
-      logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True)
+      logits, aux, stats = child.forward(plan, pc, state["stats"], xc, True)
       loss, (ce, acc) = loss_lib.classification_loss(logits, aux, y, aux_weight, None)
       return loss, (ce, acc, stats)
 
@@ -96,11 +96,11 @@ def bench_child(args, arc):
 
   # (b) the fixed network of `arc`
   fplan = child.make_plan(arc, args.num_layers, args.out_filters, shape, args.classes)
-  fparams, fstats = child.init(jax.random.key(args.seed), fplan, arc)
+  fparams, fstats = child.init(jax.random.key(args.seed), fplan)
   n_fixed = param_count(fparams)
   fstate = {"params": fparams, "opt_state": tx.init(fparams), "stats": fstats}
   fx, fy = jnp.asarray(x_np), jnp.asarray(y_np)
-  fstep = make_fixed_step(fplan, arc, tx, cfg.aux_weight, args.dtype)
+  fstep = make_fixed_step(fplan, tx, cfg.aux_weight, args.dtype)
   fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy)
   common.log(f"fixed step ({n_fixed} params): trace {f_trace:.1f}s compile {f_compile:.1f}s")
 

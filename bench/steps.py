@@ -118,7 +118,7 @@ def fixed_step(pkg, num_layers, filters, batch, image, classes, dtype="float32",
   f = default.get_config().final
   arc = space.parse_arc(space.ENAS_ARC) if arc is None else arc
   plan = child.make_plan(arc, num_layers, filters, (image, image, 3), classes)
-  params, stats = child.init(jax.random.key(seed), plan, arc)
+  params, stats = child.init(jax.random.key(seed), plan)
   tx = schedules.momentum_lr_arg(f.momentum, f.l2, f.grad_clip)
   mesh = parallel.make_mesh(jax.devices()[:1])
   extra = () if dtype == "float32" else (dtype,)

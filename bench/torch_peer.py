@@ -170,7 +170,7 @@ def build(num_layers, filters, image, classes, seed=0, arc=None):
   """(plan, fp_jax params, torch Net) of the fixed network of `arc` (default ENAS's)."""
   arc = space.parse_arc(space.ENAS_ARC) if arc is None else arc
   plan = child.make_plan(arc, num_layers, filters, (image, image, 3), classes)
-  params, _ = child.init(jax.random.key(seed), plan, arc)
+  params, _ = child.init(jax.random.key(seed), plan)
   return plan, params, Net(plan, params)
 
 
@@ -179,7 +179,7 @@ def check(plan, params, net, x):
   [B,H,W,3] (train-mode BN, no regularisation)."""
   t = _torch()
   _, stats = child.init(jax.random.key(0), plan)
-  logits, aux, _ = child.forward(plan, None, params, stats, x, True)
+  logits, aux, _ = child.forward(plan, params, stats, x, True)
   with t.no_grad():
     tl, ta = net.forward(t.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
   rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - b.numpy())) /

@@ -19,7 +19,7 @@ from fp_jax.models import controller
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
-from fp_jax.pruning import supernet_masks
+from fp_jax.pruning import importance
 from fp_jax.run import precision
 
 STAGES = ("search", "final", "compress", "latency", "profile")
@@ -191,7 +191,7 @@ NETWORK = {
     "momentum": Float(0.0, 1.0), "l2": Float(0.0), "aux_weight": Float(0.0),
     "grad_clip": Float(0.0, lo_open=True), "keep_prob": Float(0.0, 1.0, lo_open=True),
 }
-CRITERIA = Choice(supernet_masks.CRITERIA)
+CRITERIA = Choice(importance.CRITERIA)   # the criteria registry's live names
 
 FIELDS = {
     "seed": Int(0),

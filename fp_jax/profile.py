@@ -34,8 +34,8 @@ def run(config, workdir):
   shape, num_classes = image_shape(config)
   f = config.final
   plan = child.make_plan(arc, f.num_layers, f.out_filters, shape, num_classes)
-  counts = flops.count(plan, arc)
-  params, _ = jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+  counts = flops.count(plan)
+  params, _ = jax.eval_shape(lambda: child.init(jax.random.key(0), plan))
   assert flops.param_count(params) == counts["params"], "analytic params != pytree params"
   result = {"macs": counts["macs"], "params": counts["params"],
             "params_no_aux": counts["params_no_aux"], "aux_macs": counts["aux_macs"],

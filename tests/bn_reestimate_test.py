@@ -12,6 +12,7 @@ from fp_jax.models import layers
 from fp_jax.run import parallel
 from fp_jax.models import space
 from fp_jax.train import compress
+from fp_jax.pruning import masks as masks_lib
 
 ARC = space.parse_arc(space.ENAS_ARC)
 
@@ -62,9 +63,9 @@ def test_refuses_an_eval_mode_pass_and_no_batches():
 
 def _masked_net():
   plan = child.make_plan(ARC, 1, 6, (8, 8, 1), 10)
-  params, stats = child.init(jax.random.key(4), plan, ARC)
-  masks = jax.device_get(compaction.child_masks(plan, ARC, params, np.float32([0.5] * 5)))
-  return plan, compaction.apply_child_masks(plan, ARC, params, masks), stats, masks
+  params, stats = child.init(jax.random.key(4), plan)
+  masks = jax.device_get(masks_lib.child_masks(plan, params, np.float32([0.5] * 5)))
+  return plan, masks_lib.apply_child_masks(plan, params, masks), stats, masks
 
 
 def _bn_eval(x, p_bn, mean, var):
@@ -80,7 +81,7 @@ def test_masked_network_statistics_equal_a_hand_computation():
   plan, masked, stats, masks = _masked_net()
   rng = np.random.default_rng(1)
   batches = [rng.normal(0.0, 1.0, (16, 8, 8, 1)).astype(np.float32) for _ in range(3)]
-  out = bn_reestimate.reestimate(compress.train_mode_stats(plan, ARC), masked, stats, batches)
+  out = bn_reestimate.reestimate(compress.train_mode_stats(plan), masked, stats, batches)
   p = jax.device_get(masked)
   blocks, new = p["blocks"], out["blocks"]
   w_stem = blocks["stem"]["conv"]
@@ -91,7 +92,7 @@ def test_masked_network_statistics_equal_a_hand_computation():
   got = new["stem"]["bn"]
   np.testing.assert_allclose(got["mean"], stem_all.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got["var"], stem_all.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
-  pruned = np.asarray(compaction.value_mask(plan, masks, plan.stem)) == 0
+  pruned = np.asarray(masks_lib.value_mask(plan, masks, plan.stem)) == 0
   assert pruned.any() and not pruned.all()
   assert np.all(np.asarray(got["mean"])[pruned] == 0) and np.all(np.asarray(got["var"])[pruned] == 0)
 
@@ -117,20 +118,20 @@ def test_masked_network_statistics_equal_a_hand_computation():
   assert np.all(np.asarray(y_stem)[..., pruned] == 0.0)
   assert np.all(np.abs(np.asarray(y_stem)[..., ~pruned]).max((0, 1, 2)) > 0)
   calib = [j for j, n in enumerate(plan.nodes) if n.name == "cells/0/calib_x"][0]
-  cell_pruned = np.asarray(compaction.value_mask(plan, masks, calib)) == 0
+  cell_pruned = np.asarray(masks_lib.value_mask(plan, masks, calib)) == 0
   y_cal, _ = layers.relu_conv_bn(masked["blocks"]["cells/0/calib_x"], new["cells/0/calib_x"],
                                  y_stem, False)
   assert cell_pruned.any() and np.all(np.asarray(y_cal)[..., cell_pruned] == 0.0)
   # ... so removing them changes no logit
-  _, cp, cs = compaction.compact(plan, ARC, p, jax.device_get(out), masks)
-  assert compress.max_abs_diff(plan, ARC, masked, out, cp, cs, x) < 1e-5
+  _, cp, cs = compaction.compact(plan, p, jax.device_get(out), masks)
+  assert compress.max_abs_diff(plan, masked, out, cp, cs, x) < 1e-5
 
 
 def test_one_device_equals_two():
   plan, masked, stats, _ = _masked_net()
   rng = np.random.default_rng(2)
   batches = [rng.normal(0.0, 1.0, (8, 8, 8, 1)).astype(np.float32) for _ in range(2)]
-  update = compress.train_mode_stats(plan, ARC)
+  update = compress.train_mode_stats(plan)
   two = bn_reestimate.reestimate(update, masked, stats, batches)
   one = bn_reestimate.reestimate(update, masked, stats, batches,
                                  parallel.make_mesh(jax.devices()[:1]))

@@ -39,7 +39,7 @@ def test_forward_with_scanned_runs_equals_cell_by_cell(monkeypatch):
   assert child.cell_runs(plan, params) == [[0], [1], [2, 3], [4], [5], [6, 7, 8], [9], [10],
                                            [11, 12, 13]]
   x = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
-  fwd = lambda p: child.forward(plan, ARC, p, stats, x, True, reg=REG)
+  fwd = lambda p: child.forward(plan, p, stats, x, True, reg=REG)
   got = jax.jit(fwd)(params)
   monkeypatch.setattr(child, "cell_runs", SINGLE)
   close(got, jax.jit(fwd)(params), 1e-5)

@@ -8,7 +8,8 @@ from fp_jax.models import child
 from fp_jax.pruning import compaction
 from fp_jax.models import flops
 from fp_jax.models import layers
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 
 F, HW, CLASSES, BATCH = 4, 8, 10, 8
@@ -30,7 +31,8 @@ def _ratios(seed):
 # At num_layers 6 (cells N N R N N R N N): a normal cell with two outputs (nodes 5, 6)
 # gives the first reduction an h(i-2) of 2F = its F channels, and a reduction cell with
 # one output (node 6) gives the cell after next an h(i-2) of F channels: ENAS skips
-# both calibrations, tying channel spaces across cells (one through a concat).
+# both calibrations (which ties cells where h(i-2) passes through unchanged; see
+# test_skipped_calibrations_tie_cells).
 TWO_OUT_NORMAL = "0 0 1 1 2 4 0 2 3 3 1 0 4 4 1 3 4 0 2 1"
 ONE_OUT_REDUCE = "0 0 1 1 2 3 0 4 3 1 1 2 4 0 3 0 5 1 2 4"
 
@@ -56,11 +58,11 @@ def _xla_depthwise():
   layers.DEPTHWISE_IMPL = old
 
 
-def _random_init(plan, arc, seed):
+def _random_init(plan, seed):
   """child.init's pytrees filled on the host (fast: no per-shape PRNG compiles):
   He-normal convs, random BN scales (0.3..1.5, so 'bn' has no ties) and biases."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: child.init(jax.random.PRNGKey(0), plan, arc))
+  shapes = jax.eval_shape(lambda: child.init(jax.random.PRNGKey(0), plan))
 
   def fill(path, leaf):
     name = jax.tree_util.keystr(path)
@@ -84,10 +86,10 @@ def _net(name):
   if name not in _CACHE:
     arc, num_layers, _ = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
-    params, stats = _random_init(plan, arc, len(_CACHE))
+    params, stats = _random_init(plan, len(_CACHE))
     for i in range(3):
       x = jax.random.normal(jax.random.PRNGKey(10 + i), X.shape) * (1.0 + 0.3 * i)
-      _, _, stats = child.forward(plan, arc, params, stats, x, True)
+      _, _, stats = child.forward(plan, params, stats, x, True)
     _CACHE[name] = (plan, arc, params, stats)
   return _CACHE[name]
 
@@ -96,18 +98,18 @@ def _pruned(name, criterion="l1"):
   key = (name, criterion)
   if key not in _CACHE:
     plan, arc, params, stats = _net(name)
-    masks = jax.device_get(compaction.child_masks(plan, arc, params, CASES[name][2], criterion))
-    masked = compaction.apply_child_masks(plan, arc, params, masks)
-    _CACHE[key] = (masks, masked) + compaction.compact(plan, arc, params, stats, masks)
+    masks = jax.device_get(masks_lib.child_masks(plan, params, CASES[name][2], criterion))
+    masked = masks_lib.apply_child_masks(plan, params, masks)
+    _CACHE[key] = (masks, masked) + compaction.compact(plan, params, stats, masks)
   return _CACHE[key]
 
 
-def _max_diffs(plan, arc, pa, sa, pb, sb):
+def _max_diffs(plan, pa, sa, pb, sb):
   """{mode: (max |a - b| over logits and aux logits, max |a|)} for eval and train mode."""
   out = {}
   for mode, train in (("eval", False), ("train", True)):
-    la, aa, _ = child.forward(plan, arc, pa, sa, X, train)
-    lb, ab, _ = child.forward(plan, arc, pb, sb, X, train)
+    la, aa, _ = child.forward(plan, pa, sa, X, train)
+    lb, ab, _ = child.forward(plan, pb, sb, X, train)
     diff = max(float(jnp.max(jnp.abs(la - lb))), float(jnp.max(jnp.abs(aa - ab))))
     out[mode] = (diff, max(float(jnp.max(jnp.abs(la))), float(jnp.max(jnp.abs(aa)))))
   return out
@@ -130,7 +132,7 @@ def _expected_keep(c, r):
 def test_masked_logits_equal_compact(name):
   plan, arc, params, stats = _net(name)
   _, masked, _, cp, cs = _pruned(name)
-  _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), name)
+  _check_close(_max_diffs(plan, masked, stats, cp, cs), name)
 
 
 def test_compact_with_shift_depthwise():
@@ -139,7 +141,7 @@ def test_compact_with_shift_depthwise():
   _, masked, _, cp, cs = _pruned("uniform2_l1")
   old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "shift"
   try:
-    _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "uniform2_l1/shift")
+    _check_close(_max_diffs(plan, masked, stats, cp, cs), "uniform2_l1/shift")
   finally:
     layers.DEPTHWISE_IMPL = old
 
@@ -151,25 +153,25 @@ def test_counts_match_flops(name):
   assert widths == compaction.widths_of(plan, masks)
   if name != "skip_calib":
     assert widths == compaction.ratio_widths(plan, CASES[name][2])
-  expected = flops.count(plan, arc, widths)
+  expected = flops.count(plan, widths)
   assert flops.param_count(cp) == expected["params"]
   assert flops.widths_of_params(plan, cp) == widths
   old = layers.DEPTHWISE_IMPL
   layers.DEPTHWISE_IMPL = "xla"
   try:
     macs = flops.jaxpr_macs(
-        lambda p, s, x: child.forward(plan, arc, p, s, x, False, with_aux=False)[0],
+        lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0],
         cp, cs, X[:1])
   finally:
     layers.DEPTHWISE_IMPL = old
   assert macs == expected["macs"]
-  assert expected["macs"] < flops.count(plan, arc)["macs"] or not np.any(CASES[name][2])
+  assert expected["macs"] < flops.count(plan)["macs"] or not np.any(CASES[name][2])
 
 
 def _unit_importance(plan, params, criterion):
   """Independent recomputation of every unit's importance: for each producer (conv, fr,
   sep output and inner), its per-channel importance added to the units of its channels."""
-  g, inner = compaction.structure(plan)
+  g, inner = groups_lib.child_groups(plan)
   if criterion == "l1":
     l1 = lambda w: np.abs(np.asarray(w)).reshape(-1, np.shape(w)[-1]).sum(0)
     prod = lambda p: (l1(p["conv"]) if "conv" in p
@@ -197,7 +199,7 @@ def test_masks_keep_top_units_of_each_group(name, criterion):
   plan, arc, params, _ = _net(name)
   ratios = CASES[name][2]
   units = np.asarray(_pruned(name, criterion)[0]["units"])
-  g, _ = compaction.structure(plan)
+  g, _ = groups_lib.child_groups(plan)
   imp = _unit_importance(plan, params, criterion)
   assert set(np.unique(units)) <= {0.0, 1.0}
   for grp in range(len(g.group_size)):
@@ -227,7 +229,7 @@ def test_groups_of_the_published_arc():
   nodes 2, 3, 4, 6; reduction cell: 3, 6); a node of sep_convs or of a strided identity
   (a factorized reduction) is a group alone."""
   plan, arc, _, _ = _net("enas_max_ratio")
-  g, inner = compaction.structure(plan)
+  g, inner = groups_lib.child_groups(plan)
   cells_of_group = _cells_of_groups(plan, g)
   assert all(len(c) == 1 for c in cells_of_group.values())
   stem = np.unique(g.unit_group[g.unit_of[plan.stem]])
@@ -249,14 +251,26 @@ def test_groups_of_the_published_arc():
 
 
 def test_skipped_calibrations_tie_cells():
-  """Where ENAS skips a calibration, two cells' channel spaces are one group."""
+  """Where ENAS skips a calibration, two cells' channel spaces are one group. All four
+  skips below read h(i-2) raw; in the reduction cells 2 and 5 it (the concat of cells 0
+  and 3) reaches the nodes only through a sep_conv and a strided identity (a factorized
+  reduction), so nothing ties; cells 4 and 7 read the one-output reduction cells 2 and 5
+  through an average pool (node 3), which ties each pair: one group of the reduction's F
+  units at its (earlier) stage, holding the reduction's output and the later cell's base."""
   plan, arc, _, _ = _net("skip_calib")
   names = {n.name for n in plan.nodes}
   skipped = [s.index for s in plan.cells if f"cells/{s.index}/calib_x" not in names]
   assert skipped == [2, 4, 5, 7], skipped
-  g, _ = compaction.structure(plan)
-  cells_of_group = _cells_of_groups(plan, g)
-  assert any(len(c) > 1 for c in cells_of_group.values())
+  g, _ = groups_lib.child_groups(plan)
+  tied = {grp: cells for grp, cells in _cells_of_groups(plan, g).items() if len(cells) > 1}
+  assert sorted(sorted(cells) for cells in tied.values()) == [[2, 4], [5, 7]]
+  node = {n.name: j for j, n in enumerate(plan.nodes)}
+  for grp, cells in tied.items():
+    first, later = plan.cells[min(cells)], plan.cells[max(cells)]
+    assert later.inputs[0] == first.out
+    assert g.group_size[grp] == first.filters and g.group_stage[grp] == first.stage
+    for j in (first.out, node[f"cells/{later.index}/base"], node[f"cells/{later.index}/node3"]):
+      assert set(g.unit_group[g.unit_of[j]].tolist()) == {grp}, plan.nodes[j].name
 
 
 def test_bn_criterion_compacts_exactly():
@@ -264,9 +278,9 @@ def test_bn_criterion_compacts_exactly():
   masks_l1, masks_bn = _pruned("uniform1", "l1")[0], _pruned("uniform1", "bn")[0]
   assert not np.array_equal(masks_l1["units"], masks_bn["units"])
   _, masked, widths, cp, cs = _pruned("uniform1", "bn")
-  _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "uniform1/bn")
-  assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
-  widths2, cp2, _ = compaction.prune(plan, arc, params, stats, CASES["uniform1"][2], "bn")
+  _check_close(_max_diffs(plan, masked, stats, cp, cs), "uniform1/bn")
+  assert flops.param_count(cp) == flops.count(plan, widths)["params"]
+  widths2, cp2, _ = compaction.prune(plan, params, stats, CASES["uniform1"][2], "bn")
   assert widths2 == widths
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(cp2), jax.tree.leaves(cp)))
 
@@ -274,10 +288,10 @@ def test_bn_criterion_compacts_exactly():
 @pytest.mark.parametrize("name", ["uniform0", "pool_identity", "identity_only"])
 def test_zero_ratios_keep_everything(name):
   plan, arc, params, stats = _net(name)
-  masks = compaction.child_masks(plan, arc, params, jnp.zeros(5))
+  masks = masks_lib.child_masks(plan, params, jnp.zeros(5))
   assert all(np.all(np.asarray(m) == 1) for m in jax.tree.leaves(masks))
-  masked = compaction.apply_child_masks(plan, arc, params, masks)
-  widths, cp, cs = compaction.compact(plan, arc, params, stats, jax.device_get(masks))
+  masked = masks_lib.apply_child_masks(plan, params, masks)
+  widths, cp, cs = compaction.compact(plan, params, stats, jax.device_get(masks))
   assert widths == flops.full_widths(plan)
   for tree in (masked, cp):
     assert jax.tree.structure(tree) == jax.tree.structure(params)
@@ -289,7 +303,7 @@ def test_zero_ratios_keep_everything(name):
 def test_hand_masks_with_empty_factorized_half():
   """Arbitrary unit masks, incl. factorized reductions keeping only one half."""
   plan, arc, params, stats = _net("uniform0")
-  g, _ = compaction.structure(plan)
+  g, _ = groups_lib.child_groups(plan)
   rng = np.random.default_rng(5)
   units = (rng.random(len(g.unit_group)) < 0.5).astype(np.float32)
   units[g.group_fixed[g.unit_group]] = 1.0          # the image's channels are never pruned
@@ -301,12 +315,12 @@ def test_hand_masks_with_empty_factorized_half():
     drop = g.unit_of[j][:h] if half == "conv1" else g.unit_of[j][h:]
     units[drop] = 0.0
   masks = {"units": units}
-  masked = compaction.apply_child_masks(plan, arc, params, masks)
-  widths, cp, cs = compaction.compact(plan, arc, params, stats, masks)
+  masked = masks_lib.apply_child_masks(plan, params, masks)
+  widths, cp, cs = compaction.compact(plan, params, stats, masks)
   assert any(p["conv1"].shape[-1] == 0 for k, p in cp["blocks"].items() if "conv1" in p)
   assert any(p["conv2"].shape[-1] == 0 for k, p in cp["blocks"].items() if "conv2" in p)
-  _check_close(_max_diffs(plan, arc, masked, stats, cp, cs), "hand masks")
-  assert flops.param_count(cp) == flops.count(plan, arc, widths)["params"]
+  _check_close(_max_diffs(plan, masked, stats, cp, cs), "hand masks")
+  assert flops.param_count(cp) == flops.count(plan, widths)["params"]
 
 
 def test_ratio_changes_do_not_recompile():
@@ -316,14 +330,13 @@ def test_ratio_changes_do_not_recompile():
   @jax.jit
   def mask_fn(p, ratios):
     traces.append(1)
-    return compaction.apply_child_masks(plan, arc, p, compaction.child_masks(plan, arc, p, ratios))
+    return masks_lib.apply_child_masks(plan, p, masks_lib.child_masks(plan, p, ratios))
 
   for seed in range(4):
     ratios = jnp.asarray(_ratios(10 + seed))
     out = mask_fn(params, ratios)
     if seed == 0:
-      ref = compaction.apply_child_masks(
-          plan, arc, params, compaction.child_masks(plan, arc, params, ratios))
+      ref = masks_lib.apply_child_masks(plan, params, masks_lib.child_masks(plan, params, ratios))
       assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
   assert len(traces) == 1
 
@@ -331,4 +344,4 @@ def test_ratio_changes_do_not_recompile():
 def test_bad_criterion():
   plan, arc, params, _ = _net("uniform0")
   with pytest.raises(ValueError, match="criterion"):
-    compaction.child_masks(plan, arc, params, jnp.zeros(5), "l2")
+    masks_lib.child_masks(plan, params, jnp.zeros(5), "l2")

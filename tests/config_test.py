@@ -16,7 +16,7 @@ from fp_jax.infer import fused
 from fp_jax.models import controller
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
-from fp_jax.pruning import supernet_masks
+from fp_jax.pruning import importance
 from fp_jax.run import precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +52,8 @@ def test_every_config_file_and_variant_validates(name, variant):
 
 def test_choices_come_from_the_modules_that_implement_them():
   f = config_lib.FIELDS
-  assert f["search.importance"].values is supernet_masks.CRITERIA
-  assert f["compress.importance"].values is supernet_masks.CRITERIA
+  assert f["search.importance"].values is importance.CRITERIA
+  assert f["compress.importance"].values is importance.CRITERIA
   assert f["search.ratio_measure"].values is supernet_flops.MEASURES
   assert f["search.policy"].values is controller.POLICIES
   assert f["search.init_scale"].values is supernet.INITS

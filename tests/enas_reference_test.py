@@ -148,9 +148,9 @@ def test_fixed_network_equals_enas_reference(name, num_layers):
   plan = child.make_plan(arc, num_layers, 4, (8, 8, 3), 10)
   if name == "unused_inputs":
     assert any(n.name.endswith(("combine/0", "combine/1")) for n in plan.nodes)
-  params, stats = networks.random_init(plan, arc, 3)
+  params, stats = networks.random_init(plan, 3)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   ref = np.asarray(enas_logits(arc, num_layers, params, stats, x))
-  got = np.asarray(child.forward(plan, arc, params, stats, x, False, with_aux=False)[0])
+  got = np.asarray(child.forward(plan, params, stats, x, False, with_aux=False)[0])
   scale = max(1.0, float(np.max(np.abs(ref))))
   assert np.max(np.abs(got - ref)) <= 1e-4 * scale, (np.max(np.abs(got - ref)), scale)

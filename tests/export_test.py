@@ -22,9 +22,9 @@ def _pruned():
   if "net" not in _CACHE:
     arc = space.parse_arc(space.ENAS_ARC)
     plan = child.make_plan(arc, 1, F, (HW, HW, 3), CLASSES)
-    params, stats = networks.random_init(plan, arc, 0)
-    params, stats = networks.prune(plan, arc, params, stats, (0.5, 0.25, 0.5, 0.5, 0.75))
-    stats = networks.estimate_bn(plan, arc, params, stats, 0, batch=8)
+    params, stats = networks.random_init(plan, 0)
+    params, stats = networks.prune(plan, params, stats, (0.5, 0.25, 0.5, 0.5, 0.75))
+    stats = networks.estimate_bn(plan, params, stats, 0, batch=8)
     _CACHE["net"] = networks.Net(plan, arc, params, stats)
   return _CACHE["net"]
 
@@ -33,11 +33,11 @@ def _models(tmp_path):
   """(tflite bytes, onnx bytes, fused logits on X) of _pruned() at batch BATCH."""
   if "models" not in _CACHE:
     net = _pruned()
-    fn = export.network_fn(net.plan, net.arc, net.params, net.stats)
+    fn = export.network_fn(net.plan, net.params, net.stats)
     tfl, onx = export.export_runtimes(str(tmp_path), "pruned", fn, X.shape)
     assert (tmp_path / "pruned.tflite").read_bytes() == tfl
     assert (tmp_path / "pruned.onnx").read_bytes() == onx
-    ref = np.asarray(fused.Fused(net.plan, net.arc, net.params, net.stats)(jnp.asarray(X)))
+    ref = np.asarray(fused.Fused(net.plan, net.params, net.stats)(jnp.asarray(X)))
     _CACHE["models"] = (tfl, onx, ref)
   return _CACHE["models"]
 
@@ -81,13 +81,13 @@ def test_estimate_bn_makes_eval_equal_train():
   the estimation batch (so activations are O(1)); aux statistics are untouched."""
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 1, F, (HW, HW, 3), CLASSES)
-  params, stats = networks.random_init(plan, arc, 3)
-  est = networks.estimate_bn(plan, arc, params, stats, seed=5, batch=4)
+  params, stats = networks.random_init(plan, 3)
+  est = networks.estimate_bn(plan, params, stats, seed=5, batch=4)
   assert jax.tree.structure(est) == jax.tree.structure(stats)
   for a, b in zip(jax.tree.leaves(est["aux"]), jax.tree.leaves(stats["aux"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   x = np.random.default_rng(5).standard_normal((4, HW, HW, 3)).astype(np.float32)
-  fwd = jax.jit(lambda s, train: child.forward(plan, arc, params, s, x, train,
+  fwd = jax.jit(lambda s, train: child.forward(plan, params, s, x, train,
                                                with_aux=False)[0], static_argnums=1)
   train, evald = np.asarray(fwd(stats, True)), np.asarray(fwd(est, False))
   assert np.max(np.abs(evald - train)) <= 1e-4 * np.max(np.abs(train))

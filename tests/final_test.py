@@ -20,6 +20,7 @@ from fp_jax.run import weights
 from fp_jax.train import compress
 from fp_jax.train import final
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.train.streams import Stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def test_drop_path_drops_whole_examples():
 
 def _tiny(num_layers=1, f=4, seed=0):
   plan = child.make_plan(ARC, num_layers, f, (8, 8, 1), 10)
-  params, stats = child.init(jax.random.key(seed), plan, ARC)
+  params, stats = child.init(jax.random.key(seed), plan)
   return plan, params, stats
 
 
@@ -63,10 +64,10 @@ def test_regularisation_off_is_the_plain_forward():
   plan, params, stats = _tiny()
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
   reg = {"key": jax.random.key(2), "keep_prob": 1.0, "drop_path_keep_prob": 1.0, "progress": 1.0}
-  plain = child.forward(plan, ARC, params, stats, x, True)[0]
-  off = child.forward(plan, ARC, params, stats, x, True, reg=reg)[0]
+  plain = child.forward(plan, params, stats, x, True)[0]
+  off = child.forward(plan, params, stats, x, True, reg=reg)[0]
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(off))
-  on = child.forward(plan, ARC, params, stats, x, True,
+  on = child.forward(plan, params, stats, x, True,
                      reg={**reg, "keep_prob": 0.5, "drop_path_keep_prob": 0.5})[0]
   assert np.max(np.abs(np.asarray(on) - np.asarray(plain))) > 1e-3
 
@@ -89,8 +90,8 @@ def test_finetune_keeps_masks_exact(tmp_path):
   ds = _digits()
   plan, params, stats = _tiny(num_layers=1, f=6)
   ratios = np.float32([0.5, 0.3, 0.5, 0.5, 0.6])
-  masks = jax.device_get(compaction.child_masks(plan, ARC, params, ratios))
-  apply = lambda p, m: compaction.apply_child_masks(plan, ARC, p, m)
+  masks = jax.device_get(masks_lib.child_masks(plan, params, ratios))
+  apply = lambda p, m: masks_lib.apply_child_masks(plan, p, m)
   masked = apply(params, masks)
   trainer = trainer_lib.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
   state = trainer_lib.train(trainer, lambda: trainer.init_state(masked, stats), ds.x_train,
@@ -103,12 +104,12 @@ def test_finetune_keeps_masks_exact(tmp_path):
                                                   jax.tree.leaves(jax.device_get(masked)))]
   assert max(moved) > 1e-3
   tuned_stats = jax.device_get(state["net"]["stats"])
-  _, cp, cs = compaction.compact(plan, ARC, tuned, tuned_stats, masks)
+  _, cp, cs = compaction.compact(plan, tuned, tuned_stats, masks)
   x = jnp.asarray(next(data.eval_batches(ds.x_test, ds.y_test, batch_size=32, mean=ds.mean,
                                          std=ds.std))[0])
-  diff = compress.max_abs_diff(plan, ARC, tuned, tuned_stats, cp, cs, x)
+  diff = compress.max_abs_diff(plan, tuned, tuned_stats, cp, cs, x)
   assert diff < 1e-4
-  assert flops.param_count(cp) == flops.count(plan, ARC, compaction.widths_of(plan, masks))["params"]
+  assert flops.param_count(cp) == flops.count(plan, compaction.widths_of(plan, masks))["params"]
 
 
 def _run(*args, timeout=600):
@@ -146,7 +147,7 @@ def test_final_and_compress_stages(tmp_path):
   assert fin == json.loads((workdir / "final" / "result.json").read_text())
   assert com == json.loads((workdir / "compress" / "result.json").read_text())
   plan = child.make_plan(ARC, 1, 6, (8, 8, 1), 10)
-  counts = flops.count(plan, ARC)
+  counts = flops.count(plan)
   assert (fin["macs"], fin["params"], fin["params_no_aux"]) == (
       counts["macs"], counts["params"], counts["params_no_aux"])
   assert fin["test_error"] < 50.0                              # chance is 90%
@@ -190,7 +191,7 @@ def test_scratch_mode_trains_the_thin_network(tmp_path):
   result = compress.run(config, str(workdir), ds)
   tree, _ = weights.load(str(workdir / "compress" / "weights.npz"))
   assert flops.param_count(tree["params"]) == result["pruned_params"] < result["params"]
-  _, thin_from_trained, _ = compaction.prune(plan, ARC, params, stats, np.full(5, 0.5))
+  _, thin_from_trained, _ = compaction.prune(plan, params, stats, np.full(5, 0.5))
   kernels = [(a, b) for a, b in zip(jax.tree.leaves(tree["params"]),
                                      jax.tree.leaves(thin_from_trained)) if a.ndim == 4]
   assert kernels and not any(np.array_equal(a, b) for a, b in kernels)   # a fresh start
@@ -218,8 +219,8 @@ def test_finetuning_starts_from_reestimated_statistics(tmp_path):
   np.testing.assert_array_equal(images[:4], data._normalize(
       x[np.random.default_rng([config.seed, Stream.BN_REESTIMATE, 0]).permutation(len(x))[:4]],
       ds.mean, ds.std))
-  masks = jax.device_get(compaction.child_masks(plan, ARC, params, np.float32([0.5] * 5)))
-  kept = np.flatnonzero(np.asarray(compaction.value_mask(plan, masks, plan.stem)) > 0.5)
+  masks = jax.device_get(masks_lib.child_masks(plan, params, np.float32([0.5] * 5)))
+  kept = np.flatnonzero(np.asarray(masks_lib.value_mask(plan, masks, plan.stem)) > 0.5)
   pre = np.asarray(jax.lax.conv_general_dilated(
       images, np.asarray(params["blocks"]["stem"]["conv"])[..., kept], (1, 1), "SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC")), np.float64)

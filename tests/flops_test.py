@@ -24,14 +24,14 @@ ALL_IDENTITY = " ".join(["0 4 1 4"] * 10)
 ONE_SEP3 = "0 0 1 4 " + " ".join(["0 4 1 4"] * 9)
 
 
-def _shapes(plan, arc):
+def _shapes(plan):
   """(params, stats) as ShapeDtypeStructs: child.init without running it."""
-  return jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+  return jax.eval_shape(lambda: child.init(jax.random.key(0), plan))
 
 
-def _forward(plan, arc):
+def _forward(plan):
   def f(params, stats, x):
-    return child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]
+    return child.forward(plan, params, stats, x, train=False, with_aux=False)[0]
   return f
 
 
@@ -60,8 +60,8 @@ def xla_depthwise(monkeypatch):
 def test_params_match_pytree(name, shape):
   arc = space.parse_arc(ARCS[name])
   plan = child.make_plan(arc, 3, 8, shape, 10)
-  counts = flops.count(plan, arc)
-  params, stats = _shapes(plan, arc)
+  counts = flops.count(plan)
+  params, stats = _shapes(plan)
   assert counts["params"] == flops.param_count(params)
   no_aux = {k: v for k, v in params.items() if k != "aux"}
   assert set(params) - set(no_aux) == {"aux"}
@@ -76,14 +76,14 @@ def test_macs_match_jaxpr_and_xla(name, shape, xla_depthwise):
   del xla_depthwise
   arc = space.parse_arc(ARCS[name])
   plan = child.make_plan(arc, 3, 8, shape, 10)
-  counts = flops.count(plan, arc)
-  params, stats = _shapes(plan, arc)
-  fwd = _forward(plan, arc)
+  counts = flops.count(plan)
+  params, stats = _shapes(plan)
+  fwd = _forward(plan)
   x = _image(shape)
   assert flops.jaxpr_macs(fwd, params, stats, x) == counts["macs"]
   # the aux head adds exactly aux_macs
   def with_aux(p, s, x):
-    return child.forward(plan, arc, p, s, x, train=False, with_aux=True)[:2]
+    return child.forward(plan, p, s, x, train=False, with_aux=True)[:2]
   assert flops.jaxpr_macs(with_aux, params, stats, x) == counts["macs"] + counts["aux_macs"]
   # XLA: 2 flops per multiply-add, less the zero-padding taps of SAME convolutions,
   # plus BN/ReLU/pooling/add elementwise work.
@@ -114,11 +114,11 @@ def test_published_arc_enas_counts():
   """The published ENAS cell at 15 layers / F 36 under the official code's conventions."""
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 15, 36, (32, 32, 3), 10)
-  counts = flops.count(plan, arc)
+  counts = flops.count(plan)
   assert counts["macs"] == 620_907_552
   assert counts["params_no_aux"] == 3_894_372
   assert counts["params"] == 4_389_220
-  params, _ = _shapes(plan, arc)
+  params, _ = _shapes(plan)
   assert flops.param_count(params) == counts["params"]
 
 
@@ -128,10 +128,10 @@ def test_shift_depthwise_is_not_counted_by_jaxpr(monkeypatch):
   monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "shift")
   arc = space.parse_arc(ONE_SEP3)
   plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
-  params, stats = _shapes(plan, arc)
-  traced = flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1)))
+  params, stats = _shapes(plan)
+  traced = flops.jaxpr_macs(_forward(plan), params, stats, _image((4, 4, 1)))
   # one sep_conv3x3 per normal cell: c = 2 on 4x4, 4 on 2x2, 8 on 1x1; dw 3x3 twice
-  assert traced == flops.count(plan, arc)["macs"] - (16 * 36 + 4 * 72 + 144)
+  assert traced == flops.count(plan)["macs"] - (16 * 36 + 4 * 72 + 144)
 
 
 def test_hand_computed_all_identity(xla_depthwise):
@@ -167,19 +167,18 @@ def test_hand_computed_all_identity(xla_depthwise):
   assert (macs, params_no_aux) == (6616, 2554)
   expected = {"macs": macs, "params": params_no_aux + aux_params,
               "params_no_aux": params_no_aux, "aux_macs": aux_macs}
-  assert flops.count(plan, arc) == expected
-  params, stats = _shapes(plan, arc)
+  assert flops.count(plan) == expected
+  params, stats = _shapes(plan)
   assert flops.param_count(params) == params_no_aux + aux_params
-  assert flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1))) == macs
+  assert flops.jaxpr_macs(_forward(plan), params, stats, _image((4, 4, 1))) == macs
 
 
 def test_hand_computed_one_sep_conv(xla_depthwise):
   del xla_depthwise
-  base = flops.count(child.make_plan(space.parse_arc(ALL_IDENTITY), 3, 2, (4, 4, 1), 3),
-                     space.parse_arc(ALL_IDENTITY))
+  base = flops.count(child.make_plan(space.parse_arc(ALL_IDENTITY), 3, 2, (4, 4, 1), 3))
   arc = space.parse_arc(ONE_SEP3)
   plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
-  counts = flops.count(plan, arc)
+  counts = flops.count(plan)
   # one sep_conv3x3 in each of the 3 normal cells (c = 2 on 4x4, 4 on 2x2, 8 on 1x1):
   # ReLU, dw 3x3 (9c), pw c->c, BN, ReLU, dw 3x3, pw c->c, BN
   def sep_macs(hw, c):
@@ -195,30 +194,30 @@ def test_hand_computed_one_sep_conv(xla_depthwise):
   assert counts["params_no_aux"] == base["params_no_aux"] + extra_params
   assert counts["params"] == base["params"] + extra_params
   assert counts["aux_macs"] == base["aux_macs"]
-  params, stats = _shapes(plan, arc)
+  params, stats = _shapes(plan)
   assert flops.param_count(params) == counts["params"]
   assert flops.param_count(params["blocks"]["cells/0/node2/a"]) == sep_params(2)
-  assert flops.jaxpr_macs(_forward(plan, arc), params, stats, _image((4, 4, 1))) \
+  assert flops.jaxpr_macs(_forward(plan), params, stats, _image((4, 4, 1))) \
       == counts["macs"]
 
 
 def test_count_with_widths():
   arc = space.parse_arc(ONE_SEP3)
   plan = child.make_plan(arc, 3, 2, (4, 4, 1), 3)
-  full = flops.count(plan, arc)
-  assert flops.count(plan, arc, flops.full_widths(plan)) == full
+  full = flops.count(plan)
+  assert flops.count(plan, flops.full_widths(plan)) == full
   widths = flops.full_widths(plan)
   assert widths["values"][plan.stem] == 6
   assert widths["inner"] == {"cells/0/node2/a": 2, "cells/2/node2/a": 4, "cells/4/node2/a": 8}
   # stem 6 -> 3 channels: the stem conv and the 1x1s reading it (cell 0's two
   # calibrations, cell 1's calib_x) shrink
   widths["values"][plan.stem] = 3
-  counts = flops.count(plan, arc, widths)
+  counts = flops.count(plan, widths)
   assert full["macs"] - counts["macs"] == 16 * 9 * 3 + 2 * 16 * 3 * 2 + 16 * 3 * 4
   assert full["params_no_aux"] - counts["params_no_aux"] == 9 * 3 + 2 * 3 + 2 * 3 * 2 + 3 * 4
   # the sep_conv's inner width 2 -> 1 in cell 0 (4x4, c = 2)
   widths = flops.full_widths(plan)
   widths["inner"]["cells/0/node2/a"] = 1
-  counts = flops.count(plan, arc, widths)
+  counts = flops.count(plan, widths)
   assert full["macs"] - counts["macs"] == 16 * (2 * 1 + 9 * 1 + 1 * 2)
   assert full["params"] - counts["params"] == 2 * 1 + 2 * 1 + 9 * 1 + 1 * 2

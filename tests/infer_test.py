@@ -33,14 +33,14 @@ CASES = {
 
 
 def _net(name):
-  """(plan, arc, params, stats): random weights, random BN stats, maybe compacted."""
+  """(plan, params, stats): random weights, random BN stats, maybe compacted."""
   if name not in _CACHE:
     arc, num_layers, ratios = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
-    params, stats = networks.random_init(plan, arc, len(name))
+    params, stats = networks.random_init(plan, len(name))
     if ratios is not None:
-      params, stats = networks.prune(plan, arc, params, stats, ratios)
-    _CACHE[name] = (plan, arc, params, stats)
+      params, stats = networks.prune(plan, params, stats, ratios)
+    _CACHE[name] = (plan, params, stats)
   return _CACHE[name]
 
 
@@ -54,8 +54,8 @@ def _executors(name):
 def _reference(name):
   """child.forward eval logits on X (cached)."""
   if ("ref", name) not in _CACHE:
-    plan, arc, params, stats = _net(name)
-    fn = jax.jit(lambda p, s, x: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])
+    plan, params, stats = _net(name)
+    fn = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0])
     _CACHE["ref", name] = np.asarray(fn(params, stats, X))
   return _CACHE["ref", name]
 
@@ -85,21 +85,21 @@ def test_fused_equals_perop_equals_child(name):
 
 def test_fused_options_and_compact_widths():
   """im2col + grouped-conv depthwise give the same logits; compact nets are smaller."""
-  plan, arc, params, stats = _net("enas_pruned")
+  plan, params, stats = _net("enas_pruned")
   assert params["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
   assert params["fc"]["w"].shape[0] < plan.cells[-1].out_channels
   ref = _reference("enas_pruned")
   opts = fused.Options(im2col=True, depthwise="xla")
-  _close(fused.Fused(plan, arc, params, stats, opts)(X), ref, ref, str(opts))
+  _close(fused.Fused(plan, params, stats, opts)(X), ref, ref, str(opts))
   with pytest.raises(ValueError, match="depthwise"):
-    fused.Fused(plan, arc, params, stats, fused.Options(depthwise="fast"))
+    fused.Fused(plan, params, stats, fused.Options(depthwise="fast"))
 
 
 @pytest.mark.parametrize("multiple", [1, 3, 8])
 def test_channel_padding_keeps_logits(multiple):
   """Every channel group padded to the multiple (odd compact widths, factorized
   reductions, reduction cells) with zeros; logits unchanged."""
-  plan, arc, params, stats = _net("uniform4_pruned")
+  plan, params, stats = _net("uniform4_pruned")
   ref = _reference("uniform4_pruned")
   padded, _ = padding.pad_channels(plan, params, stats, multiple)
   plain_w = flops.widths_of_params(plan, params)
@@ -119,15 +119,15 @@ def test_channel_padding_keeps_logits(multiple):
         orig = np.asarray(params["blocks"][name][k])
         w = np.asarray(w)
         assert np.sum(np.abs(w)) == pytest.approx(np.sum(np.abs(orig)), rel=1e-6)
-  _close(fused.Fused(plan, arc, params, stats, fused.Options(pad_channels=multiple))(X), ref,
+  _close(fused.Fused(plan, params, stats, fused.Options(pad_channels=multiple))(X), ref,
          ref, f"pad {multiple}")
   with pytest.raises(ValueError, match="pad_channels"):
-    fused.Fused(plan, arc, params, stats, fused.Options(pad_channels=0))
+    fused.Fused(plan, params, stats, fused.Options(pad_channels=0))
 
 
 def test_padding_concat_layout():
   """A concat of padded parts is padded after each part (blocked layout)."""
-  plan, arc, params, stats = _net("uniform4_pruned")
+  plan, params, stats = _net("uniform4_pruned")
   lay = padding.layouts(plan, params, 8)
   for j, n in enumerate(plan.nodes):
     if n.kind == "concat":
@@ -151,9 +151,9 @@ def test_depthwise_shared_padding():
 def test_dot_library_compiler_options():
   """dots=auto|xla: XLA:CPU's own dots (no YNNPACK fusion), per compilation, in the fused
   and per-op paths alike; ynn: XLA's defaults."""
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   assert jax.default_backend() == "cpu"
-  hlo = {d: fused.Fused(plan, arc, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
+  hlo = {d: fused.Fused(plan, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
          for d in ("auto", "ynn")}
   assert "ynn_fusion" not in hlo["auto"] and "ynn_fusion" in hlo["ynn"]
   assert fused.compiler_options(fused.Options(dots="ynn")) is None
@@ -161,7 +161,7 @@ def test_dot_library_compiler_options():
   ops("dense", X[:1, 0, 0], jnp.ones((3, 4)))
   assert all("ynn_fusion" not in c.as_text() for c in ops.cache.values())
   with pytest.raises(ValueError, match="dots"):
-    fused.Fused(plan, arc, params, stats, fused.Options(dots="mkl"))
+    fused.Fused(plan, params, stats, fused.Options(dots="mkl"))
 
 
 def test_perop_runs_each_primitive_separately():
@@ -289,10 +289,10 @@ def test_breakdown_parts_sum_to_total():
 
 
 def test_export_stablehlo_roundtrip(tmp_path):
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   ref = _reference("tiny")
   path = str(tmp_path / "net.stablehlo")
-  exported = export.export_stablehlo(path, plan, arc, params, stats, (HW, HW, 3))
+  exported = export.export_stablehlo(path, plan, params, stats, (HW, HW, 3))
   assert "stablehlo" in exported.mlir_module()
   assert str(exported.in_avals[0].shape[0]) == "b"              # any batch size
   _close(export.load_stablehlo(path)(X), ref, ref, "stablehlo")
@@ -300,8 +300,8 @@ def test_export_stablehlo_roundtrip(tmp_path):
 
 def test_export_savedmodel_roundtrip(tmp_path):
   pytest.importorskip("tensorflow")
-  plan, arc, params, stats = _net("tiny")
+  plan, params, stats = _net("tiny")
   ref = _reference("tiny")
   directory = str(tmp_path / "saved")
-  export.export_savedmodel(directory, plan, arc, params, stats, (HW, HW, 3))
+  export.export_savedmodel(directory, plan, params, stats, (HW, HW, 3))
   _close(export.load_savedmodel(directory)(np.asarray(X)), ref, ref, "savedmodel")

@@ -51,23 +51,23 @@ def test_fused_network_with_kernel_equals_reference():
   fused with the kernel == fused with 'shift' == per-op == child.forward."""
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 1, 4, (8, 8, 3), 10)
-  params, stats = networks.random_init(plan, arc, 3)
-  params, stats = networks.prune(plan, arc, params, stats, (0.5, 0.25, 0.5, 0.5, 0.75))
-  stats = networks.estimate_bn(plan, arc, params, stats, 0, batch=8)
+  params, stats = networks.random_init(plan, 3)
+  params, stats = networks.prune(plan, params, stats, (0.5, 0.25, 0.5, 0.5, 0.75))
+  stats = networks.estimate_bn(plan, params, stats, 0, batch=8)
   x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
   assert any(s.reduce for s in plan.cells)
   assert fused.depthwise_impl("auto") == "kernel"          # the CPU default
-  fu = fused.Fused(plan, arc, params, stats)
+  fu = fused.Fused(plan, params, stats)
   assert kernels.TARGET in fu.network(x).as_text()
-  shift = fused.Fused(plan, arc, params, stats, fused.Options(depthwise="shift"))
+  shift = fused.Fused(plan, params, stats, fused.Options(depthwise="shift"))
   assert kernels.TARGET not in shift.network(x).as_text()
-  ref = jax.jit(lambda p, s, x: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])(
+  ref = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0])(
       params, stats, x)
   _close(fu(x), ref, "fused kernel vs child")
   _close(fu(x), shift(x), "fused kernel vs fused shift")
   _close(fu.run_cells(x), ref, "fused cells vs child")
-  _close(perop.PerOp(plan, arc, params, stats)(x), fu(x), "per-op (kernel) vs fused")
-  _close(perop.PerOp(plan, arc, params, stats, "shift")(x), fu(x), "per-op (shift) vs fused")
+  _close(perop.PerOp(plan, params, stats)(x), fu(x), "per-op (kernel) vs fused")
+  _close(perop.PerOp(plan, params, stats, "shift")(x), fu(x), "per-op (shift) vs fused")
 
 
 def test_exports_never_hold_the_kernel(monkeypatch):
@@ -79,8 +79,8 @@ def test_exports_never_hold_the_kernel(monkeypatch):
   assert export.portable(opts) is opts
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 0, 4, (8, 8, 3), 10)
-  params, stats = networks.random_init(plan, arc, 0)
-  fn = export.network_fn(plan, arc, params, stats, fused.Options())
+  params, stats = networks.random_init(plan, 0)
+  fn = export.network_fn(plan, params, stats, fused.Options())
   text = jax.jit(fn).lower(jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)).as_text()
   assert kernels.TARGET not in text
   monkeypatch.setenv("FP_JAX_KERNELS", "0")

@@ -89,8 +89,8 @@ def test_trained_networks_load(tmp_path):
 
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 1, 4, (8, 8, 1), 10)
-  params, stats = networks.random_init(plan, arc, 0)
-  cp, cs = networks.prune(plan, arc, params, stats, (0.5,) * 5)
+  params, stats = networks.random_init(plan, 0)
+  cp, cs = networks.prune(plan, params, stats, (0.5,) * 5)
   meta = {"arc_string": space.ENAS_ARC, "num_layers": 1, "out_filters": 4,
           "image_shape": [8, 8, 1], "num_classes": 10}
   for rel, p, s in ((results.FINAL_WEIGHTS, params, stats), (results.COMPRESS_WEIGHTS, cp, cs)):
@@ -101,9 +101,9 @@ def test_trained_networks_load(tmp_path):
   for got, want in ((nets["baseline"].params, params), (nets["pruned"].stats, cs)):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-  widths = networks.widths_of_params(plan, arc, nets["pruned"].params)
+  widths = flops.widths_of_params(plan, nets["pruned"].params)
   assert widths["values"][plan.stem] == cp["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
-  assert flops.count(plan, arc, widths)["params"] == flops.param_count(cp)
+  assert flops.count(plan, widths)["params"] == flops.param_count(cp)
 
 
 def test_latency_option_errors():

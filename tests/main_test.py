@@ -41,10 +41,10 @@ def test_profile_stage(tmp_path):
     result = json.load(f)
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 3, 8, (8, 8, 1), 10)   # smoke: final 3 layers, F 8, digits
-  counts = flops.count(plan, arc)
+  counts = flops.count(plan)
   for key in ("macs", "params", "params_no_aux", "aux_macs"):
     assert result[key] == counts[key], key
-  params, _ = jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+  params, _ = jax.eval_shape(lambda: child.init(jax.random.key(0), plan))
   assert result["params"] == flops.param_count(params)
   assert result["arc_string"] == space.ENAS_ARC
   assert (result["num_layers"], result["out_filters"]) == (3, 8)

@@ -17,6 +17,7 @@ from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.train import search_steps
 from fp_jax.train import trainer as trainer_lib
+from fp_jax.pruning import masks as masks_lib
 
 BATCH, HW, CLASSES = 16, 8, 10
 STEPS = 4
@@ -98,12 +99,12 @@ def test_supernet_forward_computes_in_bfloat16():
 def test_fixed_forward_with_drop_path_computes_in_bfloat16():
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 0, 4, (HW, HW, 3), CLASSES)
-  params, stats = child.init(jax.random.key(0), plan, arc)
+  params, stats = child.init(jax.random.key(0), plan)
   reg = {"key": jax.random.key(1), "keep_prob": 0.8, "drop_path_keep_prob": 0.6,
          "progress": jnp.float32(0.5)}     # traced float32 keep probabilities
   x = jnp.asarray(_batch(0)[0], jnp.bfloat16)
   logits, aux, new = jax.eval_shape(
-      lambda p, x: child.forward(plan, arc, precision.cast(p, jnp.bfloat16), stats, x, True,
+      lambda p, x: child.forward(plan, precision.cast(p, jnp.bfloat16), stats, x, True,
                                  reg=reg), params, x)
   assert logits.dtype == jnp.bfloat16 and aux.dtype == jnp.bfloat16
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(new))   # BN statistics
@@ -124,7 +125,7 @@ def fixed():
   old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, "xla"
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 0, 4, (HW, HW, 3), CLASSES)
-  params, stats = child.init(jax.random.key(0), plan, arc)
+  params, stats = child.init(jax.random.key(0), plan)
   rng = np.random.default_rng(3)
   x = rng.integers(0, 256, (4 * BATCH, HW, HW, 3), dtype=np.uint8)
   yield plan, arc, params, stats, x, rng.integers(0, CLASSES, 4 * BATCH).astype(np.int32)
@@ -167,11 +168,11 @@ def test_fixed_network_bfloat16_tracks_float32_and_resume_is_exact(fixed):
 def test_masked_equals_compact_in_bfloat16(fixed):
   plan, arc, params, stats, _, _ = fixed
   ratios = np.asarray([0.5, 0.3, 0.5, 0.3, 0.5], np.float32)
-  masks = jax.device_get(compaction.child_masks(plan, arc, params, ratios, "l1"))
-  masked = compaction.apply_child_masks(plan, arc, params, masks)
-  _, cp, cs = compaction.compact(plan, arc, params, stats, masks)
+  masks = jax.device_get(masks_lib.child_masks(plan, params, ratios, "l1"))
+  masked = masks_lib.apply_child_masks(plan, params, masks)
+  _, cp, cs = compaction.compact(plan, params, stats, masks)
   x = jnp.asarray(_batch(5)[0], jnp.bfloat16)
-  run = jax.jit(lambda p, s, train: child.forward(plan, arc, precision.cast(p, jnp.bfloat16), s,
+  run = jax.jit(lambda p, s, train: child.forward(plan, precision.cast(p, jnp.bfloat16), s,
                                                   x, train)[0], static_argnums=2)
   for train in (False, True):
     a = np.asarray(run(masked, stats, train), np.float32)
@@ -195,18 +196,18 @@ def test_inference_executors_compute_in_bfloat16():
   from fp_jax.infer import perop   # pylint: disable=g-import-not-at-top
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, 1, 8, (8, 8, 3), 10)
-  params, stats = child.init(jax.random.key(0), plan, arc)
+  params, stats = child.init(jax.random.key(0), plan)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 3)), jnp.float32)
-  ref = np.asarray(fused.Fused(plan, arc, params, stats)(x))
+  ref = np.asarray(fused.Fused(plan, params, stats)(x))
   opts = fused.Options(dtype="bfloat16")
-  fb = fused.Fused(plan, arc, params, stats, opts)
+  fb = fused.Fused(plan, params, stats, opts)
   got = fb(x)
   assert got.dtype == jnp.float32 and {a.dtype for a in jax.tree.leaves(fb.fp)} == {
       jnp.dtype(jnp.bfloat16)}
   scale = float(np.max(np.abs(ref)))
   assert float(np.max(np.abs(np.asarray(got) - ref))) <= 0.05 * scale
   assert float(np.max(np.abs(np.asarray(got) - ref))) > 0     # it really ran in bfloat16
-  po = perop.PerOp(plan, arc, params, stats, dtype="bfloat16")(x)
+  po = perop.PerOp(plan, params, stats, dtype="bfloat16")(x)
   assert po.dtype == jnp.float32
   assert float(np.max(np.abs(np.asarray(po) - ref))) <= 0.05 * scale
   assert fused.depthwise_impl("auto", 5, "bfloat16") in ("shift", "xla")

@@ -16,7 +16,8 @@ import numpy as np
 
 from fp_jax import data
 from fp_jax.run import parallel
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.train import search_steps
@@ -104,6 +105,18 @@ def reference_logits(plan, params, arc, masks, x):
   return jnp.mean(jax.nn.relu(prev[1]), (1, 2)) @ params["fc"]["w"]
 
 
+def _by_space(plan, kept):
+  """A supernet.Kept as a list in supernet.space_table order."""
+  out = []
+  for key, _, _ in supernet.space_table(plan):
+    if key == "stem":
+      out.append(kept.stem)
+    else:
+      v = getattr(kept.cells[key[1]], key[0])
+      out.append(v if len(key) == 2 else np.asarray(v)[key[2:]])
+  return np.asarray(out, np.float32)
+
+
 def test_prune_acc_equals_activation_masked_reference():
   ds = data.load("digits", 256)
   plan = supernet.make_plan(3, 8, ds.image_shape, ds.num_classes)   # N R N R N
@@ -118,19 +131,19 @@ def test_prune_acc_equals_activation_masked_reference():
     for _ in range(2):
       arc = space.sample_uniform(rng)
       ratios = jnp.asarray(rng.choice([0.0, 0.2, 0.4, 0.6], 5), jnp.float32)
-      groups = pruning.supernet_groups(plan, arc)
+      groups = groups_lib.supernet_groups(plan, arc)
       train_acc, prune_acc, kept = evaluate(params, jnp.asarray(arc), ratios, groups,
                                             jax.random.key(0), x, y)
-      masks = pruning.supernet_masks(plan, params, jnp.asarray(arc), ratios, groups)
+      masks = masks_lib.supernet_masks(plan, params, jnp.asarray(arc), ratios, groups)
       ref = reference_logits(plan, params, arc, masks, x)
-      masked = pruning.apply_supernet_masks(plan, params, jnp.asarray(arc), masks)
+      masked = masks_lib.apply_supernet_masks(plan, params, jnp.asarray(arc), masks)
       got = supernet.forward(plan, masked, jnp.asarray(arc), x, with_aux=False)[0]
       assert float(jnp.max(jnp.abs(got - ref))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(ref))))
       assert float(prune_acc) == float(jnp.mean(jnp.argmax(ref, -1) == y))
-      # kept: the channels each space keeps, in pruning.supernet_spaces order
+      # kept: the channels each space keeps, in supernet.space_table order
       flat = masks["units"][groups["unit_of"]]
-      widths = np.cumsum([0] + [w for _, w, _ in pruning.supernet_spaces(plan)])
-      np.testing.assert_array_equal(np.asarray(kept), [float(jnp.sum(flat[a:b])) for a, b
-                                                       in zip(widths[:-1], widths[1:])])
+      widths = np.cumsum([0] + [w for _, w, _ in supernet.space_table(plan)])
+      np.testing.assert_array_equal(_by_space(plan, kept), [float(jnp.sum(flat[a:b])) for a, b
+                                                            in zip(widths[:-1], widths[1:])])
       unmasked = reference_logits(plan, params, arc, jax.tree.map(jnp.ones_like, masks), x)
       assert float(train_acc) == float(jnp.mean(jnp.argmax(unmasked, -1) == y))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fp_jax.models import layers
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
 
@@ -29,12 +30,12 @@ def test_supernet_masks_zero_masked_channels_exactly(criterion, share):
   ratios = jnp.array([0.5, 0.25, 0.75, 0.25, 0.5])
   rng = np.random.default_rng(0)
   arcs = [space.sample_uniform(rng), np.array([0, 4, 1, 2] * 5 + [1, 3, 0, 4] * 5)]
-  masks_fn = jax.jit(pruning.supernet_masks, static_argnums=(0, 5))
+  masks_fn = jax.jit(masks_lib.supernet_masks, static_argnums=(0, 5))
   for arc in arcs if criterion == "l1" else arcs[:1]:   # the second: pooling / identity only
-    groups = pruning.supernet_groups(plan, arc)
+    groups = groups_lib.supernet_groups(plan, arc)
     arc = jnp.asarray(arc)
     masks = masks_fn(plan, params, arc, ratios, groups, criterion)
-    masked = jax.jit(pruning.apply_supernet_masks, static_argnums=0)(plan, params, arc, masks)
+    masked = jax.jit(masks_lib.apply_supernet_masks, static_argnums=0)(plan, params, arc, masks)
     stem, _ = layers.relu_conv_bn(masked["stem"], None, x, True, relu=False)
     m = np.asarray(masks["stem"])
     assert m.sum() == round(0.5 * plan.stem_channels)
@@ -58,7 +59,7 @@ def test_supernet_masks_zero_masked_channels_exactly(criterion, share):
 
 def _node_mask(plan, groups, masks, cell, k):
   """The mask of node k's space: the unit masks at its channels' units."""
-  sp = pruning.supernet_spaces(plan)
+  sp = supernet.space_table(plan)
   off = sum(w for _, w, _ in sp[:[key for key, _, _ in sp].index(("node", cell, k))])
   f = plan.cells[cell].filters
   return np.asarray(masks["units"])[groups["unit_of"][off:off + f]]
@@ -84,7 +85,7 @@ def test_supernet_groups_follow_the_arc():
   cell the nodes of the first cells and their (uncalibrated) inputs are one group; with
   sep_convs only, every node is a group of its own."""
   plan = supernet.make_plan(6, 4, (8, 8, 1), 10)      # cells N N R N N R N N
-  sp = pruning.supernet_spaces(plan)
+  sp = supernet.space_table(plan)
   index = {key: n for n, (key, _, _) in enumerate(sp)}
   offs = np.concatenate([[0], np.cumsum([w for _, w, _ in sp])])
 
@@ -93,7 +94,7 @@ def test_supernet_groups_follow_the_arc():
     return set(groups["unit_group"][groups["unit_of"][offs[s]:offs[s + 1]]].tolist())
 
   ident = np.array([0, 4, 1, 4] * 5 + [0, 0, 1, 0] * 5)
-  g = pruning.supernet_groups(plan, ident)
+  g = groups_lib.supernet_groups(plan, ident)
   # cell 1's nodes = id(calib_x) + id(cell 0's output): tied with cell 0's final
   assert group(g, ("node", 1, 0)) == group(g, ("final", 0)) == group(g, ("calib_x", 1))
   assert group(g, ("node", 1, 4)) == group(g, ("node", 1, 0))
@@ -101,20 +102,41 @@ def test_supernet_groups_follow_the_arc():
   assert group(g, ("node", 3, 0)) == group(g, ("reduce", 2)) == group(g, ("final", 2))
   assert len(group(g, ("final", 0))) == 1
   seps = np.array([0, 0, 1, 1] * 5 + [0, 1, 1, 0] * 5)
-  g = pruning.supernet_groups(plan, seps)
+  g = groups_lib.supernet_groups(plan, seps)
   nodes = [group(g, ("node", 1, k)) for k in range(space.NUM_NODES)]
   assert all(len(n) == 1 for n in nodes) and len(set.union(*nodes)) == space.NUM_NODES
   assert group(g, ("node", 1, 0)) == group(g, ("out", 1, 0, 0)) == group(g, ("out", 1, 0, 1))
   # shapes do not depend on the arc (one compilation)
   assert {k: v.shape for k, v in g.items()} == {
-      k: v.shape for k, v in pruning.supernet_groups(plan, ident).items()}
+      k: v.shape for k, v in groups_lib.supernet_groups(plan, ident).items()}
 
 
 def test_keep_mask_counts_and_ties():
+  """The live keep count (masks.keep_count, as masks.unit_masks applies it): a group of
+  n units keeps max(1, round((1 - ratio) * n)) (float32, half to even), the most
+  important first, equal importance going to the lower unit id; each group at its own
+  stage's ratio, a fixed group keeps all; the host count equals the traced one."""
   imp = jnp.array([3.0, 1.0, 2.0, 2.0, 0.5])
-  np.testing.assert_array_equal(pruning.keep_mask(imp, 0.4), [1, 0, 1, 1, 0])
-  np.testing.assert_array_equal(pruning.keep_mask(imp, 0.0), [1, 1, 1, 1, 1])
-  assert float(pruning.keep_mask(imp, 0.99).sum()) == 1.0
+  one = lambda ratio: np.asarray(masks_lib.unit_masks(
+      imp, np.zeros(5, np.int32), np.int32([5]), np.int32([0]), np.array([False]),
+      jnp.full(5, ratio, jnp.float32)))
+  np.testing.assert_array_equal(one(0.4), [1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(one(0.0), [1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(one(0.99), [1, 0, 0, 0, 0])       # at least one unit
+  np.testing.assert_array_equal(one(0.5), [1, 0, 1, 0, 0])        # round(2.5) = 2; tie: unit 2
+  # groups {0, 1} (stage 0), {2, 3, 4} (stage 2) and the fixed {5}
+  got = masks_lib.unit_masks(jnp.array([1.0, 2.0, 5.0, 5.0, 4.0, 0.0]),
+                             np.int32([0, 0, 1, 1, 1, 2]), np.int32([2, 3, 1]),
+                             np.int32([0, 2, 0]), np.array([False, False, True]),
+                             jnp.float32([0.5, 0.0, 0.4, 0.0, 0.0]))
+  np.testing.assert_array_equal(got, [0, 1, 1, 1, 0, 1])
+  sizes = np.arange(1, 300)
+  for r in np.float32(np.round(np.arange(10) * 0.1, 1)):
+    host = masks_lib.keep_count(sizes, r, np)
+    np.testing.assert_array_equal(host, masks_lib.keep_count(sizes, r))
+    np.testing.assert_array_equal(host, np.maximum(1, np.round((np.float32(1) - r)
+                                                               * sizes.astype(np.float32))))
+  assert int(masks_lib.keep_count(5, np.float32(0.3), np)) == 4   # 0.7 * 5 is 3.5 in float32
 
 
 def test_mask_transform_compiles_once_for_all_ratios():
@@ -125,15 +147,15 @@ def test_mask_transform_compiles_once_for_all_ratios():
   @jax.jit
   def transform(params, arc, ratios, groups):
     traces.append(1)
-    masks = pruning.supernet_masks(plan, params, arc, ratios, groups)
-    return pruning.apply_supernet_masks(plan, params, arc, masks)
+    masks = masks_lib.supernet_masks(plan, params, arc, ratios, groups)
+    return masks_lib.apply_supernet_masks(plan, params, arc, masks)
 
   rng = np.random.default_rng(0)
   kept = set()
   for _ in range(6):
     ratios = jnp.asarray(rng.choice([0.0, 0.3, 0.5, 0.8], 5), jnp.float32)
     arc = space.sample_uniform(rng)
-    out = transform(params, jnp.asarray(arc), ratios, pruning.supernet_groups(plan, arc))
+    out = transform(params, jnp.asarray(arc), ratios, groups_lib.supernet_groups(plan, arc))
     kept.add(float(jnp.sum(out["cells"][0]["final"]["bn"]["scale"] != 0)))
   assert len(traces) == 1
   assert len(kept) > 1

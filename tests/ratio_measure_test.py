@@ -6,7 +6,8 @@ import pytest
 from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax.run import parallel
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import groups as groups_lib
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
@@ -40,13 +41,12 @@ def test_supernet_macs_by_hand():
   assert supernet_flops.count(plan, used) == (stem + cell0 + cell1 + 160 - 16 * 8 * 8
                                               - 4 * 16 * 16)
   # kept widths: the stem keeps 6 of 12 channels -> stem, both stem readers halve
-  kept = [w for _, w, _ in pruning.supernet_spaces(plan)]
-  kept[0] = 6
+  kept = supernet.full_kept(plan)._replace(stem=6)
   assert supernet_flops.count(plan, ident, kept) == (stem + cell0 + cell1 + 160) - (
       stem // 2 + 16 * 6 * 8 * 2)
   # several widths in one walk: one count each
-  full = [w for _, w, _ in pruning.supernet_spaces(plan)]
-  assert supernet_flops.count(plan, sep, np.stack([full, kept])) == [
+  full = supernet.full_kept(plan)
+  assert supernet_flops.count(plan, sep, supernet.stack_kept([full, kept])) == [
       supernet_flops.count(plan, sep), supernet_flops.count(plan, sep, kept)]
 
 
@@ -99,8 +99,8 @@ def test_macs_ratio_does_not_grow_with_depth():
   for depth in (3, 6):
     plan = supernet.make_plan(depth, 8, (8, 8, 1), 10)
     params = supernet.init(jax.random.key(0), plan)
-    groups = pruning.supernet_groups(plan, arc)
-    masks = jax.jit(lambda p, g: pruning.supernet_masks(plan, p, arc, np.full(5, 0.4, np.float32),
+    groups = groups_lib.supernet_groups(plan, arc)
+    masks = jax.jit(lambda p, g: masks_lib.supernet_masks(plan, p, arc, np.full(5, 0.4, np.float32),
                                                         g))(params, groups)
     macs, masked = supernet_flops.count(plan, arc), supernet_flops.count(plan, arc, masks["kept"])
     got[depth] = (supernet_flops.ratio("layers", plan, [0.4] * 5),

@@ -39,7 +39,7 @@ def test_sample_costs_are_the_masked_counts(tmp_path):
   for r, c in zip(samples[:3], costs):
     arc = np.asarray(r["arc"])
     plan = child.make_plan(arc, 3, 16, (8, 8, 1), 10)       # smoke's search size
-    assert c == flops.count(plan, arc, compaction.ratio_widths(plan, r["ratios"]))["macs"]
+    assert c == flops.count(plan, compaction.ratio_widths(plan, r["ratios"]))["macs"]
   assert costs[1] < summary.sample_costs(config, [{**samples[1], "ratios": [0.0] * 5}])[0]
   # rows with the searched network's own count (samples.jsonl since ratio_measure) use it
   rows = [{**r, "masked_macs": 1000 + i} for i, r in enumerate(samples[:3])]

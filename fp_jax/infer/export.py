@@ -5,11 +5,11 @@ the artifact needs only an image batch x [B,H,W,C] (f32, normalised as the
 program feeds its networks; B symbolic unless a batch is given) and returns
 logits [B,classes] equal to fused.forward's.
 
-  export_stablehlo(path, plan, arc, params, stats, image_shape)  -> jax.export.Exported
-  load_stablehlo(path)                                           -> fn(x) -> logits
-  export_savedmodel(directory, plan, arc, params, stats, image_shape)  (jax2tf, TensorFlow)
-  load_savedmodel(directory)                                     -> fn(x) -> logits (numpy)
-  network_fn(plan, arc, params, stats, opts=RUNTIME_OPTS)        -> jax fn(x) -> logits
+  export_stablehlo(path, plan, params, stats, image_shape)  -> jax.export.Exported
+  load_stablehlo(path)                                      -> fn(x) -> logits
+  export_savedmodel(directory, plan, params, stats, image_shape)   (jax2tf, TensorFlow)
+  load_savedmodel(directory)                                -> fn(x) -> logits (numpy)
+  network_fn(plan, params, stats, opts=RUNTIME_OPTS)        -> jax fn(x) -> logits
   to_tflite(fn, input_shape)     -> LiteRT flatbuffer bytes (fixed shape, float32)
   tflite_to_onnx(tflite_bytes)   -> ONNX model bytes (input 'images', output 'logits')
 
@@ -65,16 +65,16 @@ def portable(opts):
   return opts
 
 
-def _fn(plan, arc, params, stats, opts):
+def _fn(plan, params, stats, opts):
   opts = portable(opts)
-  fp = fused.folded(plan, arc, params, stats, opts)
-  return functools.partial(fused.forward, plan, np.asarray(arc), fp, opts=opts)
+  fp = fused.folded(plan, params, stats, opts)
+  return functools.partial(fused.forward, plan, fp, opts=opts)
 
 
-def network_fn(plan, arc, params, stats, opts=RUNTIME_OPTS):
+def network_fn(plan, params, stats, opts=RUNTIME_OPTS):
   """fn(x [B,H,W,C] f32) -> logits [B,classes]: fused.forward with the folded weights
   closed over (constants when traced)."""
-  return _fn(plan, arc, params, stats, opts)
+  return _fn(plan, params, stats, opts)
 
 
 def _spec(image_shape, batch):
@@ -83,11 +83,11 @@ def _spec(image_shape, batch):
   return jax.ShapeDtypeStruct(dims, jnp.float32)
 
 
-def export_stablehlo(path, plan, arc, params, stats, image_shape, opts=fused.Options(),
+def export_stablehlo(path, plan, params, stats, image_shape, opts=fused.Options(),
                      batch=None):
   """Writes the serialized jax.export artifact (StableHLO + calling convention) of the
   fused network to `path`; batch None: any batch size. Returns the Exported."""
-  exported = jax.export.export(jax.jit(_fn(plan, arc, params, stats, opts)))(
+  exported = jax.export.export(jax.jit(_fn(plan, params, stats, opts)))(
       _spec(image_shape, batch))
   with open(path, "wb") as f:
     f.write(exported.serialize())
@@ -101,7 +101,7 @@ def load_stablehlo(path):
   return exported.call
 
 
-def export_savedmodel(directory, plan, arc, params, stats, image_shape, opts=fused.Options()):
+def export_savedmodel(directory, plan, params, stats, image_shape, opts=fused.Options()):
   """A TF SavedModel at `directory` whose signature 'serving_default' (and attribute
   `logits`) maps images [None,H,W,C] f32 -> logits, via jax2tf (native serialization:
   the graph holds the StableHLO in an XlaCallModule op). Imports TensorFlow."""
@@ -109,7 +109,7 @@ def export_savedmodel(directory, plan, arc, params, stats, image_shape, opts=fus
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
   h, w, c = image_shape
-  tf_fn = jax2tf.convert(_fn(plan, arc, params, stats, opts),
+  tf_fn = jax2tf.convert(_fn(plan, params, stats, opts),
                          polymorphic_shapes=[f"(b, {h}, {w}, {c})"], with_gradient=False)
   module = tf.Module()
   module.logits = tf.function(tf_fn, autograph=False, input_signature=[

@@ -26,7 +26,7 @@ kernels.py, depthwise.cc) that also absorbs the ReLU, the zero padding and the
 bias of the pointwise conv before it; XLA's loop fusion for them was a third of
 the network's time at ~15 GMAC/s. Exported artifacts use 'shift' (export.py). The aux
 head is training-only and not part of inference. Logits equal
-`child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`
+`child.forward(plan, params, stats, x, train=False, with_aux=False)[0]`
 up to float rounding, for full and compact (compaction.py) networks alike.
 """
 from __future__ import annotations
@@ -111,11 +111,10 @@ def _fold_sep(p, s):
   return {"dw1": f32(p["dw1"]), "pw1": pw1, "b1": b1, "dw2": f32(p["dw2"]), "pw2": pw2, "b2": b2}
 
 
-def fold(plan, arc, params, stats):
+def fold(plan, params, stats):
   """child.py (params, stats) of a full, compact or padded network -> folded pytree
   (numpy): {'blocks': {name: conv {w, b} | fr {w1, b1, w2, b2} | sep {dw1, pw1, b1,
   dw2, pw2, b2}}, 'fc': {'w' [C_last, classes]}}."""
-  del arc
   blocks = {}
   for _, n in graph.param_nodes(plan):
     p, s = params["blocks"][n.name], stats["blocks"][n.name]
@@ -123,10 +122,10 @@ def fold(plan, arc, params, stats):
   return {"blocks": blocks, "fc": {"w": np.asarray(params["fc"]["w"], np.float32)}}
 
 
-def folded(plan, arc, params, stats, opts=Options()):
+def folded(plan, params, stats, opts=Options()):
   """padding.pad_channels to opts.pad_channels, then fold: the weights `forward` runs."""
   params, stats = padding.pad_channels(plan, params, stats, opts.pad_channels)
-  return fold(plan, arc, params, stats)
+  return fold(plan, params, stats)
 
 
 # ---------------------------------------------------------------- operators (traced)
@@ -312,9 +311,8 @@ def stem(plan, fp, x, opts=Options()):
   return producer(fp["blocks"]["stem"], plan.nodes[plan.stem], x, opts)
 
 
-def forward(plan, arc, fp, x, opts=Options()):
+def forward(plan, fp, x, opts=Options()):
   """Logits [B,classes] of the folded network `fp` (from `folded`) on x [B,H,W,C]."""
-  del arc
   vals = {}
   for j, n in enumerate(plan.nodes):
     vals[j] = x if n.kind == "image" else apply_node(fp["blocks"].get(n.name), n,
@@ -334,14 +332,14 @@ class Fused:
   `cell_by_parts` runs a cell piece by piece for the latency breakdown.
   """
 
-  def __init__(self, plan, arc, params, stats, opts=Options()):
+  def __init__(self, plan, params, stats, opts=Options()):
     if opts.depthwise not in DEPTHWISE_IMPLS:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {opts.depthwise!r}")
     if opts.pad_channels < 1:
       raise ValueError(f"pad_channels must be >= 1, got {opts.pad_channels}")
-    self.plan, self.arc, self.opts = plan, np.asarray(arc), opts
+    self.plan, self.opts = plan, opts
     self.compiler_options = compiler_options(opts)          # also checks opts.dots
-    self.fp = folded(plan, self.arc, params, stats, opts)   # numpy: traced as constants
+    self.fp = folded(plan, params, stats, opts)   # numpy: traced as constants
     self.dtype = jnp.dtype(opts.dtype)
     if self.dtype != jnp.float32:
       self.fp = jax.tree.map(lambda a: np.asarray(a).astype(self.dtype), self.fp)
@@ -358,7 +356,7 @@ class Fused:
   def network(self, x):
     """The compiled whole network for x's shape: call it as c(x) (x and the logits
     float32; the network computes in opts.dtype)."""
-    run = functools.partial(forward, self.plan, self.arc, self.fp, opts=self.opts)
+    run = functools.partial(forward, self.plan, self.fp, opts=self.opts)
     return self.compiled("network", lambda x: run(x.astype(self.dtype)).astype(jnp.float32), x)
 
   def __call__(self, x):

@@ -197,16 +197,16 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   ex, compile_s, counts, memory = {}, {}, {}, {}
   for name in NETS:
     net = nets[name]
-    widths = networks.widths_of_params(net.plan, net.arc, net.params)
-    counts[name] = flops.count(net.plan, net.arc, widths)
+    widths = flops.widths_of_params(net.plan, net.params)
+    counts[name] = flops.count(net.plan, widths)
     t = time.perf_counter()
-    ex[name, "perop"] = perop.PerOp(net.plan, net.arc, net.params, net.stats, depthwise,
+    ex[name, "perop"] = perop.PerOp(net.plan, net.params, net.stats, depthwise,
                                     ops=perop.Ops(fused.compiler_options(opts)),
                                     dtype=opts.dtype)
     block(ex[name, "perop"](singles[0]))
     compile_s[f"{name}_perop"] = time.perf_counter() - t
     t = time.perf_counter()
-    ex[name, "fused"] = fused.Fused(net.plan, net.arc, net.params, net.stats, opts)
+    ex[name, "fused"] = fused.Fused(net.plan, net.params, net.stats, opts)
     block(ex[name, "fused"](singles[0]))
     compile_s[f"{name}_fused"] = time.perf_counter() - t
     log(f"latency: {name} compiled (per-op {compile_s[f'{name}_perop']:.1f}s, "
@@ -236,7 +236,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
     diffs[n] = {"fused_vs_perop": float(np.max(np.abs(logits[f"{n}_fused"] - logits[f"{n}_perop"]))),
                 "max_abs_logit": float(np.max(np.abs(logits[f"{n}_perop"])))}
     if check_child:
-      fwd = jax.jit(lambda p, s, x, net=net: child.forward(net.plan, net.arc, p, s, x, False,
+      fwd = jax.jit(lambda p, s, x, net=net: child.forward(net.plan, p, s, x, False,
                                                            with_aux=False)[0])
       ref = np.asarray(fwd(net.params, net.stats, xb))
       diffs[n]["perop_vs_child"] = float(np.max(np.abs(logits[f"{n}_perop"] - ref)))
@@ -359,7 +359,7 @@ def run(config, workdir):
                       f"batch 1, {threads} thread(s); {result['device']}")
     p = nets["pruned"]
     path = os.path.join(out, "pruned_fused.stablehlo")
-    export.export_stablehlo(path, p.plan, p.arc, p.params, p.stats,
+    export.export_stablehlo(path, p.plan, p.params, p.stats,
                             p.plan.image_hw + (p.plan.in_channels,), opts)
     result["stablehlo"] = os.path.relpath(path, workdir)
     with open(os.path.join(out, "latency.json"), "w") as f:

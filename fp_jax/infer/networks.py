@@ -15,26 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp_jax.models import child
-from fp_jax.pruning import compaction
 from fp_jax.models import flops
 from fp_jax.models import layers
 from fp_jax import profile
 from fp_jax import results
 from fp_jax.run import weights
 from fp_jax.infer import padding
+from fp_jax.pruning import compaction
 
 
 Net = collections.namedtuple("Net", "plan arc params stats")   # a child.py network
 BN_BATCH = 32               # random images the BN statistics of a random network come from
 
 
-def random_init(plan, arc, seed):
+def random_init(plan, seed):
   """(params, stats) with child.init's pytree structure (jax.eval_shape), filled on the
   host: He-normal conv kernels and classifier as child.init, BN scale ~ U(0.5, 1.5) and
   bias ~ N(0, 0.1), running mean ~ N(0, 0.1) and var ~ U(0.5, 1.5) (so folding
   matters). Eager child.init compiles one PRNG call per shape (15 s for a 5-cell net)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: child.init(jax.random.key(0), plan, arc))
+  shapes = jax.eval_shape(lambda: child.init(jax.random.key(0), plan))
 
   def fill(path, leaf):
     name, shape = jax.tree_util.keystr(path), leaf.shape
@@ -53,7 +53,7 @@ def random_init(plan, arc, seed):
   return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
 
 
-def estimate_bn(plan, arc, params, stats, seed, batch=BN_BATCH):
+def estimate_bn(plan, params, stats, seed, batch=BN_BATCH):
   """stats with every BN's running mean and variance set to its batch statistics on
   `batch` random N(0, 1) images [batch,H,W,C] (the scale of the normalised inputs).
 
@@ -68,17 +68,15 @@ def estimate_bn(plan, arc, params, stats, seed, batch=BN_BATCH):
   """
   x = np.random.default_rng(seed).standard_normal(
       (batch,) + tuple(plan.image_hw) + (plan.in_channels,)).astype(np.float32)
-  new = jax.jit(lambda p, s, x: child.forward(plan, arc, p, s, x, True, with_aux=False)[2])(
+  new = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, True, with_aux=False)[2])(
       params, stats, x)
   m = layers.BN_MOMENTUM
   return jax.tree.map(lambda n, o: (n - m * o) / (1 - m), new, stats)
 
 
-def prune(plan, arc, params, stats, ratios, criterion="l1"):
-  """compaction.prune with the masks computed by one jitted call: (compact params, stats)."""
-  masks = jax.jit(lambda p, r: compaction.child_masks(plan, arc, p, r, criterion))(
-      params, jnp.asarray(ratios, jnp.float32))
-  _, cp, cs = compaction.compact(plan, arc, params, stats, jax.device_get(masks))
+def prune(plan, params, stats, ratios, criterion="l1"):
+  """compaction.prune without the widths: (compact params, stats)."""
+  _, cp, cs = compaction.prune(plan, params, stats, ratios, criterion)
   return cp, cs
 
 
@@ -90,11 +88,11 @@ def random_networks(config, workdir):
   shape, num_classes = profile.image_shape(config)
   plan = child.make_plan(arc, config.final.num_layers, config.final.out_filters, shape,
                          num_classes)
-  params, stats = random_init(plan, arc, config.seed)
-  stats = estimate_bn(plan, arc, params, stats, config.seed)
+  params, stats = random_init(plan, config.seed)
+  stats = estimate_bn(plan, params, stats, config.seed)
   ratios = results.configured_ratios(config, workdir)
-  cp, cs = prune(plan, arc, params, stats, ratios, config.compress.importance)
-  cs = estimate_bn(plan, arc, cp, cs, config.seed + 1)
+  cp, cs = prune(plan, params, stats, ratios, config.compress.importance)
+  cs = estimate_bn(plan, cp, cs, config.seed + 1)
   return {"baseline": Net(plan, arc, params, stats), "pruned": Net(plan, arc, cp, cs)}
 
 
@@ -111,15 +109,9 @@ def trained_networks(workdir):
   return nets
 
 
-def widths_of_params(plan, arc, params):
-  """Widths of every value (flops.full_widths layout) read from the parameter shapes."""
-  del arc
-  return flops.widths_of_params(plan, params)
-
-
 def padded_macs(net, multiple):
   """Multiply-adds the fused path executes with its channel groups padded to a
   multiple of `multiple` (fused.Options.pad_channels): flops.count of the padded
   network's widths."""
   p, _ = padding.pad_channels(net.plan, net.params, net.stats, multiple)
-  return flops.count(net.plan, net.arc, flops.widths_of_params(net.plan, p))["macs"]
+  return flops.count(net.plan, flops.widths_of_params(net.plan, p))["macs"]

@@ -7,7 +7,7 @@ not a multiple of the vector width leaves a scalar remainder in every row: a
 5x5 depthwise over 22 channels runs about 2x slower than over 24. Inference
 engines answer this with blocked layouts (oneDNN's nChw8c / nChw16c);
 `pad_channels` does the same to a (full or compact) child.py network: every
-channel group (groups.py, derived on the network's own widths) grows to a
+channel group (pruning/groups.py, derived on the network's own widths) grows to a
 multiple of `multiple` with zero weights, zero BN scale and offset, and
 statistics mean 0 / var 1 (compaction.gather with -1 entries), so BN folding
 gives zero weights and biases for them.
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fp_jax.pruning import compaction
 from fp_jax.models import flops
+from fp_jax.models import graph
+from fp_jax.pruning import compaction
 from fp_jax.pruning import groups as groups_lib
 
 
@@ -37,11 +38,11 @@ def layouts(plan, params, multiple):
   """compaction.gather layouts padding every simple group of the network `params`
   (widths read from its shapes) to a multiple of `multiple`."""
   w = flops.widths_of_params(plan, params)
-  widths, ties, member, stages, fixed, inner = groups_lib.fixed_spaces(plan, w)
-  g = groups_lib.derive(widths, ties, member, stages, fixed)
+  spaces, inner = graph.channel_spaces(plan, w)
+  g, widths = groups_lib.derive(spaces), spaces.widths
   simple = ~g.group_fixed.copy()
   for s, width in enumerate(widths):
-    if member[s] and width:
+    if spaces.member[s] and width:
       grp = np.unique(g.unit_group[g.unit_of[s]])
       if len(grp) != 1 or width != g.group_size[grp[0]]:
         simple[grp] = False

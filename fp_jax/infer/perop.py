@@ -9,7 +9,7 @@ compute, not compilation. The primitives use the fused path's kernels (its
 depthwise implementations and separable pools), so per-op vs fused measures
 dispatch, fusion and BN folding rather than different kernels. Works for full and compact networks (widths come
 from the parameter shapes); logits equal
-`child.forward(plan, arc, params, stats, x, train=False, with_aux=False)[0]`.
+`child.forward(plan, params, stats, x, train=False, with_aux=False)[0]`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fp_jax.models import layers
 from fp_jax.infer import fused
@@ -91,12 +90,12 @@ class PerOp:
   caller can time it.
   """
 
-  def __init__(self, plan, arc, params, stats, depthwise="auto", ops=None, dtype="float32"):
+  def __init__(self, plan, params, stats, depthwise="auto", ops=None, dtype="float32"):
     """dtype: compute dtype (config.dtype): weights, statistics and activations in it;
     images enter and logits leave as float32."""
     if depthwise not in fused.DEPTHWISE_IMPLS:
       raise ValueError(f"depthwise must be one of {fused.DEPTHWISE_IMPLS}, got {depthwise!r}")
-    self.plan, self.arc, self.depthwise = plan, np.asarray(arc), depthwise
+    self.plan, self.depthwise = plan, depthwise
     self.dtype = jnp.dtype(dtype)
     put = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
     self.params, self.stats = put(params), put(stats)

@@ -125,7 +125,7 @@ def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print):
   opts = dataclasses.replace(export.RUNTIME_OPTS, pad_channels=pad_channels)
   runners, files = {}, {}
   for name, net in nets.items():
-    fn = export.network_fn(net.plan, net.arc, net.params, net.stats, opts)
+    fn = export.network_fn(net.plan, net.params, net.stats, opts)
     tfl, onx = {}, {}
     for b in sorted(set(batch_sizes) | {1}):
       tfl[b], onx[b] = export.export_runtimes(None, name, fn, (b,) + tuple(image_shape))

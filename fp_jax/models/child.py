@@ -16,16 +16,10 @@ from jax import lax
 
 from fp_jax.models import graph
 from fp_jax.models import layers
-from fp_jax.models import space
 
 
 def make_plan(arc, num_layers, out_filters, image_shape, num_classes):
   return graph.build(arc, num_layers, out_filters, image_shape, num_classes)
-
-
-def cell_arc(arc, spec):
-  normal, reduce = space.split(arc)
-  return (reduce if spec.reduce else normal).reshape(space.NUM_NODES, 4)
 
 
 def block_init(key, node, c_in):
@@ -38,9 +32,8 @@ def block_init(key, node, c_in):
   return layers.sep_conv_init(key, node.k, node.channels)
 
 
-def init(key, plan, arc=None):
-  """(params, stats) of the fixed network `plan` (arc: unused, the plan holds it)."""
-  del arc
+def init(key, plan):
+  """(params, stats) of the fixed network `plan` (graph.GraphPlan: it holds the arc)."""
   k_blocks, k_aux, k_fc = jax.random.split(key, 3)
   params, stats = {"blocks": {}}, {"blocks": {}}
   for j, n in graph.param_nodes(plan):
@@ -180,8 +173,8 @@ def apply_run(plan, run, params, stats, h0, h1, block, drop_at=None):
   return ys, [jax.tree.map(lambda a, i=i: a[i], st) for i in range(len(run))]
 
 
-def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, reg=None):
-  """(logits [B,classes], aux logits or None, new stats).
+def forward(plan, params, stats, x, train, axis_name=None, with_aux=True, reg=None):
+  """(logits [B,classes], aux logits or None, new stats) of x [B,H,W,C].
 
   reg (training only, optional): {'key': PRNG key, 'keep_prob': dropout keep of
   the pooled features, 'drop_path_keep_prob': keep of the last cell's ops,
@@ -191,7 +184,6 @@ def forward(plan, arc, params, stats, x, train, axis_name=None, with_aux=True, r
   Runs of same-signature cells (`cell_runs`) are one `lax.scan` over their stacked
   parameters and statistics: the same values as the cell-by-cell graph, compiled once.
   """
-  del arc
   new = {"blocks": {}}
   dropout = drop_at = None
   if reg is not None:

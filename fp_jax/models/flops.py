@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from fp_jax.models import layers
-from fp_jax.models import space
 
 
 def full_widths(plan):
@@ -23,11 +22,6 @@ def full_widths(plan):
   name: inner width}} (the layout of every `widths` argument here)."""
   return {"values": [n.channels for n in plan.nodes],
           "inner": {n.name: n.channels for n in plan.nodes if n.kind == "sep"}}
-
-
-def kept(channels, ratio):
-  """Channels a group of `channels` keeps at `ratio` (pruning.keep_mask's count)."""
-  return max(1, int(np.round((1.0 - ratio) * channels)))
 
 
 def widths_of_params(plan, params):
@@ -64,11 +58,10 @@ def block_counts(node, c_in, c_out, inner=None):
   return 0, 0
 
 
-def count(plan, arc=None, widths=None):
+def count(plan, widths=None):
   """{'macs', 'params', 'params_no_aux', 'aux_macs'} of the fixed network, batch 1.
 
   widths (full_widths layout): the kept channels of every value (pruned networks)."""
-  del arc
   widths = widths or full_widths(plan)
   vals = widths["values"]
   macs = params = 0

@@ -2,8 +2,8 @@
 
 One definition of the fixed-arc network (melodyguan/enas, src/cifar10/micro_child.py
 `_model`, `_fixed_layer`, `_maybe_calibrate_size`, `_fixed_combine`), read by every
-consumer: `child.forward` (training and eval), `flops.count`, `groups` (channel
-groups for pruning), `compaction`, and the per-op and fused executors.
+consumer: `child.forward` (training and eval), `flops.count`, pruning (its channel
+spaces, `channel_spaces`, below), `compaction`, and the per-op and fused executors.
 
 Per cell i (F doubles at the two reduction cells, which run at stride 2):
   calibration  h(i-2): factorized reduction (ReLU first) when it is larger than
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fp_jax.models import channels
 from fp_jax.models import space
 
 KINDS = ("image", "conv", "fr", "sep", "avg", "max", "add", "concat")
@@ -45,7 +46,7 @@ class Node:
 
 
 @dataclasses.dataclass(frozen=True)
-class CellSpec:
+class GraphCell:
   index: int
   reduce: bool
   stage: int           # 0..4, the pruning stage (DESIGN §6)
@@ -57,13 +58,13 @@ class CellSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class GraphPlan:
   in_channels: int
   image_hw: tuple
   stem_channels: int
   num_classes: int
   nodes: tuple         # Node, in execution order; nodes[0] is the image
-  cells: tuple         # CellSpec
+  cells: tuple         # GraphCell
   aux_index: int       # the aux head reads the output of this cell
   out: int             # node index of the last cell's output (the classifier's input)
 
@@ -77,7 +78,7 @@ def ceil_hw(hw, s):
 
 
 def build(arc, num_layers, out_filters, image_shape, num_classes):
-  """The Plan of the fixed network of `arc` (int [40], static)."""
+  """The GraphPlan of the fixed network of `arc` (int [40], static)."""
   normal, reduce_arc = space.split(arc)
   h, w, c = image_shape
   r1, r2 = space.reduction_layers(num_layers)
@@ -140,10 +141,10 @@ def build(arc, num_layers, out_filters, image_shape, num_classes):
       parts.append(v)
     out = (add(pre + "out", "concat", parts, sum(ch(v) for v in parts), out_hw, cell=i)
            if len(parts) > 1 else parts[0])
-    cells.append(CellSpec(i, reduce, stages[i], f, out_hw, tuple(prev), out, ch(out)))
+    cells.append(GraphCell(i, reduce, stages[i], f, out_hw, tuple(prev), out, ch(out)))
     prev = [prev[1], out]
-  return Plan(c, (h, w), 3 * out_filters, num_classes, tuple(nodes), tuple(cells),
-              min(r2 + 1, num_layers + 1), prev[1])
+  return GraphPlan(c, (h, w), 3 * out_filters, num_classes, tuple(nodes), tuple(cells),
+                   min(r2 + 1, num_layers + 1), prev[1])
 
 
 def param_nodes(plan):
@@ -155,3 +156,35 @@ def stage_of(plan, j):
   """Pruning stage of node j (the stem and the image: 0)."""
   cell = plan.nodes[j].cell
   return 0 if cell < 0 else plan.cells[cell].stage
+
+
+def channel_spaces(plan, widths=None):
+  """(channels.Spaces, {sep name: inner space index}) of the graph: value j is space j,
+  sep node j's inner width a space after all values. widths (flops.full_widths layout;
+  default: the plan's) gives the widths of a compact or padded network. Pools pass
+  channels through, an add ties its operands, a concat its parts to its segments."""
+  nodes = plan.nodes
+  vw = [n.channels for n in nodes] if widths is None else list(widths["values"])
+  width = list(vw)
+  member = [n.kind != "concat" for n in nodes]
+  stages = [stage_of(plan, j) for j in range(len(nodes))]
+  fixed = [n.kind == "image" for n in nodes]
+  ties, inner = [], {}
+  for j, n in enumerate(nodes):
+    if n.kind in ("avg", "max"):
+      ties.append((j, 0, n.inputs[0], 0, vw[j]))
+    elif n.kind == "add":
+      ties += [(j, 0, i, 0, vw[j]) for i in n.inputs]
+    elif n.kind == "concat":
+      off = 0
+      for i in n.inputs:
+        ties.append((j, off, i, 0, vw[i]))
+        off += vw[i]
+    elif n.kind == "sep":
+      inner[n.name] = len(width)
+      width.append(n.channels if widths is None else widths["inner"][n.name])
+      member.append(True)
+      stages.append(stages[j])
+      fixed.append(False)
+  return channels.Spaces(tuple(width), tuple(stages), tuple(member), tuple(fixed),
+                         tuple(ties)), inner

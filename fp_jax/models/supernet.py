@@ -22,17 +22,21 @@ lax.scan over their stacked parameters (one compiled cell body per run).
 
 BN always normalises with batch statistics (synchronised over `axis_name`) and
 keeps no moving averages, as ENAS's search child. Masked forward passes (fake
-pruning) use `pruning.apply_supernet_masks`.
+pruning) use pruning/masks.py's `apply_supernet_masks`; the channel spaces pruning reads
+(`space_table`, `channel_spaces`) and the channels a mask keeps in each (`Kept`) are
+declared here, at the end.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from fp_jax.models import channels
 from fp_jax.models import layers
 from fp_jax.models import space
 
@@ -43,7 +47,7 @@ FINAL_INITS = ("identity", "shared", "enas")
 
 
 @dataclasses.dataclass(frozen=True)
-class CellSpec:
+class SupernetCell:
   index: int
   reduce: bool
   stage: int            # 0..4, the pruning stage (DESIGN §6)
@@ -54,7 +58,7 @@ class CellSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class SupernetPlan:
   in_channels: int
   image_hw: tuple
   stem_channels: int
@@ -83,9 +87,9 @@ def make_plan(num_layers, out_filters, image_shape, num_classes):
       hw, ins = prev[1][1], prev
     calib = ("fr" if ins[0][1] != ins[1][1] else "conv" if ins[0][0] != f else "none",
              "conv" if ins[1][0] != f else "none")
-    cells.append(CellSpec(i, reduce, stages[i], f, hw, (ins[0][0], ins[1][0]), calib))
+    cells.append(SupernetCell(i, reduce, stages[i], f, hw, (ins[0][0], ins[1][0]), calib))
     prev = [ins[1], (f, hw)]
-  return Plan(c, (h, w), stem_c, tuple(cells), min(r2 + 1, num_layers + 1), num_classes)
+  return SupernetPlan(c, (h, w), stem_c, tuple(cells), min(r2 + 1, num_layers + 1), num_classes)
 
 
 def init(key, plan, scale="fan_in", final="identity", share_inputs=True):
@@ -291,3 +295,99 @@ def _global_dropout(f, key, keep, axis_name):
   m = jax.random.bernoulli(key, keep, (n * f.shape[0],) + f.shape[1:])
   m = lax.dynamic_slice_in_dim(m, i * f.shape[0], f.shape[0])
   return jnp.where(m, f / jnp.asarray(keep, f.dtype), 0.0)
+
+
+# ---------------------------------------------------------------- channel spaces (pruning)
+
+
+def cell_arc(arc, spec):
+  """The cell's half of `arc` [40] (numpy or traced): int [20]."""
+  return arc[space.CELL_LEN:] if spec.reduce else arc[:space.CELL_LEN]
+
+
+def slots(part):
+  """(input index [5, 2], op [5, 2]) of every node slot of a cell arc [20]."""
+  rows = part.reshape(space.NUM_NODES, 4)
+  return rows[:, 0::2], rows[:, 1::2]
+
+
+def space_table(plan):
+  """Static [(key, width, stage)] of the supernet's channel spaces, in a fixed order:
+  'stem'; per cell i: ('calib_x'|'calib_y'|'reduce', i) where present, ('node', i, k),
+  ('out', i, k, s) and ('inner', i, k, s) of each sep_conv slot, ('final', i)."""
+  out = [("stem", plan.stem_channels, 0)]
+  for spec in plan.cells:
+    i, f, st = spec.index, spec.filters, spec.stage
+    out += [((name, i), f, st) for j, name in enumerate(("calib_x", "calib_y"))
+            if spec.calib[j] != "none"]
+    if spec.reduce:
+      out.append((("reduce", i), f, st))
+    out += [(("node", i, k), f, st) for k in range(space.NUM_NODES)]
+    for kind in ("out", "inner"):
+      out += [((kind, i, k, s), f, st) for k in range(space.NUM_NODES) for s in range(2)]
+    out.append((("final", i), f, st))
+  return out
+
+
+def channel_spaces(plan, arc):
+  """channels.Spaces of the supernet running `arc` (concrete int [40]), space_table's
+  order. Every cell ends with its own final conv, so a cell's nodes are tied only to
+  what reaches them unchanged: its (possibly uncalibrated, i.e. earlier cells') inputs
+  through identity or pooling, and its sep_convs' outputs."""
+  table = space_table(plan)
+  index = {key: n for n, (key, _, _) in enumerate(table)}
+  arc = np.asarray(arc)
+  ties, prev = [], [index["stem"], index["stem"]]
+  for spec in plan.cells:
+    i, f = spec.index, spec.filters
+    ins = [prev[1], index[("reduce", i)]] if spec.reduce else list(prev)
+    h = [index[(name, i)] if spec.calib[j] != "none" else ins[j]
+         for j, name in enumerate(("calib_x", "calib_y"))]
+    idx, op = slots(cell_arc(arc, spec))
+    vals = h + [index[("node", i, k)] for k in range(space.NUM_NODES)]
+    for k in range(space.NUM_NODES):
+      for s in range(2):
+        src = (index[("out", i, k, s)] if int(op[k, s]) in (space.SEP3, space.SEP5)
+               else vals[int(idx[k, s])])
+        ties.append((vals[k + 2], 0, src, 0, f))
+    prev = [ins[1], index[("final", i)]]
+  n = len(table)
+  return channels.Spaces(tuple(w for _, w, _ in table), tuple(st for _, _, st in table),
+                         (True,) * n, (False,) * n, tuple(ties))
+
+
+class CellKept(NamedTuple):
+  """Channels kept in one cell's spaces (space_table's keys of cell i); calib_x,
+  calib_y, reduce: None where the cell has no such producer."""
+  calib_x: Any
+  calib_y: Any
+  reduce: Any
+  node: Any            # [5]
+  out: Any             # [5, 2]: each sep_conv slot's output
+  inner: Any           # [5, 2]: each sep_conv slot's inner width
+  final: Any           # the final conv's output
+
+
+class Kept(NamedTuple):
+  """Channels kept in every channel space of the supernet running one arc: made by the
+  masks step (pruning/masks.py), read by the multiply-add count (supernet_flops.count)."""
+  stem: Any
+  cells: tuple         # CellKept per cell
+
+
+def full_kept(plan):
+  """Kept of the unmasked supernet: every space's width (ints)."""
+  cells = []
+  for spec in plan.cells:
+    f = spec.filters
+    calib = [f if c != "none" else None for c in spec.calib]
+    cells.append(CellKept(calib[0], calib[1], f if spec.reduce else None,
+                          np.full(space.NUM_NODES, f), np.full((space.NUM_NODES, 2), f),
+                          np.full((space.NUM_NODES, 2), f), f))
+  return Kept(plan.stem_channels, tuple(cells))
+
+
+def stack_kept(kepts):
+  """n Kepts as one whose leaves have a leading axis n (supernet_flops.count counts all n
+  in one walk of the arc)."""
+  return jax.tree.map(lambda *v: np.stack([np.asarray(x) for x in v]), *kepts)

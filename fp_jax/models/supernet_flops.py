@@ -5,8 +5,8 @@ each cell's calibrations (and a reduction cell's factorized reduction of h(i-1))
 the sampled sep_convs of every node (pools and identities cost no multiply-adds)
 and the final 1x1 conv over the cell inputs and nodes no node reads, then the
 classifier; the aux head is a training-only part and not counted (flops.count's
-convention). `kept` gives the channels of every space of pruning.supernet_spaces
-(the masks' 'kept'), so the same count gives the masked network's multiply-adds.
+convention). `kept` (supernet.Kept, the masks' 'kept') gives the channels of every
+space, so the same count gives the masked network's multiply-adds.
 
 The ratio measure `macs` (search.ratio_measure) scores the fraction of these
 multiply-adds the masks remove, scaled by MACS_RATIO_SCALE: the paper's Ratio sums a
@@ -21,58 +21,56 @@ from __future__ import annotations
 
 import numpy as np
 
-from fp_jax.pruning import supernet_masks as pruning
 from fp_jax.models import space
+from fp_jax.models import supernet
 
 MACS_RATIO_SCALE = 8
 MEASURES = ("layers", "macs")
 
 
-def _cell_rows(arc, spec):
-  cell = np.asarray(arc)[space.CELL_LEN:] if spec.reduce else np.asarray(arc)[:space.CELL_LEN]
-  return cell.reshape(space.NUM_NODES, 4)
-
-
 def count(plan, arc, kept=None):
-  """Multiply-adds (batch 1) of supernet `plan` running `arc` (int [40]); kept [spaces]:
-  the channels of every space of pruning.supernet_spaces(plan), in its order (default:
-  every channel). kept [n, spaces] counts n networks in one walk of the arc (a list of n)."""
-  sp = pruning.supernet_spaces(plan)
-  kept = np.asarray([w for _, w, _ in sp] if kept is None else kept, np.float64)
-  if kept.ndim not in (1, 2) or kept.shape[-1] != len(sp):
-    raise ValueError(f"kept has shape {kept.shape}, the plan {len(sp)} spaces")
-  width = list(kept.T)
-  of = {key: width[n] for n, (key, _, _) in enumerate(sp)}
+  """Multiply-adds (batch 1) of supernet `plan` running `arc` (int [40]); kept:
+  supernet.Kept, the channels of every space (default: every channel). A Kept of n
+  networks (supernet.stack_kept: each leaf with a leading axis n) counts all n in one walk
+  of the arc: a list of n."""
+  kept = supernet.full_kept(plan) if kept is None else kept
+  if len(kept.cells) != len(plan.cells):
+    raise ValueError(f"kept has {len(kept.cells)} cells, the plan {len(plan.cells)}")
   h, w = plan.image_hw
-  macs = h * w * 9 * plan.in_channels * of["stem"]
-  prev = [of["stem"], of["stem"]]
-  for spec in plan.cells:
-    i, hw = spec.index, spec.hw[0] * spec.hw[1]
+  f64 = lambda v: np.asarray(v, np.float64)
+  stem = f64(kept.stem)
+  macs = h * w * 9 * plan.in_channels * stem
+  prev = [stem, stem]
+  for spec, kc in zip(plan.cells, kept.cells):
+    hw = spec.hw[0] * spec.hw[1]
     ins = list(prev)
     if spec.reduce:                      # factorized reduction of h(i-1): c_in x c_out
-      macs += hw * prev[1] * of[("reduce", i)]
-      ins = [prev[1], of[("reduce", i)]]
+      macs += hw * prev[1] * f64(kc.reduce)
+      ins = [prev[1], f64(kc.reduce)]
     vals = []
-    for j, name in enumerate(("calib_x", "calib_y")):
+    for j, calib in enumerate((kc.calib_x, kc.calib_y)):
       if spec.calib[j] == "none":
         vals.append(ins[j])
       else:                              # 1x1 conv or factorized reduction, at the cell's hw
-        macs += hw * ins[j] * of[(name, i)]
-        vals.append(of[(name, i)])
-    vals += [of[("node", i, k)] for k in range(space.NUM_NODES)]
-    rows = _cell_rows(arc, spec)
+        macs += hw * ins[j] * f64(calib)
+        vals.append(f64(calib))
+    node = f64(kc.node)
+    vals += [node[..., v] for v in range(space.NUM_NODES)]
+    idx, op = supernet.slots(supernet.cell_arc(np.asarray(arc), spec))
+    out, inner = f64(kc.out), f64(kc.inner)
     used = set()
     for k in range(space.NUM_NODES):
       for s in range(2):
-        idx, op = int(rows[k, 2 * s]), int(rows[k, 2 * s + 1])
-        used.add(idx)
-        if op in (space.SEP3, space.SEP5):
-          k2 = 9 if op == space.SEP3 else 25
-          c_in, inner, c_out = vals[idx], of[("inner", i, k, s)], of[("out", i, k, s)]
-          macs += hw * (k2 * c_in + c_in * inner + k2 * inner + inner * c_out)
+        i, o = int(idx[k, s]), int(op[k, s])
+        used.add(i)
+        if o in (space.SEP3, space.SEP5):
+          k2 = 9 if o == space.SEP3 else 25
+          c_in, c_mid, c_out = vals[i], inner[..., k, s], out[..., k, s]
+          macs += hw * (k2 * c_in + c_in * c_mid + k2 * c_mid + c_mid * c_out)
     unused = sum(vals[v] for v in range(len(vals)) if v not in used)
-    macs += hw * unused * of[("final", i)]
-    prev = [ins[1], of[("final", i)]]
+    final = f64(kc.final)
+    macs += hw * unused * final
+    prev = [ins[1], final]
   return np.rint(macs + prev[1] * plan.num_classes).astype(int).tolist()
 
 

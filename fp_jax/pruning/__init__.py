@@ -1,1 +1,1 @@
-"""Fake pruning and real pruning: channel groups, masks, compaction."""
+"""Pruning by step: groups -> importance -> masks -> compaction; masked_update, bn_reestimate."""

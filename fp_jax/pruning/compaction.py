@@ -1,17 +1,12 @@
-"""Fake pruning and real channel removal for the fixed network (child.py, graph.py).
+"""Step 4 of pruning: real channel removal for the fixed network (child.py, graph.py).
 
-Channel groups come from groups.fixed_groups (the graph's producer/consumer
-structure). Masks are {'units': f32 [U]} (1 = kept), one entry per unit of tied
-channels; the mask of node j's output is units[unit_of[j]]. `child_masks` and
-`apply_child_masks` are pure jit transforms (params and ratios traced; plan
-static). `gather` builds a network holding chosen channels of every value (kept
-channel indices, or -1 for an all-zero channel: compaction and the fused path's
-channel padding are the same operation); the layers read every width from the
-parameter shapes, so the result runs with the same `child.forward(plan, ...)`.
+`compact` turns concrete masks (masks.child_masks) into a network holding only the kept
+channels; `gather` builds a network holding chosen channels of every value (kept
+channel indices, or -1 for an all-zero channel: compaction and the fused path's channel
+padding are the same operation). The layers read every width from the parameter
+shapes, so the result runs with the same `child.forward(plan, ...)`.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,75 +14,7 @@ import numpy as np
 
 from fp_jax.models import graph
 from fp_jax.pruning import groups as groups_lib
-from fp_jax.pruning import supernet_masks as pruning
-
-
-@functools.lru_cache(maxsize=32)
-def structure(plan):
-  """(Groups, {sep name: inner space}) of `plan` (cached)."""
-  return groups_lib.fixed_groups(plan)
-
-
-def _criterion(criterion):
-  if criterion not in pruning.CRITERIA:
-    raise ValueError(f"criterion must be one of {pruning.CRITERIA}, got {criterion!r}")
-
-
-def producer_importance(plan, params, criterion):
-  """[(space, importance [C])] of every producer of the fixed network."""
-  out = []
-  for j, n in graph.param_nodes(plan):
-    p = params["blocks"][n.name]
-    if n.kind == "sep":
-      inner_imp, out_imp = pruning.sep_importance(p, criterion)
-      out += [(j, out_imp), (structure(plan)[1][n.name], inner_imp)]
-    else:
-      out.append((j, pruning.producer_importance(p, criterion)))
-  return out
-
-
-def child_masks(plan, arc, params, ratios, criterion="l1", grads=None, key=None):
-  """{'units': f32 [U]}: each group keeps its top max(1, round((1 - ratio) * units)).
-
-  ratios f32 [5] (one per stage, may be traced); criterion (pruning.CRITERIA): 'l1'
-  (producer filters' L1 norms summed over the unit), 'bn' (producer BN |scale|
-  summed), 'taylor' (sum |w * g| over the same filters; grads: dL/dparams) or
-  'random' (uniform random unit scores from `key`).
-  """
-  del arc
-  _criterion(criterion)
-  g, _ = structure(plan)
-  tree, rule = pruning.scored(params, criterion, grads)
-  if rule == "random":
-    imp = pruning.random_scores(key, len(g.unit_group))
-  else:
-    imp = jnp.zeros(len(g.unit_group), jnp.float32)
-    for s, v in producer_importance(plan, tree, rule):
-      imp = imp.at[g.unit_of[s]].add(v)
-  return {"units": groups_lib.unit_masks(imp, g.unit_group, g.group_size, g.group_stage,
-                                         g.group_fixed, ratios)}
-
-
-def value_mask(plan, masks, space):
-  """0/1 mask [C] of one space (node index, or a sep inner space)."""
-  return masks["units"][structure(plan)[0].unit_of[space]]
-
-
-def apply_child_masks(plan, arc, params, masks):
-  """Params with masked channels' producing filters and BN scale/offset zeroed.
-
-  BN statistics are untouched: a zero channel stays zero in train and eval mode.
-  """
-  del arc
-  g, inner = structure(plan)
-  blocks = dict(params["blocks"])
-  for j, n in graph.param_nodes(plan):
-    m = value_mask(plan, masks, j)
-    if n.kind == "sep":
-      blocks[n.name] = pruning.mask_sep(blocks[n.name], value_mask(plan, masks, inner[n.name]), m)
-    else:
-      blocks[n.name] = pruning.mask_producer(blocks[n.name], m)
-  return {**params, "blocks": blocks}
+from fp_jax.pruning import masks as masks_lib
 
 
 def _count(m):
@@ -95,8 +22,8 @@ def _count(m):
 
 
 def widths_of(plan, masks):
-  """Kept channels of every value (flops.full_widths layout)."""
-  g, inner = structure(plan)
+  """Kept channels of every value (flops.full_widths layout) of concrete masks."""
+  g, inner = groups_lib.child_groups(plan)
   units = np.asarray(masks["units"])
   return {"values": [_count(units[g.unit_of[j]]) for j in range(len(plan.nodes))],
           "inner": {name: _count(units[g.unit_of[s]]) for name, s in inner.items()}}
@@ -104,7 +31,7 @@ def widths_of(plan, masks):
 
 def kept_layouts(plan, masks):
   """Kept channel indices of every value and sep inner space (concrete masks)."""
-  g, inner = structure(plan)
+  g, inner = groups_lib.child_groups(plan)
   units = np.asarray(masks["units"])
   kept = lambda s: np.flatnonzero(units[g.unit_of[s]] > 0.5)
   return {"values": [kept(j) for j in range(len(plan.nodes))],
@@ -174,37 +101,31 @@ def gather(plan, params, stats, layouts):
   return jax.tree.map(jnp.asarray, p), jax.tree.map(jnp.asarray, st)
 
 
-def compact(plan, arc, params, stats, masks):
+def compact(plan, params, stats, masks):
   """(widths, params, stats) of the network holding only the kept channels.
 
-  masks: concrete (host) masks as from child_masks; params may be masked or not
+  masks: concrete (host) masks as from masks.child_masks; params may be masked or not
   (kept channels are unchanged by masking). Run the result with the same
-  `child.forward(plan, ...)`; `flops.count(plan, widths=widths)` counts it.
+  `child.forward(plan, ...)`; `flops.count(plan, widths)` counts it.
   """
-  del arc
   p, s = gather(plan, params, stats, kept_layouts(plan, masks))
   return widths_of(plan, masks), p, s
 
 
-def prune(plan, arc, params, stats, ratios, criterion="l1"):
-  """child_masks then compact: (widths, compact params, compact stats)."""
-  masks = jax.device_get(jax.jit(lambda p, r: child_masks(plan, arc, p, r, criterion))(
+def prune(plan, params, stats, ratios, criterion="l1"):
+  """masks.child_masks then compact: (widths, compact params, compact stats)."""
+  masks = jax.device_get(jax.jit(lambda p, r: masks_lib.child_masks(plan, p, r, criterion))(
       params, jnp.asarray(ratios, jnp.float32)))
-  return compact(plan, arc, params, stats, masks)
+  return compact(plan, params, stats, masks)
 
 
 def ratio_widths(plan, ratios):
   """Widths of the network masked at per-stage `ratios` [5], without weights: every unit
-  equally important (ties keep the lower unit ids, as unit_masks). Exact whenever a
-  value holds whole groups (the usual case); where a group spans several values of
+  equally important (ties keep the lower unit ids, as masks.unit_masks). Exact whenever
+  a value holds whole groups (the usual case); where a group spans several values of
   different units (a cell that skips its calibration next to a concat), the split among
   them is nominal. Host-side numpy (no compilation per network)."""
-  g, _ = structure(plan)
-  ratio = np.asarray(ratios, np.float32)[g.group_stage]
-  keep = np.maximum(1, np.round((np.float32(1) - ratio) * g.group_size)).astype(np.int64)
-  keep = np.where(g.group_fixed, g.group_size, keep)
-  order = np.lexsort((np.arange(len(g.unit_group)), g.unit_group))
-  start = np.cumsum(g.group_size) - g.group_size
-  rank = np.empty(len(order), np.int64)
-  rank[order] = np.arange(len(order)) - start[g.unit_group[order]]
-  return widths_of(plan, {"units": (rank < keep[g.unit_group]).astype(np.float32)})
+  g, _ = groups_lib.child_groups(plan)
+  units = masks_lib.unit_masks(np.zeros(len(g.unit_group), np.float32), g.unit_group,
+                               g.group_size, g.group_stage, g.group_fixed, ratios, xp=np)
+  return widths_of(plan, {"units": units})

@@ -1,38 +1,35 @@
-"""Channel groups for pruning, derived from the network's producer/consumer structure.
+"""Step 1 of pruning: channel units and groups from a network's declared channel spaces.
 
-One definition, used for the supernet (supernet_groups, per sampled arc) and the
-fixed network (fixed_groups, its graph), in the spirit of Torch-Pruning's
-dependency groups:
+One derivation for both networks, from the `channels.Spaces` each declares beside its
+builder (supernet.channel_spaces per sampled arc, graph.channel_spaces for the fixed
+network), in the spirit of Torch-Pruning's dependency groups:
 
-- A *space* is the channel axis of one tensor (a node's output, or a sep_conv's
-  inner width). Producers (conv / factorized reduction / sep_conv pointwise, each
-  followed by BN) open a new space; consumers (the next conv, the classifier) only
-  read one.
-- *Ties* say that channel t of one space is channel t' of another: pooling and
-  identity pass channels through, an add ties its operands and its output, a concat
-  ties each part to a segment of its output. Where ENAS skips a calibration, a cell's
-  nodes read the previous cell's output directly, which ties the two cells' spaces.
+- A *space* is the channel axis of one tensor. Producers (conv / factorized reduction /
+  sep_conv pointwise, each followed by BN) open a new space; consumers only read one.
+- *Ties* say that channel t of one space is channel t' of another (pass-through, add,
+  concat). Where ENAS skips a calibration, a cell's nodes read the previous cell's
+  output directly, which ties the two cells' spaces.
 - A *unit* is a class of tied channels (union over all ties): pruning removes whole
   units, so every tensor sees the same channels vanish.
 - A *group* is a set of units pruned together at one ratio: units that occur in the
   same non-concat space (a concat only relabels its parts' channels, so it does not
   merge its parts' groups). A group takes the ratio of the earliest stage among its
-  spaces and keeps its top max(1, round((1 - ratio) * units)) units by importance,
-  the sum over the group's producers of each unit's channels' importance.
+  spaces; how many units it keeps is masks.keep_count's.
 
-The result (`Groups`) is static numpy; `unit_masks` is a pure jnp function of traced
-importance and ratios, so one compilation serves every ratio and weight.
+The result (`Groups`) is static numpy; `supernet_groups` pads it to arrays of static
+shapes (traced data, so one compilation serves every architecture).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import jax.numpy as jnp
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from fp_jax.models import graph
+from fp_jax.models import supernet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +58,12 @@ def _first_appearance(labels):
   return rank[inv], len(first)
 
 
-def derive(widths, ties, member, stages, fixed):
-  """Units and groups of spaces.
-
-  widths: int per space; ties: [(a, a_offset, b, b_offset, length)] channel a[a_off + t]
-  is channel b[b_off + t]; member: bool per space, whether it makes its units one group
-  (False for concats); stages: int per space; fixed: bool per space (never pruned).
-  """
+def derive(spaces):
+  """Groups of a network's channels.Spaces (units numbered in channel order)."""
+  widths, member = spaces.widths, spaces.member
   offs = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
   ea, eb = [], []
-  for a, ao, b, bo, n in ties:
+  for a, ao, b, bo, n in spaces.ties:
     ea.append(offs[a] + ao + np.arange(n))
     eb.append(offs[b] + bo + np.arange(n))
   ea = np.concatenate(ea) if ea else np.zeros(0, np.int64)
@@ -94,64 +87,40 @@ def derive(widths, ties, member, stages, fixed):
   for s, w in enumerate(widths):
     if w and member[s]:
       g = unit_group[unit_of[s]]
-      np.minimum.at(stage, g, stages[s])
-      fix[g] |= bool(fixed[s])
+      np.minimum.at(stage, g, spaces.stages[s])
+      fix[g] |= bool(spaces.fixed[s])
   return Groups(unit_of, unit_group.astype(np.int32), size.astype(np.int32),
                 stage.astype(np.int32), fix)
 
 
-def unit_masks(unit_imp, unit_group, group_size, group_stage, group_fixed, ratios):
-  """0/1 f32 [U]: each group keeps its top max(1, round((1 - ratio) * size)) units by
-  `unit_imp` [U] (ties: the lower unit id), ratio = ratios[group_stage]; fixed groups
-  keep all. All arguments may be traced (shapes static)."""
-  u = unit_imp.shape[0]
-  ratio = jnp.asarray(ratios, jnp.float32)[group_stage]
-  size = jnp.asarray(group_size)
-  keep = jnp.maximum(1, jnp.round((1.0 - ratio) * size)).astype(jnp.int32)
-  keep = jnp.where(group_fixed, size, keep)
-  idx = jnp.arange(u)
-  order = jnp.lexsort((idx, -unit_imp, unit_group))        # by group, then importance
-  start = jnp.cumsum(size) - size
-  g_sorted = jnp.asarray(unit_group)[order]
-  rank = jnp.zeros(u, jnp.int32).at[order].set((idx - start[g_sorted]).astype(jnp.int32))
-  return (rank < keep[jnp.asarray(unit_group)]).astype(jnp.float32)
+def padded(g):
+  """Group arrays of static shapes (N = channels of all spaces): {'unit_of' [N],
+  'unit_group' [N], 'group_size' [N+1], 'group_stage' [N+1], 'group_fixed' [N+1]}
+  (int32 / bool numpy); unused unit ids form one fixed dummy group."""
+  unit_of = np.concatenate(g.unit_of).astype(np.int32)
+  n, u, ng = len(unit_of), len(g.unit_group), len(g.group_size)
+  pad = lambda a, size, fill: np.concatenate([a, np.full(size - len(a), fill, a.dtype)])
+  size = pad(g.group_size, n + 1, 0)
+  size[ng] = n - u
+  return {"unit_of": unit_of, "unit_group": pad(g.unit_group, n, ng).astype(np.int32),
+          "group_size": size.astype(np.int32),
+          "group_stage": pad(g.group_stage, n + 1, 0).astype(np.int32),
+          "group_fixed": pad(g.group_fixed, n + 1, True)}
 
 
-# ---------------------------------------------------------------- the fixed network
+def supernet_groups(plan, arc):
+  """padded(groups) of the supernet running `arc` (concrete int [40]), cached (the search
+  evaluates an arc on many batches). unit_of follows supernet.space_table's order."""
+  return _supernet_groups(plan, tuple(int(v) for v in np.asarray(arc)))
 
 
-def fixed_spaces(plan, node_widths=None):
-  """Spaces of the fixed graph: node j is space j; sep node j's inner width is space
-  len(nodes) + i. node_widths (flops.full_widths layout; default: the plan's) gives the
-  widths of a compact network. Returns (widths, ties, member, stages, fixed,
-  inner_index {name: s})."""
-  nodes = plan.nodes
-  vw = [n.channels for n in nodes] if node_widths is None else list(node_widths["values"])
-  widths = list(vw)
-  member = [n.kind != "concat" for n in nodes]
-  stages = [graph.stage_of(plan, j) for j in range(len(nodes))]
-  fixed = [n.kind == "image" for n in nodes]
-  ties, inner = [], {}
-  for j, n in enumerate(nodes):
-    if n.kind in ("avg", "max"):
-      ties.append((j, 0, n.inputs[0], 0, vw[j]))
-    elif n.kind == "add":
-      ties += [(j, 0, i, 0, vw[j]) for i in n.inputs]
-    elif n.kind == "concat":
-      off = 0
-      for i in n.inputs:
-        ties.append((j, off, i, 0, vw[i]))
-        off += vw[i]
-    elif n.kind == "sep":
-      inner[n.name] = len(widths)
-      widths.append(n.channels if node_widths is None else node_widths["inner"][n.name])
-      member.append(True)
-      stages.append(stages[j])
-      fixed.append(False)
-  return widths, ties, member, stages, fixed, inner
+@functools.lru_cache(maxsize=4096)
+def _supernet_groups(plan, arc):
+  return padded(derive(supernet.channel_spaces(plan, np.asarray(arc))))
 
 
-def fixed_groups(plan):
-  """(Groups, {sep name: inner space index}) of the fixed network's graph."""
-  widths, ties, member, stages, fixed, inner = fixed_spaces(plan)
-  return derive(widths, ties, member, stages, fixed), inner
+@functools.lru_cache(maxsize=32)
+def child_groups(plan):
+  """(Groups, {sep name: inner space index}) of the fixed network `plan` (cached)."""
+  spaces, inner = graph.channel_spaces(plan)
+  return derive(spaces), inner

@@ -16,7 +16,7 @@ import optax
 
 class MaskedState(NamedTuple):
   inner: Any        # the wrapped transform's state
-  masks: Any        # pytree of 0/1 masks (compaction.child_masks layout)
+  masks: Any        # pytree of 0/1 masks (masks.child_masks layout)
 
 
 def hold_masks(tx, masks, apply_masks):

@@ -35,6 +35,7 @@ import numpy as np
 from fp_jax.pruning import bn_reestimate
 from fp_jax.models import child
 from fp_jax.pruning import compaction
+from fp_jax.pruning import masks as masks_lib
 from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax.models import flops
@@ -81,12 +82,12 @@ def bn_batches(config, x, y, mean, std, labels=False):
     yield (xb, yb) if labels else xb
 
 
-def taylor_grads(plan, arc, params, stats, batches, mesh):
+def taylor_grads(plan, params, stats, batches, mesh):
   """dL/dparams of the eval-mode cross-entropy of the trained network, averaged over
   `batches` ((images, labels) of equal global size; criterion 'taylor')."""
   def grad(p, s, x, y):
     def loss(p):
-      logits = child.forward(plan, arc, p, s, x, False, with_aux=False)[0]
+      logits = child.forward(plan, p, s, x, False, with_aux=False)[0]
       return jax.lax.pmean(loss_lib.xent(logits, y), parallel.AXIS)
     return jax.grad(loss)(p)
   step = parallel.data_parallel(grad, mesh, (REPLICATED, REPLICATED, BATCH, BATCH), REPLICATED)
@@ -99,28 +100,28 @@ def taylor_grads(plan, arc, params, stats, batches, mesh):
   return jax.tree.map(lambda a: jnp.asarray(a / k, jnp.float32), total)
 
 
-def importance_inputs(config, plan, arc, params, stats, x, y, mean, std, mesh):
+def importance_inputs(config, plan, params, stats, x, y, mean, std, mesh):
   """(grads, key) the compress.importance criterion reads (None where it reads none)."""
   c = config.compress
   grads = key = None
   if c.importance == "taylor":
-    grads = taylor_grads(plan, arc, params, stats,
+    grads = taylor_grads(plan, params, stats,
                          bn_batches(config, x, y, mean, std, labels=True), mesh)
   if c.importance == "random":
     key = streams.key(config.seed, Purpose.COMPRESS_SCORES)
   return grads, key
 
 
-def train_mode_stats(plan, arc):
+def train_mode_stats(plan):
   """Per-device (params, stats, x) -> new stats: the train-mode forward pass (batch
   statistics synchronised over parallel.AXIS, no dropout or drop-path, no aux head)."""
-  return lambda p, s, x: child.forward(plan, arc, p, s, x, True, parallel.AXIS,
+  return lambda p, s, x: child.forward(plan, p, s, x, True, parallel.AXIS,
                                        with_aux=False)[2]
 
 
-def max_abs_diff(plan, arc, params_a, stats_a, params_b, stats_b, x):
-  """max |logits_a - logits_b| on x in eval mode (two networks of the same arc)."""
-  run = jax.jit(lambda p, s: child.forward(plan, arc, p, s, x, False, with_aux=False)[0])
+def max_abs_diff(plan, params_a, stats_a, params_b, stats_b, x):
+  """max |logits_a - logits_b| on x in eval mode (two networks of the same plan)."""
+  run = jax.jit(lambda p, s: child.forward(plan, p, s, x, False, with_aux=False)[0])
   return float(np.max(np.abs(np.asarray(run(params_a, stats_a)) -
                              np.asarray(run(params_b, stats_b)))))
 
@@ -140,18 +141,18 @@ def run(config, workdir, ds):
   recipe = compress_recipe(config, len(y))
 
   mesh = parallel.make_mesh()
-  grads, key = importance_inputs(config, plan, arc, params, stats, x, y, ds.mean, ds.std, mesh)
+  grads, key = importance_inputs(config, plan, params, stats, x, y, ds.mean, ds.std, mesh)
   masks = jax.device_get(jax.jit(
-      lambda p, r, g, k: compaction.child_masks(plan, arc, p, r, c.importance, g, k))(
+      lambda p, r, g, k: masks_lib.child_masks(plan, p, r, c.importance, g, k))(
           params, np.float32(ratios), grads, key))
-  masked = jax.jit(lambda p, m: compaction.apply_child_masks(plan, arc, p, m))(params, masks)
-  full = flops.count(plan, arc)
-  pruned = flops.count(plan, arc, compaction.widths_of(plan, masks))
+  masked = jax.jit(lambda p, m: masks_lib.apply_child_masks(plan, p, m))(params, masks)
+  full = flops.count(plan)
+  pruned = flops.count(plan, compaction.widths_of(plan, masks))
   trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.COMPRESS,
                                            ds.mean, ds.std, mesh,
                                            masks=masks if c.mode == "finetune" else None)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
-  restats = bn_reestimate.reestimate(train_mode_stats(plan, arc), masked, stats,
+  restats = bn_reestimate.reestimate(train_mode_stats(plan), masked, stats,
                                      bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)
   acc_masked = trainer.evaluate(masked, restats, ds.x_test, ds.y_test)
   logging.info("compress: ratios %s, %.2fM -> %.2fM multiply-adds; masked test accuracy %.4f "
@@ -167,19 +168,19 @@ def run(config, workdir, ds):
                                              ds.mean, ds.std)
 
     def init_state():
-      fresh_p, fresh_s = child.init(streams.key(config.seed, Purpose.COMPRESS_INIT), plan, arc)
-      _, thin_p, thin_s = compaction.compact(plan, arc, fresh_p, fresh_s, masks)
+      fresh_p, fresh_s = child.init(streams.key(config.seed, Purpose.COMPRESS_INIT), plan)
+      _, thin_p, thin_s = compaction.compact(plan, fresh_p, fresh_s, masks)
       return trainer.init_state(thin_p, thin_s)
   state = trainer_lib.train(trainer, init_state, x, y, out, f"compress ({c.mode})",
                             config.overwrite)
   net = jax.device_get(state["net"])
   if c.mode == "finetune":
     tuned_p, tuned_s = net["params"], net["stats"]
-    widths, cp, cs = compaction.compact(plan, arc, tuned_p, tuned_s, masks)
-    diff = max_abs_diff(plan, arc, tuned_p, tuned_s, cp, cs, x_check)
+    widths, cp, cs = compaction.compact(plan, tuned_p, tuned_s, masks)
+    diff = max_abs_diff(plan, tuned_p, tuned_s, cp, cs, x_check)
   else:
-    widths, mcp, mcs = compaction.compact(plan, arc, masked, restats, masks)
-    diff = max_abs_diff(plan, arc, masked, restats, mcp, mcs, x_check)
+    widths, mcp, mcs = compaction.compact(plan, masked, restats, masks)
+    diff = max_abs_diff(plan, masked, restats, mcp, mcs, x_check)
     cp, cs = jax.tree.map(jax.numpy.asarray, (net["params"], net["stats"]))
   acc_tuned = trainer.evaluate(cp, cs, ds.x_test, ds.y_test)
   if flops.param_count(cp) != pruned["params"]:

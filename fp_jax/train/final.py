@@ -62,10 +62,10 @@ def run(config, workdir, ds):
                                            ds.std)
 
   def init_state():
-    params, stats = child.init(streams.key(config.seed, Purpose.FINAL_INIT), plan, arc)
+    params, stats = child.init(streams.key(config.seed, Purpose.FINAL_INIT), plan)
     return trainer.init_state(params, stats)
 
-  counts = flops.count(plan, arc)
+  counts = flops.count(plan)
   logging.info("final: %s, %d layers, F %d: %.2fM multiply-adds, %.3fM params; %d epochs x %d "
                "steps of %d", space.arc_to_string(arc), f.num_layers, f.out_filters,
                counts["macs"] / 1e6, counts["params_no_aux"] / 1e6, recipe.epochs,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp_jax.models import supernet_flops
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.models import supernet
+from fp_jax.pruning import groups as groups_lib
 
 
 def fake_pruning_reward(train_acc: float, prune_acc: float, ratio: float, *,
@@ -43,9 +44,9 @@ def evaluate(plan, reward_eval, reward_fn, measure, params, arc, ratios, batch, 
   """
   ratios = np.asarray(ratios, np.float32)
   train_acc, prune_acc, kept = reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios),
-                                           pruning.supernet_groups(plan, arc), key, *batch)
-  full = [w for _, w, _ in pruning.supernet_spaces(plan)]
-  macs, masked_macs = supernet_flops.count(plan, arc, np.stack([full, jax.device_get(kept)]))
+                                           groups_lib.supernet_groups(plan, arc), key, *batch)
+  macs, masked_macs = supernet_flops.count(
+      plan, arc, supernet.stack_kept([supernet.full_kept(plan), jax.device_get(kept)]))
   ratio = supernet_flops.ratio(measure, plan, ratios, macs, masked_macs)
   return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios],
               **reward_fn(float(train_acc), float(prune_acc), ratio), macs=macs,

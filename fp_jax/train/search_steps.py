@@ -15,7 +15,7 @@ import optax
 
 from fp_jax.run import parallel
 from fp_jax.run import precision
-from fp_jax.pruning import supernet_masks as pruning
+from fp_jax.pruning import masks as masks_lib
 from fp_jax.train import losses as loss_lib
 from fp_jax.train import schedules
 from fp_jax.models import supernet
@@ -72,10 +72,9 @@ def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
 
 def make_reward_eval(plan, criterion, mesh, dtype="float32"):
   """(params, arc, ratios [5], groups, key, x, y) -> (train_acc, prune_acc, kept) on one
-  batch; kept f32 [spaces]: the masked network's channels per space of
-  pruning.supernet_spaces.
+  batch; kept (supernet.Kept): the masked network's channels in every space.
 
-  groups: pruning.supernet_groups(plan, arc) (host-side, static shapes); key: the PRNG
+  groups: groups.supernet_groups(plan, arc) (host-side, static shapes); key: the PRNG
   key of criterion 'random'. Criterion 'taylor' scores with the gradient of the
   unmasked architecture's loss on this batch (one more backward pass). dtype: compute
   dtype (masks and gradients in float32)."""
@@ -93,8 +92,8 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32"):
       grads, full = jax.grad(loss, has_aux=True)(params)
     else:
       full = logits(params)
-    masks = pruning.supernet_masks(plan, params, arc, ratios, groups, criterion, grads, key)
-    masked = logits(pruning.apply_supernet_masks(plan, params, arc, masks))
+    masks = masks_lib.supernet_masks(plan, params, arc, ratios, groups, criterion, grads, key)
+    masked = logits(masks_lib.apply_supernet_masks(plan, params, arc, masks))
     return acc(full), acc(masked), masks["kept"]
 
   return parallel.data_parallel(evaluate, mesh, (REPLICATED,) * 5 + (BATCH, BATCH),

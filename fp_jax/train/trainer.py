@@ -21,7 +21,7 @@ import optax
 
 from fp_jax.run import checkpoint
 from fp_jax.models import child
-from fp_jax.pruning import compaction
+from fp_jax.pruning import masks as masks_lib
 from fp_jax import data
 from fp_jax.run import errors
 from fp_jax.run import logs
@@ -74,7 +74,7 @@ def make_train_step(plan, arc, tx, hparams, seed, mesh, dtype="float32"):
 
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
-      logits, aux, stats = child.forward(plan, arc, pc, state["stats"], xc, True, AXIS,
+      logits, aux, stats = child.forward(plan, pc, state["stats"], xc, True, AXIS,
                                          with_aux=aux_weight > 0, reg=reg)
       loss, metrics = loss_lib.classification_loss(logits, aux, y, aux_weight)
       return loss, (metrics, stats)
@@ -93,7 +93,7 @@ def make_eval_step(plan, arc, mesh, dtype="float32"):
   arc = np.asarray(arc)
 
   def evaluate(params, stats, x, y, w):
-    logits = child.forward(plan, arc, precision.cast(params, dtype), stats,
+    logits = child.forward(plan, precision.cast(params, dtype), stats,
                            precision.cast(x, dtype), False, AXIS, with_aux=False)[0]
     correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
     return jax.lax.psum(correct, AXIS), jax.lax.psum(jnp.sum(w), AXIS)
@@ -105,8 +105,7 @@ def make_eval_step(plan, arc, mesh, dtype="float32"):
 def _transform(optim, plan, arc, masked):
   tx = schedules.momentum_lr_arg(*optim)
   if masked:
-    tx = masked_update.hold_masks(tx, None, lambda p, m: compaction.apply_child_masks(plan, arc,
-                                                                                        p, m))
+    tx = masked_update.hold_masks(tx, None, lambda p, m: masks_lib.apply_child_masks(plan, p, m))
   return tx
 
 
@@ -138,7 +137,7 @@ class FixedTrainer:
 
   @classmethod
   def build(cls, plan, arc, recipe, seed, stream, mean, std, mesh=None, masks=None):
-    """masks (optional, compaction.child_masks layout): held fixed in optimizer state and
+    """masks (optional, masks.child_masks layout): held fixed in optimizer state and
     applied after every update, so masked channels stay exactly zero."""
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch(recipe.batch_size, "batch_size", mesh)
