@@ -82,7 +82,9 @@ def test_trained_networks_load(tmp_path):
   """latency.init=trained reads final/ and compress/ weights files (weights.py format)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fp_jax.models import child, flops, results, weights  # pylint: disable=g-import-not-at-top
+  from fp_jax import results  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import child, flops  # pylint: disable=g-import-not-at-top
+  from fp_jax.run import weights  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import networks  # pylint: disable=g-import-not-at-top
 
   arc = space.parse_arc(space.ENAS_ARC)
