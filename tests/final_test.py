@@ -179,13 +179,18 @@ def test_final_and_compress_stages(tmp_path):
   assert json.loads((workdir / "final" / "result.json").read_text()) == fin
 
 
-def test_scratch_mode_trains_the_thin_network(tmp_path):
-  ds = _digits()
-  plan, params, stats = _tiny(num_layers=1, f=6, seed=3)
+def _finished_final(tmp_path, seed):
+  """(digits, plan, params, stats, DIR) with a tiny 1-layer F 6 network as DIR's final."""
+  plan, params, stats = _tiny(num_layers=1, f=6, seed=seed)
   workdir = tmp_path / "run"
   os.makedirs(workdir / "final")
   weights.save(str(workdir / "final" / "weights.npz"), {"params": params, "stats": stats},
                final.meta_of(plan, ARC, 1, 6))
+  return _digits(), plan, params, stats, workdir
+
+
+def test_scratch_mode_trains_the_thin_network(tmp_path):
+  ds, plan, params, stats, workdir = _finished_final(tmp_path, seed=3)
   # 0 epochs: the loop is the fine-tuning one (tested above); scratch differs in its start
   config = _tiny_config(mode="scratch", ratios="0.5 0.5 0.5 0.5 0.5", finetune_epochs=0)
   result = compress.run(config, str(workdir), ds)
@@ -201,12 +206,7 @@ def test_finetuning_starts_from_reestimated_statistics(tmp_path):
   """0 fine-tuning epochs: the compact network keeps the re-estimated statistics, which are
   the mean and variance of the stem's pre-BN activations over the stage's BN batches
   (training images, normalised, not augmented); it tests exactly as the masked network."""
-  ds = _digits()
-  plan, params, stats = _tiny(num_layers=1, f=6, seed=5)
-  workdir = tmp_path / "run"
-  os.makedirs(workdir / "final")
-  weights.save(str(workdir / "final" / "weights.npz"), {"params": params, "stats": stats},
-               final.meta_of(plan, ARC, 1, 6))
+  ds, plan, params, stats, workdir = _finished_final(tmp_path, seed=5)
   config = _tiny_config(ratios="0.5 0.5 0.5 0.5 0.5", finetune_epochs=0, bn_batches=3)
   config.data.crop_pad, config.data.flip, config.final.cutout = 2, True, 4   # must be ignored
   result = compress.run(config, str(workdir), ds)
