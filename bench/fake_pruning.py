@@ -76,7 +76,7 @@ def masked_error(config, workdir, ds, ratio):
   re-estimated as the compress stage does; its multiply-adds)."""
   plan, arc, params, stats, _ = compress.load_trained(workdir)
   x, y = final.training_images(ds)
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, compress.compress_recipe(config, len(y)),
+  trainer = trainer_lib.FixedTrainer.build(plan, compress.compress_recipe(config, len(y)),
                                            config.seed, Stream.COMPRESS, ds.mean, ds.std)
   masks = jax.device_get(jax.jit(lambda p, r: masks_lib.child_masks(plan, p, r))(
       params, np.full(5, ratio, np.float32)))

@@ -8,6 +8,7 @@ interleaved in one process (same load, same data).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -122,8 +123,10 @@ def fixed_step(pkg, num_layers, filters, batch, image, classes, dtype="float32",
   tx = schedules.momentum_lr_arg(f.momentum, f.l2, f.grad_clip)
   mesh = parallel.make_mesh(jax.devices()[:1])
   extra = () if dtype == "float32" else (dtype,)
-  step = trainer.make_train_step(plan, arc, tx, (f.aux_weight, f.keep_prob,
-                                                 f.drop_path_keep_prob), seed, mesh, *extra)
+  takes_arc = "arc" in inspect.signature(trainer.make_train_step).parameters   # revisions < 21
+  step = trainer.make_train_step(plan, *((arc,) if takes_arc else ()), tx,
+                                 (f.aux_weight, f.keep_prob, f.drop_path_keep_prob), seed, mesh,
+                                 *extra)
   state = parallel.replicate(mesh, {"params": params, "stats": stats,
                                     "opt_state": tx.init(params)})
   x, y = parallel.shard(mesh, common.synthetic_batch(seed, batch, image, classes))

@@ -93,7 +93,7 @@ def test_finetune_keeps_masks_exact(tmp_path):
   masks = jax.device_get(masks_lib.child_masks(plan, params, ratios))
   apply = lambda p, m: masks_lib.apply_child_masks(plan, p, m)
   masked = apply(params, masks)
-  trainer = trainer_lib.FixedTrainer.build(plan, ARC, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
+  trainer = trainer_lib.FixedTrainer.build(plan, _recipe(), 0, 20, ds.mean, ds.std, masks=masks)
   state = trainer_lib.train(trainer, lambda: trainer.init_state(masked, stats), ds.x_train,
                             ds.y_train, str(tmp_path), "test")
   tuned = jax.device_get(state["net"]["params"])

@@ -135,7 +135,7 @@ def fixed():
 def _train(fixed, dtype, stop_after=None):
   plan, arc, params, stats, x, y = fixed
   mesh = parallel.make_mesh(jax.devices()[:1])
-  tr = trainer_lib.FixedTrainer.build(plan, arc, _recipe(dtype), 0, 10, np.zeros(3, np.float32),
+  tr = trainer_lib.FixedTrainer.build(plan, _recipe(dtype), 0, 10, np.zeros(3, np.float32),
                                       np.full(3, 64.0, np.float32), mesh)
   state, out = tr.init_state(params, stats), []
   while state["epoch"] < tr.recipe.epochs:

@@ -148,7 +148,7 @@ def run(config, workdir, ds):
   masked = jax.jit(lambda p, m: masks_lib.apply_child_masks(plan, p, m))(params, masks)
   full = flops.count(plan)
   pruned = flops.count(plan, compaction.widths_of(plan, masks))
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.COMPRESS,
+  trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.COMPRESS,
                                            ds.mean, ds.std, mesh,
                                            masks=masks if c.mode == "finetune" else None)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
@@ -164,7 +164,7 @@ def run(config, workdir, ds):
   if c.mode == "finetune":
     init_state = lambda: trainer.init_state(masked, restats)
   else:  # scratch: a fresh initialisation of the thin network, trained alone
-    trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.COMPRESS,
+    trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.COMPRESS,
                                              ds.mean, ds.std)
 
     def init_state():

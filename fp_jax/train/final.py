@@ -58,7 +58,7 @@ def run(config, workdir, ds):
   plan = child.make_plan(arc, f.num_layers, f.out_filters, ds.image_shape, ds.num_classes)
   x, y = training_images(ds)
   recipe = final_recipe(config, len(y))
-  trainer = trainer_lib.FixedTrainer.build(plan, arc, recipe, config.seed, Stream.FINAL, ds.mean,
+  trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.FINAL, ds.mean,
                                            ds.std)
 
   def init_state():

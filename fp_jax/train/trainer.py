@@ -61,11 +61,10 @@ class Recipe:
     return self.epochs * self.steps_per_epoch
 
 
-def make_train_step(plan, arc, tx, hparams, seed, mesh, dtype="float32"):
+def make_train_step(plan, tx, hparams, seed, mesh, dtype="float32"):
   """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
   (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
   one compilation serves every schedule and length."""
-  arc = np.asarray(arc)
   aux_weight, keep_prob, drop_path_keep_prob = hparams
 
   def step(state, x, y, step_idx, lr, progress):
@@ -88,9 +87,8 @@ def make_train_step(plan, arc, tx, hparams, seed, mesh, dtype="float32"):
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_eval_step(plan, arc, mesh, dtype="float32"):
+def make_eval_step(plan, mesh, dtype="float32"):
   """(params, stats, x, y, weight) -> (correct, count) summed over the global batch."""
-  arc = np.asarray(arc)
 
   def evaluate(params, stats, x, y, w):
     logits = child.forward(plan, precision.cast(params, dtype), stats,
@@ -102,7 +100,7 @@ def make_eval_step(plan, arc, mesh, dtype="float32"):
                                 (REPLICATED, REPLICATED))
 
 
-def _transform(optim, plan, arc, masked):
+def _transform(optim, plan, masked):
   tx = schedules.momentum_lr_arg(*optim)
   if masked:
     tx = masked_update.hold_masks(tx, None, lambda p, m: masks_lib.apply_child_masks(plan, p, m))
@@ -110,20 +108,17 @@ def _transform(optim, plan, arc, masked):
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(plan, arc_key, optim, hparams, seed, mesh, masked, dtype="float32"):
+def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32"):
   """Compiled steps shared by every trainer of the same network and hyperparameters
-  (the final network and its compress stage share the eval step)."""
-  arc = np.asarray(arc_key)
-  return (make_train_step(plan, arc, _transform(optim, plan, arc, masked), hparams, seed, mesh,
-                          dtype),
-          make_eval_step(plan, arc, mesh, dtype))
+  (the final network and its compress stage share the eval step). The plan holds the arc."""
+  return (make_train_step(plan, _transform(optim, plan, masked), hparams, seed, mesh, dtype),
+          make_eval_step(plan, mesh, dtype))
 
 
 @dataclasses.dataclass
 class FixedTrainer:
   """The fixed network's training loop (final stage; compress fine-tuning with masks)."""
   plan: object
-  arc: np.ndarray
   recipe: Recipe
   seed: int
   stream: int               # streams.Stream (FINAL, COMPRESS): different batch orders
@@ -136,7 +131,7 @@ class FixedTrainer:
   eval_step: object
 
   @classmethod
-  def build(cls, plan, arc, recipe, seed, stream, mean, std, mesh=None, masks=None):
+  def build(cls, plan, recipe, seed, stream, mean, std, mesh=None, masks=None):
     """masks (optional, masks.child_masks layout): held fixed in optimizer state and
     applied after every update, so masked channels stay exactly zero."""
     mesh = mesh or parallel.make_mesh()
@@ -146,16 +141,16 @@ class FixedTrainer:
     schedule = schedules.cosine_restarts(r.steps_per_epoch, r.lr_t0, r.lr_tmul, r.lr_max,
                                          r.lr_min)
     train_step, eval_step = _steps(
-        plan, tuple(int(a) for a in arc), (r.momentum, r.l2, r.grad_clip),
+        plan, (r.momentum, r.l2, r.grad_clip),
         (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None,
         r.dtype)
-    return cls(plan, np.asarray(arc), recipe, seed, stream, mean, std, mesh, masks, schedule,
+    return cls(plan, recipe, seed, stream, mean, std, mesh, masks, schedule,
                train_step, eval_step)
 
   def init_state(self, params, stats):
     """Training state from host copies (the steps donate their input buffers)."""
     r = self.recipe
-    tx = _transform((r.momentum, r.l2, r.grad_clip), self.plan, self.arc, self.masks is not None)
+    tx = _transform((r.momentum, r.l2, r.grad_clip), self.plan, self.masks is not None)
     opt_state = tx.init(params)
     if self.masks is not None:
       opt_state = masked_update.MaskedState(opt_state.inner, self.masks)
