@@ -13,9 +13,14 @@ itself (`python -m fp_jax.main ... --config.stages=STAGE`, timed):
   python -m bench.fashion_table [--seeds 0 1] [--settings enas random ...] [--max_runs N]
 
 Each run keeps its work directory under --workdir (a killed stage resumes from its
-checkpoints); finished runs are also kept as rows of the results JSON, so a rerun completes
-only what is missing (`--max_runs N` stops after N new pipeline runs: a long table is done
-in parts; `--max_runs 0` only rewrites the table). Writes
+checkpoints); each finished stage's outputs that later stages and the table read (KEEP: the
+chosen arc, the search's metrics, the final network's result and weights) are also copied to
+--keep, in the repository, and restored from there into a missing work directory, so a table
+is finished across sessions on other machines (a stage cut short restarts there). Finished
+runs are kept as rows of the results JSON, so a rerun completes only what is missing
+(`--max_runs N` stops after N new pipeline runs: a long table is done in parts;
+`--max_runs 0` only rewrites the table). Parts run in parallel processes write their own
+--out; `--merge A.json B.json` takes their rows (a merged row replaces the same key's). Writes
 bench/results/fashion_table.{json,md,png}: per run and per setting (mean
 and spread over seeds) final error, masked error (BN re-estimated, no fine-tuning),
 fine-tuned error, multiply-adds and params after compression, wall time per stage; each
@@ -48,6 +53,10 @@ STAGES = ("search", "final", "compress")
 DONE = {"search": "search/arch.json", "final": "final/result.json",
         "compress": "compress/result.json"}
 WORKDIR = "/var/tmp/fp_jax_bench/fashion_table"   # outside the work tree: kept between sessions
+KEEP_DIR = os.path.join(ROOT, "bench", "results", "fashion_table_runs")   # in the repository
+KEEP = {"search": ("search/arch.json", "search/metrics.jsonl"),
+        "final": ("final/result.json", "final/weights.npz"),
+        "compress": ("compress/result.json",)}
 
 
 def log(msg):
@@ -72,12 +81,38 @@ def command(variant, seed, workdir, stage, overrides=()):
           [f"--config.{o}" for o in overrides])
 
 
-def run_stages(cmd_of, workdir, stages=STAGES):
-  """Runs the stages not yet done in `workdir`; their wall seconds in DIR/bench_times.json."""
+def _copy(src_root, dst_root, rels):
+  for rel in rels:
+    dst = os.path.join(dst_root, rel)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(os.path.join(src_root, rel), dst)
+
+
+def restore(workdir, keep):
+  """Copies the stages kept in `keep` (finished elsewhere) into `workdir` where it lacks them."""
+  for stage in STAGES:
+    if (os.path.exists(os.path.join(keep, DONE[stage])) and
+        not os.path.exists(os.path.join(workdir, DONE[stage]))):
+      _copy(keep, workdir, KEEP[stage])
+      log(f"{stage} of {os.path.basename(workdir)} restored from {keep}")
+  if (os.path.exists(os.path.join(keep, "bench_times.json")) and
+      not os.path.exists(os.path.join(workdir, "bench_times.json"))):
+    _copy(keep, workdir, ("bench_times.json",))
+
+
+def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
+  """Runs the stages not yet done in `workdir` (first restoring those kept under
+  keep_dir/NAME, NAME the work directory's name; each newly finished stage is kept there);
+  their wall seconds in DIR/bench_times.json."""
+  keep = keep_dir and os.path.join(keep_dir, os.path.basename(workdir))
+  if keep:
+    restore(workdir, keep)
   times_path = os.path.join(workdir, "bench_times.json")
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
   for stage in stages:
     if os.path.exists(os.path.join(workdir, DONE[stage])):
+      if keep and not os.path.exists(os.path.join(keep, DONE[stage])):
+        _copy(workdir, keep, KEEP[stage])     # finished before it was kept
       continue
     cmd = cmd_of(stage)
     log(" ".join(cmd[1:]))
@@ -91,6 +126,8 @@ def run_stages(cmd_of, workdir, stages=STAGES):
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - t   # resumed: summed
     with open(times_path, "w") as f:
       json.dump(times, f)
+    if keep:
+      _copy(workdir, keep, KEEP[stage] + ("bench_times.json",))
   return times
 
 
@@ -111,14 +148,11 @@ def row_of(workdir, setting, seed, times):
           "entropy_per_epoch": [m["entropy"] for m in metrics]}
 
 
-def uniform_row(base, workdir, ratio, seed, overrides, cmd_of):
+def uniform_row(base, workdir, ratio, seed, cmd_of, keep_dir=None):
   """The ENAS run's trained network compressed at `ratio` in every stage."""
   if not os.path.exists(os.path.join(workdir, DONE["compress"])):
-    os.makedirs(os.path.join(workdir, "search"), exist_ok=True)
-    for rel in (DONE["search"], DONE["final"], "final/weights.npz"):
-      os.makedirs(os.path.dirname(os.path.join(workdir, rel)), exist_ok=True)
-      shutil.copyfile(os.path.join(base, rel), os.path.join(workdir, rel))
-  times = run_stages(cmd_of, workdir, ("compress",))
+    _copy(base, workdir, (DONE["search"], DONE["final"], "final/weights.npz"))
+  times = run_stages(cmd_of, workdir, ("compress",), keep_dir)
   comp = _read(workdir, DONE["compress"])
   return {"setting": "enas_uniform", "seed": seed, "uniform_ratio": ratio,
           "ratios": comp["ratios"], "test_error_masked": comp["test_error_masked"],
@@ -309,11 +343,16 @@ def main(argv=None):
                  help="config overrides for every run (e.g. search.epochs=2)")
   p.add_argument("--max_runs", type=int, default=-1,
                  help="at most N new runs (-1: all; 0: rewrite the table from finished rows)")
+  p.add_argument("--keep", default=KEEP_DIR,
+                  help="where each finished stage's outputs are kept and restored from")
+  p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                 help="finished rows of other results JSONs (parts run in parallel)")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fashion_table.json"))
   args = p.parse_args(argv)
   old = {}
-  if os.path.exists(args.out):
-    old = {r["key"]: r for r in json.load(open(args.out)).get("rows", [])}
+  for path in [args.out] + args.merge:
+    if os.path.exists(path):
+      old.update({r["key"]: r for r in json.load(open(path)).get("rows", [])})
   rows, new_runs = [], 0
   jobs = [(setting, seed, None) for seed in args.seeds for setting in args.settings]
   if "enas" in args.settings:
@@ -331,9 +370,10 @@ def main(argv=None):
                         f"{enas_key}")
     if ratio is None:
       cmd_of = lambda st, s=setting, sd=seed, w=base: command(SETTINGS[s], sd, w, st, args.set)
-      times = run_stages(cmd_of, base)
+      times = run_stages(cmd_of, base, keep_dir=args.keep)
       row = row_of(base, setting, seed, times)
     else:
+      restore(base, os.path.join(args.keep, os.path.basename(base)))
       if not os.path.exists(os.path.join(base, DONE["final"])):
         log(f"enas seed {seed} not finished: uniform {ratio:g} left for a rerun")
         continue
@@ -341,7 +381,7 @@ def main(argv=None):
       ratios = " ".join([f"{ratio:g}"] * 5)
       cmd_of = lambda st, sd=seed, w=work, q=ratios: command(
           SETTINGS["enas"], sd, w, st, list(args.set) + [f"compress.ratios={q}"])
-      row = uniform_row(base, work, ratio, seed, args.set, cmd_of)
+      row = uniform_row(base, work, ratio, seed, cmd_of, args.keep)
     row["key"] = key
     rows.append(row)
     new_runs += 1

@@ -2,6 +2,8 @@
 pruning curve, seed summaries, reward-quantile picks, rank statistics, resumed tables."""
 import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -70,7 +72,8 @@ def test_finished_rows_are_reused_not_rerun(tmp_path, monkeypatch):
   out.write_text(json.dumps({"rows": [row]}))
   monkeypatch.setattr(fashion_table, "run_stages",
                       lambda *a, **k: pytest.fail("a finished run was rerun"))
-  common = ["--settings", "fp_a0.02_b20", "--out", str(out), "--workdir", str(tmp_path / "w")]
+  common = ["--settings", "fp_a0.02_b20", "--out", str(out), "--workdir", str(tmp_path / "w"),
+            "--keep", str(tmp_path / "k")]
   fashion_table.main(["--seeds", "0"] + common)
   result = json.loads(out.read_text())
   assert result["rows"][0]["test_error_finetuned"] == 9.5 and not result["missing"]
@@ -80,6 +83,68 @@ def test_finished_rows_are_reused_not_rerun(tmp_path, monkeypatch):
   again = json.loads(out.read_text())
   assert again["rows"] == result["rows"]
   assert again["missing"] == [["fp_a0.02_b20", 1, None]]
+
+
+def _stage_writer(workdir, ran):
+  """cmd_of for run_stages: a process that writes the stage's outputs (their content names the
+  stage) and appends the stage to `ran`."""
+  def cmd_of(stage):
+    rels = fashion_table.KEEP[stage]
+    code = (f"import os\nfor rel in {rels!r}:\n"
+            f"  p = os.path.join({str(workdir)!r}, rel)\n"
+            f"  os.makedirs(os.path.dirname(p), exist_ok=True)\n"
+            f"  open(p, 'w').write('{stage}:' + rel)\n"
+            f"open({str(ran)!r}, 'a').write('{stage}\\n')\n")
+    return [sys.executable, "-c", code]
+  return cmd_of
+
+
+def test_finished_stages_are_kept_and_restored_on_another_machine(tmp_path):
+  """Each finished stage's outputs go to --keep; a work directory lost with its machine is
+  restored from there and only the stages never finished run again."""
+  work, keep, ran = tmp_path / "w" / "enas_seed0_k", tmp_path / "keep", tmp_path / "ran.txt"
+  times = fashion_table.run_stages(_stage_writer(work, ran), str(work), ("search", "final"),
+                                   str(keep))
+  assert set(times) == {"search", "final"} and ran.read_text().split() == ["search", "final"]
+  kept = keep / work.name
+  for stage in ("search", "final"):
+    for rel in fashion_table.KEEP[stage]:
+      assert (kept / rel).read_text() == f"{stage}:{rel}"
+  assert json.loads((kept / "bench_times.json").read_text()) == times
+  shutil.rmtree(tmp_path / "w")                     # the machine is gone; the repository stays
+  ran.unlink()
+  times2 = fashion_table.run_stages(_stage_writer(work, ran), str(work), keep_dir=str(keep))
+  assert ran.read_text().split() == ["compress"]    # search and final were restored, not rerun
+  assert (work / "final" / "weights.npz").read_text() == "final:final/weights.npz"
+  assert times2["search"] == times["search"] and times2["final"] == times["final"]
+  assert (kept / "compress" / "result.json").read_text() == "compress:compress/result.json"
+  # a stage finished before keeping existed is kept when the run is next visited
+  other, keep2 = tmp_path / "w2" / "r", tmp_path / "keep2"
+  fashion_table.run_stages(_stage_writer(other, ran), str(other), ("search",))
+  fashion_table.run_stages(lambda st: pytest.fail("rerun"), str(other), ("search",), str(keep2))
+  assert (keep2 / "r" / "search" / "arch.json").read_text() == "search:search/arch.json"
+
+
+def test_merge_takes_rows_of_parallel_parts(tmp_path):
+  """Parts of the table run in parallel write their own JSONs; --merge joins them, a merged
+  row replacing the same key's."""
+  def row(setting, err):
+    return {"key": fashion_table.recipe_key(setting, 0, []), "setting": setting, "seed": 0,
+            "ratios": [0.1] * 5, "test_error": err, "test_error_masked": 30.0,
+            "test_error_finetuned": err + 1, "pruned_macs": 5e6, "pruned_params": 1e4,
+            "macs": 8e6, "params": 2e4, "seconds": {}, "reward_per_epoch": [1.0],
+            "entropy_per_epoch": [2.0]}
+  out, a, b = tmp_path / "t.json", tmp_path / "a.json", tmp_path / "b.json"
+  out.write_text(json.dumps({"rows": [row("enas", 13.0)]}))
+  a.write_text(json.dumps({"rows": [row("enas", 12.0)]}))
+  b.write_text(json.dumps({"rows": [row("random", 11.0)]}))
+  fashion_table.main(["--seeds", "0", "--settings", "enas", "random", "--uniform", "0.2",
+                      "--max_runs", "0", "--out", str(out), "--merge", str(a), str(b),
+                      "--workdir", str(tmp_path / "w"), "--keep", str(tmp_path / "k")])
+  got = json.loads(out.read_text())
+  assert [(r["setting"], r["test_error"]) for r in got["rows"]] == [("enas", 12.0),
+                                                                     ("random", 11.0)]
+  assert got["missing"] == [["enas_uniform", 0, 0.2]]
 
 
 def test_recipe_key_changes_with_overrides_and_seed():
@@ -97,7 +162,7 @@ def test_each_finished_run_is_kept_before_the_next_starts(tmp_path, monkeypatch)
   out = tmp_path / "t.json"
   calls = []
 
-  def fake_run(cmd_of, workdir, stages=fashion_table.STAGES):
+  def fake_run(cmd_of, workdir, stages=fashion_table.STAGES, keep_dir=None):
     if calls:
       raise KeyboardInterrupt   # the session ends during the second run
     calls.append(workdir)
@@ -113,7 +178,8 @@ def test_each_finished_run_is_kept_before_the_next_starts(tmp_path, monkeypatch)
   monkeypatch.setattr(fashion_table, "row_of", fake_row)
   with pytest.raises(KeyboardInterrupt):
     fashion_table.main(["--seeds", "0", "--settings", "fp_a0.02_b0", "fp_a0.02_b20",
-                        "--out", str(out), "--workdir", str(tmp_path / "w")])
+                        "--out", str(out), "--workdir", str(tmp_path / "w"),
+                        "--keep", str(tmp_path / "k")])
   kept = json.loads(out.read_text())
   assert [(r["setting"], r["seed"]) for r in kept["rows"]] == [("fp_a0.02_b0", 0)]
   assert kept["rows"][0]["key"] == fashion_table.recipe_key("fp_a0.02_b0", 0, [])
