@@ -1,22 +1,29 @@
-"""Inference latency: per-op graph vs fused XLA vs ONNX Runtime vs LiteRT, unpruned vs pruned.
+"""Inference latency: fp_jax's per-op and fused paths against the peers, unpruned vs pruned.
 
   python -m bench.latency [--num_layers 15 --out_filters 36 --image 32 --images 300
-                           --batch 64 --warmup 20 --target 0.6 --cpus 1]
+                           --batch 64 --warmup 20 --target 0.6 --cpus 1] [--no_peers]
 
 The published ENAS architecture (space.ENAS_ARC) at final-training size,
 random weights (networks.random_init) with BN statistics estimated on random
 images (networks.estimate_bn), compacted with one ratio for all 5 stages, chosen
 (flops.count of compaction.ratio_widths) so multiply-adds fall by about --target,
 and the compact network's BN statistics estimated again. Both networks are
-exported to LiteRT and ONNX (fp_jax.infer.export; --no_runtimes skips them).
-Runs fp_jax.infer.latency.measure (batch-1 latency per image, the variants --
-per-op, fused, ONNX Runtime, LiteRT for both networks -- interleaved on the same
-images; throughput at --batch; stem and first-cell breakdown; memory; matmul
-peak) with the fused options given (default: im2col stem, channels padded to 8,
-XLA's own dots), then times the pruned fused network with each option switched
-back (the ablation table).
+exported to ONNX and LiteRT by fp_jax (fp_jax.infer.onnx_export, export;
+--no_runtimes skips them), and handed to the strongest peers a user would pick
+(bench/peers.py, the same weights in PyTorch: ONNX Runtime on the torch.onnx
+export, torch.compile, eager; --no_peers skips them; they need
+bench/requirements.txt). Runs fp_jax.infer.latency.measure (batch-1 latency per
+image, every variant for both networks interleaved on the same images;
+throughput at --batch; stem and first-cell breakdown; memory; matmul peak) with
+the fused options given (default: im2col stem, channels padded to 8, XLA's own
+dots), then times the pruned fused network with each option switched back (the
+ablation table). The peer table compares the fused path with the fastest peer of
+each network (each peer's own figure shown beside it).
 Targets (reported, not asserted): pruned fused >= 2x pruned per-op, >= 4x
-unpruned per-op, and <= 3x the multiply-add floor 2 * macs / fp32 matmul peak.
+unpruned per-op, and <= 3x the multiply-add floor 2 * macs / fp32 matmul peak;
+against the fastest peer: batch-1 median >= 1.5x faster, batch throughput >= the
+peer's. The JSON records the CPU model and its vector extensions (AVX2 / AVX-512 /
+AMX).
 
 --cpus N pins the process to N cores before JAX starts (its intra-op thread pool
 follows) and gives ONNX Runtime and LiteRT N threads (0: all usable cores);
@@ -49,12 +56,37 @@ def parse():
   p.add_argument("--dots", default="auto", help="XLA:CPU GEMMs: auto | xla | ynn")
   p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
-  p.add_argument("--no_runtimes", action="store_true", help="skip ONNX Runtime and LiteRT")
+  p.add_argument("--no_runtimes", action="store_true",
+                 help="skip ONNX Runtime and LiteRT on fp_jax's exports")
+  p.add_argument("--no_peers", action="store_true",
+                 help="skip the PyTorch peers (bench/peers.py)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype of fp_jax's executors (exports stay float32)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="", help="JSON path (default bench/results/latency.json)")
   return p.parse_args()
+
+
+def fastest_peer(rts):
+  """Per network: the fused path against the fastest peer at batch 1 (every runtime that is
+  not fp_jax's own executor), each peer's median, and batch throughput against the best
+  peer's."""
+  peers = [r for r in rts if r not in ("perop", "fused")]
+  out = {}
+  for n in (rts["fused"] if peers else {}):
+    best = min(peers, key=lambda p: rts[p][n]["median_ms"])
+    tput = max(peers, key=lambda p: rts[p][n]["images_per_s"])
+    fused, peer = rts["fused"][n], rts[best][n]
+    out[n] = {"fused_median_ms": fused["median_ms"],
+              "peers_ms": {p: rts[p][n]["median_ms"] for p in peers},
+              "fastest_peer": best, "peer_median_ms": peer["median_ms"],
+              "ratio_of_medians": peer["median_vs_fused"],
+              "per_repeat_ratio": peer["block_ratio_vs_fused"],
+              "met_1.5": peer["median_vs_fused"] >= 1.5,
+              "fused_images_per_s": fused["images_per_s"], "best_peer": tput,
+              "best_peer_images_per_s": rts[tput][n]["images_per_s"],
+              "met_throughput": fused["images_per_s"] >= rts[tput][n]["images_per_s"]}
+  return out
 
 
 def main():
@@ -93,10 +125,21 @@ def main():
           "pruned": networks.Net(plan, arc, cp, cs)}
   common.log(f"networks built, BN statistics estimated ({time.perf_counter() - t0:.0f} s)")
   threads = len(runtimes.usable_cores())
-  others = {}
+  others, versions = {}, {}
   if not args.no_runtimes:
     others, _ = runtimes.build(nets, (args.image, args.image, 3), (1, args.batch), threads,
                                args.pad_channels, log=common.log)
+    versions.update(runtimes.versions())
+  if not args.no_peers:
+    try:
+      from bench import peers  # pylint: disable=g-import-not-at-top
+      peer_runners, _ = peers.build(nets, (args.image, args.image, 3), (1, args.batch),
+                                    threads, args.pad_channels, log=common.log)
+    except ImportError as e:
+      raise SystemExit(f"error: --no_peers not given but a peer cannot be imported ({e}); "
+                       "pip install -r bench/requirements.txt") from None
+    others.update(peer_runners)
+    versions.update(peers.versions())
 
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,
@@ -139,25 +182,20 @@ def main():
              "met": {"fused_vs_perop_ge_2": net["pruned_perop_ms"] / pf >= 2,
                      "vs_baseline_perop_ge_4": net["baseline_perop_ms"] / pf >= 4,
                      "within_3x_floor": pf / floor <= 3}}
-  vs_ort = {}
-  if "onnxruntime" in res["runtimes"]:
-    for n, v in res["runtimes"]["onnxruntime"].items():
-      b = v["block_ratio_vs_fused"]
-      vs_ort[n] = {"onnxruntime_median_ms": v["median_ms"],
-                   "fused_median_ms": res["runtimes"]["fused"][n]["median_ms"],
-                   "ratio_of_medians": v["median_vs_fused"], "per_repeat_ratio": b,
-                   "met_1.2": v["median_vs_fused"] >= 1.2}
+  vs_peer = fastest_peer(res["runtimes"])
   result = {"args": vars(args), "env": dict(common.environment(), loadavg_start=load_start,
                                              loadavg_end=os.getloadavg()),
             "depthwise_resolved": {"perop": fused.depthwise_impl(args.depthwise, dtype=args.dtype),
                                    "fused": fused.depthwise_impl(opts.depthwise,
                                                                  dtype=args.dtype)},
-            "fused_vs_onnxruntime": vs_ort,
+            "fused_vs_fastest_peer": vs_peer, "cpu": res["cpu"],
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "ratio_all_stages": ratio, "mac_reduction": res["mac_reduction"],
-            "threads": threads, "runtime_threads": runtimes.THREADS,
-            "runtime_versions": runtimes.versions() if others else {},
+            "threads": threads,
+            "runtime_threads": {k: v for k, v in runtimes.THREADS.items()
+                                if k in res["runtimes"]},
+            "runtime_versions": versions,
             "wall_s": time.perf_counter() - t0,
             "ablation_pruned_fused_ms": ablation_ms,
             "targets": targets, "latency": res,
@@ -174,21 +212,26 @@ def main():
                       [[t["pruned_fused_ms"], t["fused_vs_perop_pruned"],
                         t["pruned_fused_vs_baseline_perop"], t["pruned_fused_over_floor"],
                         " ".join(k for k, ok in t["met"].items() if ok) or "none"]])]
-  if vs_ort:
-    md += ["\n## fp_jax fused vs ONNX Runtime (goal: ONNX Runtime median / fused median >= 1.2)\n",
-           common.table(["network", "ORT median ms", "fused median ms", "ratio",
-                         "per-repeat ratio min / q1 / median / q3 / max (repeats)", ">= 1.2"],
-                        [[n, v["onnxruntime_median_ms"], v["fused_median_ms"],
-                          v["ratio_of_medians"],
-                          " / ".join(f"{v['per_repeat_ratio'][k]:.2f}"
-                                     for k in ("min", "q1", "median", "q3", "max"))
-                          + f" ({v['per_repeat_ratio']['blocks']})", v["met_1.2"]]
-                         for n, v in vs_ort.items()])]
+  if vs_peer:
+    cpu = res["cpu"]
+    md += [f"\n## fp_jax fused vs the fastest peer ({cpu['model']}, {', '.join(cpu['isa'])}; "
+           f"{threads} thread(s); targets: batch-1 peer median / fused median >= 1.5, "
+           f"batch-{args.batch} fused img/s >= the peer's)\n",
+           common.table(["network", "fused median ms"] + [
+               f"{runtimes.LABELS[p]} median ms" for p in next(iter(vs_peer.values()))["peers_ms"]]
+               + ["fastest peer", "peer / fused", "per-repeat ratio min / q1 / median / q3 / max",
+                  ">= 1.5", f"fused img/s (batch {args.batch})", "best peer img/s", ">= peer"],
+               [[n, v["fused_median_ms"]] + list(v["peers_ms"].values()) + [
+                   runtimes.LABELS[v["fastest_peer"]], v["ratio_of_medians"],
+                   " / ".join(f"{v['per_repeat_ratio'][k]:.2f}"
+                              for k in ("min", "q1", "median", "q3", "max")),
+                   v["met_1.5"], v["fused_images_per_s"], v["best_peer_images_per_s"],
+                   v["met_throughput"]] for n, v in vs_peer.items()])]
   md += ["\n## Fused-path options (pruned network, interleaved pass)\n",
          common.table(["fused options", "mean ms"], [[k, v] for k, v in ablation_ms.items()]),
          f"\nLoad average (1/5/15 min) at the start {tuple(round(v, 2) for v in load_start)}, "
          f"at the end {tuple(round(v, 2) for v in os.getloadavg())}; {threads} core(s) "
-         f"{sorted(os.sched_getaffinity(0))}; threads: {runtimes.THREADS}."]
+         f"{sorted(os.sched_getaffinity(0))}; threads: {result['runtime_threads']}."]
   stem = os.path.splitext(path)[0]
   with open(stem + ".md", "w") as f:
     f.write("\n".join(md) + "\n")

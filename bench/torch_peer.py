@@ -81,7 +81,7 @@ class Net:
         self.mods[key] = nn.ModuleDict({"conv1": conv(p["conv1"]), "conv2": conv(p["conv2"]),
                                         "bn": bn(p["bn"])})
       else:
-        c = n.channels
+        c = p["dw1"].shape[-1]         # the block's own width (compact or padded too)
         self.mods[key] = nn.ModuleDict({
             "dw1": conv(p["dw1"], c), "pw1": conv(p["pw1"]), "bn1": bn(p["bn1"]),
             "dw2": conv(p["dw2"], c), "pw2": conv(p["pw2"]), "bn2": bn(p["bn2"])})
@@ -90,6 +90,30 @@ class Net:
                                       "conv2": conv(a["conv2"]), "bn2": bn(a["bn2"])})
     self.aux_fc = nn.Parameter(t.from_numpy(np.asarray(a["fc"]["w"]).copy()))
     self.fc = nn.Parameter(t.from_numpy(np.asarray(params["fc"]["w"]).copy()))
+
+  def load_stats(self, stats):
+    """BN running statistics from fp_jax stats (for eval mode: `inference`)."""
+    t = _torch()
+    for _, n in graph.param_nodes(self.plan):
+      m, s = self.mods[n.name.replace("/", "__")], stats["blocks"][n.name]
+      for bn in [b for b in m if b.startswith("bn")]:
+        m[bn].running_mean.data[:] = t.from_numpy(np.array(s[bn]["mean"], np.float32))
+        m[bn].running_var.data[:] = t.from_numpy(np.array(s[bn]["var"], np.float32))
+    return self
+
+  def inference(self):
+    """An nn.Module in eval mode: x [B,C,H,W] -> logits (running BN statistics, no aux)."""
+    net = self
+
+    class Inference(_torch().nn.Module):
+      def __init__(self):
+        super().__init__()
+        self.mods, self.fc = net.mods, net.fc       # registered: exports see them
+
+      def forward(self, x):
+        return net.forward(x, with_aux=False)[0]
+
+    return Inference().eval()
 
   def parameters(self):
     return list(self.mods.parameters()) + [self.aux_fc, self.fc]
@@ -135,8 +159,9 @@ class Net:
     ow = layers.same_offset(x.shape[3], 3, n.stride)
     return y[:, :, oh::n.stride, ow::n.stride]
 
-  def forward(self, x, keep_prob=1.0):
-    """x [B,3,H,W] -> (logits, aux logits) in training mode (batch-statistics BN)."""
+  def forward(self, x, keep_prob=1.0, with_aux=True):
+    """x [B,3,H,W] -> (logits, aux logits or None); BN in the modules' mode (training:
+    batch statistics; `inference`: running ones)."""
     t = _torch()
     f = t.nn.functional
     vals = []
@@ -153,6 +178,9 @@ class Net:
       else:
         y = t.cat(ins, 1)
       vals.append(y)
+    feats = f.relu(vals[self.plan.out]).mean((2, 3))
+    if not with_aux:
+      return feats @ self.fc, None
     h = vals[self.plan.cells[self.plan.aux_index].out]
     m = self.mods["aux"]
     win = layers.aux_pool_window(h.shape[2])
@@ -160,7 +188,6 @@ class Net:
     a = f.relu(m["bn1"](m["conv1"](a)))
     a = f.relu(m["bn2"](m["conv2"](a)))
     aux = a.permute(0, 2, 3, 1).reshape(a.shape[0], -1) @ self.aux_fc
-    feats = f.relu(vals[self.plan.out]).mean((2, 3))
     if keep_prob < 1.0:
       feats = f.dropout(feats, 1.0 - keep_prob)
     return feats @ self.fc, aux

@@ -1,4 +1,6 @@
 """LiteRT and ONNX export round trips through the real runtimes; random-network BN estimation."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from fp_jax.models import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
 from fp_jax.infer import networks
+from fp_jax.infer import onnx_export
 from fp_jax.infer import runtimes
 
 F, HW, CLASSES, BATCH = 4, 8, 10, 2
@@ -30,45 +33,96 @@ def _pruned():
 
 
 def _models(tmp_path):
-  """(tflite bytes, onnx bytes, fused logits on X) of _pruned() at batch BATCH."""
+  """(tflite bytes, fused logits on X) of _pruned() at batch BATCH."""
   if "models" not in _CACHE:
     net = _pruned()
     fn = export.network_fn(net.plan, net.params, net.stats)
-    tfl, onx = export.export_runtimes(str(tmp_path), "pruned", fn, X.shape)
-    assert (tmp_path / "pruned.tflite").read_bytes() == tfl
-    assert (tmp_path / "pruned.onnx").read_bytes() == onx
+    tfl = export.to_tflite(fn, X.shape)
     ref = np.asarray(fused.Fused(net.plan, net.params, net.stats)(jnp.asarray(X)))
-    _CACHE["models"] = (tfl, onx, ref)
+    _CACHE["models"] = (tfl, ref)
   return _CACHE["models"]
 
 
 def _close(got, ref, what):
   scale = np.max(np.abs(ref))
-  assert got.shape == ref.shape == (BATCH, CLASSES), what
+  assert got.shape == ref.shape, what
   err = np.max(np.abs(got - ref))
   assert err <= 1e-5 * scale, f"{what}: max |diff| {err:.3g} vs largest |logit| {scale:.3g}"
 
 
-def test_onnx_roundtrip(tmp_path):
-  """ONNX (tf2onnx from the LiteRT model) through onnxruntime == fused logits."""
+def _published():
+  """The published ENAS arc, unpruned (num_layers 1: reduce, reduce, normal)."""
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 1, F, (HW, HW, 3), CLASSES)
+  params, stats = networks.random_init(plan, 2)
+  return networks.Net(plan, arc, params, stats)
+
+
+def _odd():
+  """A random arc pruned, on 9x9 one-channel images: odd sizes at every stride (9, 5, 3)."""
+  arc = space.sample_uniform(np.random.default_rng(7))
+  plan = child.make_plan(arc, 1, F, (9, 9, 1), CLASSES)
+  params, stats = networks.random_init(plan, 4)
+  params, stats = networks.prune(plan, params, stats, (0.5, 0.25, 0.5, 0.5, 0.75))
+  return networks.Net(plan, arc, params, stats)
+
+
+@pytest.mark.parametrize("case", ["published", "pruned", "odd"])
+def test_onnx_export_equals_fused(case):
+  """The ONNX model built from the graph (NCHW, grouped depthwise, BN folded, opset 17, a
+  symbolic batch) through ONNX Runtime == the fused network's logits at batch 1 and 3, for
+  the published arc, a pruned arc with reduction cells and odd spatial sizes."""
   import onnx  # pylint: disable=g-import-not-at-top
-  _, onx, ref = _models(tmp_path)
+  net = {"published": _published, "pruned": _pruned, "odd": _odd}[case]()
+  onx = onnx_export.to_onnx(net.plan, net.params, net.stats)
   model = onnx.load_from_string(onx)
-  onnx.checker.check_model(model)
+  onnx.checker.check_model(model, full_check=True)
+  assert model.opset_import[0].version >= 17
   assert [i.name for i in model.graph.input] == ["images"]
   assert [o.name for o in model.graph.output] == ["logits"]
-  dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-  assert dims == list(X.shape)
-  # depthwise convolutions stay grouped convolutions (export.RUNTIME_OPTS)
+  h, w = net.plan.image_hw
+  dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+  assert dims == ["batch", h, w, net.plan.in_channels]          # NHWC images, any batch
+  ops = collections.Counter(n.op_type for n in model.graph.node)
+  assert model.graph.node[0].op_type == "Transpose" and ops["Transpose"] == 1   # NCHW after
+  assert not ops.keys() - {"Transpose", "Conv", "Relu", "Slice", "Concat", "Add", "AveragePool",
+                           "MaxPool", "GlobalAveragePool", "Flatten", "MatMul"}
+  seps = sum(n.kind == "sep" for n in net.plan.nodes)
   groups = [a.i for n in model.graph.node if n.op_type == "Conv" for a in n.attribute
-            if a.name == "group"]
-  assert any(g > 1 for g in groups), groups
-  _close(runtimes.OnnxRuntime({BATCH: onx}, threads=1)(X), ref, "onnxruntime")
+            if a.name == "group" and a.i > 1]
+  assert len(groups) == 2 * seps and seps > 0                  # every depthwise grouped
+  assert all(g % 8 == 0 for g in groups)                       # padded as the fused path
+  run = runtimes.OnnxRuntime(onx, threads=1)
+  fu = fused.Fused(net.plan, net.params, net.stats)
+  x = np.random.default_rng(3).standard_normal((3, h, w, net.plan.in_channels)).astype(
+      np.float32)
+  for b in (1, 3):
+    _close(run(x[:b]), np.asarray(fu(jnp.asarray(x[:b]))), f"{case}, batch {b}")
+
+
+def test_onnx_export_unpadded_widths():
+  """pad_channels=1 keeps the pruned widths (not multiples of 8) and the same logits."""
+  net = _pruned()
+  onx = onnx_export.to_onnx(net.plan, net.params, net.stats, pad_channels=1)
+  import onnx  # pylint: disable=g-import-not-at-top
+  groups = [a.i for n in onnx.load_from_string(onx).graph.node if n.op_type == "Conv"
+            for a in n.attribute if a.name == "group" and a.i > 1]
+  assert any(g % 8 for g in groups), groups
+  ref = np.asarray(fused.Fused(net.plan, net.params, net.stats)(jnp.asarray(X)))
+  _close(runtimes.OnnxRuntime(onx, threads=1)(X), ref, "unpadded")
+
+
+def test_onnx_same_pads_match_tensorflow():
+  """SAME pads: stride 1 symmetric, stride 2 the extra row/column at the end."""
+  assert onnx_export.same_pads((8, 8), 3, 1) == [1, 1, 1, 1]
+  assert onnx_export.same_pads((8, 8), 3, 2) == [0, 0, 1, 1]
+  assert onnx_export.same_pads((7, 8), 5, 2) == [2, 1, 2, 2]
+  assert onnx_export.same_pads((9, 9), 3, 2) == [1, 1, 1, 1]
 
 
 def test_litert_roundtrip(tmp_path):
   """The LiteRT flatbuffer through ai_edge_litert's interpreter == fused logits."""
-  tfl, _, ref = _models(tmp_path)
+  tfl, ref = _models(tmp_path)
   run = runtimes.LiteRT({BATCH: tfl}, threads=1)
   _close(run(X), ref, "litert")
   _close(run(X[::-1].copy())[::-1], ref, "litert, reversed batch")     # state is not reused
@@ -109,4 +163,4 @@ def test_missing_runtime_is_a_run_error(monkeypatch):
   from fp_jax.run import errors  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
   with pytest.raises(errors.RunError, match="onnxruntime is not installed"):
-    runtimes.OnnxRuntime({1: b""}, threads=1)
+    runtimes.OnnxRuntime(b"", threads=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fp_jax.models import child
+from fp_jax.models import layers
 from fp_jax.models import space
 from fp_jax.infer import export
 from fp_jax.infer import fused
@@ -44,6 +45,36 @@ def test_depthwise_kernel_equals_xla(k, shape):
   # traced (non-constant) weights, as the per-op path passes them
   _close(jax.jit(lambda x, w: kernels.depthwise(x, w))(x, jnp.asarray(w)),
          fused.depthwise(x, w, "xla"), "traced weights")
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("shape", [(1, 32, 32, 24), (2, 7, 9, 22), (3, 16, 16, 40),
+                                   (1, 2, 2, 16)])
+def test_strided_threaded_kernel_equals_single_thread_and_xla(k, shape):
+  """Stride 2 computes only the kept outputs (odd and even sizes, both offsets), and the
+  rows split over 2 threads give the single thread's result bit for bit; both equal XLA's
+  grouped convolution at that stride."""
+  rng = np.random.default_rng(k + shape[1])
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = rng.standard_normal((k, k, 1, shape[-1])).astype(np.float32)
+  b = rng.standard_normal(shape[-1]).astype(np.float32)
+  for stride in (1, 2):
+    ref = jax.lax.conv_general_dilated(jax.nn.relu(x + b), w, (stride, stride), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=shape[-1])
+    off = (0, 0) if stride == 1 else tuple(layers.same_offset(n, k, 2) for n in shape[1:3])
+    run = {t: jax.jit(lambda x, t=t: kernels.depthwise(x, w, True, b, stride, off, t))(x)
+           for t in (1, 2, 0)}
+    assert run[1].shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(run[2]), np.asarray(run[1]))
+    np.testing.assert_array_equal(np.asarray(run[0]), np.asarray(run[1]))
+    _close(run[1], ref, (k, shape, stride))
+    _close(jax.jit(lambda x: fused.depthwise(x, w, "kernel", relu=True, bias=b,
+                                             stride=stride))(x), ref, "fused.depthwise")
+  with pytest.raises(ValueError, match="stride 1 or 2"):
+    kernels.depthwise(x, w, stride=3)
+  with pytest.raises(ValueError, match="offset"):
+    kernels.depthwise(x, w, stride=2, offset=(2, 0))
 
 
 def test_fused_network_with_kernel_equals_reference():

@@ -64,7 +64,8 @@ def test_latency_stage_random(tmp_path):
   for name in ("baseline.onnx", "pruned.onnx", "baseline.tflite", "pruned.tflite",
                "runtimes.png"):
     assert (tmp_path / "latency" / name).stat().st_size > 0, name
-  assert "| ONNX Runtime |" in md and "| LiteRT |" in md
+  assert "| ONNX Runtime (fp_jax's ONNX) |" in md and "| LiteRT (fp_jax's) |" in md
+  assert r["cpu"]["model"] and "onnx_export" in r and r["onnx_export"]["batch"] == "symbolic"
 
 
 def test_missing_weights_error(tmp_path):

@@ -1,113 +1,212 @@
 // fp_jax's CPU depthwise kernel (an XLA FFI custom call; built and registered by kernels.py).
 //
-// y = depthwise_kxk(relu ? ReLU(x + b) : x + b, w), stride 1, SAME zero padding, NHWC
-// f32, x [B,H,W,C], w [k,k,C] (k = 3 or 5), b [C], y [B,H,W,C].
+// y = depthwise_kxk(relu ? ReLU(x + b) : x + b, w) at stride S (1 or 2), SAME zero
+// padding, NHWC f32: x [B,H,W,C], w [k,k,C] (k = 3 or 5), b [C],
+// y [B,Ho,Wo,C] with y[o] = the stride-1 result at oh + S*o (rows) and ow + S*o
+// (columns): the strided op computes only the outputs it keeps (layers.subsample's
+// offsets, passed in by kernels.py).
 //
 // XLA:CPU emits the depthwise as a loop fusion that, for every 8-channel output
 // vector, loads all k*k input and weight vectors again (~15 GMAC/s here, load-port
 // bound), after a separate ReLU + pad pass. This kernel (1) copies the ReLU'd input
-// (+ the preceding conv's bias b) into a zero-bordered scratch buffer (bias, ReLU
-// and pad folded in: no extra XLA pass), and (2) register-blocks kWB output pixels along W: per tap row it loads
-// kWB + k - 1 input vectors once and each weight vector once for kWB FMAs, about
-// 0.4 loads per FMA instead of 2 (~30 GMAC/s). The sum order over taps is
-// row-major (i, j) like fused.depthwise's 'shift', so results agree to float
-// rounding.
+// (+ the preceding conv's bias b) into a zero-bordered scratch slab (bias, ReLU and
+// pad folded in: no extra XLA pass), and (2) register-blocks kWB output pixels along
+// W: per tap row it loads the kWB outputs' input vectors once and each weight vector
+// once for kWB FMAs, about 0.4 loads per FMA instead of 2 (~30 GMAC/s). The sum order
+// over taps is row-major (i, j) like fused.depthwise's 'shift', so results agree to
+// float rounding.
+//
+// Threads: the output rows of all images are cut into chunks that the threads of
+// XLA's intra-op pool (the FFI ThreadPool; `threads` caps how many take part; 0 = all,
+// for calls of at least kMinParallelMacs) take from a shared counter, the calling
+// thread too. Each chunk builds its own slab
+// (its rows plus the k-1 halo rows) and computes its rows exactly as a single thread
+// would, so the result does not depend on the thread count (bitwise). The caller waits
+// only for chunks already taken by running threads, so a pool whose threads are all
+// busy cannot deadlock it (a late task finds no chunk left and returns).
 #include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kWB = 4;   // output pixels along W per register block (fits 16 ymm registers)
+constexpr int kWB = 4;                      // output pixels along W per register block
+constexpr int64_t kMinChunkMacs = 1 << 15;  // smaller chunks cost more to hand out than to run
+constexpr int kSpins = 1 << 16;             // pause loops (~1 ms) before the caller sleeps
+// Handing chunks to the pool costs ~15-25 us a call (waking a worker), so only calls of
+// at least this many multiply-adds are split: on a 2-core Xeon the split broke even near
+// 2-3.7 M (1.04x at 3.7 M, 1.3x at 7.4 M, 2.1x at 24 M; 0.6x at 0.37 M, a batch-1
+// 32x32x40 3x3).
+constexpr int64_t kMinParallelMacs = 1 << 22;
 
-// One output row h: y[w, c] = sum_{i,j} xp[h + i, w + j, c] * wt[i, j, c]
-template <int K>
-void Row(const float* xp, int64_t Wp, int64_t W, int64_t C, const float* wt, float* y) {
+// One output row: y[q, c] = sum_{i,j} xp[i, ow + S*q + j, c] * wt[i, j, c], q < Wo,
+// xp the K slab rows starting at this output row's first tap row.
+template <int K, int S>
+void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+         float* y) {
   const int64_t C8 = C / 8 * 8;
+  constexpr int NV = (kWB - 1) * S + K;     // input vectors one block of outputs reads per row
   for (int64_t c = 0; c < C8; c += 8) {
-    int64_t w0 = 0;
-    for (; w0 + kWB <= W; w0 += kWB) {
+    int64_t q0 = 0;
+    for (; q0 + kWB <= Wo; q0 += kWB) {
       __m256 acc[kWB];
       for (int q = 0; q < kWB; ++q) acc[q] = _mm256_setzero_ps();
       for (int i = 0; i < K; ++i) {
-        const float* r = xp + (i * Wp + w0) * C + c;
-        __m256 xv[kWB + K - 1];
-        for (int q = 0; q < kWB + K - 1; ++q) xv[q] = _mm256_loadu_ps(r + q * C);
+        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
+        __m256 xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(r + v * C);
         for (int j = 0; j < K; ++j) {
           const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
-          for (int q = 0; q < kWB; ++q) acc[q] = _mm256_fmadd_ps(xv[q + j], wv, acc[q]);
+          for (int q = 0; q < kWB; ++q) acc[q] = _mm256_fmadd_ps(xv[S * q + j], wv, acc[q]);
         }
       }
-      for (int q = 0; q < kWB; ++q) _mm256_storeu_ps(y + (w0 + q) * C + c, acc[q]);
+      for (int q = 0; q < kWB; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
     }
-    for (; w0 < W; ++w0) {
+    for (; q0 < Wo; ++q0) {
       __m256 acc = _mm256_setzero_ps();
       for (int i = 0; i < K; ++i)
         for (int j = 0; j < K; ++j)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp + ((i * Wp) + w0 + j) * C + c),
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp + (i * Wp + ow + S * q0 + j) * C + c),
                                 _mm256_loadu_ps(wt + (i * K + j) * C + c), acc);
-      _mm256_storeu_ps(y + w0 * C + c, acc);
+      _mm256_storeu_ps(y + q0 * C + c, acc);
     }
   }
   for (int64_t c = C8; c < C; ++c)
-    for (int64_t w = 0; w < W; ++w) {
+    for (int64_t q = 0; q < Wo; ++q) {
       float acc = 0.f;
       for (int i = 0; i < K; ++i)
-        for (int j = 0; j < K; ++j) acc += xp[((i * Wp) + w + j) * C + c] * wt[(i * K + j) * C + c];
-      y[w * C + c] = acc;
+        for (int j = 0; j < K; ++j)
+          acc += xp[(i * Wp + ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
+      y[q * C + c] = acc;
     }
 }
 
-template <int K>
-void Depthwise(const float* x, const float* wt, const float* bias, float* y, int64_t B,
-               int64_t H, int64_t W, int64_t C, bool relu) {
+struct Problem {
+  const float* x;
+  const float* wt;
+  const float* bias;
+  float* y;
+  int64_t B, H, W, C, oh, ow, Ho, Wo;
+  bool relu;
+  int64_t rows_per_chunk, chunks_per_image;
+};
+
+// Output rows [o0, o1) of image b: slab of the stride-1 padded input rows they read.
+template <int K, int S>
+void Chunk(const Problem& p, int64_t t) {
   constexpr int P = K / 2;
-  const int64_t Hp = H + 2 * P, Wp = W + 2 * P;
+  const int64_t b = t / p.chunks_per_image;
+  const int64_t o0 = (t % p.chunks_per_image) * p.rows_per_chunk;
+  const int64_t o1 = std::min(p.Ho, o0 + p.rows_per_chunk);
+  const int64_t Wp = p.W + 2 * P, C = p.C;
+  // padded row r (0 .. H+2P-1) holds input row r - P; output row o reads padded rows
+  // oh + S*o .. oh + S*o + K-1
+  const int64_t r0 = p.oh + S * o0, r1 = p.oh + S * (o1 - 1) + K;
   thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < Hp * Wp * C) buf.resize(Hp * Wp * C);
-  float* xp = buf.data();
-  // zero border: P rows above and below, P pixels left and right of every row
-  std::memset(xp, 0, sizeof(float) * P * Wp * C);
-  std::memset(xp + (H + P) * Wp * C, 0, sizeof(float) * P * Wp * C);
-  for (int64_t h = P; h < H + P; ++h) {
-    std::memset(xp + h * Wp * C, 0, sizeof(float) * P * C);
-    std::memset(xp + (h * Wp + P + W) * C, 0, sizeof(float) * P * C);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * H * W * C;
-    for (int64_t h = 0; h < H; ++h) {     // interior: (ReLU of) x + bias
-      float* dst = xp + ((h + P) * Wp + P) * C;
-      const float* src = xb + h * W * C;
-      for (int64_t w = 0; w < W; ++w, dst += C, src += C)
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = src[c] + bias[c];
-          dst[c] = relu && v < 0.f ? 0.f : v;
-        }
+  if (static_cast<int64_t>(buf.size()) < (r1 - r0) * Wp * C) buf.resize((r1 - r0) * Wp * C);
+  float* slab = buf.data();
+  const float* xb = p.x + b * p.H * p.W * C;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = slab + (r - r0) * Wp * C;
+    const int64_t h = r - P;
+    if (h < 0 || h >= p.H) {
+      std::memset(dst, 0, sizeof(float) * Wp * C);
+      continue;
     }
-    float* yb = y + b * H * W * C;
-    for (int64_t h = 0; h < H; ++h) Row<K>(xp + h * Wp * C, Wp, W, C, wt, yb + h * W * C);
+    std::memset(dst, 0, sizeof(float) * P * C);
+    std::memset(dst + (P + p.W) * C, 0, sizeof(float) * P * C);
+    const float* src = xb + h * p.W * C;
+    float* d = dst + P * C;
+    for (int64_t w = 0; w < p.W; ++w, d += C, src += C)
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = src[c] + p.bias[c];
+        d[c] = p.relu && v < 0.f ? 0.f : v;
+      }
   }
+  float* yb = p.y + b * p.Ho * p.Wo * C;
+  for (int64_t o = o0; o < o1; ++o)
+    Row<K, S>(slab + (p.oh + S * o - r0) * Wp * C, Wp, p.ow, p.Wo, C, p.wt, yb + o * p.Wo * C);
 }
 
-ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                ffi::ResultBuffer<ffi::F32> y, int64_t relu) {
+using ChunkFn = void (*)(const Problem&, int64_t);
+
+struct Shared {
+  Problem p;
+  ChunkFn fn;
+  int64_t total;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Work() {       // take chunks until none is left
+    for (int64_t t; (t = next.fetch_add(1)) < total;) {
+      fn(p, t);
+      if (done.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+ChunkFn Pick(int64_t k, int64_t s) {
+  if (k == 3) return s == 1 ? Chunk<3, 1> : Chunk<3, 2>;
+  return s == 1 ? Chunk<5, 1> : Chunk<5, 2>;
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t relu,
+                int64_t stride, int64_t oh, int64_t ow, int64_t threads) {
   auto d = x.dimensions();
   auto k = w.dimensions();
+  auto o = y->dimensions();
   if (d.size() != 4 || k.size() != 3 || k[0] != k[1] || k[2] != d[3] ||
-      b.dimensions().size() != 1 || b.dimensions()[0] != d[3])
+      b.dimensions().size() != 1 || b.dimensions()[0] != d[3] || o.size() != 4)
     return ffi::Error::InvalidArgument("depthwise: x [B,H,W,C], w [k,k,C], b [C]");
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  const float* bp = b.typed_data();
-  float* yp = y->typed_data();
-  switch (k[0]) {
-    case 3: Depthwise<3>(xp, wp, bp, yp, d[0], d[1], d[2], d[3], relu != 0); break;
-    case 5: Depthwise<5>(xp, wp, bp, yp, d[0], d[1], d[2], d[3], relu != 0); break;
-    default: return ffi::Error::InvalidArgument("depthwise: k must be 3 or 5");
+  if (k[0] != 3 && k[0] != 5) return ffi::Error::InvalidArgument("depthwise: k must be 3 or 5");
+  if (stride != 1 && stride != 2)
+    return ffi::Error::InvalidArgument("depthwise: stride must be 1 or 2");
+  if (oh < 0 || ow < 0 || oh >= stride || ow >= stride || o[0] != d[0] || o[3] != d[3] ||
+      o[1] != (d[1] - oh + stride - 1) / stride || o[2] != (d[2] - ow + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("depthwise: y [B, ceil((H-oh)/s), ceil((W-ow)/s), C]");
+  Problem p{x.typed_data(), w.typed_data(), b.typed_data(), y->typed_data(),
+            d[0], d[1], d[2], d[3], oh, ow, o[1], o[2], relu != 0, 0, 0};
+  const int64_t row_macs = p.Wo * p.C * k[0] * k[0];
+  int64_t n = pool.num_threads();
+  n = std::max<int64_t>(1, threads > 0 ? std::min(threads, std::max<int64_t>(n, 1)) : n);
+  if (threads == 0 && p.B * p.Ho * row_macs < kMinParallelMacs) n = 1;
+  // about 4 chunks per thread over all images, none smaller than kMinChunkMacs
+  const int64_t want = n == 1 ? p.B : 4 * n;
+  const int64_t per_image = std::max<int64_t>(1, (want + p.B - 1) / p.B);
+  int64_t rows = std::max<int64_t>((p.Ho + per_image - 1) / per_image,
+                                   (kMinChunkMacs + row_macs - 1) / row_macs);
+  if (n == 1) rows = p.Ho;
+  p.rows_per_chunk = std::max<int64_t>(1, std::min(rows, p.Ho));
+  p.chunks_per_image = (p.Ho + p.rows_per_chunk - 1) / p.rows_per_chunk;
+  auto s = std::make_shared<Shared>();
+  s->p = p;
+  s->fn = Pick(k[0], stride);
+  s->total = p.B * p.chunks_per_image;
+  const int64_t helpers = std::min(n - 1, s->total - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { s->Work(); });
+  s->Work();
+  // the chunks left are being computed by running threads: spin briefly (a sleeping
+  // caller would add a wake-up, tens of microseconds, to every call), then sleep
+  for (int spin = 0; spin < kSpins && s->done.load() != s->total; ++spin) _mm_pause();
+  if (s->done.load() != s->total) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    s->cv.wait(lock, [&] { return s->done.load() == s->total; });
   }
   return ffi::Error::Success();
 }
@@ -116,8 +215,13 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxDepthwise, Impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("oh")
+                                  .Attr<int64_t>("ow")
+                                  .Attr<int64_t>("threads"));

@@ -1,4 +1,5 @@
-"""Export of the fused (BN-folded) network: StableHLO, TF SavedModel, LiteRT and ONNX.
+"""Export of the fused (BN-folded) network: StableHLO, TF SavedModel and LiteRT (ONNX:
+onnx_export.py, straight from the graph).
 
 The folded weights are baked into the exported computation as constants, so
 the artifact needs only an image batch x [B,H,W,C] (f32, normalised as the
@@ -11,45 +12,37 @@ logits [B,classes] equal to fused.forward's.
   load_savedmodel(directory)                                -> fn(x) -> logits (numpy)
   network_fn(plan, params, stats, opts=RUNTIME_OPTS)        -> jax fn(x) -> logits
   to_tflite(fn, input_shape)     -> LiteRT flatbuffer bytes (fixed shape, float32)
-  tflite_to_onnx(tflite_bytes)   -> ONNX model bytes (input 'images', output 'logits')
 
-LiteRT and ONNX take any jax callable images -> logits (the fused executor's
-weights closed over), so they do not depend on how the cells are built. The
-path: jax2tf (native serialization: the TF graph is one XlaCallModule op
-holding the StableHLO) -> TensorFlow's TFLite converter, which legalizes the
-StableHLO to builtin TFLite ops (the path ai-edge-torch uses; TF 2.21 keeps the
-converter, only tf.lite's interpreter is deprecated) -> tf2onnx's TFLite
-reader (tf2onnx 1.17 installs with TF 2.21, numpy 2.4 and protobuf 7, and its
-TFLite front end maps the legalized builtins one to one onto ONNX ops). The
-alternatives do not fit: tf2onnx cannot read XlaCallModule, and jax 0.10's
-jax2tf has no non-native (TF-op) serialization left; jax2onnx >= 0.14 pins
-orbax-checkpoint < 0.11.37 (this project pins 0.12.8) and drags in
-huggingface_hub, equinox and dm_pix. Shapes are static (the TFLite converter
-does not legalize the shape arithmetic of a symbolic batch), so a model serves
-one batch size; export one per batch.
+LiteRT takes any jax callable images -> logits (the fused executor's weights
+closed over), so it does not depend on how the cells are built. The path:
+jax2tf (native serialization: the TF graph is one XlaCallModule op holding the
+StableHLO) -> TensorFlow's TFLite converter, which legalizes the StableHLO to
+builtin TFLite ops (the path ai-edge-torch uses; TF 2.21 keeps the converter,
+only tf.lite's interpreter is deprecated). Shapes are static (the converter does
+not legalize the shape arithmetic of a symbolic batch), so a LiteRT model serves
+one batch size; export one per batch. (ONNX once came from this model through
+tf2onnx's TFLite reader; its NHWC layouts and transposes ran 1.5-2.8x slower in
+ONNX Runtime than a native NCHW export, so onnx_export.py now builds the ONNX
+graph itself.)
 
-RUNTIME_OPTS is the graph handed to the other runtimes: depthwise convolutions
-as grouped convolutions (DEPTHWISE_CONV_2D / ONNX Conv with group=C rather than
+RUNTIME_OPTS is the graph handed to LiteRT: depthwise convolutions as grouped
+convolutions (DEPTHWISE_CONV_2D rather than
 fp_jax's 9 or 25 shifted multiply-adds on CPU), the stem as a plain conv, and
 channel groups zero-padded to a multiple of 8 as the fused path pads them
-(latency.pad_channels): ONNX Runtime's blocked (NCHWc) CPU convolutions need
-such widths, and pruned widths such as 22 or 43 made its pruned network 3x
-slower than the padded one (22.7 vs 7.8 ms, 15 layers / F 36 pruned 60%, 1
-core); LiteRT ran both alike (9.6 / 9.7 ms).
+(latency.pad_channels; onnx_export.py pads alike: ONNX Runtime's blocked NCHWc
+CPU convolutions need such widths, and pruned widths such as 22 or 43 made its
+pruned network 3x slower than the padded one, 22.7 vs 7.8 ms, 15 layers / F 36
+pruned 60%, 1 core; LiteRT ran both alike, 9.6 / 9.7 ms).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import tempfile
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp_jax.run import errors
 from fp_jax.infer import fused
 
 
@@ -139,42 +132,3 @@ def to_tflite(fn, input_shape):
       [tf_fn.get_concrete_function()], tf_fn)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
   return converter.convert()
-
-
-def tflite_to_onnx(tflite, opset=17):
-  """ONNX model (bytes) of a TFLite flatbuffer with one input and one output, renamed
-  'images' and 'logits'. Imports tf2onnx (and TensorFlow)."""
-  try:
-    import tf2onnx  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise errors.RunError("export: tf2onnx is not installed (pip install -r "
-                          f"requirements.txt): {e}") from e
-
-  with tempfile.TemporaryDirectory() as d:
-    path = os.path.join(d, "model.tflite")
-    with open(path, "wb") as f:
-      f.write(tflite)
-    with warnings.catch_warnings():    # tf2onnx reads the model with tf.lite.Interpreter
-      warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-      model, _ = tf2onnx.convert.from_tflite(path, opset=opset)
-  graph = model.graph
-  if len(graph.input) != 1 or len(graph.output) != 1:
-    raise ValueError(f"expected one input and one output, got {len(graph.input)} and "
-                     f"{len(graph.output)}")
-  rename = {graph.input[0].name: "images", graph.output[0].name: "logits"}
-  for node in graph.node:
-    node.input[:] = [rename.get(n, n) for n in node.input]
-    node.output[:] = [rename.get(n, n) for n in node.output]
-  graph.input[0].name, graph.output[0].name = "images", "logits"
-  return model.SerializeToString()
-
-
-def export_runtimes(directory, name, fn, input_shape):
-  """LiteRT and ONNX models of fn for inputs of input_shape: (tflite bytes, onnx bytes);
-  written to DIR/{name}.tflite and DIR/{name}.onnx unless directory is None."""
-  tflite = to_tflite(fn, input_shape)
-  onnx = tflite_to_onnx(tflite)
-  for ext, data in (("tflite", tflite), ("onnx", onnx)) if directory is not None else ():
-    with open(os.path.join(directory, f"{name}.{ext}"), "wb") as f:
-      f.write(data)
-  return tflite, onnx

@@ -143,9 +143,11 @@ def depthwise_impl(impl="auto", k=5, dtype="float32"):
   return "kernel" if usable and kernels.available() else "shift"
 
 
-def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
-  """x [B,H,W,C], w [k,k,1,C] -> [B,H,W,C], stride 1, SAME, on x (+ bias [C], the
-  producing conv's, so the kernel can fold it in), ReLU'd when relu.
+def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None, stride=1):
+  """x [B,H,W,C], w [k,k,1,C] -> [B,ceil(H/s),ceil(W/s),C], SAME (TF's padding), on x
+  (+ bias [C], the producing conv's, so the kernel can fold it in), ReLU'd when relu.
+  The strided result is the stride-1 one subsampled (layers.subsample); the kernel
+  computes only those outputs.
 
   pad >= k // 2 (shift and flat): pad x by this much and start the taps at
   pad - k // 2, so every depthwise of one tensor pads it alike and XLA computes
@@ -161,8 +163,15 @@ def depthwise(x, w, impl="auto", pad=None, relu=False, bias=None):
   'auto': depthwise_impl.
   """
   impl = depthwise_impl(impl, np.shape(w)[0], x.dtype)
+  k, hw = np.shape(w)[0], x.shape[1:3]
   if impl == "kernel":
-    return kernels.depthwise(x, w, relu, bias)
+    offset = (0, 0) if stride == 1 else tuple(layers.same_offset(n, k, stride) for n in hw)
+    return kernels.depthwise(x, w, relu, bias, stride, offset)
+  return layers.subsample(_depthwise_stride1(x, w, impl, pad, relu, bias), hw, k, stride)
+
+
+def _depthwise_stride1(x, w, impl, pad, relu, bias):
+  """`depthwise` at stride 1 by the implementations other than the kernel."""
   if bias is not None:
     x = x + bias
   if relu:
@@ -240,8 +249,7 @@ def sep_conv(fs, x, stride=1, opts=Options()):
   """2 x [ReLU, depthwise kxk, pointwise 1x1 + folded BN], the first depthwise at
   `stride`: [B,H,W,C] -> [B,ceil(H/s),ceil(W/s),C]."""
   # the first depthwise pads by MAX_PAD: sep convs of one input share its padded ReLU
-  k, hw = np.shape(fs["dw1"])[0], x.shape[1:3]
-  y = layers.subsample(depthwise(x, fs["dw1"], opts.depthwise, MAX_PAD, relu=True), hw, k, stride)
+  y = depthwise(x, fs["dw1"], opts.depthwise, MAX_PAD, relu=True, stride=stride)
   y = conv(y, fs["pw1"])                # its bias b1 is added by the next depthwise
   return conv(depthwise(y, fs["dw2"], opts.depthwise, relu=True, bias=fs["b1"]), fs["pw2"],
               fs["b2"])

@@ -1,8 +1,10 @@
 """fp_jax's own CPU kernels as XLA FFI custom calls, built on first use.
 
-`depthwise(x, w, relu, bias)` runs depthwise.cc (a register-blocked kxk depthwise with
-the preceding bias, ReLU and zero padding folded in; see its header for why XLA's loop fusion is slow
-here) inside a jitted computation, like any other op. The shared library is
+`depthwise(x, w, relu, bias, stride, offset)` runs depthwise.cc (a register-blocked kxk
+depthwise with the preceding bias, ReLU and zero padding folded in, at stride 1 or 2
+computing only the outputs kept, its rows split over XLA's intra-op threads; see its
+header for why XLA's loop fusion is slow here) inside a jitted computation, like any
+other op. The shared library is
 compiled once per machine with the system C++ compiler ($CXX, else c++) against
 jaxlib's FFI headers into $FP_JAX_KERNEL_DIR (default ~/.cache/fp_jax/kernels),
 named by a hash of the source, flags and jaxlib version, and registered with
@@ -88,17 +90,28 @@ def available():
   return True
 
 
-def depthwise(x, w, relu=False, bias=None):
-  """x [B,H,W,C] f32, w [k,k,1,C] (k in KERNELS), bias [C] -> [B,H,W,C]: stride 1,
-  SAME, on x + bias (ReLU'd when relu). Traced; needs available()."""
+def depthwise(x, w, relu=False, bias=None, stride=1, offset=(0, 0), threads=0):
+  """x [B,H,W,C] f32, w [k,k,1,C] (k in KERNELS), bias [C] -> the SAME depthwise of x + bias
+  (ReLU'd when relu) at `stride` (1 or 2): [B, ceil((H-oh)/s), ceil((W-ow)/s), C], output o
+  the stride-1 result at offset + s*o (layers.subsample's offsets; only those outputs are
+  computed). threads: how many of XLA's intra-op threads take part (0: all of them for
+  calls of at least 4 M multiply-adds, depthwise.cc's kMinParallelMacs, else the calling
+  thread alone); the result is the same for any count. Traced; needs available()."""
   if not available():
     raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
   k = np.shape(w)[0]
   if k not in KERNELS or np.shape(w)[:2] != (k, k):
     raise ValueError(f"depthwise kernel: k must be one of {KERNELS}, got shape {np.shape(w)}")
+  oh, ow = (int(o) for o in offset)
+  if stride not in (1, 2) or not (0 <= oh < stride and 0 <= ow < stride):
+    raise ValueError(f"depthwise kernel: stride 1 or 2 with offsets in [0, stride), got "
+                     f"stride {stride}, offset {offset}")
   wt = w[:, :, 0, :]
   wt = np.ascontiguousarray(wt, np.float32) if isinstance(wt, np.ndarray) else wt
   if bias is None:
     bias = np.zeros(x.shape[-1], np.float32)
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(
-      x, wt, bias, relu=np.int64(bool(relu)))
+  b, h, wd, c = x.shape
+  out = (b, -(-(h - oh) // stride), -(-(wd - ow) // stride), c)
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out, x.dtype))(
+      x, wt, bias, relu=np.int64(bool(relu)), stride=np.int64(stride), oh=np.int64(oh),
+      ow=np.int64(ow), threads=np.int64(threads))

@@ -4,8 +4,9 @@ For the unpruned network (DIR/final/weights.npz) and the compact pruned one
 (DIR/compress/weights.npz), or random weights with `latency.init=random`
 (BN statistics estimated on random images, networks.estimate_bn):
 
-- the BN-folded networks exported to LiteRT and ONNX (export.py;
-  DIR/latency/{baseline,pruned}.{tflite,onnx}, batch 1), run by the LiteRT
+- the BN-folded networks exported to ONNX (onnx_export.py: NCHW, any batch) and
+  LiteRT (export.py, one model per batch size; DIR/latency/{baseline,pruned}.onnx
+  and .tflite at batch 1), run by the LiteRT
   interpreter and ONNX Runtime on `latency.threads` cores (runtimes.py says how
   each runtime's threads are set);
 - batch-1 latency, mean (and median) over `latency.images` images after
@@ -64,6 +65,7 @@ import numpy as np
 from fp_jax.models import child
 from fp_jax.models import flops
 from fp_jax.infer import export
+from fp_jax.infer import onnx_export
 from fp_jax.infer import fused
 from fp_jax.infer import networks
 from fp_jax.infer import perop
@@ -212,7 +214,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
     log(f"latency: {name} compiled (per-op {compile_s[f'{name}_perop']:.1f}s, "
         f"fused {compile_s[f'{name}_fused']:.1f}s)")
   variants = {f"{n}_{p}": ex[n, p] for n in NETS for p in PATHS}
-  rts = [r for r in runtimes_lib.RUNTIMES if any(k[1] == r for k in others)]
+  rts = [r for r in runtimes_lib.RUNTIMES + runtimes_lib.PEERS
+         if any(k[1] == r for k in others)]
   everything = dict(variants, **{f"{n}_{r}": f for (n, r), f in others.items()})
   feeds = {k: singles if k in variants else [xs[i:i + 1] for i in range(images)]
            for k in everything}        # the same images: jax arrays, or numpy for others
@@ -260,7 +263,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   flop = {n: 2.0 * counts[n]["macs"] for n in NETS}
   floor_ms = {n: 1e3 * flop[n] / (peak * 1e9) for n in NETS}
   return {
-      "device": device_description(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "device": device_description(), "cpu": cpu_info(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
       "depthwise": {"perop": depthwise, "fused": opts.depthwise},
@@ -313,6 +317,28 @@ def _calls_per_image(po, x):
   return po.ops.calls - before
 
 
+ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
+             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_info():
+  """{'model': the CPU's model name, 'isa': the vector extensions it reports (ISA_FLAGS,
+  from /proc/cpuinfo), 'cores_usable', 'cores'}: recorded beside every latency figure."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          break
+  except OSError:
+    pass
+  return {"model": model, "isa": [v for k, v in ISA_FLAGS.items() if k in flags],
+          "cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count()}
+
+
 def device_description():
   """e.g. 'cpu: AMD EPYC, 2 of 2 cores usable, 1 local device(s)'."""
   d = jax.devices()[0]
@@ -345,9 +371,13 @@ def run(config, workdir):
   result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed,
                    others=others)
   result.update(init=lat.init, threads=threads, runtime_versions=runtimes_lib.versions(),
-                runtime_threads=runtimes_lib.THREADS,
+                runtime_threads={k: v for k, v in runtimes_lib.THREADS.items()
+                                 if k in result["runtimes"]},
                 runtime_export_options=dict(export.RUNTIME_OPTS.__dict__,
-                                            pad_channels=opts.pad_channels))
+                                            pad_channels=opts.pad_channels),
+                onnx_export={"layout": "NCHW (one leading Transpose of the NHWC images)",
+                             "depthwise": "Conv group=C", "batch": "symbolic",
+                             "opset": onnx_export.OPSET, "pad_channels": opts.pad_channels})
   if jax.process_index() == 0:
     out = os.path.join(workdir, "latency")
     os.makedirs(out, exist_ok=True)

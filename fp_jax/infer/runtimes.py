@@ -1,8 +1,9 @@
 """Other runtimes of the exported networks (ONNX Runtime, LiteRT) and the thread count.
 
-Runners take numpy images x [B,H,W,C] f32 and return numpy logits [B,classes];
-each holds one model per batch size (exported models have static shapes,
-export.py) and picks it by x.shape[0].
+Runners take numpy images x [B,H,W,C] f32 and return numpy logits [B,classes]:
+ONNX Runtime one session of the ONNX model (onnx_export.py, any batch size),
+LiteRT one interpreter per batch size (its models have static shapes, export.py),
+picked by x.shape[0].
 
 Threads (`latency.threads`, 0 = every core this process may use):
 - XLA:CPU (fp_jax fused and per-op): no per-call setting; `use_cores(n)` pins
@@ -26,14 +27,20 @@ import numpy as np
 from fp_jax.run import errors
 
 RUNTIMES = ("onnxruntime", "litert")
-ALL = ("perop", "fused") + RUNTIMES
-LABELS = {"perop": "fp_jax per-op", "fused": "fp_jax fused", "onnxruntime": "ONNX Runtime",
-          "litert": "LiteRT"}
+PEERS = ("torch_onnxruntime", "torch_compile", "torch_eager")   # bench/peers.py (torch)
+ALL = ("perop", "fused") + RUNTIMES + PEERS
+LABELS = {"perop": "fp_jax per-op", "fused": "fp_jax fused",
+          "onnxruntime": "ONNX Runtime (fp_jax's ONNX)", "litert": "LiteRT (fp_jax's)",
+          "torch_onnxruntime": "ONNX Runtime (torch.onnx export)",
+          "torch_compile": "torch.compile (inductor)", "torch_eager": "PyTorch eager"}
 THREADS = {  # how each runtime's thread count is set (latency.json runtime_threads)
     "perop": "XLA:CPU intra-op pool; the process pinned to the first n cores",
     "fused": "XLA:CPU intra-op pool; the process pinned to the first n cores",
     "onnxruntime": "SessionOptions intra_op_num_threads=n, inter_op 1, sequential, no spinning",
-    "litert": "Interpreter(num_threads=n), XNNPACK delegate"}
+    "litert": "Interpreter(num_threads=n), XNNPACK delegate",
+    "torch_onnxruntime": "as onnxruntime",
+    "torch_compile": "torch.set_num_threads(n), OMP_WAIT_POLICY=PASSIVE",
+    "torch_eager": "torch.set_num_threads(n), OMP_WAIT_POLICY=PASSIVE"}
 
 
 def usable_cores():
@@ -74,20 +81,20 @@ def _by_batch(models, x):
 
 
 class OnnxRuntime:
-  """ONNX Runtime CPU sessions {batch: InferenceSession}, `threads` intra-op threads."""
+  """An ONNX Runtime CPU session of one model (bytes), `threads` intra-op threads."""
 
-  def __init__(self, models, threads):
+  def __init__(self, model, threads, input_name="images"):
     ort = _need("onnxruntime", "onnxruntime")
+    self.input_name = input_name
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    self.sessions = {b: ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
-                     for b, m in models.items()}
+    self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
   def __call__(self, x):
-    return _by_batch(self.sessions, x).run(["logits"], {"images": x})[0]
+    return self.session.run(["logits"], {self.input_name: x})[0]
 
 
 class LiteRT:
@@ -113,24 +120,26 @@ def versions():
   """Versions of the runtimes and converters (import errors raise)."""
   import importlib.metadata as md  # pylint: disable=g-import-not-at-top
   return {p: md.version(p) for p in ("jax", "onnxruntime", "ai-edge-litert", "tensorflow-cpu",
-                                     "tf2onnx", "onnx")}
+                                     "onnx")}
 
 
 def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print):
-  """Exports every net {name: infer.networks.Net} to LiteRT and ONNX at every batch size
-  (export.RUNTIME_OPTS, channels padded to a multiple of pad_channels). Returns
-  ({(name, runtime): runner}, {f'{name}.tflite' / f'{name}.onnx': batch-1 model bytes})."""
+  """Exports every net {name: infer.networks.Net} to ONNX (onnx_export.py: NCHW, any
+  batch) and to LiteRT at every batch size (export.RUNTIME_OPTS), channels padded to a
+  multiple of pad_channels. Returns ({(name, runtime): runner},
+  {f'{name}.onnx' / f'{name}.tflite' (batch 1): model bytes})."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import export  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import onnx_export  # pylint: disable=g-import-not-at-top
   opts = dataclasses.replace(export.RUNTIME_OPTS, pad_channels=pad_channels)
   runners, files = {}, {}
   for name, net in nets.items():
+    onx = onnx_export.to_onnx(net.plan, net.params, net.stats, pad_channels)
     fn = export.network_fn(net.plan, net.params, net.stats, opts)
-    tfl, onx = {}, {}
-    for b in sorted(set(batch_sizes) | {1}):
-      tfl[b], onx[b] = export.export_runtimes(None, name, fn, (b,) + tuple(image_shape))
-      log(f"latency: {name} exported to LiteRT and ONNX at batch {b}")
-    files[f"{name}.tflite"], files[f"{name}.onnx"] = tfl[1], onx[1]
+    tfl = {b: export.to_tflite(fn, (b,) + tuple(image_shape))
+           for b in sorted(set(batch_sizes) | {1})}
+    log(f"latency: {name} exported to ONNX (any batch) and LiteRT at batches {sorted(tfl)}")
+    files[f"{name}.onnx"], files[f"{name}.tflite"] = onx, tfl[1]
     runners[name, "onnxruntime"] = OnnxRuntime(onx, threads)
     runners[name, "litert"] = LiteRT(tfl, threads)
   return runners, files
