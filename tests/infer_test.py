@@ -10,6 +10,7 @@ from fp_jax.models import graph
 from fp_jax.models import layers
 from fp_jax.models import space
 from fp_jax.infer import export
+from fp_jax.infer import folding
 from fp_jax.infer import fused
 from fp_jax.infer import latency
 from fp_jax.infer import networks
@@ -194,7 +195,7 @@ def test_bn_folding_exact(k, stride):
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   ref = layers.batch_norm(bp, bs, conv(x, w), False)[0]
-  wf, bf = fused.fold_bn(w, bp, bs)
+  wf, bf = folding.fold_bn(w, bp, bs)
   for im2col in (False, True):
     got = fused.conv(x, jnp.asarray(wf), jnp.asarray(bf), stride=stride, use_im2col=im2col)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -210,14 +211,14 @@ def test_folded_blocks_equal_layers():
     p["bn"], s = _bn(rng, 5)
     node = graph.Node("fr", "fr", (0,), 5, (4, 4), stride=2, relu=True)
     ref = layers.factorized_reduce(p, {"bn": s}, x, 2, False)[0]
-    got = fused.producer(fused._fold_producer(p, {"bn": s}), node, x)
+    got = fused.producer(folding._fold_producer(p, {"bn": s}), node, x)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   p, s = jax.tree.map(np.asarray, layers.sep_conv_init(jax.random.PRNGKey(0), 5, 6))
   (p["bn1"], s["bn1"]), (p["bn2"], s["bn2"]) = _bn(rng, 6), _bn(rng, 6)
   for stride in (1, 2):
     ref = layers.sep_conv(p, s, x, False, stride=stride)[0]
     for impl in ("shift", "flat", "xla"):
-      got = fused.sep_conv(fused._fold_sep(p, s), x, stride, fused.Options(depthwise=impl))
+      got = fused.sep_conv(folding._fold_sep(p, s), x, stride, fused.Options(depthwise=impl))
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bench import latency as bench_latency
-from fp_jax.infer import latency
+from fp_jax.infer import machine
 from fp_jax.infer import networks
 from fp_jax.infer import fused
 from fp_jax.models import child
@@ -38,7 +38,7 @@ def test_fastest_peer_picks_the_fastest_of_every_other_runtime():
 
 
 def test_cpu_info_names_the_model_and_its_vector_extensions():
-  info = latency.cpu_info()
+  info = machine.cpu_info()
   flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
   assert info["model"] and info["cores_usable"] >= 1
   assert ("AVX2" in info["isa"]) == ("avx2" in flags)

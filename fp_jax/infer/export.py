@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp_jax.infer import folding
 from fp_jax.infer import fused
 
 
@@ -60,7 +61,7 @@ def portable(opts):
 
 def _fn(plan, params, stats, opts):
   opts = portable(opts)
-  fp = fused.folded(plan, params, stats, opts)
+  fp = folding.folded(plan, params, stats, opts.pad_channels)
   return functools.partial(fused.forward, plan, fp, opts=opts)
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -67,6 +66,7 @@ from fp_jax.models import flops
 from fp_jax.infer import export
 from fp_jax.infer import onnx_export
 from fp_jax.infer import fused
+from fp_jax.infer import machine
 from fp_jax.infer import networks
 from fp_jax.infer import perop
 from fp_jax.infer.latency_report import CELL_PARTS, NETS, to_markdown  # to_markdown: re-export
@@ -81,15 +81,6 @@ PATHS = ("perop", "fused")
 
 def block(tree):
   return jax.block_until_ready(tree)
-
-
-def matmul_peak_gflops(n=2048, reps=5):
-  """This machine's fp32 matmul rate: best of `reps` n x n x n jnp.dot calls (GFLOP/s)."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  dot = jax.jit(jnp.dot).lower(a, a).compile()
-  block(dot(a, a))
-  best = min(timed(lambda: dot(a, a)) for _ in range(reps))
-  return 2.0 * n ** 3 / best / 1e9
 
 
 def timed(fn):
@@ -256,14 +247,14 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   reps = breakdown_reps or max(20, min(images, 200))
   stages = {n: breakdown(ex[n, "perop"], ex[n, "fused"], singles[0], reps) for n in NETS}
   log("latency: breakdown timed (%d reps)" % reps)
-  peak = matmul_peak_gflops(peak_n)
+  peak = machine.matmul_peak_gflops(peak_n)
 
   net_ms = {k: _latency_stats(lat[k]) for k in variants}
   mean = {k: v["mean_ms"] for k, v in net_ms.items()}
   flop = {n: 2.0 * counts[n]["macs"] for n in NETS}
   floor_ms = {n: 1e3 * flop[n] / (peak * 1e9) for n in NETS}
   return {
-      "device": device_description(), "cpu": cpu_info(),
+      "device": machine.device_description(), "cpu": machine.cpu_info(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
@@ -315,43 +306,6 @@ def _calls_per_image(po, x):
   before = po.ops.calls
   block(po(x))
   return po.ops.calls - before
-
-
-ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
-             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
-
-
-def cpu_info():
-  """{'model': the CPU's model name, 'isa': the vector extensions it reports (ISA_FLAGS,
-  from /proc/cpuinfo), 'cores_usable', 'cores'}: recorded beside every latency figure."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          break
-  except OSError:
-    pass
-  return {"model": model, "isa": [v for k, v in ISA_FLAGS.items() if k in flags],
-          "cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count()}
-
-
-def device_description():
-  """e.g. 'cpu: AMD EPYC, 2 of 2 cores usable, 1 local device(s)'."""
-  d = jax.devices()[0]
-  kind = getattr(d, "device_kind", str(d))
-  if d.platform == "cpu":
-    try:
-      with open("/proc/cpuinfo") as f:
-        kind = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-      kind = platform.processor() or platform.machine()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    kind += f", {usable} of {os.cpu_count()} cores usable"
-  return f"{d.platform}: {kind}, {jax.local_device_count()} local device(s)"
 
 
 def run(config, workdir):

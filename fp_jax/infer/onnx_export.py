@@ -7,7 +7,7 @@ normalised as the program feeds its networks (batch symbolic); one leading
 Transpose turns them to NCHW, the layout ONNX Runtime's CPU convolutions run
 (its blocked NCHWc kernels), and every operator after it is NCHW. The output is
 'logits' [batch, classes], equal to fused.forward's. Built with the `onnx`
-package's helper API from the folded weights (fused.folded: BN folded into
+package's helper API from the folded weights (folding.folded: BN folded into
 every conv, channel groups zero-padded to a multiple of `pad_channels`, which
 ONNX Runtime's blocked convolutions need: pruned widths such as 22 or 43 ran
 3x slower unpadded, export.py), node for node:
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fp_jax.infer import folding
 from fp_jax.infer import fused
 from fp_jax.run import errors
 
@@ -125,7 +126,7 @@ def to_onnx(plan, params, stats, pad_channels=8, opset=OPSET):
   """ONNX model bytes of the BN-folded network (plan, params, stats): full, compact or
   padded child.py weights; images [batch, H, W, C] NHWC -> logits [batch, classes]."""
   onnx = _onnx()
-  fp = fused.folded(plan, params, stats, fused.Options(pad_channels=pad_channels))
+  fp = folding.folded(plan, params, stats, pad_channels)
   g = _Graph(onnx)
   vals = {}
   for j, n in enumerate(plan.nodes):

@@ -1,0 +1,57 @@
+"""What machine a latency figure was measured on, and its fp32 matmul rate."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def matmul_peak_gflops(n=2048, reps=5):
+  """This machine's fp32 matmul rate: best of `reps` n x n x n jnp.dot calls (GFLOP/s)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  dot = jax.jit(jnp.dot).lower(a, a).compile()
+  jax.block_until_ready(dot(a, a))
+  best = min(_timed(lambda: dot(a, a)) for _ in range(reps))
+  return 2.0 * n ** 3 / best / 1e9
+
+
+ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
+             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_info():
+  """{'model': the CPU's model name, 'isa': the vector extensions it reports (ISA_FLAGS,
+  from /proc/cpuinfo), 'cores_usable', 'cores'}: recorded beside every latency figure."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          break
+  except OSError:
+    pass
+  return {"model": model, "isa": [v for k, v in ISA_FLAGS.items() if k in flags],
+          "cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count()}
+
+
+def device_description():
+  """e.g. 'cpu: AMD EPYC, 2 of 2 cores usable, 1 local device(s)'."""
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", str(d))
+  if d.platform == "cpu":
+    info = cpu_info()
+    kind = f"{info['model']}, {info['cores_usable']} of {info['cores']} cores usable"
+  return f"{d.platform}: {kind}, {jax.local_device_count()} local device(s)"
