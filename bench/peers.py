@@ -14,15 +14,14 @@ run them, so every peer computes the same widths), and run as
 
 Runners take numpy images [B,H,W,C] (the program's layout) and return numpy logits; the
 NCHW transpose of the input is part of their time (fp_jax's ONNX model does it inside).
-Threads: torch.set_num_threads(n) and OMP_WAIT_POLICY=PASSIVE (set before torch starts
-its OpenMP pool: spinning workers would take the cores of the variant timed next in the
-interleaved comparison, as ONNX Runtime's spinning is turned off); ONNX Runtime as
+Threads: torch.set_num_threads(n), its OpenMP pool (libgomp) left as a user gets it (it spins
+briefly after a parallel region, then sleeps; OMP_WAIT_POLICY=PASSIVE made its 2-thread runs
+3-4x slower than 1-thread ones on a 2-core Xeon); ONNX Runtime as
 fp_jax.infer.runtimes.OnnxRuntime. torch is a bench-only dependency (bench/requirements.txt).
 """
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -58,7 +57,6 @@ def build(nets, image_shape, batch_sizes, threads, pad_channels=8, log=print,
           peers=PEERS):
   """({(name, peer): fn(numpy x [B,H,W,C]) -> numpy logits}, {f'{name}_torch.onnx': bytes}).
   torch_compile is compiled for every batch size here, so no compilation is timed."""
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   runners, models = {}, {}

@@ -39,8 +39,8 @@ THREADS = {  # how each runtime's thread count is set (latency.json runtime_thre
     "onnxruntime": "SessionOptions intra_op_num_threads=n, inter_op 1, sequential, no spinning",
     "litert": "Interpreter(num_threads=n), XNNPACK delegate",
     "torch_onnxruntime": "as onnxruntime",
-    "torch_compile": "torch.set_num_threads(n), OMP_WAIT_POLICY=PASSIVE",
-    "torch_eager": "torch.set_num_threads(n), OMP_WAIT_POLICY=PASSIVE"}
+    "torch_compile": "torch.set_num_threads(n), libgomp's default wait policy",
+    "torch_eager": "torch.set_num_threads(n), libgomp's default wait policy"}
 
 
 def usable_cores():
