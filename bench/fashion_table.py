@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,6 +82,11 @@ def command(variant, seed, workdir, stage, overrides=()):
           [f"--config.{o}" for o in overrides])
 
 
+def _children_cpu():
+  ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return ru.ru_utime + ru.ru_stime
+
+
 def _copy(src_root, dst_root, rels):
   for rel in rels:
     dst = os.path.join(dst_root, rel)
@@ -103,7 +109,8 @@ def restore(workdir, keep):
 def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
   """Runs the stages not yet done in `workdir` (first restoring those kept under
   keep_dir/NAME, NAME the work directory's name; each newly finished stage is kept there);
-  their wall seconds in DIR/bench_times.json."""
+  their wall seconds, and under 'cpu_s' their CPU seconds (user + system of the stage's
+  process: unchanged by other load or a paused process), in DIR/bench_times.json."""
   keep = keep_dir and os.path.join(keep_dir, os.path.basename(workdir))
   if keep:
     restore(workdir, keep)
@@ -117,13 +124,15 @@ def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
     cmd = cmd_of(stage)
     log(" ".join(cmd[1:]))
     os.makedirs(workdir, exist_ok=True)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _children_cpu()
     with open(os.path.join(workdir, f"{stage}.log"), "a") as out:
       r = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if r.returncode:
       raise SystemExit(f"error: {stage} failed (exit {r.returncode}); see "
                        f"{os.path.join(workdir, stage + '.log')}")
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - t   # resumed: summed
+    cpu_s = times.setdefault("cpu_s", {})
+    cpu_s[stage] = cpu_s.get(stage, 0.0) + _children_cpu() - cpu
     with open(times_path, "w") as f:
       json.dump(times, f)
     if keep:
@@ -221,6 +230,7 @@ def summarise(rows):
         s[k], s[k + "_sd"] = _mean_sd([r.get(k) for r in rs])
       for stage in STAGES:
         s[f"{stage}_s"], _ = _mean_sd([r["seconds"].get(stage) for r in rs])
+        s[f"{stage}_cpu_s"], _ = _mean_sd([r["seconds"].get("cpu_s", {}).get(stage) for r in rs])
       out[name] = s
   return out
 
@@ -248,9 +258,11 @@ def markdown(summary, rows, curves, env):
            "configs/fashion.py (short); means ± sample std over seeds.", "",
            "| method | seeds | final error % | masked error % (BN re-est.) | fine-tuned error % "
            "| MMACs (compressed) | params K (compressed) | vs ENAS uniform at equal MACs (pts) "
-           "| search / final / compress s |", "|---|---|---|---|---|---|---|---|---|"]
+           "| search / final / compress wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, s in summary.items():
     secs = " / ".join("-" if s[f"{st}_s"] is None else f"{s[f'{st}_s']:.0f}" for st in STAGES)
+    secs += " | " + " / ".join("-" if s.get(f"{st}_cpu_s") is None else
+                               f"{s[f'{st}_cpu_s']:.0f}" for st in STAGES)
     lines.append(
         f"| {name} | {s['seeds']} | {_fmt(s['test_error'], s['test_error_sd'])} | "
         f"{_fmt(s['test_error_masked'], s['test_error_masked_sd'])} | "
@@ -264,7 +276,9 @@ def markdown(summary, rows, curves, env):
             "no fine-tuning. Fine-tuned: after fine-tuning with the masks held, channels "
             "removed. vs ENAS uniform: fine-tuned error minus the same seed's ENAS "
             "uniform-pruning curve interpolated at the run's compressed multiply-adds "
-            "(negative: better than uniform pruning at equal cost).", "",
+            "(negative: better than uniform pruning at equal cost). Wall seconds include other "
+            "load and any time the run was paused; CPU seconds (user + system of the stage's "
+            "process, recorded since the table's second session) do not.", "",
             "## Search: mean reward per epoch (mean over seeds)", ""]
   for setting, c in curves.items():
     if c:

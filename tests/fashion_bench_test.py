@@ -105,7 +105,11 @@ def test_finished_stages_are_kept_and_restored_on_another_machine(tmp_path):
   work, keep, ran = tmp_path / "w" / "enas_seed0_k", tmp_path / "keep", tmp_path / "ran.txt"
   times = fashion_table.run_stages(_stage_writer(work, ran), str(work), ("search", "final"),
                                    str(keep))
-  assert set(times) == {"search", "final"} and ran.read_text().split() == ["search", "final"]
+  assert set(times) == {"search", "final", "cpu_s"}
+  assert ran.read_text().split() == ["search", "final"]
+  # CPU seconds of each stage's process: positive, and no more than its wall time allows
+  assert set(times["cpu_s"]) == {"search", "final"}
+  assert all(0 < times["cpu_s"][s] <= 2 * times[s] for s in ("search", "final"))
   kept = keep / work.name
   for stage in ("search", "final"):
     for rel in fashion_table.KEEP[stage]:
