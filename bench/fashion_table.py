@@ -109,8 +109,9 @@ def restore(workdir, keep):
 def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
   """Runs the stages not yet done in `workdir` (first restoring those kept under
   keep_dir/NAME, NAME the work directory's name; each newly finished stage is kept there);
-  their wall seconds, and under 'cpu_s' their CPU seconds (user + system of the stage's
-  process: unchanged by other load or a paused process), in DIR/bench_times.json."""
+  their wall seconds, under 'cpu_s' their CPU seconds (user + system of the stage's
+  process: unchanged by other load or a paused process) and under 'cpu_model' the CPU each
+  ran on (one seed's results differ between CPUs), in DIR/bench_times.json."""
   keep = keep_dir and os.path.join(keep_dir, os.path.basename(workdir))
   if keep:
     restore(workdir, keep)
@@ -133,6 +134,7 @@ def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - t   # resumed: summed
     cpu_s = times.setdefault("cpu_s", {})
     cpu_s[stage] = cpu_s.get(stage, 0.0) + _children_cpu() - cpu
+    times.setdefault("cpu_model", {})[stage] = cpu_model()   # XLA's CPU code, so results, differ
     with open(times_path, "w") as f:
       json.dump(times, f)
     if keep:

@@ -105,7 +105,9 @@ def test_finished_stages_are_kept_and_restored_on_another_machine(tmp_path):
   work, keep, ran = tmp_path / "w" / "enas_seed0_k", tmp_path / "keep", tmp_path / "ran.txt"
   times = fashion_table.run_stages(_stage_writer(work, ran), str(work), ("search", "final"),
                                    str(keep))
-  assert set(times) == {"search", "final", "cpu_s"}
+  assert set(times) == {"search", "final", "cpu_s", "cpu_model"}
+  assert times["cpu_model"] == {"search": fashion_table.cpu_model(),
+                                "final": fashion_table.cpu_model()}
   assert ran.read_text().split() == ["search", "final"]
   # CPU seconds of each stage's process: positive, and no more than its wall time allows
   assert set(times["cpu_s"]) == {"search", "final"}
