@@ -120,7 +120,8 @@ def run_stages(cmd_of, workdir, stages=STAGES, keep_dir=None):
   for stage in stages:
     if os.path.exists(os.path.join(workdir, DONE[stage])):
       if keep and not os.path.exists(os.path.join(keep, DONE[stage])):
-        _copy(workdir, keep, KEEP[stage])     # finished before it was kept
+        kept = KEEP[stage] + (("bench_times.json",) if os.path.exists(times_path) else ())
+        _copy(workdir, keep, kept)            # finished before it was kept
       continue
     cmd = cmd_of(stage)
     log(" ".join(cmd[1:]))

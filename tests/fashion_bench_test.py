@@ -129,6 +129,7 @@ def test_finished_stages_are_kept_and_restored_on_another_machine(tmp_path):
   fashion_table.run_stages(_stage_writer(other, ran), str(other), ("search",))
   fashion_table.run_stages(lambda st: pytest.fail("rerun"), str(other), ("search",), str(keep2))
   assert (keep2 / "r" / "search" / "arch.json").read_text() == "search:search/arch.json"
+  assert (keep2 / "r" / "bench_times.json").read_text() == (other / "bench_times.json").read_text()
 
 
 def test_merge_takes_rows_of_parallel_parts(tmp_path):
