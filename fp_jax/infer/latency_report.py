@@ -20,9 +20,7 @@ def to_markdown(r):
            net[f"{n}_fused_ms"], tp[f"{n}_perop"], tp[f"{n}_fused"],
            r["gflops_batch1"][f"{n}_fused"], r["floor_ms"][n]] for n in NETS]
   sp = r["speedup"]
-  isa = r.get("cpu", {}).get("isa")
-  device = r["device"] + (f" ({', '.join(isa)})" if isa else "")
-  out = [f"# Latency\n\n{device}; batch-1 mean over {r['images']} images after "
+  out = [f"# Latency\n\n{r['device']}; batch-1 mean over {r['images']} images after "
          f"{r['warmup']} warm-up calls; throughput at batch {r['batch_size']}; "
          f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
          f"fused={r['depthwise']['fused']} (ran {r.get('depthwise_impl', {}).get('perop', '?')} / "

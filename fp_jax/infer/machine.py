@@ -48,10 +48,12 @@ def cpu_info():
 
 
 def device_description():
-  """e.g. 'cpu: AMD EPYC, 2 of 2 cores usable, 1 local device(s)'."""
+  """e.g. 'cpu: AMD EPYC (AVX2, FMA), 2 of 2 cores usable, 1 local device(s)': the CPU
+  model and its ISA (DESIGN §3's latency.json `device`)."""
   d = jax.devices()[0]
   kind = getattr(d, "device_kind", str(d))
   if d.platform == "cpu":
     info = cpu_info()
-    kind = f"{info['model']}, {info['cores_usable']} of {info['cores']} cores usable"
+    isa = f" ({', '.join(info['isa'])})" if info["isa"] else ""
+    kind = f"{info['model']}{isa}, {info['cores_usable']} of {info['cores']} cores usable"
   return f"{d.platform}: {kind}, {jax.local_device_count()} local device(s)"
