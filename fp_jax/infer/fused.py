@@ -71,13 +71,14 @@ def compiler_options(opts):
 # ---------------------------------------------------------------- operators (traced)
 
 
-def depthwise_impl(impl="auto", k=5, dtype="float32"):
+def depthwise_impl(impl="auto", k=5, dtype="float32", platform=None):
   """The implementation `depthwise` runs for `impl`: 'auto' is 'kernel' on CPU when
   fp_jax's kernel is available (kernels.py) and handles k and the dtype (float32 only),
-  else 'shift' on CPU and 'xla' elsewhere."""
+  else 'shift' on CPU and 'xla' elsewhere. platform: the one lowered for (default: JAX's
+  backend; run/lowering.py lowers for others)."""
   if impl != "auto":
     return impl
-  if jax.default_backend() != "cpu":
+  if (platform or jax.default_backend()) != "cpu":
     return "xla"
   usable = k in kernels.KERNELS and jnp.dtype(dtype) == jnp.float32
   return "kernel" if usable and kernels.available() else "shift"
