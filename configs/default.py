@@ -15,6 +15,12 @@ def get_config():
   config.overwrite = False
   config.dtype = "float32"             # compute dtype: float32 | bfloat16 (params, BN stats,
                                        # losses, optimizer state stay float32)
+  config.matmul_precision = "auto"     # float32 convs/dots: auto (float32 on CPU and GPU,
+                                       # bfloat16 passes on TPU) | float32 | tensorfloat32 |
+                                       # bfloat16 (fp_jax/run/precision.py); config.json
+                                       # records the resolved value
+  config.preemption_sync_steps = 10    # multi-process runs agree on a SIGTERM every N steps
+                                       # (one small all-gather); one process: every step
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"

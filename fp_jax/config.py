@@ -198,6 +198,8 @@ FIELDS = {
     "stages": Parsed(_stages, f"comma-separated names of {', '.join(STAGES)}"),
     "overwrite": BOOL,
     "dtype": Choice(precision.DTYPES),
+    "matmul_precision": Choice(precision.MATMUL_PRECISIONS),
+    "preemption_sync_steps": Int(1),
     "data.name": Parsed(_data_name, data.ALLOWED),
     "data.valid_size": Int(0),
     "data.crop_pad": Int(0, 16),

@@ -117,6 +117,38 @@ def check_stage_done(path, config, stage):
                      f"({os.path.basename(path)}); pass --config.overwrite=True to redo it")
 
 
+def _search(config, workdir, ds):
+  from fp_jax.train import search
+  search.run(config, workdir, ds, config_lib.ratio_choices(config))
+
+
+def _final(config, workdir, ds):
+  from fp_jax.train import final
+  final.run(config, workdir, ds)
+
+
+def _compress(config, workdir, ds):
+  from fp_jax.train import compress
+  compress.run(config, workdir, ds)
+
+
+def _latency(config, workdir, ds):
+  del ds
+  from fp_jax.infer import latency
+  latency.run(config, workdir)
+
+
+def _profile(config, workdir, ds):
+  del ds
+  from fp_jax import profile
+  profile.run(config, workdir)
+
+
+# in pipeline order (config_lib.stages returns them so)
+STAGE_RUN = {"search": _search, "final": _final, "compress": _compress, "latency": _latency,
+             "profile": _profile}
+
+
 def run(config, workdir):
   config_lib.validate(config)
   stages = config_lib.stages(config)
@@ -135,7 +167,9 @@ def run(config, workdir):
       parallel.check_batch(config_lib.value(config, field), field)
   import jax  # after distributed start-up
   from fp_jax.run import memory
+  from fp_jax.run import precision
   memory.install()    # compile-time heap back to the OS before each step first runs
+  config = precision.set_matmul_precision(config)   # "auto" resolved for this backend
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
@@ -144,21 +178,11 @@ def run(config, workdir):
   if {"search", "final", "compress"} & set(stages):
     ds = data.load(config.data.name, config.data.valid_size,
                    tfds_data_dir=config.data.tfds_data_dir, idx_dir=config.data.idx_dir)
-  if "search" in stages:
-    from fp_jax.train import search
-    search.run(config, workdir, ds, config_lib.ratio_choices(config))
-  if "final" in stages:
-    from fp_jax.train import final
-    final.run(config, workdir, ds)
-  if "compress" in stages:
-    from fp_jax.train import compress
-    compress.run(config, workdir, ds)
-  if "latency" in stages:
-    from fp_jax.infer import latency
-    latency.run(config, workdir)
-  if "profile" in stages:
-    from fp_jax import profile
-    profile.run(config, workdir)
+  for stage in stages:
+    STAGE_RUN[stage](config, workdir, ds)
+    # process 0 wrote the stage's files (arch.json, weights.npz, ...): every process waits
+    # for them before the next stage reads them
+    parallel.barrier(f"stage {stage} done")
   if jax.process_index() == 0:
     from fp_jax import summary
     summary.write(workdir)

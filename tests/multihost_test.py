@@ -7,6 +7,7 @@ launch with its `error:` line and a non-zero status, without hanging.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,23 +71,28 @@ def _close(a, b, what):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-  one, two = tmp_path / "one", tmp_path / "two"
-  t = time.perf_counter()
-  single = subprocess.Popen([sys.executable, "-m", "fp_jax.main", *TINY, f"--workdir={one}"],
-                            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-  multi = _launcher(*TINY, f"--workdir={two}")
-  rc1, _, err1 = _finish(single)
-  rc2, out2, err2 = _finish(multi)
-  print(f"1 process x 2 devices and 2 processes x 1 device: {time.perf_counter() - t:.0f}s")
-  assert rc1 == 0, err1[-3000:]
-  assert rc2 == 0, err2[-3000:]
-  # both ran on a 2-device mesh; the second as two processes
-  assert re.search(r"search: .*\b2 devices", err1), err1[-2000:]
-  for i in (0, 1):
-    assert re.search(rf"^\[{i}\] .*search: .*\b2 devices", err2, re.M), err2[-2000:]
+# ... then the final and compress stages, which read what process 0 wrote (search/arch.json,
+# final/weights.npz): tiny recipes, one fine-tuning epoch
+PIPELINE = TINY + ["--config.stages=search,final,compress", "--config.final.num_layers=1",
+                   "--config.final.out_filters=4", "--config.final.epochs=1",
+                   "--config.final.steps_per_epoch=3", "--config.final.batch_size=8",
+                   "--config.compress.finetune_epochs=1", "--config.compress.steps_per_epoch=2",
+                   "--config.compress.batch_size=8", "--config.compress.bn_batches=2"]
 
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+  """One process with two devices: the search, final and compress stages (PIPELINE)."""
+  one = tmp_path_factory.mktemp("unbroken")
+  rc, _, err = _finish(subprocess.Popen(
+      [sys.executable, "-m", "fp_jax.main", *PIPELINE, f"--workdir={one}"], cwd=ROOT,
+      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  assert rc == 0, err[-3000:]
+  assert re.search(r"search: .*\b2 devices", err), err[-2000:]
+  return one
+
+
+def _same_search(one, two):
   m1, m2 = _jsonl(one / "search" / "metrics.jsonl"), _jsonl(two / "search" / "metrics.jsonl")
   assert [m["epoch"] for m in m1] == [m["epoch"] for m in m2] == [1, 2]   # written once
   for a, b in zip(m1, m2):
@@ -105,9 +111,85 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   with open(one / "search" / "arch.json") as f1, open(two / "search" / "arch.json") as f2:
     a1, a2 = json.load(f1), json.load(f2)
   assert (a1["arc_string"], a1["ratios"]) == (a2["arc_string"], a2["ratios"])
+  assert a1["matmul_precision"] == a2["matmul_precision"] == "float32"
   _close(a1["reward"], a2["reward"], "arch reward")
+  return a1
+
+
+def test_two_processes_run_the_pipeline_as_one_process_with_two_devices(tmp_path, unbroken):
+  """Stage hand-off: process 1's final and compress read what process 0 wrote."""
+  one, two = unbroken, tmp_path / "two"
+  rc2, _, err2 = _finish(_launcher(*PIPELINE, f"--workdir={two}"))
+  assert rc2 == 0, err2[-3000:]
+  for i in (0, 1):   # both ran on a 2-device mesh, as two processes
+    assert re.search(rf"^\[{i}\] .*search: .*\b2 devices", err2, re.M), err2[-2000:]
+  arch = _same_search(one, two)
   with open(two / "config.json") as f:
-    assert json.load(f)["search"]["batch_size"] == 8
+    config = json.load(f)
+  assert config["search"]["batch_size"] == 8 and config["matmul_precision"] == "float32"
+
+  for stage in ("final", "compress"):
+    r1, r2 = (json.loads((d / stage / "result.json").read_text()) for d in (one, two))
+    assert r1["arc_string"] == r2["arc_string"] == arch["arc_string"]   # read arch.json
+    for key in ("macs", "params"):
+      assert r1[key] == r2[key], (stage, key)
+    for key in ("test_error",) if stage == "final" else (
+        "test_error_masked", "test_error_finetuned", "pruned_macs", "pruned_params"):
+      _close(r1[key], r2[key], f"{stage} {key}")
+  assert json.loads((two / "compress" / "result.json").read_text())["ratios"] == [
+      round(r, 6) for r in arch["ratios"]]   # arch.json's float32 values, as compress reads them
+  for stage in ("final", "compress"):
+    w1, w2 = (np.load(d / stage / "weights.npz") for d in (one, two))
+    assert sorted(w1.files) == sorted(w2.files)
+    for k in w1.files:
+      if w1[k].dtype.kind == "f":
+        _close(w1[k], w2[k], f"{stage} {k}")
+
+
+def _wait_for(proc, pattern, lines, timeout):
+  """Reads proc's stderr into `lines` until a line matches `pattern`."""
+  end = time.monotonic() + timeout
+  for line in proc.stderr:
+    lines.append(line)
+    if re.search(pattern, line):
+      return
+    if time.monotonic() > end:
+      break
+  pytest.fail(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
+
+
+def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_unbroken(tmp_path, unbroken):
+  """SIGTERM to process 1 only: both agree (every 2 steps, one all-gather), save the same
+  checkpoint and exit 0; the same command resumes and gives what the unbroken run gave."""
+  two = tmp_path / "two"
+  args = TINY + ["--config.preemption_sync_steps=2", f"--workdir={two}"]
+  cmds = local.commands(args, 2, local.free_port())
+  procs = [subprocess.Popen(c, cwd=ROOT, env=local.child_env(1, _env(1)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for c in cmds]
+  lines = []
+  try:
+    _wait_for(procs[1], r"search: 2 epochs x 3 steps", lines, TIMEOUT / 2)
+    procs[1].send_signal(signal.SIGTERM)   # in the first step (compiling): handled
+    outs = [p.communicate(timeout=TIMEOUT / 2) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errs = ["".join(lines) + outs[1][1] if i == 1 else outs[0][1] for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, errs[i][-3000:]
+    assert "Traceback" not in errs[i], errs[i][-3000:]
+  assert "SIGTERM received" in errs[1] and "another process received a stop signal" in errs[0]
+  saved = [re.findall(r"search: stopped by (\w+) after saving checkpoint (\d+)", e)
+           for e in errs]
+  assert saved[1] == [("SIGTERM", saved[1][0][1])] and saved[0] == [("request", saved[1][0][1])]
+  assert not (two / "search" / "arch.json").exists()   # stopped part-way
+  rc, _, err = _finish(_launcher(*TINY, "--config.preemption_sync_steps=2",
+                                 f"--workdir={two}"))
+  assert rc == 0, err[-3000:]
+  assert re.search(r"search: resuming from checkpoint \d+", err), err[-2000:]
+  _same_search(unbroken, two)
 
 
 STUB = textwrap.dedent("""\

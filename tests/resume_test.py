@@ -347,6 +347,43 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
   ckpt.close()
   assert search_state._all_finite((state.supernet, state.controller))
   assert (state.epoch, state.steps, state.updates) == (1, 2, 0)
+  assert "resumed" not in message
+  # rerun: it resumes from that checkpoint (verified) and meets the NaN again; the message
+  # says the checkpoint was verified, not only that the learning rate may be too high
+  with pytest.raises(errors.RunError) as e:
+    search.run(tiny_config(), workdir, digits, RATIOS)
+  assert str(e.value).endswith(f"(this run resumed from checkpoint {good}: its arrays "
+                               "matched the checksums written with them)"), str(e.value)
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_detected_and_the_earlier_one_resumes(
+    tmp_path, digits, reference):
+  """One byte flipped in the latest checkpoint's array data (same size, still readable):
+  one error naming the array and the earlier checkpoint, nothing changed; deleting the
+  damaged checkpoint as the error says resumes from the earlier one, as an unbroken run."""
+  workdir = _copy_unfinished(reference, tmp_path)
+  ckpt_dir = os.path.join(workdir, "search", "ckpt")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  data_files = glob.glob(os.path.join(ckpt_dir, str(steps[-1]), "arrays", "**", "d", "*"),
+                         recursive=True)
+  path = max(data_files, key=os.path.getsize)   # the array chunks, not an index node
+  with open(path, "r+b") as f:
+    raw = bytearray(f.read())
+    raw[len(raw) // 2] ^= 0x40
+    f.seek(0)
+    f.write(raw)
+  before = _snapshot(workdir)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    search.run(tiny_config(), workdir, digits, RATIOS)
+  message = str(e.value)
+  assert f"checkpoint {steps[-1]} in {ckpt_dir} is damaged: " in message, message
+  assert "does not match the checksum written with it" in message
+  damaged = os.path.join(ckpt_dir, str(steps[-1]))
+  assert f"delete {damaged} to resume from checkpoint {steps[-2]}" in message
+  assert _snapshot(workdir) == before            # nothing deleted or rewritten
+  shutil.rmtree(damaged)
+  search.run(tiny_config(), workdir, digits, RATIOS)
+  assert results(workdir) == reference[1]
 
 
 def test_same_seed_same_arch_json_other_seed_differs(tmp_path, digits, reference):

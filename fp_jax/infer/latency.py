@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp_jax.run import precision
 from fp_jax.models import child
 from fp_jax.models import flops
 from fp_jax.infer import export
@@ -325,6 +326,7 @@ def run(config, workdir):
   result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed,
                    others=others)
   result.update(init=lat.init, threads=threads, runtime_versions=runtimes_lib.versions(),
+                matmul_precision=precision.matmul_precision(),
                 runtime_threads={k: v for k, v in runtimes_lib.THREADS.items()
                                  if k in result["runtimes"]},
                 runtime_export_options=dict(export.RUNTIME_OPTS.__dict__,

@@ -19,7 +19,12 @@ multi-process runs every process calls save/restore and orbax coordinates them
 (process 0 writes the JSON and finalises). Restoring checks the checkpoint's
 structure, shapes and dtypes against the template first: a checkpoint of a
 different model, or an unreadable one, raises CheckpointError (one line that
-says how to start afresh) and its files are left as they are.
+says how to start afresh) and its files are left as they are. Every save also
+writes a CRC-32 of each array's bytes into the JSON part, and restoring
+compares the arrays read back with them: a damaged checkpoint (a flipped byte
+that leaves the file readable) raises CheckpointError naming the array and the
+earlier checkpoint to resume from, never restores wrong values silently.
+(Checkpoints written before the checksums restore unverified: `verified` says so.)
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import gc
 import logging as pylogging
 import os
 import shutil
+import zlib
 
 from absl import logging
 import jax
@@ -76,6 +82,24 @@ def _split(tree):
   return arrays, python
 
 
+def _host(a):
+  """A host copy of array `a` (one replica of a replicated global array), or None when this
+  process does not hold all of it."""
+  if isinstance(a, jax.Array):
+    if a.is_fully_addressable:
+      return np.asarray(a)
+    if a.is_fully_replicated:
+      return np.asarray(a.addressable_data(0))
+    return None
+  return np.asarray(a)
+
+
+def checksum(a):
+  """CRC-32 of array `a`'s bytes (C order), or None (not all of it is on this process)."""
+  h = _host(a)
+  return None if h is None else zlib.crc32(np.ascontiguousarray(h).reshape(-1).view(np.uint8))
+
+
 def _flat(arrays):
   """The dict orbax writes: one key per array (names are kept in the JSON part)."""
   return {f"a{i}": a for i, (_, a) in enumerate(arrays)}
@@ -101,6 +125,7 @@ class Checkpointer:
     if _QUIET not in absl_logger.filters:
       absl_logger.addFilter(_QUIET)
     self.directory = os.path.abspath(directory)
+    self.verified = None   # the last restore: True (checksums matched), False (none written)
     try:
       self._mgr = ocp.CheckpointManager(
           self.directory,
@@ -116,6 +141,22 @@ class Checkpointer:
   def _fresh_hint(self):
     return (f"to start this stage afresh delete {self.directory} or pass "
             "--config.overwrite=True")
+
+  def resume_note(self, step):
+    """What a non-finite loss after resuming from `step` should say of that checkpoint
+    ('' when the run did not resume)."""
+    if step is None:
+      return ""
+    how = ("its arrays matched the checksums written with them" if self.verified else
+           "it was written without checksums and may be damaged")
+    return f" (this run resumed from checkpoint {step}: {how})"
+
+  def _earlier_hint(self, step):
+    earlier = [s for s in self.all_steps() if s < step]
+    if earlier:
+      return (f"delete {os.path.join(self.directory, str(step))} to resume from checkpoint "
+              f"{earlier[-1]}, or {self._fresh_hint()}")
+    return self._fresh_hint()
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -136,7 +177,8 @@ class Checkpointer:
       logging.info("checkpoint %d already in %s: not written again", step, self.directory)
       return
     ocp = self._ocp
-    meta = {"format": _FORMAT, "arrays": [p for p, _ in arrays], "leaves": python}
+    meta = {"format": _FORMAT, "arrays": [p for p, _ in arrays], "leaves": python,
+            "crc32": [checksum(a) for _, a in arrays]}
     try:
       self._mgr.save(step, args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(_flat(arrays)), meta=ocp.args.JsonSave(meta)))
@@ -151,7 +193,7 @@ class Checkpointer:
     where = f"checkpoint {step} in {self.directory}"
 
     def unreadable(e):
-      return CheckpointError(f"{where} is unreadable ({_reason(e)}); {self._fresh_hint()}")
+      return CheckpointError(f"{where} is unreadable ({_reason(e)}); {self._earlier_hint(step)}")
 
     arrays_t, python_t = _split(template)
     try:
@@ -179,6 +221,15 @@ class Checkpointer:
         error = unreadable(e)
         gc.collect()   # orbax's failed read tasks log their tracebacks when collected
         raise error from e
+    self.verified = isinstance(meta.get("crc32"), list)
+    if self.verified:
+      for i, path in enumerate(meta["arrays"]):
+        want = meta["crc32"][i] if i < len(meta["crc32"]) else None
+        got = checksum(restored[f"a{i}"]) if want is not None else None
+        if got is not None and got != want:
+          raise CheckpointError(
+              f"{where} is damaged: {path} does not match the checksum written with it; "
+              f"{self._earlier_hint(step)}")
     # Reassemble in the template's order; numpy leaves come back as numpy, Python from JSON.
     out = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:

@@ -91,6 +91,14 @@ def _cpu_platform():
   return not platforms or "cpu" in platforms.split(",")
 
 
+def barrier(name):
+  """Every process waits here until all have arrived (no-op in one process): after process
+  0's writes of a stage's files (arch.json, weights.npz), before any process reads them."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils   # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"fp_jax:{name}")
+
+
 def make_mesh(devices=None):
   """1-D mesh over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else devices

@@ -13,6 +13,36 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16")
+# config.matmul_precision: the passes of float32 convolutions and dots (jax's
+# default_matmul_precision). auto: float32 on CPU (XLA:CPU computes float32 whatever the
+# setting: same HLO, bitwise equal values) and on GPUs (no TF32, so the equalities the tests
+# assert on CPU -- resume == unbroken, 1 == n devices -- hold to float32 rounding there too),
+# bfloat16 on TPU (its native single pass; float32 costs 3-6 passes).
+MATMUL_PRECISIONS = ("auto", "float32", "tensorfloat32", "bfloat16")
+AUTO_MATMUL = {"cpu": "float32", "gpu": "float32", "cuda": "float32", "rocm": "float32",
+               "tpu": "bfloat16"}
+
+
+def resolve_matmul_precision(name, backend):
+  """config.matmul_precision for `backend` (jax.default_backend()): auto -> AUTO_MATMUL."""
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {name!r}")
+  return AUTO_MATMUL.get(backend, "float32") if name == "auto" else name
+
+
+def set_matmul_precision(config):
+  """Sets jax's default matmul precision from config.matmul_precision; returns a copy of
+  `config` with the resolved value (what config.json and the result files record)."""
+  value = resolve_matmul_precision(config.matmul_precision, jax.default_backend())
+  jax.config.update("jax_default_matmul_precision", value)
+  config = config.copy_and_resolve_references()
+  config.matmul_precision = value
+  return config
+
+
+def matmul_precision():
+  """The matmul precision in force (for result files): float32 when none was set."""
+  return jax.config.jax_default_matmul_precision or "float32"
 
 
 def dtype_of(name):

@@ -16,7 +16,11 @@ run of the same command resumes from the checkpoint.
 
 Multi-process runs: `requested` is then agreed by all processes (any process
 signalled -> True everywhere), so every process must read it at the same points
-of the loop (each read is a small all-gather); single-process reads are free.
+of the loop. Only every `sync_every`-th read is a small all-gather (the reads
+between return the last agreed value, and True stays True), so a loop reading it
+once per step pays one cross-host collective per `sync_every` steps and stops at
+the same step everywhere, at most that many steps after the signal; single-process
+reads are free and see a signal at once.
 """
 from __future__ import annotations
 
@@ -43,10 +47,14 @@ class Preempted(SystemExit):
 class Preemption:
   """Context manager that turns SIGTERM into `requested = True` (main thread only)."""
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM,), sync_every=1):
     self._signals = tuple(signals)
     self._old = {}
     self._local = False
+    self._agreed = False   # multi-process: the last agreed value
+    self._reads = 0        # multi-process: reads so far (the same count in every process)
+    self.sync_every = max(1, int(sync_every))
+    self.syncs = 0         # all-gathers done (multi-process)
     self.signal_name = None
 
   def _handle(self, signum, frame):
@@ -67,9 +75,16 @@ class Preemption:
   def requested(self) -> bool:
     if jax.process_count() == 1:
       return self._local
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(self._local, np.int32))
-    return bool(np.any(flags))
+    self._reads += 1
+    if not self._agreed and self._reads % self.sync_every == 0:
+      from jax.experimental import multihost_utils
+      flags = multihost_utils.process_allgather(np.asarray(self._local, np.int32))
+      self.syncs += 1
+      self._agreed = bool(np.any(flags))
+      if self._agreed and not self._local:
+        logging.warning("another process received a stop signal: finishing the current "
+                        "step, then checkpointing and stopping")
+    return self._agreed
 
   @requested.setter
   def requested(self, value: bool):   # tests and callers may request a stop directly

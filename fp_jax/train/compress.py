@@ -39,6 +39,7 @@ from fp_jax.pruning import masks as masks_lib
 from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax.models import flops
+from fp_jax.run import precision
 from fp_jax.run import parallel
 from fp_jax import results
 from fp_jax.run.parallel import BATCH, REPLICATED
@@ -172,7 +173,7 @@ def run(config, workdir, ds):
       _, thin_p, thin_s = compaction.compact(plan, fresh_p, fresh_s, masks)
       return trainer.init_state(thin_p, thin_s)
   state = trainer_lib.train(trainer, init_state, x, y, out, f"compress ({c.mode})",
-                            config.overwrite)
+                            config.overwrite, sync_every=config.preemption_sync_steps)
   net = jax.device_get(state["net"])
   if c.mode == "finetune":
     tuned_p, tuned_s = net["params"], net["stats"]
@@ -195,7 +196,7 @@ def run(config, workdir, ds):
       "test_error_masked_stale_bn": 100.0 * (1.0 - acc_stale),
       "test_error_finetuned": 100.0 * (1.0 - acc_tuned),
       "max_abs_diff_masked_vs_compact": diff, "widths": widths,
-      "arc_string": meta["arc_string"]}
+      "arc_string": meta["arc_string"], "matmul_precision": precision.matmul_precision()}
   if jax.process_index() == 0:
     weights.save(os.path.join(workdir, results.COMPRESS_WEIGHTS),
                  {"params": jax.device_get(cp), "stats": jax.device_get(cs)},

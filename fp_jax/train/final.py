@@ -23,6 +23,7 @@ from fp_jax import data
 from fp_jax.models import flops
 from fp_jax import results
 from fp_jax.models import space
+from fp_jax.run import precision
 from fp_jax.run import weights
 from fp_jax.train import streams
 from fp_jax.train import trainer as trainer_lib
@@ -70,7 +71,8 @@ def run(config, workdir, ds):
                "steps of %d", space.arc_to_string(arc), f.num_layers, f.out_filters,
                counts["macs"] / 1e6, counts["params_no_aux"] / 1e6, recipe.epochs,
                recipe.steps_per_epoch, recipe.batch_size)
-  state = trainer_lib.train(trainer, init_state, x, y, out, "final", config.overwrite)
+  state = trainer_lib.train(trainer, init_state, x, y, out, "final", config.overwrite,
+                            sync_every=config.preemption_sync_steps)
   net = jax.device_get(state["net"])
   test_acc = trainer.evaluate(state["net"]["params"], state["net"]["stats"], ds.x_test, ds.y_test)
   result = {"test_error": 100.0 * (1.0 - test_acc), "test_acc": test_acc,
@@ -78,7 +80,8 @@ def run(config, workdir, ds):
             "params_no_aux": counts["params_no_aux"], "epochs": recipe.epochs,
             "steps_per_epoch": recipe.steps_per_epoch, "batch_size": recipe.batch_size,
             "arc_string": space.arc_to_string(arc), "num_layers": f.num_layers,
-            "out_filters": f.out_filters, "test_images": int(len(ds.y_test))}
+            "out_filters": f.out_filters, "test_images": int(len(ds.y_test)),
+            "matmul_precision": precision.matmul_precision()}
   if jax.process_index() == 0:
     weights.save(os.path.join(workdir, results.FINAL_WEIGHTS),
                  {"params": net["params"], "stats": net["stats"]},

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp_jax.run import precision
 from fp_jax.run import checkpoint
 from fp_jax import config as config_lib
 from fp_jax.models import controller
@@ -304,7 +305,7 @@ def run(config, workdir, ds, ratio_choices):
   SIGTERM at any point (start-up included) stops the run after its next step with a
   checkpoint: `preemption.Preempted` (a SystemExit with status 0) is raised.
   """
-  with preemption.Preemption() as preempt:
+  with preemption.Preemption(sync_every=config.preemption_sync_steps) as preempt:
     return _run(config, workdir, ds, ratio_choices, preempt)
 
 
@@ -330,6 +331,7 @@ def _run(config, workdir, ds, ratio_choices, preempt):
         f"search: stopped by {preempt.signal_name or 'request'} after saving checkpoint "
         f"{hooks.last[0]} in {ckpt_dir}; {how}")
 
+  latest = None
   try:
     latest = ckpt.latest_step()
     if latest is None:
@@ -377,12 +379,14 @@ def _run(config, workdir, ds, ratio_choices, preempt):
         f"{e}; stopped without saving it: " +
         (f"the last good checkpoint ({kept}) in {ckpt_dir} is kept" if kept is not None else
          "no checkpoint had been saved") +
-        f". Lower search.lr_max (now {s.lr_max:g}) or check the data, then rerun") from None
+        f". Lower search.lr_max (now {s.lr_max:g}) or check the data, then rerun"
+        f"{ckpt.resume_note(latest)}") from None
   finally:
     ckpt.close()
     metrics_w.close()
     samples_w.close()
   arch = search.choose(state, state.last_samples)
+  arch["matmul_precision"] = precision.matmul_precision()
   if is_main:
     path = os.path.join(out, "arch.json")
     with open(path + ".tmp", "w") as f:

@@ -222,13 +222,14 @@ def _position(trainer, state):
   return state["epoch"] * trainer.recipe.steps_per_epoch + state["pos"]
 
 
-def train(trainer, init_state, x, y, out, stage, overwrite=False):
+def train(trainer, init_state, x, y, out, stage, overwrite=False, sync_every=1):
   """Trains to the end of trainer.recipe with checkpoints in out/ckpt; resumes from the latest.
 
   init_state() builds the fresh state (called only without a checkpoint). Metrics go to
   out/metrics.jsonl and out/tb/ (process 0). SIGTERM: the current step finishes, a
   checkpoint is saved, preemption.Preempted (exit status 0) is raised; rerunning the same
-  command resumes. A non-finite loss raises RunError and keeps the last good checkpoint.
+  command resumes (multi-process: agreed every `sync_every` steps, preemption.py). A
+  non-finite loss raises RunError and keeps the last good checkpoint.
   """
   r, is_main = trainer.recipe, jax.process_index() == 0
   ckpt_dir = os.path.join(out, "ckpt")
@@ -236,8 +237,9 @@ def train(trainer, init_state, x, y, out, stage, overwrite=False):
     checkpoint.clear(ckpt_dir)
   writer = logs.MetricsWriter(out, "metrics", enabled=is_main)
   ckpt = checkpoint.Checkpointer(ckpt_dir, keep=2)
+  latest = None
   try:
-    with preemption.Preemption() as preempt:
+    with preemption.Preemption(sync_every=sync_every) as preempt:
       state = init_state()
       latest = ckpt.latest_step()
       if latest is None:
@@ -268,7 +270,7 @@ def train(trainer, init_state, x, y, out, stage, overwrite=False):
     kept = ckpt.latest_step()
     raise errors.RunError(f"{stage}: {e}; " + (
         f"the last good checkpoint ({kept}) in {ckpt_dir} is kept" if kept is not None
-        else "no checkpoint had been saved")) from None
+        else "no checkpoint had been saved") + ckpt.resume_note(latest)) from None
   finally:
     ckpt.close()
     writer.close()
