@@ -143,3 +143,13 @@ def test_census_counts_host_callbacks():
   assert c["custom_calls"] == {"xla_ffi_python_cpu_callback": 2}
   with pytest.raises(NotImplementedError):      # export refuses host callbacks outright
     lowering.lower(jax.jit(cb), (jnp.zeros(4),), "cpu")
+
+
+def test_matmul_precision_follows_the_platform():
+  """config.matmul_precision 'auto': float32 (HIGHEST) dots for cpu and cuda, TPU's default
+  single bfloat16 pass for tpu (precision.AUTO_MATMUL)."""
+  f = jax.jit(lambda a, b: a @ b)
+  args = (jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((8, 2), jnp.float32))
+  found = {p: re.findall(r"precision = \[([A-Z, ]*)\]", lowering.lower(f, args, p).mlir_module())
+           for p in ("cpu", "cuda", "tpu")}
+  assert found == {"cpu": ["HIGHEST, HIGHEST"], "cuda": ["HIGHEST, HIGHEST"], "tpu": []}

@@ -213,3 +213,19 @@ def test_inference_executors_compute_in_bfloat16():
   assert fused.depthwise_impl("auto", 5, "bfloat16") in ("shift", "xla")
   np.testing.assert_allclose(np.asarray(fb.run_cells(x)), np.asarray(got),
                              atol=0.02 * scale)
+
+
+def test_matmul_precision_resolution_and_config_copy():
+  assert [precision.resolve_matmul_precision("auto", b) for b in ("cpu", "gpu", "tpu")] == [
+      "float32", "float32", "bfloat16"]
+  assert precision.resolve_matmul_precision("tensorfloat32", "tpu") == "tensorfloat32"
+  with pytest.raises(ValueError):
+    precision.resolve_matmul_precision("fast", "cpu")
+  config = smoke.get_config()
+  old = jax.config.jax_default_matmul_precision
+  try:
+    resolved = precision.set_matmul_precision(config)
+    assert (config.matmul_precision, resolved.matmul_precision) == ("auto", "float32")
+    assert precision.matmul_precision() == "float32"
+  finally:
+    jax.config.update("jax_default_matmul_precision", old)

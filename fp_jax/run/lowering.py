@@ -51,6 +51,7 @@ from fp_jax.models import layers
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.pruning import groups as groups_lib
+from fp_jax.run import precision
 from fp_jax.train import schedules
 from fp_jax.train import search_steps
 from fp_jax.train import trainer
@@ -79,14 +80,17 @@ def _resolve_auto(impl, platform):
 
 
 @contextlib.contextmanager
-def traced_for(platform):
-  """Traces made inside see `platform`'s choices (layers.DEPTHWISE_IMPL 'auto' resolved)."""
+def traced_for(platform, matmul_precision="auto"):
+  """Traces made inside see `platform`'s choices: layers.DEPTHWISE_IMPL 'auto' resolved, and
+  config.matmul_precision resolved for it (precision.AUTO_MATMUL: bfloat16 passes on TPU)."""
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
   old = layers.DEPTHWISE_IMPL
   layers.DEPTHWISE_IMPL = _resolve_auto(old, platform)
   try:
-    yield
+    with jax.default_matmul_precision(
+        precision.resolve_matmul_precision(matmul_precision, platform)):
+      yield
   finally:
     layers.DEPTHWISE_IMPL = old
 
