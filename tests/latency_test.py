@@ -67,6 +67,41 @@ def test_latency_stage_random(tmp_path):
   assert "| ONNX Runtime (fp_jax's ONNX) |" in md and "| LiteRT (fp_jax's) |" in md
   assert r["cpu"]["model"] in r["device"] and all(i in r["device"] for i in r["cpu"]["isa"])
   assert "onnx_export" in r and r["onnx_export"]["batch"] == "symbolic"
+  # a CPU host: no accelerator section; the artifacts are lowered for CPU
+  assert "accelerator" not in r and "## Accelerator" not in md
+  assert r["matmul_precision"] == "float32"
+  import jax   # pylint: disable=g-import-not-at-top
+  exported = jax.export.deserialize(
+      bytearray((tmp_path / "latency" / "pruned_fused.stablehlo").read_bytes()))
+  assert exported.platforms == ("cpu",)
+
+
+def test_accelerator_section_and_placement():
+  """placement.section with the CPU device standing in for an accelerator: both networks
+  timed, the same logits as the CPU reference (same device, same program: exactly); 'auto'
+  depthwise resolves per platform."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, networks, placement   # pylint: disable=g-import-not-at-top
+  from fp_jax.models import child   # pylint: disable=g-import-not-at-top
+  arc = space.parse_arc(space.ENAS_ARC)
+  plan = child.make_plan(arc, 1, 4, (8, 8, 1), 10)
+  params, stats = networks.random_init(plan, 0)
+  nets = {"baseline": networks.Net(plan, arc, params, stats),
+          "pruned": networks.Net(plan, arc, *networks.prune(plan, params, stats, [0.5] * 5))}
+  calls = []
+  acc = placement.section(nets, jax.devices("cpu")[0], images=4, batch_size=2,
+                          opts=fused.Options(), timer=lambda f: calls.append(f()) or 0.5)
+  assert acc["platform"] == "cpu" and acc["images"] == 4 and acc["batch_size"] == 2
+  assert len(calls) == 2 * 4 + 2 * 5   # batch-1 images and 5 batches, per network
+  for n in ("baseline", "pruned"):
+    assert acc["batch1_ms"][n] == {"median_ms": 500.0, "mean_ms": 500.0}
+    assert acc["throughput_images_per_s"][n] == 4.0 and acc["max_abs_diff_vs_cpu"][n] == 0.0
+  assert acc["max_abs_logit"] > 0
+  assert "## Accelerator: cpu: " in placement.to_markdown(acc)
+  opts = fused.Options(depthwise="auto")
+  assert placement.for_platform(opts, "gpu").depthwise == "xla"
+  assert placement.for_platform(opts, "cpu").depthwise == fused.depthwise_impl("auto")
+  assert placement.accelerator() is None and placement.cpu_device().platform == "cpu"
 
 
 def test_missing_weights_error(tmp_path):

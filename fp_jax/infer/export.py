@@ -78,10 +78,11 @@ def _spec(image_shape, batch):
 
 
 def export_stablehlo(path, plan, params, stats, image_shape, opts=fused.Options(),
-                     batch=None):
+                     batch=None, platforms=("cpu",)):
   """Writes the serialized jax.export artifact (StableHLO + calling convention) of the
-  fused network to `path`; batch None: any batch size. Returns the Exported."""
-  exported = jax.export.export(jax.jit(_fn(plan, params, stats, opts)))(
+  fused network to `path`, lowered for `platforms` (CPU, whatever the host's default
+  backend); batch None: any batch size. Returns the Exported."""
+  exported = jax.export.export(jax.jit(_fn(plan, params, stats, opts)), platforms=platforms)(
       _spec(image_shape, batch))
   with open(path, "wb") as f:
     f.write(exported.serialize())
@@ -98,13 +99,14 @@ def load_stablehlo(path):
 def export_savedmodel(directory, plan, params, stats, image_shape, opts=fused.Options()):
   """A TF SavedModel at `directory` whose signature 'serving_default' (and attribute
   `logits`) maps images [None,H,W,C] f32 -> logits, via jax2tf (native serialization:
-  the graph holds the StableHLO in an XlaCallModule op). Imports TensorFlow."""
+  the graph holds the StableHLO in an XlaCallModule op, lowered for CPU). Imports TensorFlow."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
   h, w, c = image_shape
   tf_fn = jax2tf.convert(_fn(plan, params, stats, opts),
-                         polymorphic_shapes=[f"(b, {h}, {w}, {c})"], with_gradient=False)
+                         polymorphic_shapes=[f"(b, {h}, {w}, {c})"], with_gradient=False,
+                         native_serialization_platforms=("cpu",))
   module = tf.Module()
   module.logits = tf.function(tf_fn, autograph=False, input_signature=[
       tf.TensorSpec([None, h, w, c], tf.float32, name="images")])
@@ -123,11 +125,12 @@ def load_savedmodel(directory):
 
 def to_tflite(fn, input_shape):
   """LiteRT (TFLite) flatbuffer of fn: x [input_shape] f32 -> logits, float32, builtin
-  ops only (no TF fallback ops). Imports TensorFlow."""
+  ops only (no TF fallback ops), converted from fn lowered for CPU. Imports TensorFlow."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
-  tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
+  tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False,
+                                     native_serialization_platforms=("cpu",)), autograph=False,
                       input_signature=[tf.TensorSpec(input_shape, tf.float32, name="images")])
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [tf_fn.get_concrete_function()], tf_fn)

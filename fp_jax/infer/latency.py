@@ -47,6 +47,11 @@ of splitting the fused cell. Breakdown figures are means over the faster half
 of the repetitions (by their total). Only process 0 writes
 DIR/latency/latency.json, latency.md, runtimes.png, the models and
 pruned_fused.stablehlo.
+
+Placement (placement.py): all of the above runs on a CPU device and every export is lowered
+for CPU, whatever JAX's default backend; on a GPU / TPU host latency.json adds an
+`accelerator` section (the fused network at batch 1 and batch_size on that device),
+labelled apart.
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ from fp_jax.infer import fused
 from fp_jax.infer import machine
 from fp_jax.infer import networks
 from fp_jax.infer import perop
+from fp_jax.infer import placement
 from fp_jax.infer.latency_report import CELL_PARTS, NETS, to_markdown  # to_markdown: re-export
 from fp_jax.infer import runtimes as runtimes_lib
 
@@ -310,7 +316,15 @@ def _calls_per_image(po, x):
 
 
 def run(config, workdir):
-  """The latency stage (see the module docstring)."""
+  """The latency stage (see the module docstring): its figures on a CPU device whatever the
+  default backend, plus an accelerator section on a GPU / TPU host (placement.py)."""
+  cpu, accel = placement.cpu_device(), placement.accelerator()
+  with jax.default_device(cpu):
+    result = _run_on_cpu(config, workdir, accel)
+  return result
+
+
+def _run_on_cpu(config, workdir, accel):
   lat = config.latency
   if lat.init == "trained":
     nets = networks.trained_networks(workdir)
@@ -318,13 +332,17 @@ def run(config, workdir):
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
                        dots=lat.dots, dtype=config.dtype)
+  perop_depthwise = "auto"
+  if accel is not None:   # 'auto' as a CPU host resolves it, not as the accelerator
+    opts = placement.for_platform(opts, "cpu")
+    perop_depthwise = opts.depthwise
   threads = runtimes_lib.use_cores(int(lat.threads))
   plan = nets["baseline"].plan
   others, models = runtimes_lib.build(nets, plan.image_hw + (plan.in_channels,),
                                       (1, lat.batch_size), threads, opts.pad_channels,
                                       log=logging.info)
-  result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, seed=config.seed,
-                   others=others)
+  result = measure(nets, lat.images, lat.batch_size, lat.warmup, opts, perop_depthwise,
+                   seed=config.seed, others=others)
   result.update(init=lat.init, threads=threads, runtime_versions=runtimes_lib.versions(),
                 matmul_precision=precision.matmul_precision(),
                 runtime_threads={k: v for k, v in runtimes_lib.THREADS.items()
@@ -334,6 +352,9 @@ def run(config, workdir):
                 onnx_export={"layout": "NCHW (one leading Transpose of the NHWC images)",
                              "depthwise": "Conv group=C", "batch": "symbolic",
                              "opset": onnx_export.OPSET, "pad_channels": opts.pad_channels})
+  if accel is not None:
+    result["accelerator"] = placement.section(nets, accel, lat.images, lat.batch_size, opts,
+                                              seed=config.seed)
   if jax.process_index() == 0:
     out = os.path.join(workdir, "latency")
     os.makedirs(out, exist_ok=True)

@@ -52,6 +52,9 @@ def to_markdown(r):
             f"\nLargest |logit| {r['max_abs_logit']:.4g}; max |runtime - fused| logits "
             + ", ".join(f"{k}: {v['pruned']['max_abs_diff_vs_fused']:.3g}"
                         for k, v in r["runtimes"].items()) + " (pruned). Chart: runtimes.png.\n"]
+  if "accelerator" in r:
+    from fp_jax.infer import placement   # pylint: disable=g-import-not-at-top
+    out += [placement.to_markdown(r["accelerator"])]
   mem = r["memory_bytes"]
   out += ["## Memory (MiB)\n", _table(["what", "MiB"], [[k, v / 2 ** 20] for k, v in mem.items()]),
           f"\n{r['timing']}.\n"]
