@@ -9,7 +9,8 @@ interleaved in one process.
   python -m bench.final_step --kind supernet,torch,torch_cl --dtypes float32 \\
                              --num_layers 6 --out_filters 20 --batch 160 --name vs_torch
 
---kind takes several kinds: `torch` / `torch_cl` are the eager PyTorch build of the fixed
+--kind supernet,supernet_select times the supernet step's lax.switch slots against its
+branch-free ones (config.search.dispatch). --kind takes several kinds: `torch` / `torch_cl` are the eager PyTorch build of the fixed
 ENAS-arc network (bench/torch_peer.py, NCHW / channels_last; needs bench/requirements.txt),
 checked equal to fp_jax's network before it is timed.
 

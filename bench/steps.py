@@ -85,10 +85,11 @@ def _supernet_api(pkg):
           lambda params, opt_state: {"params": params, "opt_state": opt_state})
 
 
-def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float32", seed=0):
+def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float32", seed=0,
+                  dispatch=None):
   """(compiled step, state, call(state, rep) -> (state, loss)) of the supernet step
   (search_steps.make_supernet_step) on a 1-device mesh, a fresh uniformly sampled arc every
-  call."""
+  call; dispatch: its node slots' 'switch' | 'select' (None: the revision's default)."""
   parallel, space, supernet = _mod(pkg, "parallel"), _mod(pkg, "space"), _mod(pkg, "supernet")
   optimizer, make_step, state_of = _supernet_api(pkg)
   cfg = default.get_config().search
@@ -99,7 +100,8 @@ def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float3
   state = parallel.replicate(mesh, state_of(params, tx.init(params)))
   x, y = parallel.shard(mesh, common.synthetic_batch(seed, batch, image, classes))
   extra = () if dtype == "float32" else (dtype,)
-  step = make_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh, *extra)
+  step = make_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh, *extra,
+                   **({} if dispatch is None else {"dispatch": dispatch}))
   arc0 = jnp.asarray(space.parse_arc(space.ENAS_ARC))
   compiled, trace_s, compile_s = common.compile_timed(step, state, arc0, jax.random.key(0), x, y)
   rng = np.random.default_rng(seed + 1)
@@ -147,10 +149,15 @@ def _torch(channels_last):
   return builder
 
 
+def _supernet_select(*args):
+  return supernet_step(*args, dispatch="select")
+
+
 # torch / torch_cl: the eager PyTorch peer (bench/torch_peer.py), NCHW / channels_last,
-# working tree and float32 only.
-BUILDERS = {"supernet": supernet_step, "fixed": fixed_step, "torch": _torch(False),
-            "torch_cl": _torch(True)}
+# working tree and float32 only. supernet_select: the supernet step with branch-free slots
+# (config.search.dispatch=select; revisions that have it).
+BUILDERS = {"supernet": supernet_step, "supernet_select": _supernet_select,
+            "fixed": fixed_step, "torch": _torch(False), "torch_cl": _torch(True)}
 PEERS = ("torch", "torch_cl")
 
 

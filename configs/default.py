@@ -62,6 +62,11 @@ def get_config():
   s.init_scale = "fan_in"              # fan_in | enas (He-normal on ENAS's 2-D weight shapes)
   s.final_init = "identity"            # cells' final conv rows: identity | shared | enas (independent)
   s.share_inputs = True                # one sep_conv weight set per node and slot (ENAS: per input)
+  s.dispatch = "auto"                  # each node slot's sampled op: switch (a conditional per
+                                       # slot: only that op runs) | select (no conditional: a 5x5
+                                       # sep conv, both pools, a select; more FLOPs) | auto
+                                       # (select on GPUs, where each conditional waits for the
+                                       # host; switch on CPU and TPU): models/supernet.py
   s.num_candidates = 5                 # best distinct samples re-evaluated at the end
   s.final_eval_batches = 10            # validation batches for that re-evaluation
   s.ckpt_every_steps = 0               # extra checkpoints every N child steps (epoch ends: always)

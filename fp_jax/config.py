@@ -219,6 +219,7 @@ FIELDS = {
     "search.init_scale": Choice(supernet.INITS),
     "search.final_init": Choice(supernet.FINAL_INITS),
     "search.share_inputs": BOOL,
+    "search.dispatch": Choice(supernet.DISPATCHES),
     "search.num_candidates": Int(1),
     "search.final_eval_batches": Int(1),
     "search.ckpt_every_steps": Int(0),

@@ -58,6 +58,7 @@ def test_choices_come_from_the_modules_that_implement_them():
   assert f["search.policy"].values is controller.POLICIES
   assert f["search.init_scale"].values is supernet.INITS
   assert f["search.final_init"].values is supernet.FINAL_INITS
+  assert f["search.dispatch"].values is supernet.DISPATCHES
   assert f["latency.dots"].values is fused.DOT_LIBRARIES
   assert f["dtype"].values is precision.DTYPES
   assert f["data.name"].allowed is data.ALLOWED

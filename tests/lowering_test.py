@@ -56,11 +56,23 @@ def test_program_exports_for_accelerators(platform):
     assert not [t for t in c["custom_calls"] if _cpu_target(t)], (name, c["custom_calls"])
     assert c["unknown_trips"] == 0, name
   step, evaluate, fixed = (lowering.census(exports[k][0]) for k in lowering.FUNCTIONS[:3])
-  # a lax.switch per operand of each of a cell's 5 nodes, per cell (2), forward and backward
-  # (the step) / forward only, unmasked and masked (the reward evaluation): 2 x 10 x 2
-  assert step["conditionals"] == evaluate["conditionals"] == 40
+  # search.dispatch 'auto': branch-free 'select' slots for cuda; for tpu a lax.switch per
+  # operand of each of a cell's 5 nodes, per cell (2), forward and backward (the step) /
+  # forward only, unmasked and masked (the reward evaluation): 2 x 10 x 2
+  assert step["conditionals"] == evaluate["conditionals"] == (0 if platform == "cuda" else 40)
   assert fixed["conditionals"] == 0          # the fixed network's arc is static
   assert min(step["collectives"], evaluate["collectives"], fixed["collectives"]) > 0
+
+
+@pytest.mark.parametrize("platform,dispatch,conditionals", [("cuda", "switch", 40),
+                                                             ("tpu", "select", 0)])
+def test_an_explicit_dispatch_holds_on_any_platform(platform, dispatch, conditionals):
+  config = _config()
+  config.search.dispatch = dispatch
+  fn, args, allow = lowering.functions(config, IMAGE, CLASSES, parallel.make_mesh(),
+                                       platform)["supernet_step"]
+  assert lowering.census(lowering.lower(fn, args, platform, allow))["conditionals"] == \
+      conditionals
 
 
 def _grouped_convs(exported):

@@ -12,8 +12,12 @@ The cell after it reads that reduction and the cell's output.
 
 Cell: node k = op_a(in_a) + op_b(in_b); weights shared per (cell, node, slot, op,
 chosen input) as in ENAS: each sep_conv leaf carries a leading axis over the node's
-possible inputs, gathered by the traced index; `lax.switch(op, ...)` runs only the
-sampled op, so one compilation serves every architecture. The cell ends with the
+possible inputs, gathered by the traced index, so one compilation serves every
+architecture. How a slot runs its traced op (`dispatch`, config.search.dispatch):
+'switch' (`lax.switch(op, ...)`, only the sampled op runs: one conditional per slot) or
+'select' (no conditional: one sep_conv whose weights the op picks, the 3x3 kernels
+zero-padded to 5x5, both pools and the identity, then a select; more FLOPs, and equal to
+'switch' up to float rounding: tests/dispatch_test.py). The cell ends with the
 concat of the nodes and inputs no node uses, ReLU, a 1x1 conv whose input rows are
 chosen per node index (weights [7, F, F], rows of used nodes zeroed), BN -> F.
 
@@ -44,6 +48,13 @@ MAX_INPUTS = 2 + space.NUM_NODES - 1   # node k chooses among k + 2 <= 6 inputs
 NUM_VALUES = 2 + space.NUM_NODES       # cell inputs and nodes: rows of the final conv
 INITS = ("fan_in", "enas")
 FINAL_INITS = ("identity", "shared", "enas")
+# config.search.dispatch: how a cell runs each node slot's traced op. switch: lax.switch,
+# only the sampled op (one conditional per slot, forward and backward: XLA:GPU copies each
+# predicate to the host and waits; TPU runs them on the device); select: every op's value
+# without a branch, then a select (a 5x5 sep_conv and two pools per slot). auto: select on
+# GPUs, switch elsewhere (CPU: select's step takes 2x as long, bench/results/dispatch_cpu.md).
+DISPATCHES = ("auto", "switch", "select")
+AUTO_DISPATCH = {"gpu": "select", "cuda": "select", "rocm": "select"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +168,14 @@ def weight_index(idx, num_sets):
   return jnp.minimum(idx, num_sets - 1)
 
 
+def resolve_dispatch(name, platform):
+  """config.search.dispatch for `platform` (jax.default_backend(), or a platform lowered
+  for: cuda, rocm, tpu, cpu): auto -> AUTO_DISPATCH ('select' on GPUs), else switch."""
+  if name not in DISPATCHES:
+    raise ValueError(f"dispatch must be one of {DISPATCHES}, got {name!r}")
+  return AUTO_DISPATCH.get(platform, "switch") if name == "auto" else name
+
+
 def _branches(axis_name):
   def sep(name):
     def f(p, idx, x):
@@ -171,6 +190,39 @@ def _branches(axis_name):
           lambda p, idx, x: x)
 
 
+def _switch_slot(axis_name):
+  """(slot params, input idx, op, x) -> lax.switch(op, ...) of the checkpointed branches."""
+  branches = _branches(axis_name)
+  return lambda p, idx, op, x: lax.switch(op, branches, p, idx, x)
+
+
+def pad_kernel(w, k):
+  """Depthwise kernels [..., j, j, 1, C] zero-padded (centred) to [..., k, k, 1, C]: a
+  SAME stride-1 correlation with the padded kernel equals the one with the original
+  (the extra taps multiply zeros; the window and padding stay centred)."""
+  p = (k - w.shape[-4]) // 2
+  return jnp.pad(w, [(0, 0)] * (w.ndim - 4) + [(p, p), (p, p), (0, 0), (0, 0)])
+
+
+def _select_slot(axis_name):
+  """(slot params {'sep3', 'sep5'}, input idx, op, x [B,H,W,F]) -> [B,H,W,F] without a
+  conditional: one sep_conv with the weights the op picks (sep3's kernels zero-padded to
+  5x5, selected leaf by leaf), avg and max pools, identity, then a select of op's value.
+  The unselected values get zero cotangents, so gradients reach only the op's weights,
+  as with switch. Checkpointed as switch's branches (residuals: the inputs only)."""
+  def f(p, idx, op, x):
+    op = jnp.clip(op, 0, space.NUM_OPS - 1)          # lax.switch's clamping
+    pick = lambda a: a[weight_index(idx, a.shape[0])]
+    p3, p5 = jax.tree.map(pick, p["sep3"]), jax.tree.map(pick, p["sep5"])
+    size = p5["dw1"].shape[0]
+    p3 = dict(p3, dw1=pad_kernel(p3["dw1"], size), dw2=pad_kernel(p3["dw2"], size))
+    sep_p = jax.tree.map(lambda a, b: jnp.where(op == space.SEP3, a, b), p3, p5)
+    sep = layers.sep_conv(sep_p, None, x, True, axis_name)[0]
+    values = (sep, layers.avg_pool3x3(x), layers.max_pool3x3(x), x)   # SEP*, AVG, MAX, IDENTITY
+    return lax.select_n(jnp.maximum(op - space.SEP5, 0), *values)
+  return jax.checkpoint(f)
+
+
 def unused(cell_arc):
   """f32 [7]: 1 for the cell inputs and nodes that no node reads (traced arc [20])."""
   rows = cell_arc.reshape(space.NUM_NODES, 4)
@@ -178,10 +230,13 @@ def unused(cell_arc):
   return 1.0 - used
 
 
-def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False):
+def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False, dispatch="switch"):
   """One cell's nodes and final conv. cell_arc int32 [20] (traced); h0, h1 [B,H,W,F]
-  -> [B,H,W,F] (and the node values [5,B,H,W,F] when with_nodes)."""
-  branches = _branches(axis_name)
+  -> [B,H,W,F] (and the node values [5,B,H,W,F] when with_nodes). dispatch: 'switch' |
+  'select' (resolved: resolve_dispatch)."""
+  if dispatch not in DISPATCHES[1:]:
+    raise ValueError(f"dispatch must be one of {DISPATCHES[1:]} (resolved), got {dispatch!r}")
+  run_op = (_switch_slot if dispatch == "switch" else _select_slot)(axis_name)
   buf = jnp.zeros((NUM_VALUES,) + h0.shape, h0.dtype)
   buf = buf.at[0].set(h0).at[1].set(h1)
   rows = cell_arc.reshape(space.NUM_NODES, 4)
@@ -193,7 +248,7 @@ def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False):
     for s in range(2):
       idx, op = row[2 * s], row[2 * s + 1]
       slot_p = jax.tree.map(lambda a: a[s], node_p)
-      out = out + lax.switch(op, branches, slot_p, idx, buf[idx])
+      out = out + run_op(slot_p, idx, op, buf[idx])
     return buf.at[k + 2].set(out), None
 
   buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
@@ -241,14 +296,14 @@ def cell_runs(plan):
 BODY_KEYS = ("sep3", "sep5", "final")   # a cell's parameters inside its run's scan
 
 
-def _run_cells(params, run, arc_parts, h0, h1, carry, axis_name):
+def _run_cells(params, run, arc_parts, h0, h1, carry, axis_name, dispatch):
   """((h(i-2), h(i-1)) of the cell after the run, outputs [len(run), B,H,W,F]) from the
   first cell's calibrated inputs and the h(i-2) its successor reads (`carry`); arc_parts
   int32 [len(run), 20]. A run of one cell calls `cell`; a longer one scans one compiled
   cell body over the stacked cell parameters (compile time grows with the number of
   distinct cell bodies, not of cells)."""
   if len(run) == 1:
-    out = cell(params["cells"][run[0]], arc_parts[0], h0, h1, axis_name)
+    out = cell(params["cells"][run[0]], arc_parts[0], h0, h1, axis_name, dispatch=dispatch)
     return (carry, out), out[None]
   stacked = jax.tree.map(lambda *a: jnp.stack(a),
                          *[{k: params["cells"][i][k] for k in BODY_KEYS} for i in run])
@@ -256,18 +311,19 @@ def _run_cells(params, run, arc_parts, h0, h1, carry, axis_name):
   def body(carry, xs):
     a, b = carry
     p, part = xs
-    out = cell(p, part, a, b, axis_name)
+    out = cell(p, part, a, b, axis_name, dispatch=dispatch)
     return (b, out), out
 
   return lax.scan(body, (h0, h1), (stacked, arc_parts))
 
 
-def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
+def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None, dispatch="switch"):
   """(logits [B,classes], aux logits or None) of architecture `arc` int32 [40].
 
   reg (training, optional): {'key': PRNG key, 'keep_prob': dropout keep of the pooled
   features}. The mask is drawn for the global batch and each device takes its rows, so
-  1 and n devices drop the same features.
+  1 and n devices drop the same features. dispatch: how cells run their slots' ops,
+  'switch' | 'select' (resolve_dispatch).
   """
   normal, reduce = arc[:space.CELL_LEN], arc[space.CELL_LEN:]
   y = layers.relu_conv_bn(params["stem"], None, x, True, axis_name, relu=False)[0]
@@ -276,7 +332,7 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None):
     spec = plan.cells[run[0]]
     (h0, h1), carry = cell_inputs(spec, params["cells"][spec.index], prev, axis_name)
     parts = jnp.stack([reduce if plan.cells[i].reduce else normal for i in run])
-    prev, outs = _run_cells(params, run, parts, h0, h1, carry, axis_name)
+    prev, outs = _run_cells(params, run, parts, h0, h1, carry, axis_name, dispatch)
     if with_aux and plan.aux_index in run:
       aux = layers.aux_head(params["aux"], None, outs[run.index(plan.aux_index)], True,
                             axis_name)[0]

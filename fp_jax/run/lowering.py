@@ -13,7 +13,9 @@ census of what the lowered modules hold.
 `jax.export.export(jit_fn, platforms=[p])` lowers for cpu, cuda, rocm or tpu on a CPU-only
 install (lowering needs no device; compiling would). What differs by platform is decided
 while tracing: layers.depthwise_conv's and fused.depthwise's 'auto' pick shifted sums (and
-on CPU fp_jax's FFI kernel) there, grouped convolutions elsewhere. `lower` traces under
+on CPU fp_jax's FFI kernel) there, grouped convolutions elsewhere; config.search.dispatch
+'auto' picks branch-free 'select' slots for cuda / rocm and lax.switch conditionals for
+cpu / tpu (supernet.resolve_dispatch of the target platform). `lower` traces under
 `traced_for(platform)` and `functions` builds the fused network for `platform`, so the
 module is the one that platform's process would build. jit caches its traces per function,
 so build a function anew for each platform (`functions` does).
@@ -260,6 +262,8 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
     fused_network   fused.forward of `arc`'s final network (random folded weights baked in
                     as constants) at `batch` images: x [batch, H, W, C] -> logits
 
+  The supernet step and reward evaluation run their slots as `platform`'s process would:
+  supernet.resolve_dispatch(search.dispatch, platform).
   arc: int [40] (default: ENAS's published cell); mesh: parallel.make_mesh's (its size
   divides the batches); image_shape (H, W, C)."""
   s, f, dtype = config.search, config.final, config.dtype
@@ -272,10 +276,11 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   params = jax.eval_shape(lambda: supernet.init(jax.random.key(0), plan, s.init_scale,
                                                 s.final_init, s.share_inputs))
   state = search_steps.SupernetState(params, jax.eval_shape(tx.init, params))
+  dispatch = supernet.resolve_dispatch(s.dispatch, platform)
   step = search_steps.make_supernet_step(plan, tx, s.aux_weight, float(s.keep_prob), mesh,
-                                         dtype)
+                                         dtype, dispatch)
   out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)), ())
-  evaluate = search_steps.make_reward_eval(plan, s.importance, mesh, dtype)
+  evaluate = search_steps.make_reward_eval(plan, s.importance, mesh, dtype, dispatch)
   groups = abstract(groups_lib.supernet_groups(plan, arc))
   out["reward_eval"] = (evaluate, (params, arc_spec, jax.ShapeDtypeStruct((5,), jnp.float32),
                                    groups, key, *_batch(s.eval_batch_size, image_shape)), ())

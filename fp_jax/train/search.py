@@ -78,9 +78,12 @@ class Search:
                        f"search.eval_batch_size={s.eval_batch_size}")
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
+    dispatch = supernet.resolve_dispatch(s.dispatch, jax.default_backend())
+    logging.info("search: node slots by %s (search.dispatch=%s on %s)", dispatch, s.dispatch,
+                 jax.default_backend())
     tx, schedule, supernet_step, reward_eval = search_steps.compiled(
         plan, mesh, search_steps.optimizer_settings(s, spe), s.aux_weight, float(s.keep_prob),
-        s.importance, config.dtype)
+        s.importance, config.dtype, dispatch)
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "

@@ -1,7 +1,9 @@
 """The search's compiled steps: the supernet training step and the reward evaluation.
 
 Both are data-parallel (parallel.data_parallel over mesh axis `data`) and take the
-architecture as traced data, so each compiles once for every architecture.
+architecture as traced data, so each compiles once for every architecture. Both run the
+supernet's slots with one `dispatch` (supernet.resolve_dispatch of config.search.dispatch:
+'switch' conditionals or branch-free 'select').
 """
 from __future__ import annotations
 
@@ -47,18 +49,21 @@ def supernet_optimizer(s, steps_per_epoch):
   return schedules.sgdr_momentum(*optimizer_settings(s, steps_per_epoch))
 
 
-def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
+def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
+                       dispatch="switch"):
   """Data-parallel supernet step: (SupernetState, arc int32 [40], key, x [B, H, W, C],
   y int32 [B]) -> (SupernetState, {'loss', 'acc'} of the main head).
 
   keep_prob: dropout keep of the pooled features (ENAS's search script: 0.9); key: the
   step's PRNG key (folded with the device index inside); dtype: compute dtype
-  (fp_jax/run/precision.py: params, optimizer state and loss stay float32)."""
+  (fp_jax/run/precision.py: params, optimizer state and loss stay float32); dispatch:
+  'switch' | 'select' (supernet.forward)."""
   def step(state, arc, key, x, y):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux = supernet.forward(plan, pc, arc, xc, AXIS,
-                                     reg={"key": key, "keep_prob": keep_prob})
+                                     reg={"key": key, "keep_prob": keep_prob},
+                                     dispatch=dispatch)
       return loss_lib.classification_loss(logits, aux, y, aux_weight)
 
     (_, (ce, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -70,18 +75,19 @@ def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32"):
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_reward_eval(plan, criterion, mesh, dtype="float32"):
+def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
   """(params, arc, ratios [5], groups, key, x, y) -> (train_acc, prune_acc, kept) on one
   batch; kept (supernet.Kept): the masked network's channels in every space.
 
   groups: groups.supernet_groups(plan, arc) (host-side, static shapes); key: the PRNG
   key of criterion 'random'. Criterion 'taylor' scores with the gradient of the
   unmasked architecture's loss on this batch (one more backward pass). dtype: compute
-  dtype (masks and gradients in float32)."""
+  dtype (masks and gradients in float32); dispatch: 'switch' | 'select', of the unmasked
+  and the masked forward (supernet.forward)."""
   def evaluate(params, arc, ratios, groups, key, x, y):
     logits = lambda p: precision.cast(supernet.forward(
         plan, precision.cast(p, dtype), arc, precision.cast(x, dtype), AXIS,
-        with_aux=False)[0], jnp.float32)
+        with_aux=False, dispatch=dispatch)[0], jnp.float32)
     acc = lambda z: jax.lax.pmean(jnp.mean(jnp.argmax(z, -1) == y), AXIS)
     def loss(p):                       # (global-batch loss, logits)
       z = logits(p)
@@ -101,9 +107,11 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32"):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32"):
+def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32",
+             dispatch="switch"):
   """(tx, lr schedule, supernet step, reward evaluation), shared by every Search with the
-  same settings; opt: optimizer_settings."""
+  same settings; opt: optimizer_settings; dispatch: resolved ('switch' | 'select')."""
   tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule, make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype),
-          make_reward_eval(plan, criterion, mesh, dtype))
+  return (tx, schedule,
+          make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch),
+          make_reward_eval(plan, criterion, mesh, dtype, dispatch))
