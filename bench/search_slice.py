@@ -44,6 +44,7 @@ def main(argv=None):
   import jax   # pylint: disable=g-import-not-at-top
   from fp_jax import config as config_lib   # pylint: disable=g-import-not-at-top
   from fp_jax import data   # pylint: disable=g-import-not-at-top
+  from fp_jax.models import supernet   # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib   # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config)
@@ -53,8 +54,7 @@ def main(argv=None):
     s.num_layers, s.out_filters, s.batch_size, s.eval_batch_size = 1, 4, 8, 8
   s.epochs, s.steps_per_epoch = 2, args.steps
   s.controller_updates, s.controller_samples, s.uniform_child_epochs = 1, args.rewards, 0
-  if "dispatch" in s:
-    s.dispatch = args.dispatch
+  s.dispatch = args.dispatch
   config_lib.validate(config)
   ds = data.load("synthetic", s.eval_batch_size,
                  synthetic_sizes=(s.batch_size * args.steps, s.eval_batch_size))
@@ -76,7 +76,8 @@ def main(argv=None):
       "devices": jax.device_count(), "config": args.config, "small": args.small,
       "search": {k: s[k] for k in ("num_layers", "out_filters", "batch_size",
                                    "eval_batch_size")},
-      "dispatch": s.get("dispatch", "switch"), "supernet_steps": args.steps,
+      "dispatch": supernet.resolve_dispatch(s.dispatch, jax.default_backend()),
+      "supernet_steps": args.steps,
       "reward_evaluations": args.rewards, "build_s": build_s,
       "epoch1_s (compiles)": first_s, "epoch2_s (profiled)": second_s,
       "epoch2_step_ms": 1e3 * second["step_time"], "epoch2_images_per_sec":
