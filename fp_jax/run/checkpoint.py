@@ -308,7 +308,7 @@ def _quiet_asyncio():
 
 def _reason(e):
   text = " ".join(str(e).split()) or type(e).__name__
-  text = text.split(" [tensorstore_spec=")[0]
+  text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
   return text if len(text) <= 300 else text[:297] + "..."
 
 
