@@ -27,6 +27,11 @@ def get_config():
   config.data.valid_size = 5000        # held out of train for the controller's rewards
   config.data.crop_pad = 4
   config.data.flip = True
+  config.data.input = "host"           # training batches: host (numpy on the main thread, sent
+                                       # as float32) | device (uint8 set on every device once,
+                                       # crop/flip/cutout in the step; bitwise the same batches;
+                                       # sets over 2 GiB: host, built by a prefetch thread):
+                                       # fp_jax/augment.py. Final and compress stages
   config.data.tfds_data_dir = ""       # TFDS datasets: prepared with python -m fp_jax.prepare
   config.data.idx_dir = data.FASHION_MNIST_DIR   # fashion_mnist's IDX files (apt-get install
                                        # dataset-fashion-mnist); else TFDS's

@@ -13,6 +13,7 @@ import os
 import re
 from typing import Callable
 
+from fp_jax import augment
 from fp_jax import data
 from fp_jax.infer import fused
 from fp_jax.models import controller
@@ -204,6 +205,7 @@ FIELDS = {
     "data.valid_size": Int(0),
     "data.crop_pad": Int(0, 16),
     "data.flip": BOOL,
+    "data.input": Choice(augment.INPUTS),
     "data.tfds_data_dir": FOLDER,
     "data.idx_dir": FOLDER,
     **{f"search.{k}": v for k, v in NETWORK.items()},

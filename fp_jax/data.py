@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from fp_jax import augment
 from fp_jax import idx
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -332,42 +333,19 @@ def train_batch(x, y, *, step: int, batch_size: int, seed: int, stream: int, mea
     process_index, process_count: which rows of the global batch to return.
 
   Returns:
-    images float32 [B/P, H, W, C], labels int32 [B/P].
+    images float32 [B/P, H, W, C], labels int32 [B/P] (augment.plan, then augment.augment).
   """
   local = _local_rows(batch_size, process_index, process_count)
   if crop_pad < 0 or cutout < 0 or step < 0:
     raise DataError(f"step, crop_pad and cutout must be >= 0, got {step}, {crop_pad}, "
                     f"{cutout}")
   n, h, w = x.shape[:3]
-  bpe = batches_per_epoch(n, batch_size)
-  epoch, j = divmod(int(step), bpe)
-  perm = np.random.default_rng([seed, stream, epoch]).permutation(n)
-  idx = perm[j * batch_size:(j + 1) * batch_size]
-  # Draw for the whole global batch, always in this order, then keep local rows.
-  rng = np.random.default_rng([seed, stream, int(step), 7])
-  offsets = rng.integers(0, 2 * crop_pad + 1, (batch_size, 2))[local]
-  flips = (rng.random(batch_size) < 0.5)[local]
-  centres = np.stack([rng.integers(0, h, batch_size),
-                      rng.integers(0, w, batch_size)], axis=1)[local]
-  idx = idx[local]
-  b = len(idx)
-  images = _normalize(x[idx], mean, std)
-  if crop_pad:
-    p = crop_pad
-    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-    rows = offsets[:, :1] + np.arange(h)  # [b, H]
-    cols = offsets[:, 1:] + np.arange(w)  # [b, W]
-    images = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-  if flip:
-    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-  if cutout:
-    y0 = centres[:, :1] - cutout // 2
-    x0 = centres[:, 1:] - cutout // 2
-    in_rows = (np.arange(h) >= y0) & (np.arange(h) < y0 + cutout)  # [b, H]
-    in_cols = (np.arange(w) >= x0) & (np.arange(w) < x0 + cutout)  # [b, W]
-    hole = in_rows[:, :, None, None] & in_cols[:, None, :, None]
-    images = np.where(hole, np.float32(0.0), images)
-  return np.ascontiguousarray(images, np.float32), np.asarray(y[idx], np.int32)
+  batches_per_epoch(n, batch_size)
+  p = augment.plan(n, h, w, step=step, batch_size=batch_size, seed=seed, stream=stream,
+                   crop_pad=crop_pad, local=local)
+  images = augment.augment(x, p, augment.table(mean, std), crop_pad=crop_pad, flip=flip,
+                           cutout=cutout)
+  return np.ascontiguousarray(images, np.float32), np.asarray(y[p["idx"]], np.int32)
 
 
 def eval_batches(x, y, *, batch_size: int, mean, std, process_index: int = 0,

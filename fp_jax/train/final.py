@@ -36,7 +36,7 @@ def final_recipe(config, num_train):
   return trainer_lib.Recipe(f.epochs, spe, f.batch_size, f.eval_batch_size, f.lr_max, f.lr_min,
                             f.lr_t0, f.lr_tmul, f.momentum, f.l2, f.grad_clip, f.aux_weight,
                             f.keep_prob, f.drop_path_keep_prob, f.cutout, d.crop_pad, d.flip,
-                            config.dtype)
+                            config.dtype, d.input)
 
 
 def training_images(ds):

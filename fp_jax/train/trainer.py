@@ -4,10 +4,12 @@
 the same network and hyperparameters: learning rate and drop-path progress are
 step inputs) and runs epochs from a state {net: {params, stats, opt_state},
 epoch, pos, loss_sum, acc_sum}; `train` adds checkpoints (orbax, DIR/<stage>/ckpt),
-resume, SIGTERM handling, metrics (jsonl + TensorBoard) and progress.
+resume, SIGTERM handling, metrics (jsonl + TensorBoard) and progress. Training batches
+come from the host or are built inside the step (data.input, fp_jax/augment.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,6 +22,8 @@ import numpy as np
 import optax
 
 from fp_jax.run import checkpoint
+from fp_jax import augment
+from fp_jax import config as config_lib
 from fp_jax.models import child
 from fp_jax.pruning import masks as masks_lib
 from fp_jax import data
@@ -55,6 +59,7 @@ class Recipe:
   crop_pad: int
   flip: bool
   dtype: str = "float32"    # compute dtype (fp_jax/run/precision.py)
+  input: str = "host"       # data.input: host | device batches (fp_jax/augment.py)
 
   @property
   def total_steps(self):
@@ -65,6 +70,31 @@ def make_train_step(plan, tx, hparams, seed, mesh, dtype="float32"):
   """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
   (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
   one compilation serves every schedule and length."""
+  return parallel.data_parallel(_step_fn(plan, tx, hparams, seed, dtype), mesh,
+                                (REPLICATED, BATCH, BATCH) + (REPLICATED,) * 3,
+                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+
+
+def make_device_train_step(plan, tx, hparams, seed, mesh, dtype="float32", aug=(0, False, 0)):
+  """make_train_step with the batch built on the devices (data.input=device): (state,
+  x_all uint8 [N,H,W,C], y_all [N], lut f32 [256, C] (augment.table) (these replicated),
+  idx, offsets, flips, centres (augment.plan, split over `data`), step, lr, progress) ->
+  (state, metrics); aug = (crop_pad, flip, cutout). Each device gathers and augments its
+  rows (augment.augment: bitwise the host's batch), then runs make_train_step's body."""
+  body = _step_fn(plan, tx, hparams, seed, dtype)
+  crop_pad, flip, cutout = aug
+
+  def step(state, x_all, y_all, lut, idx, offsets, flips, centres, *rest):
+    p = {"idx": idx, "offsets": offsets, "flips": flips, "centres": centres}
+    x = augment.augment(x_all, p, lut, crop_pad=crop_pad, flip=flip, cutout=cutout, xp=jnp)
+    return body(state, x, jnp.take(y_all, idx, axis=0), *rest)
+
+  return parallel.data_parallel(step, mesh, (REPLICATED,) * 4 + (BATCH,) * 4 + (REPLICATED,) * 3,
+                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+
+
+def _step_fn(plan, tx, hparams, seed, dtype):
+  """The per-device train step body: (state, x f32 [b,H,W,C], y [b], step, lr, progress)."""
   aux_weight, keep_prob, drop_path_keep_prob = hparams
 
   def step(state, x, y, step_idx, lr, progress):
@@ -83,8 +113,7 @@ def make_train_step(plan, tx, hparams, seed, mesh, dtype="float32"):
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "stats": stats, "opt_state": opt_state}, {"loss": ce, "acc": acc}
 
-  return parallel.data_parallel(step, mesh, (REPLICATED, BATCH, BATCH) + (REPLICATED,) * 3,
-                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+  return step
 
 
 def make_eval_step(plan, mesh, dtype="float32"):
@@ -108,11 +137,15 @@ def _transform(optim, plan, masked):
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32"):
+def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32", aug=None):
   """Compiled steps shared by every trainer of the same network and hyperparameters
-  (the final network and its compress stage share the eval step). The plan holds the arc."""
-  return (make_train_step(plan, _transform(optim, plan, masked), hparams, seed, mesh, dtype),
-          make_eval_step(plan, mesh, dtype))
+  (the final network and its compress stage share the eval step). The plan holds the arc.
+  aug (crop_pad, flip, cutout): also the data.input=device train step (else None)."""
+  tx = _transform(optim, plan, masked)
+  device = None if aug is None else make_device_train_step(plan, tx, hparams, seed, mesh,
+                                                           dtype, aug)
+  return (make_train_step(plan, tx, hparams, seed, mesh, dtype), make_eval_step(plan, mesh, dtype),
+          device)
 
 
 @dataclasses.dataclass
@@ -129,6 +162,9 @@ class FixedTrainer:
   schedule: object
   train_step: object
   eval_step: object
+  device_step: object = None      # data.input=device: make_device_train_step
+  placed: tuple = None            # (x, y, device copies of x, y, augment.table) once placed
+  fallback_noted: bool = False
 
   @classmethod
   def build(cls, plan, recipe, seed, stream, mean, std, mesh=None, masks=None):
@@ -140,12 +176,15 @@ class FixedTrainer:
     r = recipe
     schedule = schedules.cosine_restarts(r.steps_per_epoch, r.lr_t0, r.lr_tmul, r.lr_max,
                                          r.lr_min)
-    train_step, eval_step = _steps(
+    if r.input not in augment.INPUTS:
+      raise config_lib.ConfigError(f"data.input={r.input!r}: must be one of "
+                                   f"{', '.join(augment.INPUTS)}")
+    train_step, eval_step, device_step = _steps(
         plan, (r.momentum, r.l2, r.grad_clip),
         (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None,
-        r.dtype)
+        r.dtype, (r.crop_pad, r.flip, r.cutout) if r.input == "device" else None)
     return cls(plan, recipe, seed, stream, mean, std, mesh, masks, schedule,
-               train_step, eval_step)
+               train_step, eval_step, device_step)
 
   def init_state(self, params, stats):
     """Training state from host copies (the steps donate their input buffers)."""
@@ -169,22 +208,20 @@ class FixedTrainer:
     net, losses, accs = state["net"], [], []
     t0 = time.perf_counter()
     i = state["pos"]
-    while i < r.steps_per_epoch:
-      step = epoch * r.steps_per_epoch + i
-      xb, yb = data.train_batch(x, y, step=step, batch_size=r.batch_size, seed=self.seed,
-                                stream=self.stream, mean=self.mean, std=self.std,
-                                crop_pad=r.crop_pad, flip=r.flip, cutout=r.cutout,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-      net, m = self.train_step(net, *parallel.shard(self.mesh, (xb, yb)),
-                               jnp.asarray(step, jnp.int32),
-                               jnp.asarray(self.schedule(step), jnp.float32),
-                               jnp.asarray((step + 1) / max(r.total_steps, 1), jnp.float32))
-      losses.append(m["loss"])
-      accs.append(m["acc"])
-      i += 1
-      if stop is not None and i < r.steps_per_epoch and stop():
-        break
+    inputs = self._inputs(x, y, range(epoch * r.steps_per_epoch + i,
+                                      (epoch + 1) * r.steps_per_epoch))
+    with contextlib.closing(inputs):
+      while i < r.steps_per_epoch:
+        step = epoch * r.steps_per_epoch + i
+        train_step, args = next(inputs)
+        net, m = train_step(net, *args, jnp.asarray(step, jnp.int32),
+                            jnp.asarray(self.schedule(step), jnp.float32),
+                            jnp.asarray((step + 1) / max(r.total_steps, 1), jnp.float32))
+        losses.append(m["loss"])
+        accs.append(m["acc"])
+        i += 1
+        if stop is not None and i < r.steps_per_epoch and stop():
+          break
     losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
     seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
@@ -203,6 +240,41 @@ class FixedTrainer:
                "train_acc": acc_sum / r.steps_per_epoch, "lr": float(self.schedule(step - 1)),
                "images_per_sec": done * r.batch_size / seconds, "step_time": seconds / done}
     return {"net": net, "epoch": epoch + 1, "pos": 0, "loss_sum": 0.0, "acc_sum": 0.0}, metrics
+
+  def _inputs(self, x, y, steps):
+    """Yields (train step, its data arguments) for each global step in `steps`: float32
+    batches split over `data` (data.input=host, or device with x over the limit: then built
+    one ahead by a thread), or the placed uint8 set and the split plan (device)."""
+    r, pi, pc = self.recipe, jax.process_index(), jax.process_count()
+    def host(step):
+      return data.train_batch(x, y, step=step, batch_size=r.batch_size, seed=self.seed,
+                              stream=self.stream, mean=self.mean, std=self.std,
+                              crop_pad=r.crop_pad, flip=r.flip, cutout=r.cutout,
+                              process_index=pi, process_count=pc)
+    if r.input == "device" and augment.fits_on_device(x):
+      if self.placed is None or self.placed[0] is not x or self.placed[1] is not y:
+        dev = parallel.replicate(self.mesh, (x, np.asarray(y, np.int32),
+                                             augment.table(self.mean, self.std)))
+        self.placed = (x, y, dev)
+      per = r.batch_size // pc
+      local = slice(pi * per, (pi + 1) * per)
+      for step in steps:
+        p = augment.plan(len(x), *x.shape[1:3], step=step, batch_size=r.batch_size,
+                         seed=self.seed, stream=self.stream, crop_pad=r.crop_pad, local=local)
+        yield self.device_step, self.placed[2] + parallel.shard(
+            self.mesh, (p["idx"], p["offsets"], p["flips"], p["centres"]))
+      return
+    batches = (host(step) for step in steps)
+    if r.input == "device":
+      if not self.fallback_noted:
+        logging.info("data.input=device: the train set (%.2f GB) is over %.2f GB; batches are "
+                     "built on the host by a prefetch thread", x.nbytes / 1e9,
+                     augment.DEVICE_LIMIT_BYTES / 1e9)
+        self.fallback_noted = True
+      batches = augment.prefetch(host, steps)
+    with contextlib.closing(batches):
+      for xb, yb in batches:
+        yield self.train_step, parallel.shard(self.mesh, (xb, yb))
 
   def evaluate(self, params, stats, x, y):
     """Accuracy of (params, stats) on all of x, y in eval mode (running BN statistics)."""
