@@ -44,7 +44,7 @@ def main(argv=None):
   import jax   # pylint: disable=g-import-not-at-top
   from fp_jax import config as config_lib   # pylint: disable=g-import-not-at-top
   from fp_jax import data   # pylint: disable=g-import-not-at-top
-  from fp_jax.models import supernet   # pylint: disable=g-import-not-at-top
+  from fp_jax.models import slot_ops   # pylint: disable=g-import-not-at-top
   from fp_jax.train import search as search_lib   # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config)
@@ -76,7 +76,7 @@ def main(argv=None):
       "devices": jax.device_count(), "config": args.config, "small": args.small,
       "search": {k: s[k] for k in ("num_layers", "out_filters", "batch_size",
                                    "eval_batch_size")},
-      "dispatch": supernet.resolve_dispatch(s.dispatch, jax.default_backend()),
+      "dispatch": slot_ops.resolve_dispatch(s.dispatch, jax.default_backend()),
       "supernet_steps": args.steps,
       "reward_evaluations": args.rewards, "build_s": build_s,
       "epoch1_s (compiles)": first_s, "epoch2_s (profiled)": second_s,

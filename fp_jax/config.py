@@ -16,6 +16,7 @@ from typing import Callable
 from fp_jax import augment
 from fp_jax import data
 from fp_jax.infer import fused
+from fp_jax.models import slot_ops
 from fp_jax.models import controller
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -221,7 +222,7 @@ FIELDS = {
     "search.init_scale": Choice(supernet.INITS),
     "search.final_init": Choice(supernet.FINAL_INITS),
     "search.share_inputs": BOOL,
-    "search.dispatch": Choice(supernet.DISPATCHES),
+    "search.dispatch": Choice(slot_ops.DISPATCHES),
     "search.num_candidates": Int(1),
     "search.final_eval_batches": Int(1),
     "search.ckpt_every_steps": Int(0),

@@ -14,6 +14,7 @@ from fp_jax import config as config_lib
 from fp_jax import data
 from fp_jax.infer import fused
 from fp_jax.models import controller
+from fp_jax.models import slot_ops
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
 from fp_jax.pruning import importance
@@ -58,7 +59,7 @@ def test_choices_come_from_the_modules_that_implement_them():
   assert f["search.policy"].values is controller.POLICIES
   assert f["search.init_scale"].values is supernet.INITS
   assert f["search.final_init"].values is supernet.FINAL_INITS
-  assert f["search.dispatch"].values is supernet.DISPATCHES
+  assert f["search.dispatch"].values is slot_ops.DISPATCHES
   assert f["latency.dots"].values is fused.DOT_LIBRARIES
   assert f["dtype"].values is precision.DTYPES
   assert f["data.name"].allowed is data.ALLOWED

@@ -20,6 +20,7 @@ import pytest
 from configs import default
 from fp_jax import config as config_lib
 from fp_jax import data
+from fp_jax.models import slot_ops
 from fp_jax.models import layers
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -141,13 +142,13 @@ def test_padded_kernel_equals_the_3x3_one():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 1, 3)), jnp.float32)
-  w5 = supernet.pad_kernel(w, 5)
+  w5 = slot_ops.pad_kernel(w, 5)
   assert w5.shape == (5, 5, 1, 3) and jnp.array_equal(w5[1:4, 1:4], w)
   assert float(jnp.abs(w5).sum() - jnp.abs(w).sum()) == 0.0
   for stride in (1, 2):
     np.testing.assert_array_equal(layers.depthwise_conv(x, w5, stride),
                                   layers.depthwise_conv(x, w, stride))
-  stacked = supernet.pad_kernel(jnp.stack([w, 2 * w]), 5)              # leading axes kept
+  stacked = slot_ops.pad_kernel(jnp.stack([w, 2 * w]), 5)              # leading axes kept
   assert stacked.shape == (2, 5, 5, 1, 3) and jnp.array_equal(stacked[1, 1:4, 1:4], 2 * w)
 
 
@@ -180,7 +181,7 @@ def test_select_steps_hold_no_conditional():
 
 
 def test_auto_resolves_per_platform():
-  r = supernet.resolve_dispatch
+  r = slot_ops.resolve_dispatch
   assert [r("auto", p) for p in ("gpu", "cuda", "rocm", "cpu", "tpu")] == [
       "select", "select", "select", "switch", "switch"]
   assert [r(d, p) for d in ("switch", "select") for p in ("gpu", "cpu")] == [
@@ -211,7 +212,7 @@ def test_search_builds_its_steps_with_the_resolved_setting(monkeypatch):
 
 
 def test_a_bad_value_is_one_config_error():
-  assert config_lib.FIELDS["search.dispatch"].values is supernet.DISPATCHES
+  assert config_lib.FIELDS["search.dispatch"].values is slot_ops.DISPATCHES
   assert default.get_config().search.dispatch == "auto"
   config = ml_collections.ConfigDict(default.get_config().to_dict(), type_safe=False)
   config.search.dispatch = "cond"

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from fp_jax.models import slot_ops
 from fp_jax.models import graph
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -118,7 +119,7 @@ def _supernet_space_scores(plan, tree, arc, score):
     part = supernet.cell_arc(arc, spec)
     idx, op = supernet.slots(part)
     sets = cp["sep3"]["bn1"]["scale"].shape[2]
-    onehot = jax.nn.one_hot(supernet.weight_index(idx, sets), sets)       # [5, 2, sets]
+    onehot = jax.nn.one_hot(slot_ops.weight_index(idx, sets), sets)       # [5, 2, sets]
     picked = [jnp.einsum("ksi,ksic->ksc", onehot, score((cp[name][w],), cp[name][bn]["scale"], 3))
               for name in ("sep3", "sep5") for w, bn in (("pw1", "bn1"), ("pw2", "bn2"))]
     is5 = (op == space.SEP5)[..., None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fp_jax.models import slot_ops
 from fp_jax.models import graph
 from fp_jax.models import space
 from fp_jax.models import supernet
@@ -115,7 +116,7 @@ def apply_supernet_masks(plan, params, arc, masks):
       if name in m:
         new[name] = mask_producer(cp[name], m[name])
     sets = cp["sep3"]["bn1"]["scale"].shape[2]
-    onehot = jax.nn.one_hot(supernet.weight_index(idx, sets), sets)[..., None]
+    onehot = jax.nn.one_hot(slot_ops.weight_index(idx, sets), sets)[..., None]
     inner = 1.0 + onehot * (m["inner"][:, :, None, :] - 1.0)            # [5, 2, inputs, F]
     outer = 1.0 + onehot * (m["out"][:, :, None, :] - 1.0)
     for name in ("sep3", "sep5"):

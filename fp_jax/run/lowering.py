@@ -15,7 +15,7 @@ install (lowering needs no device; compiling would). What differs by platform is
 while tracing: layers.depthwise_conv's and fused.depthwise's 'auto' pick shifted sums (and
 on CPU fp_jax's FFI kernel) there, grouped convolutions elsewhere; config.search.dispatch
 'auto' picks branch-free 'select' slots for cuda / rocm and lax.switch conditionals for
-cpu / tpu (supernet.resolve_dispatch of the target platform). `lower` traces under
+cpu / tpu (slot_ops.resolve_dispatch of the target platform). `lower` traces under
 `traced_for(platform)` and `functions` builds the fused network for `platform`, so the
 module is the one that platform's process would build. jit caches its traces per function,
 so build a function anew for each platform (`functions` does).
@@ -48,6 +48,7 @@ from fp_jax.infer import folding
 from fp_jax.infer import fused
 from fp_jax.infer import kernels
 from fp_jax.infer import networks
+from fp_jax.models import slot_ops
 from fp_jax.models import child
 from fp_jax.models import layers
 from fp_jax.models import space
@@ -263,7 +264,7 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
                     as constants) at `batch` images: x [batch, H, W, C] -> logits
 
   The supernet step and reward evaluation run their slots as `platform`'s process would:
-  supernet.resolve_dispatch(search.dispatch, platform).
+  slot_ops.resolve_dispatch(search.dispatch, platform).
   arc: int [40] (default: ENAS's published cell); mesh: parallel.make_mesh's (its size
   divides the batches); image_shape (H, W, C)."""
   s, f, dtype = config.search, config.final, config.dtype
@@ -276,7 +277,7 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   params = jax.eval_shape(lambda: supernet.init(jax.random.key(0), plan, s.init_scale,
                                                 s.final_init, s.share_inputs))
   state = search_steps.SupernetState(params, jax.eval_shape(tx.init, params))
-  dispatch = supernet.resolve_dispatch(s.dispatch, platform)
+  dispatch = slot_ops.resolve_dispatch(s.dispatch, platform)
   step = search_steps.make_supernet_step(plan, tx, s.aux_weight, float(s.keep_prob), mesh,
                                          dtype, dispatch)
   out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)), ())
