@@ -1,5 +1,6 @@
 """data.input=device: batches built inside the compiled step equal the host's bitwise, and a
-final stage trained on them equals one trained on host batches (metrics and weights)."""
+final stage trained on them equals one trained on host batches (metrics and weights), as does
+a search (its supernet steps: metrics, samples and arch.json)."""
 import json
 import logging as std_logging
 
@@ -15,6 +16,7 @@ from fp_jax.models import layers
 from fp_jax.models import space
 from fp_jax.run import weights
 from fp_jax.train import final
+from fp_jax.train.streams import Stream
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,3 +97,43 @@ def test_bad_input_is_one_error_naming_the_field():
   with pytest.raises(config_lib.ConfigError, match=r"^data.input='gpu': must be one of host, "
                                                    r"device$"):
     config_lib.validate(config)
+
+
+def _search_config(input_mode):
+  from tests.tiny import tiny_config
+  config = tiny_config(num_layers=1, out_filters=4, batch_size=16, eval_batch_size=16,
+                       epochs=2, steps_per_epoch=3, controller_updates=1, controller_samples=2,
+                       num_candidates=1, uniform_child_epochs=1)
+  config.data.input = input_mode
+  config.data.crop_pad, config.data.flip = 2, True
+  config_lib.validate(config)
+  return config
+
+
+def _searched(config, workdir, ds):
+  from fp_jax.train import search
+  search.run(config, str(workdir), ds, (0.0, 0.2, 0.4, 0.6, 0.8))
+  d = workdir / "search"
+  rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  rows = [{k: v for k, v in r.items() if k not in ("images_per_sec", "step_time")} for r in rows]
+  return rows, (d / "samples.jsonl").read_text(), (d / "arch.json").read_text()
+
+
+def test_search_device_input_equals_host(tmp_path, monkeypatch, caplog):
+  ds = data.load("digits", 64)
+  host = _searched(_search_config("host"), tmp_path / "host", ds)
+  streams, train_batch = [], data.train_batch
+  def recorded(*args, **kwargs):
+    streams.append(kwargs["stream"])
+    return train_batch(*args, **kwargs)
+  monkeypatch.setattr(data, "train_batch", recorded)
+  device = _searched(_search_config("device"), tmp_path / "device", ds)
+  assert streams and int(Stream.SUPERNET) not in streams   # only reward batches from the host
+  monkeypatch.setattr(data, "train_batch", train_batch)
+  monkeypatch.setattr(augment, "DEVICE_LIMIT_BYTES", 0)   # over the limit: prefetch thread
+  caplog.set_level(std_logging.INFO)
+  fallback = _searched(_search_config("device"), tmp_path / "fallback", ds)
+  assert len(host[0]) == 2 and host[0][-1]["child_loss"] > 0 and host[1] and host[2]
+  assert device == host and fallback == host
+  assert sum("data.input=device" in m and "prefetch thread" in m
+             for m in caplog.messages) == 1

@@ -33,23 +33,15 @@ from fp_jax.run import logs
 from fp_jax.run import parallel
 from fp_jax.run import preemption
 from fp_jax.train import reward as reward_lib
-from fp_jax.models import slot_ops
 from fp_jax.models import space
 from fp_jax.models import supernet
+from fp_jax.train import search_batches
 from fp_jax.train import search_state
 from fp_jax.train import search_steps
 from fp_jax.train.search_state import SearchState
 from fp_jax.train.search_steps import SupernetState, empty_stages
 from fp_jax.train.streams import Purpose, Stream
 from fp_jax.train import streams
-
-
-def controller_config(config, num_ratio_choices):
-  c = config.controller
-  return controller.ControllerConfig(
-      num_ratio_choices=num_ratio_choices, lstm_size=c.lstm_size, temperature=c.temperature,
-      tanh_constant=c.tanh_constant, op_tanh_reduce=c.op_tanh_reduce,
-      entropy_weight=c.entropy_weight, baseline_decay=c.baseline_decay, lr=c.lr)
 
 
 @dataclasses.dataclass
@@ -67,6 +59,7 @@ class Search:
   supernet_step: object    # search_steps.make_supernet_step, compiled
   reward_eval: object      # search_steps.make_reward_eval, compiled
   reward_fn: object        # reward.make(alpha, beta)
+  batches: object          # search_batches.SearchBatches (data.input)
 
   @classmethod
   def build(cls, config, ds, ratio_choices, mesh=None):
@@ -79,7 +72,7 @@ class Search:
                        f"search.eval_batch_size={s.eval_batch_size}")
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
-    dispatch = slot_ops.resolve_dispatch(s.dispatch, jax.default_backend())
+    dispatch = supernet.resolve_dispatch(s.dispatch, jax.default_backend())
     logging.info("search: node slots by %s (search.dispatch=%s on %s)", dispatch, s.dispatch,
                  jax.default_backend())
     tx, schedule, supernet_step, reward_eval = search_steps.compiled(
@@ -90,9 +83,10 @@ class Search:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
                       "ratios are fixed at 0 (the policy's choice for them is ignored)",
                       ", ".join(map(str, empty)), s.num_layers)
-    return cls(config, ds, plan, mesh, controller_config(config, len(ratio_choices)),
+    return cls(config, ds, plan, mesh, search_steps.controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, supernet_step,
-               reward_eval, reward_lib.make(s.alpha, s.beta))
+               reward_eval, reward_lib.make(s.alpha, s.beta),
+               search_batches.build(config, ds, plan, mesh, spe, dispatch, supernet_step))
 
   def init_state(self):
     """The SearchState at the start of the search (epoch 0, nothing done)."""
@@ -119,14 +113,8 @@ class Search:
                                       len(self.ratio_choices))
     return controller.sample_jit(ctrl.params, self.key(purpose, *ints), num, self.ccfg)
 
-  def _batch(self, x, y, step, batch_size, stream, augment):
-    c = self.config.data
-    xb, yb = data.train_batch(
-        x, y, step=step, batch_size=batch_size, seed=self.config.seed, stream=int(stream),
-        mean=self.ds.mean, std=self.ds.std, crop_pad=c.crop_pad if augment else 0,
-        flip=c.flip and augment, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    return parallel.shard(self.mesh, (xb, yb))
+  def _batch(self, x, y, step, batch_size, stream, augment):   # tests hook it by this name
+    return self.batches.host(x, y, step, batch_size, stream, augment)
 
   def stage_ratios(self, ratio_idx):
     """The 5 stage ratios of the controller's choices; 0 for stages without a cell."""
@@ -210,13 +198,13 @@ class Search:
     bar = logs.Progress(spe, f"search epoch {epoch + 1}/{s.epochs}", initial=first,
                         enabled=progress)
     t0, stopped = time.perf_counter(), False
+    inputs = self.batches.supernet(self, range(epoch * spe + first, (epoch + 1) * spe))
     try:
       arcs = self._epoch_arcs(state) if first < spe else None
       for i in range(first, spe):
-        x, y = self._batch(self.ds.x_train, self.ds.y_train, epoch * spe + i, s.batch_size,
-                           Stream.SUPERNET, True)
-        net, m = self.supernet_step(state.supernet, jnp.asarray(arcs[i]),
-                                    self.key(Purpose.SUPERNET_STEP, epoch * spe + i), x, y)
+        step_fn, args = next(inputs)
+        net, m = step_fn(state.supernet, jnp.asarray(arcs[i]),
+                         self.key(Purpose.SUPERNET_STEP, epoch * spe + i), *args)
         pending.append((i, m))
         resolve(keep=1)
         state = state.replace(supernet=net, steps=i + 1)   # losses: when saved or returned
@@ -229,6 +217,7 @@ class Search:
             break
       resolve()
     finally:
+      inputs.close()
       bar.close()
     state = state.replace(losses=losses, accs=accs)
     elapsed, timed = time.perf_counter() - t0, state.steps - first

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fp_jax import augment
 from fp_jax.run import parallel
 from fp_jax.run import precision
 from fp_jax.pruning import masks as masks_lib
 from fp_jax.train import losses as loss_lib
 from fp_jax.train import schedules
+from fp_jax.models import controller
 from fp_jax.models import supernet
 from fp_jax.run.parallel import AXIS, BATCH, REPLICATED
 
@@ -43,6 +45,15 @@ def optimizer_settings(s, steps_per_epoch):
   return (steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min, s.momentum, s.l2, s.grad_clip)
 
 
+def controller_config(config, num_ratio_choices):
+  """The controller's settings (controller.ControllerConfig) in `config`."""
+  c = config.controller
+  return controller.ControllerConfig(
+      num_ratio_choices=num_ratio_choices, lstm_size=c.lstm_size, temperature=c.temperature,
+      tanh_constant=c.tanh_constant, op_tanh_reduce=c.op_tanh_reduce,
+      entropy_weight=c.entropy_weight, baseline_decay=c.baseline_decay, lr=c.lr)
+
+
 def supernet_optimizer(s, steps_per_epoch):
   """(optax transform, lr schedule) of the supernet (config.search `s`): L2, clipping,
   Nesterov SGDR."""
@@ -58,6 +69,33 @@ def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
   step's PRNG key (folded with the device index inside); dtype: compute dtype
   (fp_jax/run/precision.py: params, optimizer state and loss stay float32); dispatch:
   'switch' | 'select' (supernet.forward)."""
+  return parallel.data_parallel(_supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype,
+                                                  dispatch), mesh,
+                                (REPLICATED,) * 3 + (BATCH, BATCH),
+                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+
+
+def make_device_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
+                              dispatch="switch", aug=(0, False)):
+  """make_supernet_step with the batch built on the devices (data.input=device): (state,
+  arc, key, x_all uint8 [N,H,W,C], y_all [N], lut f32 [256, C] (augment.table) (these
+  replicated), idx, offsets, flips, centres (augment.plan, split over `data`)) -> (state,
+  metrics); aug = (crop_pad, flip). Each device gathers and augments its rows
+  (augment.augment: bitwise the host's batch), then runs make_supernet_step's body."""
+  body = _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch)
+  crop_pad, flip = aug
+
+  def step(state, arc, key, x_all, y_all, lut, idx, offsets, flips, centres):
+    p = {"idx": idx, "offsets": offsets, "flips": flips, "centres": centres}
+    x = augment.augment(x_all, p, lut, crop_pad=crop_pad, flip=flip, xp=jnp)
+    return body(state, arc, key, x, jnp.take(y_all, idx, axis=0))
+
+  return parallel.data_parallel(step, mesh, (REPLICATED,) * 6 + (BATCH,) * 4,
+                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+
+
+def _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch):
+  """The per-device supernet step body: (state, arc, key, x f32 [b,H,W,C], y [b])."""
   def step(state, arc, key, x, y):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
@@ -71,8 +109,7 @@ def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
     params = optax.apply_updates(state.params, updates)
     return SupernetState(params, opt_state), {"loss": ce, "acc": acc}
 
-  return parallel.data_parallel(step, mesh, (REPLICATED,) * 3 + (BATCH, BATCH),
-                                (REPLICATED, REPLICATED), donate_argnums=(0,))
+  return step
 
 
 def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
@@ -115,3 +152,12 @@ def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32",
   return (tx, schedule,
           make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch),
           make_reward_eval(plan, criterion, mesh, dtype, dispatch))
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_device_step(plan, mesh, opt, aux_weight, keep_prob, dtype="float32",
+                         dispatch="switch", aug=(0, False)):
+  """make_device_supernet_step of `compiled`'s settings (data.input=device); aug: (crop_pad,
+  flip)."""
+  tx, _ = schedules.sgdr_momentum(*opt)
+  return make_device_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch, aug)
