@@ -33,6 +33,7 @@ from fp_jax.run import logs
 from fp_jax.run import parallel
 from fp_jax.run import preemption
 from fp_jax.train import reward as reward_lib
+from fp_jax.models import slot_ops
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.train import search_batches
@@ -72,7 +73,7 @@ class Search:
                        f"search.eval_batch_size={s.eval_batch_size}")
     spe = s.steps_per_epoch or data.batches_per_epoch(len(ds.y_train), s.batch_size)
     plan = supernet.make_plan(s.num_layers, s.out_filters, ds.image_shape, ds.num_classes)
-    dispatch = supernet.resolve_dispatch(s.dispatch, jax.default_backend())
+    dispatch = slot_ops.resolve_dispatch(s.dispatch, jax.default_backend())
     logging.info("search: node slots by %s (search.dispatch=%s on %s)", dispatch, s.dispatch,
                  jax.default_backend())
     tx, schedule, supernet_step, reward_eval = search_steps.compiled(
