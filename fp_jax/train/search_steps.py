@@ -2,7 +2,7 @@
 
 Both are data-parallel (parallel.data_parallel over mesh axis `data`) and take the
 architecture as traced data, so each compiles once for every architecture. Both run the
-supernet's slots with one `dispatch` (supernet.resolve_dispatch of config.search.dispatch:
+supernet's slots with one `dispatch` (slot_ops.resolve_dispatch of config.search.dispatch:
 'switch' conditionals or branch-free 'select').
 """
 from __future__ import annotations
