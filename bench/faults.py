@@ -7,8 +7,10 @@ arch.json, result.json, weights.npz).
   python -m bench.faults [--kills 21] [--seed 0] [--workdir DIR]
 
 Tiny runs of configs/smoke.py (digits) on one CPU device, with a shared compilation cache.
-Writes bench/results/faults.{json,md}: one row per fault with its outcome. A SIGKILL that
-lands after the stage finished is drawn again. The full-disk case needs `mount -t tmpfs`
+Writes bench/results/faults.{json,md}: one row per fault with its outcome, rewritten after
+every fault; a rerun with the same arguments does only the faults missing (each SIGKILL's
+moment is drawn from (seed, its number)). A SIGKILL that lands after the stage finished is
+drawn again. The full-disk case needs `mount -t tmpfs`
 (root); without it the row says so.
 """
 from __future__ import annotations
@@ -285,10 +287,12 @@ def to_markdown(result):
       f"{result['cpu']}; `python -m bench.faults --kills {result['kills']} --seed "
       f"{result['seed']}`; tiny configs/smoke.py runs on one CPU device; unbroken stage "
       "wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["stage_s"].items()),
-      "", f"{ok} of {len(rows)} faults ended in a run equal to the unbroken one; nothing was "
-      "restored silently." if ok == len(rows) else
-      f"{ok} of {len(rows)} faults ended in a run equal to the unbroken one (see the rows "
-      "that say otherwise).", "",
+      "", (f"**Partial: {len(rows)} of {result['trials']} faults done** (rerun the same "
+           "command to continue). " if len(rows) < result["trials"] else "") +
+      (f"{ok} of {len(rows)} faults ended in a run equal to the unbroken one; nothing was "
+       "restored silently." if ok == len(rows) else
+       f"{ok} of {len(rows)} faults ended in a run equal to the unbroken one (see the rows "
+       "that say otherwise)."), "",
       "| # | fault | stage | at s | checkpoints then | resumed from | outcome |",
       "|---|---|---|---|---|---|---|"]
   for i, r in enumerate(rows, 1):
@@ -333,26 +337,48 @@ def main(argv=None):
         sys.exit(f"error: two unbroken runs differ ({diff}): nothing to compare faults with")
     with open(timing, "w") as f:
       json.dump({"args": ARGS, "stage_s": stage_s}, f)
-  rng = np.random.default_rng(args.seed)
-  rows, work = [], os.path.join(base, "trial")
-  for i in range(args.kills):
-    stage = STAGES[i % 3]
-    rows.append(kill_trial(ref, work, stage, stage_s[stage], rng, env, log))
-  for stage in ("search", "final"):
-    for how in ("flipped byte", "truncated file"):
-      rows.append(damage_trial(ref, work, stage, how, env, log))
-  rows.append(nan_trial(ref, work, "search", 9, env, log))
-  rows.append(nan_trial(ref, work, "final", 14, env, log))
-  rows.append(disk_trial(ref, base, "search", env, log))
+  work = os.path.join(base, "trial")
+  trials = [(f"kill {i}", lambda i=i: kill_trial(
+      ref, work, STAGES[i % 3], stage_s[STAGES[i % 3]],
+      np.random.default_rng([args.seed, i]), env, log)) for i in range(args.kills)]
+  trials += [(f"{how} {stage}", lambda stage=stage, how=how: damage_trial(
+      ref, work, stage, how, env, log))
+             for stage in ("search", "final") for how in ("flipped byte", "truncated file")]
+  trials += [("nan search", lambda: nan_trial(ref, work, "search", 9, env, log)),
+             ("nan final", lambda: nan_trial(ref, work, "final", 14, env, log)),
+             ("disk search", lambda: disk_trial(ref, base, "search", env, log))]
+  # the rows written so far (same arguments): a rerun does only the trials missing
+  done = {}
+  if os.path.exists(args.out):
+    old = json.load(open(args.out))
+    if (old.get("args"), old.get("seed")) == (ARGS, args.seed):
+      done = {r["trial"]: r for r in old["rows"] if "trial" in r}
+  from bench import fashion_table   # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, trial in trials:
+    if name in done:
+      rows.append(done[name])
+      continue
+    t = time.perf_counter()
+    row = dict(trial(), trial=name, seconds=round(time.perf_counter() - t, 1),
+               cpu=fashion_table.cpu_model())
+    rows.append(row)
+    write(args, stage_s, rows, len(trials))
+  print(write(args, stage_s, rows, len(trials)))
+
+
+def write(args, stage_s, rows, total):
+  """bench/results/faults.{json,md} from the rows so far; returns the table."""
   from bench import fashion_table   # pylint: disable=g-import-not-at-top
   result = {"cpu": fashion_table.cpu_model(), "kills": args.kills, "seed": args.seed,
-            "stage_s": stage_s, "args": ARGS, "loadavg": os.getloadavg(), "rows": rows}
+            "stage_s": stage_s, "args": ARGS, "loadavg": os.getloadavg(), "rows": rows,
+            "trials": total}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   md = to_markdown(result)
   with open(args.out[:-len(".json")] + ".md", "w") as f:
     f.write(md)
-  print(md)
+  return md
 
 
 if __name__ == "__main__":
