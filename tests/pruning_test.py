@@ -177,10 +177,10 @@ def test_scanned_cell_runs_equal_the_unrolled_cells():
 
   def loss(p, a, b, scanned):
     if scanned:
-      (_, out), outs = supernet._run_cells(p, [3, 4], parts, a, b, None, None)
+      (_, out), outs = supernet._run_cells(p, [3, 4], parts, a, b, None, None, "switch")
     else:
-      (_, y3), _ = supernet._run_cells(p, [3], parts[:1], a, b, None, None)
-      (_, out), _ = supernet._run_cells(p, [4], parts[1:], b, y3, None, None)
+      (_, y3), _ = supernet._run_cells(p, [3], parts[:1], a, b, None, None, "switch")
+      (_, out), _ = supernet._run_cells(p, [4], parts[1:], b, y3, None, None, "switch")
       outs = jnp.stack([y3, out])
     return jnp.sum(jnp.sin(outs)), outs
 
