@@ -609,3 +609,22 @@ def test_main_sigterm_then_sigkill_then_resume_gives_the_same_result(tmp_path, d
   reference = str(tmp_path / "reference")                    # never interrupted
   search.run(tiny_config(epochs=epochs, ckpt_every_steps=0), reference, digits, RATIOS)
   assert results(workdir) == results(reference)
+
+
+def test_orbax_errors_are_logged_without_their_tracebacks():
+  """A failed save (e.g. a full disk) ends in one CheckpointError line: orbax's writer
+  threads' error records keep their message but lose the traceback; other records keep it."""
+  try:
+    raise OSError("No space left on device")
+  except OSError:
+    exc = sys.exc_info()
+  orbax = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/_src/futures/future.py",
+                              387, "raised an exception", (), exc)
+  other = logging.LogRecord("absl", logging.ERROR, "/x/fp_jax/run/checkpoint.py", 1, "m",
+                              (), exc)
+  info = logging.LogRecord("absl", logging.INFO, "/x/orbax/checkpoint/manager.py", 1, "i",
+                             (), None)
+  quiet = checkpoint._QuietOrbax()
+  assert quiet.filter(orbax) and orbax.exc_info is None and orbax.getMessage()
+  assert quiet.filter(other) and other.exc_info is exc
+  assert not quiet.filter(info)

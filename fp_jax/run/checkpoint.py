@@ -106,10 +106,16 @@ def _flat(arrays):
 
 
 class _QuietOrbax(pylogging.Filter):
-  """Drops orbax's INFO chatter (about ten lines per save) from the absl log; keeps warnings."""
+  """Drops orbax's INFO chatter (about ten lines per save) from the absl log; keeps its
+  warnings and errors, without the tracebacks its writer threads attach (a failed save,
+  e.g. a full disk, ends in one CheckpointError line of ours)."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= pylogging.WARNING
 
 
 _QUIET = _QuietOrbax()
