@@ -147,13 +147,15 @@ def resume_until_done(workdir, stage, env):
 
 
 def kill_trial(ref, workdir, stage, seconds, rng, env, log):
-  """SIGKILL at a uniform moment of the stage's unbroken wall time, then the same command."""
+  """SIGKILL at a uniform moment of the stage's unbroken wall time (`seconds`, or the last
+  attempt's when that one finished before its kill), then the same command."""
   for _ in range(5):
     prepared(ref, workdir, stage)
     at = float(rng.uniform(0.05, 0.95) * seconds)
-    rc, _, _ = run(workdir, [stage], env, kill_after=at)
+    rc, _, took = run(workdir, [stage], env, kill_after=at)
     if rc == -signal.SIGKILL:
       break
+    seconds = took   # it finished first (the machine got faster): draw within this run's time
   else:
     return {"fault": "SIGKILL", "stage": stage, "outcome": "finished before every kill drawn"}
   on_disk = checkpoints(workdir, stage)
@@ -338,15 +340,15 @@ def main(argv=None):
     with open(timing, "w") as f:
       json.dump({"args": ARGS, "stage_s": stage_s}, f)
   work = os.path.join(base, "trial")
-  trials = [(f"kill {i}", lambda i=i: kill_trial(
-      ref, work, STAGES[i % 3], stage_s[STAGES[i % 3]],
-      np.random.default_rng([args.seed, i]), env, log)) for i in range(args.kills)]
-  trials += [(f"{how} {stage}", lambda stage=stage, how=how: damage_trial(
+  trials = [(f"{how} {stage}", lambda stage=stage, how=how: damage_trial(
       ref, work, stage, how, env, log))
-             for stage in ("search", "final") for how in ("flipped byte", "truncated file")]
+            for stage in ("search", "final") for how in ("flipped byte", "truncated file")]
   trials += [("nan search", lambda: nan_trial(ref, work, "search", 9, env, log)),
              ("nan final", lambda: nan_trial(ref, work, "final", 14, env, log)),
              ("disk search", lambda: disk_trial(ref, base, "search", env, log))]
+  trials += [(f"kill {i}", lambda i=i: kill_trial(
+      ref, work, STAGES[i % 3], stage_s[STAGES[i % 3]],
+      np.random.default_rng([args.seed, i]), env, log)) for i in range(args.kills)]
   # the rows written so far (same arguments): a rerun does only the trials missing
   done = {}
   if os.path.exists(args.out):
