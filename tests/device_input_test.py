@@ -2,7 +2,6 @@
 final stage trained on them equals one trained on host batches (metrics and weights), as does
 a search (its supernet steps: metrics, samples and arch.json)."""
 import json
-import logging as std_logging
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +73,25 @@ def _trained(config, workdir, ds):
   return result, jax.tree.leaves(tree), rows
 
 
-def test_final_stage_device_input_equals_host(tmp_path, monkeypatch, caplog):
+
+def _info_spy(monkeypatch):
+  """The messages absl logging.info is called with from here on (whatever handlers earlier
+  tests left on the loggers)."""
+  from absl import logging as absl_logging   # pylint: disable=g-import-not-at-top
+  seen, info = [], absl_logging.info
+  def spy(msg, *args, **kwargs):
+    seen.append(msg % args if args else msg)
+    return info(msg, *args, **kwargs)
+  monkeypatch.setattr(absl_logging, "info", spy)
+  return seen
+
+
+def test_final_stage_device_input_equals_host(tmp_path, monkeypatch):
   ds = data.load("digits", 64)
   host = _trained(_config("host"), tmp_path / "host", ds)
   device = _trained(_config("device"), tmp_path / "device", ds)
   monkeypatch.setattr(augment, "DEVICE_LIMIT_BYTES", 0)   # over the limit: prefetch thread
-  caplog.set_level(std_logging.INFO)
+  messages = _info_spy(monkeypatch)
   fallback = _trained(_config("device"), tmp_path / "fallback", ds)
   assert len(host[2]) == 2 and host[2][-1]["loss"] > 0
   for other in (device, fallback):
@@ -88,7 +100,7 @@ def test_final_stage_device_input_equals_host(tmp_path, monkeypatch, caplog):
     for a, b in zip(other[1], host[1]):
       np.testing.assert_array_equal(a, b)
   assert sum("data.input=device" in m and "prefetch thread" in m
-             for m in caplog.messages) == 1
+             for m in messages) == 1
 
 
 def test_bad_input_is_one_error_naming_the_field():
@@ -119,7 +131,7 @@ def _searched(config, workdir, ds):
   return rows, (d / "samples.jsonl").read_text(), (d / "arch.json").read_text()
 
 
-def test_search_device_input_equals_host(tmp_path, monkeypatch, caplog):
+def test_search_device_input_equals_host(tmp_path, monkeypatch):
   ds = data.load("digits", 64)
   host = _searched(_search_config("host"), tmp_path / "host", ds)
   streams, train_batch = [], data.train_batch
@@ -131,9 +143,9 @@ def test_search_device_input_equals_host(tmp_path, monkeypatch, caplog):
   assert streams and int(Stream.SUPERNET) not in streams   # only reward batches from the host
   monkeypatch.setattr(data, "train_batch", train_batch)
   monkeypatch.setattr(augment, "DEVICE_LIMIT_BYTES", 0)   # over the limit: prefetch thread
-  caplog.set_level(std_logging.INFO)
+  messages = _info_spy(monkeypatch)
   fallback = _searched(_search_config("device"), tmp_path / "fallback", ds)
   assert len(host[0]) == 2 and host[0][-1]["child_loss"] > 0 and host[1] and host[2]
   assert device == host and fallback == host
   assert sum("data.input=device" in m and "prefetch thread" in m
-             for m in caplog.messages) == 1
+             for m in messages) == 1
