@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import fashion_table  # pylint: disable=g-import-not-at-top
+from fp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
 WORKDIR = "/var/tmp/fp_jax_bench/proxy_fidelity"
 # supernet figure -> standalone figure it stands in for
@@ -230,8 +231,17 @@ def main(argv=None):
 def search_config(args, ml_collections, fashion):
   """(resolved config, search work directory): --search_dir's own (its checkpoint must match
   it), else the variant's with --set applied, searched under --workdir."""
-  if args.search_dir:
-    config = ml_collections.ConfigDict(fashion_table._read(args.search_dir, "config.json"))
+  if args.search_dir:   # its config.json over today's defaults (fields added since keep
+    stored = fashion_table._read(args.search_dir, "config.json")   # their defaults: the
+    config = fashion.get_config(args.variant)                      # behaviour it ran with)
+    for path, v in config_lib.fields(ml_collections.ConfigDict(stored)).items():
+      *parents, leaf = path.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        raise SystemExit(f"error: {args.search_dir}/config.json: unknown field {path}")
+      node[leaf] = v
     args.seed = config.seed
   else:
     config = fashion.get_config(args.variant)
