@@ -241,3 +241,23 @@ def test_proxy_fidelity_resumes_from_its_json_alone(tmp_path, monkeypatch):
   assert [r["index"] for r in again["rows"]] == [0, 1, 2, 3]
   assert again["rows"][:3] == first["rows"] and again["picked"] == first["picked"]
   assert again["rank_correlation"]["train_acc~final_acc"]["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_search_dir_config_from_before_new_fields(tmp_path):
+  """A finished search's config.json written before a field existed: its values over today's
+  defaults (the new field keeps its default); a field today's config lacks: one error."""
+  import argparse
+  import ml_collections
+  from configs import fashion
+  stored = fashion.get_config("a0.02_b20").to_dict()
+  del stored["search"]["dispatch"]
+  stored["seed"], stored["search"]["lr_max"] = 3, 0.25
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  args = argparse.Namespace(search_dir=str(tmp_path), variant="a0.02_b20", seed=0, set=[])
+  config, search_dir = proxy_fidelity.search_config(args, ml_collections, fashion)
+  assert search_dir == str(tmp_path) and args.seed == config.seed == 3
+  assert config.search.lr_max == 0.25 and config.search.dispatch == "auto"
+  stored["search"]["gone"] = 1
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(SystemExit, match=r"unknown field search\.gone"):
+    proxy_fidelity.search_config(args, ml_collections, fashion)
