@@ -116,13 +116,60 @@ def _same_search(one, two):
   return a1
 
 
-def test_two_processes_run_the_pipeline_as_one_process_with_two_devices(tmp_path, unbroken):
-  """Stage hand-off: process 1's final and compress read what process 0 wrote."""
+def _wait_for(proc, pattern, lines, timeout):
+  """Reads proc's stderr into `lines` until a line matches `pattern`."""
+  end = time.monotonic() + timeout
+  for line in proc.stderr:
+    lines.append(line)
+    if re.search(pattern, line):
+      return
+    if time.monotonic() > end:
+      break
+  pytest.fail(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
+
+
+def _sigterm_to_process_1(args):
+  """Starts 2 processes of fp_jax.main `args`, sends SIGTERM to process 1 only in its first
+  search step (compiling: handled); both must agree (every 2 steps, one all-gather), save
+  the same checkpoint and exit 0 without a traceback."""
+  cmds = local.commands(args, 2, local.free_port())
+  procs = [subprocess.Popen(c, cwd=ROOT, env=local.child_env(1, _env(1)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for c in cmds]
+  lines = []
+  try:
+    _wait_for(procs[1], r"search: 2 epochs x 3 steps", lines, TIMEOUT / 2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=TIMEOUT / 2) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errs = ["".join(lines) + outs[1][1] if i == 1 else outs[0][1] for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, errs[i][-3000:]
+    assert "Traceback" not in errs[i], errs[i][-3000:]
+    assert re.search(r"search: .*\b2 devices", errs[i]), errs[i][-2000:]   # one 2-device mesh
+  assert "SIGTERM received" in errs[1] and "another process received a stop signal" in errs[0]
+  saved = [re.findall(r"search: stopped by (\w+) after saving checkpoint (\d+)", e)
+           for e in errs]
+  assert saved[1] == [("SIGTERM", saved[1][0][1])] and saved[0] == [("request", saved[1][0][1])]
+
+
+def test_two_processes_stop_resume_and_run_the_pipeline_as_one_process_with_two_devices(
+    tmp_path, unbroken):
+  """Preemption: SIGTERM to process 1 only stops both at the same step with the same
+  checkpoint; the launcher's rerun of the same command resumes. Stage hand-off: process 1's
+  final and compress read what process 0 wrote. Everything equals the unbroken run of one
+  process with two devices."""
   one, two = unbroken, tmp_path / "two"
-  rc2, _, err2 = _finish(_launcher(*PIPELINE, f"--workdir={two}"))
+  args = PIPELINE + ["--config.preemption_sync_steps=2", f"--workdir={two}"]
+  _sigterm_to_process_1(args)
+  assert not (two / "search" / "arch.json").exists()   # stopped part-way
+
+  rc2, _, err2 = _finish(_launcher(*args))
   assert rc2 == 0, err2[-3000:]
-  for i in (0, 1):   # both ran on a 2-device mesh, as two processes
-    assert re.search(rf"^\[{i}\] .*search: .*\b2 devices", err2, re.M), err2[-2000:]
+  assert re.search(r"search: resuming from checkpoint \d+", err2), err2[-2000:]
   arch = _same_search(one, two)
   with open(two / "config.json") as f:
     config = json.load(f)
@@ -144,52 +191,6 @@ def test_two_processes_run_the_pipeline_as_one_process_with_two_devices(tmp_path
     for k in w1.files:
       if w1[k].dtype.kind == "f":
         _close(w1[k], w2[k], f"{stage} {k}")
-
-
-def _wait_for(proc, pattern, lines, timeout):
-  """Reads proc's stderr into `lines` until a line matches `pattern`."""
-  end = time.monotonic() + timeout
-  for line in proc.stderr:
-    lines.append(line)
-    if re.search(pattern, line):
-      return
-    if time.monotonic() > end:
-      break
-  pytest.fail(f"no line matching {pattern!r}:\n{''.join(lines)[-3000:]}")
-
-
-def test_sigterm_to_one_process_stops_both_and_the_resumed_run_is_unbroken(tmp_path, unbroken):
-  """SIGTERM to process 1 only: both agree (every 2 steps, one all-gather), save the same
-  checkpoint and exit 0; the same command resumes and gives what the unbroken run gave."""
-  two = tmp_path / "two"
-  args = TINY + ["--config.preemption_sync_steps=2", f"--workdir={two}"]
-  cmds = local.commands(args, 2, local.free_port())
-  procs = [subprocess.Popen(c, cwd=ROOT, env=local.child_env(1, _env(1)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for c in cmds]
-  lines = []
-  try:
-    _wait_for(procs[1], r"search: 2 epochs x 3 steps", lines, TIMEOUT / 2)
-    procs[1].send_signal(signal.SIGTERM)   # in the first step (compiling): handled
-    outs = [p.communicate(timeout=TIMEOUT / 2) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  errs = ["".join(lines) + outs[1][1] if i == 1 else outs[0][1] for i in range(2)]
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, errs[i][-3000:]
-    assert "Traceback" not in errs[i], errs[i][-3000:]
-  assert "SIGTERM received" in errs[1] and "another process received a stop signal" in errs[0]
-  saved = [re.findall(r"search: stopped by (\w+) after saving checkpoint (\d+)", e)
-           for e in errs]
-  assert saved[1] == [("SIGTERM", saved[1][0][1])] and saved[0] == [("request", saved[1][0][1])]
-  assert not (two / "search" / "arch.json").exists()   # stopped part-way
-  rc, _, err = _finish(_launcher(*TINY, "--config.preemption_sync_steps=2",
-                                 f"--workdir={two}"))
-  assert rc == 0, err[-3000:]
-  assert re.search(r"search: resuming from checkpoint \d+", err), err[-2000:]
-  _same_search(unbroken, two)
 
 
 STUB = textwrap.dedent("""\
