@@ -3,6 +3,8 @@
 Every field the program reads is here, with its default; fp_jax/config.py FIELDS says what
 each allows (code reads fields directly, never with a fallback of its own).
 """
+import os
+
 import ml_collections
 
 from fp_jax import data
@@ -49,7 +51,19 @@ def get_config():
   s.importance = "l1"                  # l1 | bn | taylor (|w * dL/dw|) | random
   s.ratio_measure = "layers"           # Ratio of the reward: layers (the paper's sum of
                                        # per-cell ratios) | macs (8 x the fraction of the
-                                       # searched network's multiply-adds removed)
+                                       # searched network's multiply-adds removed) | latency
+                                       # (8 x the fraction of the deployed final network's
+                                       # predicted fused CPU latency removed: a table)
+  s.latency_table_dir = os.environ.get("FP_JAX_LATENCY_TABLE_DIR",
+                                       "~/.cache/fp_jax/latency_tables")
+                                       # cache of measured per-block fused latencies, one file
+                                       # per CPU model / jax version (infer/latency_table.py);
+                                       # every sample then logs latency_ms, masked_latency_ms.
+                                       # "": no table (the tests' default, via that variable)
+  s.round_to = 1                       # kept channels of every pruned group rounded up to a
+                                       # multiple of N, capped at the group (masks.keep_count);
+                                       # 1: the exact count; 8 suits CPU (the fused path pads to
+                                       # 8 anyway); use compress.round_to's value
   s.uniform_child_epochs = 0           # warm-up epochs training the supernet on uniform arcs
   s.controller_updates = 30            # per epoch
   s.controller_samples = 10            # architectures per update
@@ -115,6 +129,13 @@ def get_config():
   k.bn_batches = 32                    # training batches re-estimating BN statistics after masking
   k.lr_max = 0.01
   k.lr_min = 0.0001
+  k.round_to = 1                       # kept channels rounded up to a multiple of N, capped at
+                                       # the group (the masks, compact network and latency
+                                       # stage's pruned one); 1: exact; 8 recommended on CPU
+  k.distill = False                    # fine-tune with the unpruned network as teacher:
+                                       # loss = usual + weight * T^2 * KL(teacher_T || student_T)
+  k.distill_weight = 1.0               # weight of that term
+  k.distill_temperature = 4.0          # T: both networks' logits divided by it
 
   t = config.latency = ml_collections.ConfigDict()
   t.init = "trained"                   # trained (final/ and compress/ weights) | random

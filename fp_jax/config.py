@@ -185,6 +185,14 @@ def _threads(path, v):
   return v
 
 
+def _table_dir(path, v):
+  if not isinstance(v, str):
+    raise ConfigError(f"{path}={v!r}: must be a folder path (a string; empty: no latency table)")
+  if v and os.path.exists(os.path.expanduser(v)) and not os.path.isdir(os.path.expanduser(v)):
+    raise ConfigError(f"{path}={v!r}: must be a folder, not a file")
+  return v
+
+
 # what the search child and the final network both have: size, batches, the SGD recipe
 NETWORK = {
     "num_layers": Int(1, 60), "out_filters": Int(2, 1024), "batch_size": Int(1),
@@ -215,6 +223,8 @@ FIELDS = {
     "search.ratio_choices": Parsed(_ratio_choices, "a non-empty list of numbers in [0, 1)"),
     "search.importance": CRITERIA,
     "search.ratio_measure": Choice(supernet_flops.MEASURES),
+    "search.latency_table_dir": Parsed(_table_dir, "a folder path (empty: no latency table)"),
+    "search.round_to": Int(1, 1024),
     "search.uniform_child_epochs": Int(0),
     "search.controller_updates": Int(0),
     "search.controller_samples": Int(1),
@@ -246,6 +256,10 @@ FIELDS = {
     "compress.bn_batches": Int(1),
     "compress.lr_max": Float(0.0, lo_open=True),
     "compress.lr_min": Float(0.0),
+    "compress.round_to": Int(1, 1024),
+    "compress.distill": BOOL,
+    "compress.distill_weight": Float(0.0),
+    "compress.distill_temperature": Float(0.0, lo_open=True),
     "latency.init": Choice(("trained", "random")),
     "latency.images": Int(1),
     "latency.batch_size": Int(1),
@@ -300,3 +314,6 @@ def validate(config):
       raise ConfigError(f"{path}: unknown field (the fields are configs/default.py's)")
   for path in FIELDS:
     parse(config, path)
+  if config.search.ratio_measure == "latency" and not config.search.latency_table_dir:
+    raise ConfigError("search.ratio_measure=latency needs a latency table: "
+                      "search.latency_table_dir must name a folder")

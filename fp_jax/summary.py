@@ -111,7 +111,8 @@ def sample_costs(config, samples):
   for r in samples:
     arc = np.asarray(r["arc"])
     plan = child.make_plan(arc, s["num_layers"], s["out_filters"], shape, classes)
-    out.append(flops.count(plan, compaction.ratio_widths(plan, r["ratios"]))["macs"])
+    out.append(flops.count(plan, compaction.ratio_widths(plan, r["ratios"],
+                                                         s.get("round_to", 1)))["macs"])
   return np.asarray(out)
 
 

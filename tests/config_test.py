@@ -71,7 +71,8 @@ BAD = {config_lib.Int: ("x", "must be an integer"), config_lib.Float: ("x", "mus
 PARSED_BAD = {"stages": ("serch", "allowed: search, final"), "data.name": ("", "digits"),
               "search.ratio_choices": ("x", "numbers in [0, 1)"),
               "final.arc": ("1 2 3", "40 ints"), "compress.ratios": ("0.5", "5 numbers"),
-              "latency.threads": (-1, "an integer >= 0")}
+              "latency.threads": (-1, "an integer >= 0"),
+              "search.latency_table_dir": (3, "a folder path")}
 
 
 @pytest.mark.parametrize("path", list(config_lib.FIELDS))

@@ -15,6 +15,9 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# no latency table unless a test asks for one (search.latency_table_dir's default reads it):
+# searches in tests neither measure blocks nor write to ~/.cache
+os.environ.setdefault("FP_JAX_LATENCY_TABLE_DIR", "")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="fp_jax_test_cache_")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

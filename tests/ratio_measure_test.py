@@ -1,4 +1,5 @@
-"""search.ratio_measure (layers | macs), samples' macs / masked_macs, stages without cells."""
+"""search.ratio_measure (layers | macs | latency), samples' macs / masked_macs and
+latency_ms / masked_latency_ms, stages without cells."""
 import jax
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
 from fp_jax.models import supernet
 from fp_jax.models import supernet_flops
+from fp_jax.infer import latency_table
 from fp_jax.train import search
+from tests.latency_table_test import fake_measure, fake_networks
 from tests.search_test import RATIOS
 from tests.tiny import tiny_config
 
@@ -55,27 +58,37 @@ def digits():
   return data.load("digits", 256)
 
 
-@pytest.mark.parametrize("measure", ["layers", "macs"])
-def test_reward_rows_satisfy_the_formula_for_both_measures(digits, measure):
+@pytest.mark.parametrize("measure", supernet_flops.MEASURES)
+def test_reward_rows_satisfy_the_formula_for_every_measure(digits, measure, tmp_path):
   config = tiny_config(ratio_measure=measure, num_layers=3, alpha=0.5, beta=20.0)
+  config.search.latency_table_dir = str(tmp_path)
   mesh = parallel.make_mesh(jax.devices()[:1])
   srch = search.Search.build(config, digits, RATIOS, mesh)
+  # the deployed network's latency table (measurements faked): every measure logs it
+  srch.latency, _ = latency_table.for_search(
+      config, digits.image_shape, digits.num_classes, RATIOS, str(tmp_path / "search"), False,
+      measure_fn=fake_measure, networks_fn=fake_networks, draws=20)
   params = srch.init_state().supernet.params
   rng = np.random.default_rng(3)
   for i in range(4):
     arc = space.sample_uniform(rng)
     r = srch.evaluate_sample(params, arc, np.zeros(5, int), i)
     assert r["masked_macs"] == r["macs"] == supernet_flops.count(srch.plan, arc)
+    assert r["masked_latency_ms"] == r["latency_ms"] > 0
     assert r["ratio"] == 0.0 and r["reward"] == r["train_acc"] == r["prune_acc"]
     r = srch.evaluate_sample(params, arc, rng.integers(1, 5, 5), i)
-    assert r["masked_macs"] < r["macs"]
+    assert r["masked_macs"] < r["macs"] and r["masked_latency_ms"] <= r["latency_ms"]
+    assert (r["latency_ms"], r["masked_latency_ms"]) == srch.latency(arc, r["ratios"])
     assert r["reward"] == 0.5 * r["ratio"] * (1 + 20.0 * (r["prune_acc"] - r["train_acc"])) \
         + r["train_acc"]
     if measure == "layers":   # stages of cells N R N R N
       assert r["ratio"] == sum(r["ratios"][s] for s in (0, 1, 2, 3, 4))
-    else:
+    elif measure == "macs":
       assert r["ratio"] == 8 * (1 - r["masked_macs"] / r["macs"])
       assert 0 < r["ratio"] < 8
+    else:
+      assert r["ratio"] == 8 * (1 - r["masked_latency_ms"] / r["latency_ms"])
+      assert 0 <= r["ratio"] < 8
 
 
 def test_a_reward_row_walks_the_arc_once_for_its_multiply_adds(digits, monkeypatch):

@@ -74,16 +74,17 @@ def estimate_bn(plan, params, stats, seed, batch=BN_BATCH):
   return jax.tree.map(lambda n, o: (n - m * o) / (1 - m), new, stats)
 
 
-def prune(plan, params, stats, ratios, criterion="l1"):
+def prune(plan, params, stats, ratios, criterion="l1", round_to=1):
   """compaction.prune without the widths: (compact params, stats)."""
-  _, cp, cs = compaction.prune(plan, params, stats, ratios, criterion)
+  _, cp, cs = compaction.prune(plan, params, stats, ratios, criterion, round_to)
   return cp, cs
 
 
 def random_networks(config, workdir):
   """{'baseline', 'pruned'} Nets: random_init weights, BN statistics estimated on random
-  images (estimate_bn), pruned with the configured ratios, then the compact network's
-  BN statistics estimated again (as compress re-estimates them)."""
+  images (estimate_bn), pruned with the configured ratios (and compress.round_to, as
+  compress prunes), then the compact network's BN statistics estimated again (as
+  compress re-estimates them)."""
   arc = results.configured_arc(config, workdir)
   shape, num_classes = profile.image_shape(config)
   plan = child.make_plan(arc, config.final.num_layers, config.final.out_filters, shape,
@@ -91,7 +92,8 @@ def random_networks(config, workdir):
   params, stats = random_init(plan, config.seed)
   stats = estimate_bn(plan, params, stats, config.seed)
   ratios = results.configured_ratios(config, workdir)
-  cp, cs = prune(plan, params, stats, ratios, config.compress.importance)
+  cp, cs = prune(plan, params, stats, ratios, config.compress.importance,
+                 config.compress.round_to)
   cs = estimate_bn(plan, cp, cs, config.seed + 1)
   return {"baseline": Net(plan, arc, params, stats), "pruned": Net(plan, arc, cp, cs)}
 

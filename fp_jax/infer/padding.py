@@ -37,7 +37,11 @@ def round_up(n, multiple):
 def layouts(plan, params, multiple):
   """compaction.gather layouts padding every simple group of the network `params`
   (widths read from its shapes) to a multiple of `multiple`."""
-  w = flops.widths_of_params(plan, params)
+  return width_layouts(plan, flops.widths_of_params(plan, params), multiple)
+
+
+def width_layouts(plan, w, multiple):
+  """`layouts` of a network of widths `w` (flops.full_widths layout; no weights needed)."""
   spaces, inner = graph.channel_spaces(plan, w)
   g, widths = groups_lib.derive(spaces), spaces.widths
   simple = ~g.group_fixed.copy()
@@ -65,6 +69,16 @@ def layouts(plan, params, multiple):
     else:
       vals.append(own(j))
   return {"values": vals, "inner": {name: own(s) for name, s in inner.items()}}
+
+
+def padded_widths(plan, widths, multiple):
+  """The widths (flops.full_widths layout) the fused path runs for a network of `widths`:
+  every simple group padded to a multiple of `multiple` (the lengths of width_layouts)."""
+  if multiple == 1:
+    return widths
+  lay = width_layouts(plan, widths, multiple)
+  return {"values": [len(v) for v in lay["values"]],
+          "inner": {k: len(v) for k, v in lay["inner"].items()}}
 
 
 def pad_channels(plan, params, stats, multiple):

@@ -16,6 +16,9 @@ network: 6 normal cells and 2 reduction cells) keeps `a` on the paper's scale at
 every depth. Removing a fraction r of every layer's channels (inputs and outputs)
 removes about 1 - (1 - r)^2 of the multiply-adds, so at the paper's depth the `macs`
 Ratio is 8 (2r - r^2) against the `layers` Ratio 8r.
+
+The measure `latency` is the same scaled fraction of the deployed network's predicted
+fused CPU latency (infer/latency_table.py): 8 x (1 - masked_latency_ms / latency_ms).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from fp_jax.models import space
 from fp_jax.models import supernet
 
 MACS_RATIO_SCALE = 8
-MEASURES = ("layers", "macs")
+MEASURES = ("layers", "macs", "latency")
 
 
 def count(plan, arc, kept=None):
@@ -74,11 +77,17 @@ def count(plan, arc, kept=None):
   return np.rint(macs + prev[1] * plan.num_classes).astype(int).tolist()
 
 
-def ratio(measure, plan, stage_ratios, macs=None, masked_macs=None):
+def ratio(measure, plan, stage_ratios, macs=None, masked_macs=None, latency_ms=None,
+          masked_latency_ms=None):
   """The Ratio of the reward: 'layers' sums each cell's stage ratio (the paper);
-  'macs' is MACS_RATIO_SCALE * (1 - masked_macs / macs)."""
+  'macs' is MACS_RATIO_SCALE * (1 - masked_macs / macs); 'latency' the same of the
+  predicted latencies (Python floats: the logged values give it exactly)."""
   if measure == "layers":
     return float(sum(float(stage_ratios[spec.stage]) for spec in plan.cells))
   if measure == "macs":
     return MACS_RATIO_SCALE * (1.0 - masked_macs / macs)
+  if measure == "latency":
+    if latency_ms is None:
+      raise ValueError("ratio measure 'latency' needs a latency table (search.latency_table_dir)")
+    return MACS_RATIO_SCALE * (1.0 - masked_latency_ms / latency_ms)
   raise ValueError(f"ratio measure must be one of {MEASURES}, got {measure!r}")

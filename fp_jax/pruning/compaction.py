@@ -112,20 +112,23 @@ def compact(plan, params, stats, masks):
   return widths_of(plan, masks), p, s
 
 
-def prune(plan, params, stats, ratios, criterion="l1"):
-  """masks.child_masks then compact: (widths, compact params, compact stats)."""
-  masks = jax.device_get(jax.jit(lambda p, r: masks_lib.child_masks(plan, p, r, criterion))(
-      params, jnp.asarray(ratios, jnp.float32)))
+def prune(plan, params, stats, ratios, criterion="l1", round_to=1):
+  """masks.child_masks then compact: (widths, compact params, compact stats); round_to:
+  masks.keep_count's (compress.round_to)."""
+  masks = jax.device_get(jax.jit(lambda p, r: masks_lib.child_masks(
+      plan, p, r, criterion, round_to=round_to))(params, jnp.asarray(ratios, jnp.float32)))
   return compact(plan, params, stats, masks)
 
 
-def ratio_widths(plan, ratios):
-  """Widths of the network masked at per-stage `ratios` [5], without weights: every unit
+def ratio_widths(plan, ratios, round_to=1):
+  """Widths of the network masked at per-stage `ratios` [5] (counts rounded as
+  masks.keep_count's `round_to`), without weights: every unit
   equally important (ties keep the lower unit ids, as masks.unit_masks). Exact whenever
   a value holds whole groups (the usual case); where a group spans several values of
   different units (a cell that skips its calibration next to a concat), the split among
   them is nominal. Host-side numpy (no compilation per network)."""
   g, _ = groups_lib.child_groups(plan)
   units = masks_lib.unit_masks(np.zeros(len(g.unit_group), np.float32), g.unit_group,
-                               g.group_size, g.group_stage, g.group_fixed, ratios, xp=np)
+                               g.group_size, g.group_stage, g.group_fixed, ratios, xp=np,
+                               round_to=round_to)
   return widths_of(plan, {"units": units})

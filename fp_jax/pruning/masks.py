@@ -1,6 +1,7 @@
 """Step 3 of pruning: masks from unit importance (one keep count), applied to both networks.
 
-Every group keeps its `keep_count` most important units (ties: the lower unit id); a
+Every group keeps its `keep_count` most important units (ties: the lower unit id; with
+`round_to` N > 1 the count rounded up to a multiple of N, at most the group); a
 mask multiplies the producing convs' output channels and their BN scale and offset, so
 masked channels are exactly zero everywhere (BN statistics are untouched: a zero
 channel stays zero in train and eval mode). All mask functions are pure jit
@@ -23,22 +24,34 @@ from fp_jax.pruning import groups as groups_lib
 from fp_jax.pruning import importance
 
 
-def keep_count(size, ratio, xp=jnp):
-  """Units a group of `size` keeps at `ratio`: max(1, round((1 - ratio) * size)), in
-  float32 with rounding half to even (the one count of every mask and width); int32,
+def keep_count(size, ratio, xp=jnp, round_to=1):
+  """Units a group of `size` keeps at `ratio` (the one count of every mask and width):
+  k = max(1, round((1 - ratio) * size)) in float32 with rounding half to even; with
+  round_to N > 1 (a static int: compress.round_to / search.round_to) k rounded up to a
+  multiple of N and capped at the group: min(size, N * ceil(k / N)) -- never fewer
+  units than the ratio asks, ratio 0 still keeps all, and a group the cap stops (size
+  below N or not a multiple of it) is kept whole. N 1 is k exactly. int32,
   elementwise; xp=np computes the same on the host."""
   kept = xp.round((xp.float32(1) - xp.asarray(ratio, xp.float32)) * xp.asarray(size, xp.float32))
-  return xp.maximum(1, kept).astype(xp.int32)
+  kept = xp.maximum(1, kept).astype(xp.int32)
+  n = int(round_to)
+  if n < 1:
+    raise ValueError(f"round_to={round_to}: must be an integer >= 1")
+  if n == 1:
+    return kept
+  return xp.minimum(xp.asarray(size).astype(xp.int32), (kept + (n - 1)) // n * n)
 
 
-def unit_masks(unit_imp, unit_group, group_size, group_stage, group_fixed, ratios, xp=jnp):
-  """0/1 f32 [U]: each group keeps its top keep_count(size, ratios[group_stage]) units by
-  `unit_imp` [U] (ties: the lower unit id); fixed groups keep all. All arguments may be
-  traced (shapes static); xp=np computes the same on the host."""
+def unit_masks(unit_imp, unit_group, group_size, group_stage, group_fixed, ratios, xp=jnp,
+               round_to=1):
+  """0/1 f32 [U]: each group keeps its top keep_count(size, ratios[group_stage], round_to)
+  units by `unit_imp` [U] (ties: the lower unit id); fixed groups keep all. All arguments
+  but round_to (a static int) may be traced (shapes static); xp=np computes the same on
+  the host."""
   u = unit_imp.shape[0]
   ratio = xp.asarray(ratios, xp.float32)[xp.asarray(group_stage)]
   size = xp.asarray(group_size)
-  keep = xp.where(xp.asarray(group_fixed), size, keep_count(size, ratio, xp))
+  keep = xp.where(xp.asarray(group_fixed), size, keep_count(size, ratio, xp, round_to))
   unit_group = xp.asarray(unit_group)
   idx = xp.arange(u)
   order = xp.lexsort((idx, -unit_imp, unit_group))        # by group, then importance
@@ -70,16 +83,18 @@ def mask_sep(p, inner, outer):
 # ---------------------------------------------------------------- the supernet
 
 
-def supernet_masks(plan, params, arc, ratios, groups, criterion="l1", grads=None, key=None):
+def supernet_masks(plan, params, arc, ratios, groups, criterion="l1", grads=None, key=None,
+                   round_to=1):
   """Masks of the sampled architecture, one per space of supernet.space_table: {'stem':
   [3F], 'cells': [{'calib_x'?, 'calib_y'?, 'reduce'?: [F], 'node': [5, F], 'out',
   'inner': [5, 2, F], 'final': [F]}], 'units': [N] (the mask of every unit id),
   'kept': supernet.Kept (the channels every space keeps, f32)}. arc int32 [40], ratios
   f32 [5] (one per stage), groups: groups.supernet_groups(plan, arc); criterion: one of
-  importance.CRITERIA (grads / key: what it needs)."""
+  importance.CRITERIA (grads / key: what it needs); round_to: keep_count's (static;
+  search.round_to)."""
   imp = importance.supernet_units(plan, params, arc, groups, criterion, grads, key)
   units = unit_masks(imp, groups["unit_group"], groups["group_size"], groups["group_stage"],
-                     groups["group_fixed"], ratios)
+                     groups["group_fixed"], ratios, round_to=round_to)
   flat, off, of = units[groups["unit_of"]], 0, {}
   for key, width, _ in supernet.space_table(plan):       # unit_of follows the table
     of[key], off = flat[off:off + width], off + width
@@ -137,14 +152,15 @@ def apply_supernet_masks(plan, params, arc, masks):
 # ---------------------------------------------------------------- the fixed network
 
 
-def child_masks(plan, params, ratios, criterion="l1", grads=None, key=None):
+def child_masks(plan, params, ratios, criterion="l1", grads=None, key=None, round_to=1):
   """{'units': f32 [U]} of the fixed network `plan` (units of groups.child_groups):
   each group keeps its top keep_count units. ratios f32 [5] (one per stage, may be
-  traced); criterion: one of importance.CRITERIA (grads / key: what it needs)."""
+  traced); criterion: one of importance.CRITERIA (grads / key: what it needs); round_to:
+  keep_count's (static; compress.round_to)."""
   g, _ = groups_lib.child_groups(plan)
   imp = importance.child_units(plan, params, criterion, grads, key)
   return {"units": unit_masks(imp, g.unit_group, g.group_size, g.group_stage, g.group_fixed,
-                              ratios)}
+                              ratios, round_to=round_to)}
 
 
 def value_mask(plan, masks, space_index):

@@ -2,7 +2,8 @@
 
   1. load DIR/final/weights.npz; ratios from compress.ratios or search/arch.json;
   2. masks of every channel group by importance (compress.importance; 'taylor' reads
-     the loss gradients averaged over the compress.bn_batches batches), applied;
+     the loss gradients averaged over the compress.bn_batches batches; kept counts
+     rounded up to multiples of compress.round_to, masks.keep_count), applied;
      test_error_masked_stale_bn: the masked network with the unpruned network's
      running BN statistics (stale: masking changes every later activation);
   3. BN re-estimation (bn_reestimate.py): the masked network's running statistics
@@ -16,6 +17,10 @@
      update (pruned weights stay exactly zero); mode 'scratch': train the thin
      network from a fresh initialisation; both for compress.finetune_epochs
      epochs, one cosine cycle from compress.lr_max, otherwise the final recipe;
+     compress.distill (either mode): the unpruned trained network is the teacher, in
+     eval mode on the same augmented batch inside the step, and the loss is the
+     usual one + distill_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+     T = distill_temperature (trainer._step_fn, losses.distillation_loss);
   5. compact (channels really removed) and test it: test_error_finetuned;
      max_abs_diff_masked_vs_compact compares the masked and compact logits of
      the same weights on the first test batch (eval mode);
@@ -65,9 +70,10 @@ def compress_recipe(config, num_train):
   base = final.final_recipe(config, num_train)
   spe = c.steps_per_epoch or data.batches_per_epoch(num_train, c.batch_size)
   lr_max = config.final.lr_max if c.mode == "scratch" else c.lr_max
+  distill = (c.distill_weight, c.distill_temperature) if c.distill else None
   return dataclasses.replace(base, epochs=c.finetune_epochs, steps_per_epoch=spe,
                              batch_size=c.batch_size, lr_max=lr_max, lr_min=c.lr_min,
-                             lr_t0=max(c.finetune_epochs, 1), lr_tmul=1)
+                             lr_t0=max(c.finetune_epochs, 1), lr_tmul=1, distill=distill)
 
 
 def bn_batches(config, x, y, mean, std, labels=False):
@@ -144,14 +150,16 @@ def run(config, workdir, ds):
   mesh = parallel.make_mesh()
   grads, key = importance_inputs(config, plan, params, stats, x, y, ds.mean, ds.std, mesh)
   masks = jax.device_get(jax.jit(
-      lambda p, r, g, k: masks_lib.child_masks(plan, p, r, c.importance, g, k))(
+      lambda p, r, g, k: masks_lib.child_masks(plan, p, r, c.importance, g, k, c.round_to))(
           params, np.float32(ratios), grads, key))
   masked = jax.jit(lambda p, m: masks_lib.apply_child_masks(plan, p, m))(params, masks)
   full = flops.count(plan)
   pruned = flops.count(plan, compaction.widths_of(plan, masks))
+  teacher = (params, stats) if c.distill else None      # the unpruned trained network
   trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.COMPRESS,
                                            ds.mean, ds.std, mesh,
-                                           masks=masks if c.mode == "finetune" else None)
+                                           masks=masks if c.mode == "finetune" else None,
+                                           teacher=teacher)
   acc_stale = trainer.evaluate(masked, stats, ds.x_test, ds.y_test)
   restats = bn_reestimate.reestimate(train_mode_stats(plan), masked, stats,
                                      bn_batches(config, x, y, ds.mean, ds.std), trainer.mesh)
@@ -166,7 +174,7 @@ def run(config, workdir, ds):
     init_state = lambda: trainer.init_state(masked, restats)
   else:  # scratch: a fresh initialisation of the thin network, trained alone
     trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.COMPRESS,
-                                             ds.mean, ds.std)
+                                             ds.mean, ds.std, teacher=teacher)
 
     def init_state():
       fresh_p, fresh_s = child.init(streams.key(config.seed, Purpose.COMPRESS_INIT), plan)
@@ -189,6 +197,9 @@ def run(config, workdir, ds):
   result = {
       "ratios": [float(r) for r in ratios], "importance": c.importance, "mode": c.mode,
       "finetune_epochs": c.finetune_epochs, "bn_batches": c.bn_batches,
+      "round_to": c.round_to, "distill": bool(c.distill),
+      "distill_weight": c.distill_weight if c.distill else None,
+      "distill_temperature": c.distill_temperature if c.distill else None,
       "macs": full["macs"], "params": full["params"], "params_no_aux": full["params_no_aux"],
       "pruned_macs": pruned["macs"], "pruned_params": pruned["params"],
       "pruned_params_no_aux": pruned["params_no_aux"],

@@ -32,3 +32,24 @@ def classification_loss(logits, aux, labels, aux_weight, axis_name=AXIS):
   if axis_name is None:
     return loss, (ce, acc)
   return jax.lax.pmean(loss, axis_name), jax.lax.pmean((ce, acc), axis_name)
+
+
+def distill_kl(logits, teacher_logits, temperature):
+  """Mean over the batch of KL(softmax(teacher / T) || softmax(logits / T)) (nats), float32:
+  sum_k p_k (log p_k - log q_k), p the teacher's softened distribution, q the student's.
+  The teacher's side carries no gradient."""
+  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32)) / temperature
+  s = jnp.asarray(logits, jnp.float32) / temperature
+  log_p, log_q = jax.nn.log_softmax(t), jax.nn.log_softmax(s)
+  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+
+
+def distillation_loss(loss, logits, teacher_logits, weight, temperature, axis_name=AXIS):
+  """(loss + weight * T^2 * KL, KL) (Hinton et al. 2015: the T^2 keeps the soft term's
+  gradients on the scale of the hard one's as T changes): `loss` the usual training loss
+  (classification_loss's, already averaged over axis_name), KL distill_kl of this device's
+  batch averaged over the devices of axis_name (None: this batch alone)."""
+  kl = distill_kl(logits, teacher_logits, temperature)
+  if axis_name is not None:
+    kl = jax.lax.pmean(kl, axis_name)
+  return loss + weight * temperature * temperature * kl, kl

@@ -33,21 +33,27 @@ def make(alpha: float, beta: float):
   return functools.partial(fake_pruning_reward, alpha=alpha, beta=beta)
 
 
-def evaluate(plan, reward_eval, reward_fn, measure, params, arc, ratios, batch, key) -> dict:
+def evaluate(plan, reward_eval, reward_fn, measure, params, arc, ratios, batch, key,
+             latency=None) -> dict:
   """The samples.jsonl fields of `arc` (int [40]) masked at stage `ratios` (f32 [5]).
 
   reward_eval: search_steps.make_reward_eval's compiled step, run on `batch` (x, y: one
   sharded validation batch) with `key` (criterion 'random'); reward_fn: `make`'s.
   Returns {arc, ratios, train_acc, prune_acc, gap, ratio (supernet_flops.ratio `measure`),
   reward, macs, masked_macs}: the multiply-adds of the searched network unmasked and with
-  the evaluation's kept channels, from one walk of the arc (supernet_flops.count).
+  the evaluation's kept channels, from one walk of the arc (supernet_flops.count); with
+  `latency` (latency_table.Predictor: (arc, ratios) -> ms of the deployed network unpruned
+  and pruned) also latency_ms and masked_latency_ms, whatever the measure.
   """
   ratios = np.asarray(ratios, np.float32)
   train_acc, prune_acc, kept = reward_eval(params, jnp.asarray(arc), jnp.asarray(ratios),
                                            groups_lib.supernet_groups(plan, arc), key, *batch)
   macs, masked_macs = supernet_flops.count(
       plan, arc, supernet.stack_kept([supernet.full_kept(plan), jax.device_get(kept)]))
-  ratio = supernet_flops.ratio(measure, plan, ratios, macs, masked_macs)
+  lat = {}
+  if latency is not None:
+    lat["latency_ms"], lat["masked_latency_ms"] = latency(arc, ratios)
+  ratio = supernet_flops.ratio(measure, plan, ratios, macs, masked_macs, **lat)
   return dict(arc=[int(a) for a in arc], ratios=[float(r) for r in ratios],
               **reward_fn(float(train_acc), float(prune_acc), ratio), macs=macs,
-              masked_macs=masked_macs)
+              masked_macs=masked_macs, **lat)

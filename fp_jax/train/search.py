@@ -28,6 +28,7 @@ from fp_jax.run import checkpoint
 from fp_jax import config as config_lib
 from fp_jax.models import controller
 from fp_jax import data
+from fp_jax.infer import latency_table
 from fp_jax.run import errors
 from fp_jax.run import logs
 from fp_jax.run import parallel
@@ -61,6 +62,7 @@ class Search:
   reward_eval: object      # search_steps.make_reward_eval, compiled
   reward_fn: object        # reward.make(alpha, beta)
   batches: object          # search_batches.SearchBatches (data.input)
+  latency: object = None   # latency_table.Predictor (samples' latency_ms; measure latency)
 
   @classmethod
   def build(cls, config, ds, ratio_choices, mesh=None):
@@ -78,7 +80,7 @@ class Search:
                  jax.default_backend())
     tx, schedule, supernet_step, reward_eval = search_steps.compiled(
         plan, mesh, search_steps.optimizer_settings(s, spe), s.aux_weight, float(s.keep_prob),
-        s.importance, config.dtype, dispatch)
+        s.importance, config.dtype, dispatch, round_to=s.round_to)
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
@@ -135,7 +137,7 @@ class Search:
                         augment=False)
     return reward_lib.evaluate(self.plan, self.reward_eval, self.reward_fn, s.ratio_measure,
                                params, arc, ratios, batch,
-                               self.key(Purpose.REWARD_SCORES, stream, position))
+                               self.key(Purpose.REWARD_SCORES, stream, position), self.latency)
 
   def run_epoch(self, state, on_sample=None, hooks=None, progress=False):
     """The rest of epoch `state.epoch`: supernet steps, then controller updates.
@@ -280,7 +282,7 @@ class Search:
                                     b, Stream.CHOOSE) for b in range(s.final_eval_batches)]
       avg = {k: float(np.mean([e[k] for e in evals]))
              for k in ("train_acc", "prune_acc", "gap", "ratio", "reward", "macs",
-                       "masked_macs")}
+                       "masked_macs", "latency_ms", "masked_latency_ms") if k in evals[0]}
       logging.info("candidate reward %.4f train_acc %.4f prune_acc %.4f ratios %s",
                    avg["reward"], avg["train_acc"], avg["prune_acc"], c["ratios"])
       if best is None or avg["reward"] > best[1]["reward"]:
@@ -294,7 +296,8 @@ class Search:
 
 
 def run(config, workdir, ds, ratio_choices):
-  """Runs (or resumes) the search stage: DIR/search/{metrics,samples}.jsonl, tb/, ckpt/, arch.json.
+  """Runs (or resumes) the search stage: DIR/search/{metrics,samples}.jsonl, tb/, ckpt/, arch.json
+  (and latency_table.json, the deployed network's latency table: infer/latency_table.py).
 
   SIGTERM at any point (start-up included) stops the run after its next step with a
   checkpoint: `preemption.Preempted` (a SystemExit with status 0) is raised.
@@ -325,9 +328,13 @@ def _run(config, workdir, ds, ratio_choices, preempt):
         f"search: stopped by {preempt.signal_name or 'request'} after saving checkpoint "
         f"{hooks.last[0]} in {ckpt_dir}; {how}")
 
-  latest = None
+  latest, table_info = None, None
   try:
     latest = ckpt.latest_step()
+    # the deployed network's latency table: built (or read from its cache) on a fresh
+    # start, the run's own copy on a resume
+    search.latency, table_info = latency_table.for_search(
+        config, ds.image_shape, ds.num_classes, ratio_choices, out, resume=latest is not None)
     if latest is None:
       state = search.init_state()
       metrics_w.reset()
@@ -381,6 +388,8 @@ def _run(config, workdir, ds, ratio_choices, preempt):
     samples_w.close()
   arch = search.choose(state, state.last_samples)
   arch["matmul_precision"] = precision.matmul_precision()
+  if table_info:
+    arch["latency_table"] = table_info
   if is_main:
     path = os.path.join(out, "arch.json")
     with open(path + ".tmp", "w") as f:

@@ -112,7 +112,7 @@ def _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch):
   return step
 
 
-def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
+def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch", round_to=1):
   """(params, arc, ratios [5], groups, key, x, y) -> (train_acc, prune_acc, kept) on one
   batch; kept (supernet.Kept): the masked network's channels in every space.
 
@@ -120,7 +120,8 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
   key of criterion 'random'. Criterion 'taylor' scores with the gradient of the
   unmasked architecture's loss on this batch (one more backward pass). dtype: compute
   dtype (masks and gradients in float32); dispatch: 'switch' | 'select', of the unmasked
-  and the masked forward (supernet.forward)."""
+  and the masked forward (supernet.forward); round_to: kept counts rounded up to its
+  multiples (masks.keep_count; search.round_to)."""
   def evaluate(params, arc, ratios, groups, key, x, y):
     logits = lambda p: precision.cast(supernet.forward(
         plan, precision.cast(p, dtype), arc, precision.cast(x, dtype), AXIS,
@@ -135,7 +136,8 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
       grads, full = jax.grad(loss, has_aux=True)(params)
     else:
       full = logits(params)
-    masks = masks_lib.supernet_masks(plan, params, arc, ratios, groups, criterion, grads, key)
+    masks = masks_lib.supernet_masks(plan, params, arc, ratios, groups, criterion, grads, key,
+                                     round_to)
     masked = logits(masks_lib.apply_supernet_masks(plan, params, arc, masks))
     return acc(full), acc(masked), masks["kept"]
 
@@ -145,13 +147,14 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch"):
 
 @functools.lru_cache(maxsize=8)
 def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32",
-             dispatch="switch"):
+             dispatch="switch", round_to=1):
   """(tx, lr schedule, supernet step, reward evaluation), shared by every Search with the
-  same settings; opt: optimizer_settings; dispatch: resolved ('switch' | 'select')."""
+  same settings; opt: optimizer_settings; dispatch: resolved ('switch' | 'select');
+  round_to: search.round_to (the reward's masks)."""
   tx, schedule = schedules.sgdr_momentum(*opt)
   return (tx, schedule,
           make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch),
-          make_reward_eval(plan, criterion, mesh, dtype, dispatch))
+          make_reward_eval(plan, criterion, mesh, dtype, dispatch, round_to))
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,6 +6,9 @@ step inputs) and runs epochs from a state {net: {params, stats, opt_state},
 epoch, pos, loss_sum, acc_sum}; `train` adds checkpoints (orbax, DIR/<stage>/ckpt),
 resume, SIGTERM handling, metrics (jsonl + TensorBoard) and progress. Training batches
 come from the host or are built inside the step (data.input, fp_jax/augment.py).
+With a teacher (Recipe.distill: compress.distill) the step also runs the teacher's
+eval-mode forward pass on the same augmented batch and adds the distillation term
+(losses.distillation_loss).
 """
 from __future__ import annotations
 
@@ -60,58 +63,83 @@ class Recipe:
   flip: bool
   dtype: str = "float32"    # compute dtype (fp_jax/run/precision.py)
   input: str = "host"       # data.input: host | device batches (fp_jax/augment.py)
+  distill: tuple = None     # (weight, temperature): train against FixedTrainer's teacher
 
   @property
   def total_steps(self):
     return self.epochs * self.steps_per_epoch
 
 
-def make_train_step(plan, tx, hparams, seed, mesh, dtype="float32"):
+def make_train_step(plan, tx, hparams, seed, mesh, dtype="float32", distill=None):
   """Data-parallel step: (state{params, stats, opt_state}, x, y, step, lr, progress) ->
   (state, metrics). lr and progress (step / total steps, ramps drop-path) are inputs, so
-  one compilation serves every schedule and length."""
-  return parallel.data_parallel(_step_fn(plan, tx, hparams, seed, dtype), mesh,
-                                (REPLICATED, BATCH, BATCH) + (REPLICATED,) * 3,
+  one compilation serves every schedule and length. distill (weight, temperature): the
+  step takes the teacher {params, stats} (replicated) after the state, and metrics add
+  'distill_kl' (_step_fn)."""
+  lead = (REPLICATED,) * (2 if distill else 1)
+  return parallel.data_parallel(_step_fn(plan, tx, hparams, seed, dtype, distill), mesh,
+                                lead + (BATCH, BATCH) + (REPLICATED,) * 3,
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def make_device_train_step(plan, tx, hparams, seed, mesh, dtype="float32", aug=(0, False, 0)):
+def make_device_train_step(plan, tx, hparams, seed, mesh, dtype="float32", aug=(0, False, 0),
+                           distill=None):
   """make_train_step with the batch built on the devices (data.input=device): (state,
-  x_all uint8 [N,H,W,C], y_all [N], lut f32 [256, C] (augment.table) (these replicated),
-  idx, offsets, flips, centres (augment.plan, split over `data`), step, lr, progress) ->
-  (state, metrics); aug = (crop_pad, flip, cutout). Each device gathers and augments its
-  rows (augment.augment: bitwise the host's batch), then runs make_train_step's body."""
-  body = _step_fn(plan, tx, hparams, seed, dtype)
+  [teacher,] x_all uint8 [N,H,W,C], y_all [N], lut f32 [256, C] (augment.table) (these
+  replicated), idx, offsets, flips, centres (augment.plan, split over `data`), step, lr,
+  progress) -> (state, metrics); aug = (crop_pad, flip, cutout). Each device gathers and
+  augments its rows (augment.augment: bitwise the host's batch), then runs
+  make_train_step's body (the teacher, with distill, sees that same batch)."""
+  body = _step_fn(plan, tx, hparams, seed, dtype, distill)
   crop_pad, flip, cutout = aug
+  lead = 1 if distill else 0
 
-  def step(state, x_all, y_all, lut, idx, offsets, flips, centres, *rest):
+  def step(state, *args):
+    teacher, (x_all, y_all, lut, idx, offsets, flips, centres, *rest) = args[:lead], args[lead:]
     p = {"idx": idx, "offsets": offsets, "flips": flips, "centres": centres}
     x = augment.augment(x_all, p, lut, crop_pad=crop_pad, flip=flip, cutout=cutout, xp=jnp)
-    return body(state, x, jnp.take(y_all, idx, axis=0), *rest)
+    return body(state, *teacher, x, jnp.take(y_all, idx, axis=0), *rest)
 
-  return parallel.data_parallel(step, mesh, (REPLICATED,) * 4 + (BATCH,) * 4 + (REPLICATED,) * 3,
+  return parallel.data_parallel(step, mesh,
+                                (REPLICATED,) * (4 + lead) + (BATCH,) * 4 + (REPLICATED,) * 3,
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
-def _step_fn(plan, tx, hparams, seed, dtype):
-  """The per-device train step body: (state, x f32 [b,H,W,C], y [b], step, lr, progress)."""
+def _step_fn(plan, tx, hparams, seed, dtype, distill=None):
+  """The per-device train step body: (state, x f32 [b,H,W,C], y [b], step, lr, progress).
+
+  distill (weight, temperature): (state, teacher {params, stats}, x, ...): the teacher
+  (the unpruned network) runs in eval mode (running BN statistics, no dropout or
+  drop-path, no aux head, no gradient) on the same batch x, and the loss gains
+  weight * T^2 * KL(softmax(teacher / T) || softmax(logits / T)) of the main head
+  (losses.distillation_loss); metrics add 'distill_kl' (the KL, global-batch mean)."""
   aux_weight, keep_prob, drop_path_keep_prob = hparams
 
-  def step(state, x, y, step_idx, lr, progress):
+  def step(state, *args):
+    teacher, (x, y, step_idx, lr, progress) = (args[0], args[1:]) if distill else (None, args)
     reg = {"key": jax.random.fold_in(jax.random.key(seed), step_idx), "keep_prob": keep_prob,
            "drop_path_keep_prob": drop_path_keep_prob, "progress": progress}
+    if distill:
+      t_logits = precision.cast(child.forward(
+          plan, precision.cast(teacher["params"], dtype), teacher["stats"],
+          precision.cast(x, dtype), False, AXIS, with_aux=False)[0], jnp.float32)
+      t_logits = jax.lax.stop_gradient(t_logits)
 
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux, stats = child.forward(plan, pc, state["stats"], xc, True, AXIS,
                                          with_aux=aux_weight > 0, reg=reg)
-      loss, metrics = loss_lib.classification_loss(logits, aux, y, aux_weight)
+      loss, (ce, acc) = loss_lib.classification_loss(logits, aux, y, aux_weight)
+      metrics = {"loss": ce, "acc": acc}
+      if distill:
+        loss, metrics["distill_kl"] = loss_lib.distillation_loss(loss, logits, t_logits,
+                                                                 *distill)
       return loss, (metrics, stats)
 
-    (_, ((ce, acc), stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"], lr=lr)
     params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "stats": stats, "opt_state": opt_state}, {"loss": ce, "acc": acc}
+    return {"params": params, "stats": stats, "opt_state": opt_state}, metrics
 
   return step
 
@@ -137,15 +165,16 @@ def _transform(optim, plan, masked):
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32", aug=None):
+def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32", aug=None, distill=None):
   """Compiled steps shared by every trainer of the same network and hyperparameters
   (the final network and its compress stage share the eval step). The plan holds the arc.
-  aug (crop_pad, flip, cutout): also the data.input=device train step (else None)."""
+  aug (crop_pad, flip, cutout): also the data.input=device train step (else None);
+  distill: Recipe.distill (the train steps take the teacher)."""
   tx = _transform(optim, plan, masked)
   device = None if aug is None else make_device_train_step(plan, tx, hparams, seed, mesh,
-                                                           dtype, aug)
-  return (make_train_step(plan, tx, hparams, seed, mesh, dtype), make_eval_step(plan, mesh, dtype),
-          device)
+                                                           dtype, aug, distill)
+  return (make_train_step(plan, tx, hparams, seed, mesh, dtype, distill),
+          make_eval_step(plan, mesh, dtype), device)
 
 
 @dataclasses.dataclass
@@ -165,11 +194,14 @@ class FixedTrainer:
   device_step: object = None      # data.input=device: make_device_train_step
   placed: tuple = None            # (x, y, device copies of x, y, augment.table) once placed
   fallback_noted: bool = False
+  teacher: object = None          # recipe.distill: {params, stats} replicated over the mesh
 
   @classmethod
-  def build(cls, plan, recipe, seed, stream, mean, std, mesh=None, masks=None):
+  def build(cls, plan, recipe, seed, stream, mean, std, mesh=None, masks=None, teacher=None):
     """masks (optional, masks.child_masks layout): held fixed in optimizer state and
-    applied after every update, so masked channels stay exactly zero."""
+    applied after every update, so masked channels stay exactly zero. teacher (params,
+    stats) of a network of the same plan (the unpruned one): required with
+    recipe.distill, refused without."""
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch(recipe.batch_size, "batch_size", mesh)
     parallel.check_batch(recipe.eval_batch_size, "eval_batch_size", mesh)
@@ -179,12 +211,18 @@ class FixedTrainer:
     if r.input not in augment.INPUTS:
       raise config_lib.ConfigError(f"data.input={r.input!r}: must be one of "
                                    f"{', '.join(augment.INPUTS)}")
+    if (teacher is None) != (not r.distill):
+      raise ValueError("FixedTrainer: a teacher goes with recipe.distill, and only with it")
+    distill = (float(r.distill[0]), float(r.distill[1])) if r.distill else None
     train_step, eval_step, device_step = _steps(
         plan, (r.momentum, r.l2, r.grad_clip),
         (r.aux_weight, r.keep_prob, r.drop_path_keep_prob), seed, mesh, masks is not None,
-        r.dtype, (r.crop_pad, r.flip, r.cutout) if r.input == "device" else None)
+        r.dtype, (r.crop_pad, r.flip, r.cutout) if r.input == "device" else None, distill)
+    if teacher is not None:
+      teacher = parallel.replicate(mesh, jax.device_get(
+          {"params": teacher[0], "stats": teacher[1]}))
     return cls(plan, recipe, seed, stream, mean, std, mesh, masks, schedule,
-               train_step, eval_step, device_step)
+               train_step, eval_step, device_step, teacher=teacher)
 
   def init_state(self, params, stats):
     """Training state from host copies (the steps donate their input buffers)."""
@@ -195,7 +233,12 @@ class FixedTrainer:
       opt_state = masked_update.MaskedState(opt_state.inner, self.masks)
     net = jax.device_get({"params": params, "stats": stats, "opt_state": opt_state})
     return {"net": parallel.replicate(self.mesh, net), "epoch": 0, "pos": 0, "loss_sum": 0.0,
-            "acc_sum": 0.0}
+            "acc_sum": 0.0, **self._kl_sum(0.0)}
+
+  def _kl_sum(self, value):
+    """{'kl_sum': value} in the state of a distilling trainer (else nothing: the state,
+    and so its checkpoints, are those of a run without distillation)."""
+    return {"kl_sum": value} if self.teacher is not None else {}
 
   def run_epoch(self, state, x, y, stop=None):
     """The rest of the current epoch over (x uint8 [N,H,W,C], y [N]).
@@ -205,7 +248,8 @@ class FixedTrainer:
     partial loss sums, so a resumed epoch reports what an uninterrupted one would).
     """
     r, epoch = self.recipe, state["epoch"]
-    net, losses, accs = state["net"], [], []
+    net, losses, accs, kls = state["net"], [], [], []
+    lead = () if self.teacher is None else (self.teacher,)
     t0 = time.perf_counter()
     i = state["pos"]
     inputs = self._inputs(x, y, range(epoch * r.steps_per_epoch + i,
@@ -214,15 +258,18 @@ class FixedTrainer:
       while i < r.steps_per_epoch:
         step = epoch * r.steps_per_epoch + i
         train_step, args = next(inputs)
-        net, m = train_step(net, *args, jnp.asarray(step, jnp.int32),
+        net, m = train_step(net, *lead, *args, jnp.asarray(step, jnp.int32),
                             jnp.asarray(self.schedule(step), jnp.float32),
                             jnp.asarray((step + 1) / max(r.total_steps, 1), jnp.float32))
         losses.append(m["loss"])
         accs.append(m["acc"])
+        if "distill_kl" in m:
+          kls.append(m["distill_kl"])
         i += 1
         if stop is not None and i < r.steps_per_epoch and stop():
           break
     losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
+    kls = np.asarray(jax.device_get(kls))
     seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
       raise errors.RunError(f"training loss became {losses[~np.isfinite(losses)][0]} in epoch "
@@ -230,16 +277,22 @@ class FixedTrainer:
     loss_sum, acc_sum = state["loss_sum"], state["acc_sum"]
     for loss, acc in zip(losses.tolist(), accs.tolist()):   # in order: a resumed epoch sums
       loss_sum, acc_sum = loss_sum + loss, acc_sum + acc    # exactly as an unbroken one
+    kl_sum = state.get("kl_sum", 0.0)
+    for kl in kls.tolist():
+      kl_sum = kl_sum + kl
 
     if i < r.steps_per_epoch:
       return {"net": net, "epoch": epoch, "pos": i, "loss_sum": loss_sum,
-              "acc_sum": acc_sum}, None
+              "acc_sum": acc_sum, **self._kl_sum(kl_sum)}, None
     step = (epoch + 1) * r.steps_per_epoch
     done = len(losses)
     metrics = {"step": step, "epoch": epoch + 1, "loss": loss_sum / r.steps_per_epoch,
                "train_acc": acc_sum / r.steps_per_epoch, "lr": float(self.schedule(step - 1)),
                "images_per_sec": done * r.batch_size / seconds, "step_time": seconds / done}
-    return {"net": net, "epoch": epoch + 1, "pos": 0, "loss_sum": 0.0, "acc_sum": 0.0}, metrics
+    if self.teacher is not None:
+      metrics["distill_kl"] = kl_sum / r.steps_per_epoch
+    return {"net": net, "epoch": epoch + 1, "pos": 0, "loss_sum": 0.0, "acc_sum": 0.0,
+            **self._kl_sum(0.0)}, metrics
 
   def _inputs(self, x, y, steps):
     """Yields (train step, its data arguments) for each global step in `steps`: float32
