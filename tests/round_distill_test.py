@@ -136,12 +136,13 @@ def test_child_masks_compaction_and_latency_network_round_to_8():
   mode; N 1 gives the default masks bitwise."""
   plan = child.make_plan(ARC, 1, 16, (8, 8, 3), 10)
   params, stats = _random_net(plan, 0)
-  masks = jax.device_get(masks_lib.child_masks(plan, params, RATIOS, round_to=N))
-  np.testing.assert_array_equal(
-      jax.device_get(masks_lib.child_masks(plan, params, RATIOS, round_to=1))["units"],
-      jax.device_get(masks_lib.child_masks(plan, params, RATIOS))["units"])
-  exact = compaction.widths_of(plan, jax.device_get(masks_lib.child_masks(plan, params,
-                                                                          RATIOS)))
+  # jitted (one compilation each, not one per eager op)
+  child_masks = lambda *n: jax.device_get(jax.jit(
+      lambda p: masks_lib.child_masks(plan, p, RATIOS, "l1", None, None, *n))(params))
+  masks = child_masks(N)
+  default_masks = child_masks()
+  np.testing.assert_array_equal(child_masks(1)["units"], default_masks["units"])
+  exact = compaction.widths_of(plan, default_masks)
   full = flops.full_widths(plan)
   widths, cp, cs = compaction.compact(plan, params, stats, masks)
   for w, f, e in zip(widths["values"], full["values"], exact["values"]):
@@ -157,8 +158,9 @@ def test_child_masks_compaction_and_latency_network_round_to_8():
   masked = masks_lib.apply_child_masks(plan, params, masks)
   x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   for train, tol in ((False, 1e-5), (True, 1e-4)):
-    la, aa, _ = child.forward(plan, masked, stats, x, train)
-    lb, ab, _ = child.forward(plan, cp, cs, x, train)
+    fwd = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, train))
+    la, aa, _ = fwd(masked, stats, x)
+    lb, ab, _ = fwd(cp, cs, x)
     scale = max(1.0, float(jnp.max(jnp.abs(la))))
     diff = max(float(jnp.max(jnp.abs(la - lb))), float(jnp.max(jnp.abs(aa - ab))))
     assert diff <= tol * scale, (train, diff)
@@ -230,14 +232,15 @@ def test_distilling_step_adds_the_kl_term_on_the_same_batch():
     out[mode] = (m, jax.device_get(state["net"]["params"]))
   xb, yb = data.train_batch(x, y, step=0, batch_size=16, seed=0, stream=Stream.COMPRESS,
                             mean=ds.mean, std=ds.std, crop_pad=2, flip=True)
-  t_logits = child.forward(plan, teacher, t_stats, xb, False, with_aux=False)[0]
+  t_logits = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0])(
+      teacher, t_stats, xb)   # jitted: one compilation, not one per eager op
 
   def hand_loss(p):
     logits, aux, _ = child.forward(plan, p, s_stats, xb, True)
     loss, (ce, _) = loss_lib.classification_loss(logits, aux, yb, 0.4, None)
     return loss + w * temp ** 2 * loss_lib.distill_kl(logits, t_logits, temp), (logits, ce)
 
-  grads, (logits, ce) = jax.grad(hand_loss, has_aux=True)(student)
+  grads, (logits, ce) = jax.jit(jax.grad(hand_loss, has_aux=True))(student)
   kl = _hand_kl(logits, t_logits, temp)
   assert kl > 1e-3
   for mode, (m, params) in out.items():
