@@ -52,13 +52,16 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from bench import common  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import block_latency as bl, fused, machine  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import block_latency as bl  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import machine  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import latency_table as lt  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import network_blocks  # pylint: disable=g-import-not-at-top
   from fp_jax.models import space  # pylint: disable=g-import-not-at-top
 
   choices = tuple(np.round(np.arange(0.0, 0.81, 0.1), 1))
-  shape = lt.Shape(args.num_layers, args.out_filters, (args.image, args.image, args.channels),
-                   args.classes)
+  shape = network_blocks.Shape(args.num_layers, args.out_filters,
+                               (args.image, args.image, args.channels), args.classes)
   opts = fused.Options(im2col=True)      # the latency stage's defaults (configs/default.py)
   cache = args.cache or tempfile.mkdtemp(prefix="fp_jax_latency_table_")
   t0 = time.perf_counter()

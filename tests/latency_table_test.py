@@ -1,5 +1,5 @@
-"""fp_jax/infer/latency_table.py (and block_latency.py): blocks of a network, the table's prediction, enumeration,
-the cache (by CPU model and jax version), the run's copy on resume, config validation.
+"""fp_jax/infer/latency_table.py (with network_blocks.py and block_latency.py): blocks of a
+network, the table's prediction, enumeration, the cache (by CPU model and jax version), the run's copy on resume, config validation.
 Measurements are faked (fake_measure / fake_networks) except in one small real check."""
 import collections
 import json
@@ -15,6 +15,8 @@ from fp_jax import config as config_lib
 from fp_jax.infer import block_latency as bl
 from fp_jax.infer import fused
 from fp_jax.infer import latency_table as lt
+from fp_jax.infer import network_blocks
+from fp_jax.infer.network_blocks import Block
 from fp_jax.infer import machine
 from fp_jax.models import graph
 from fp_jax.models import space
@@ -22,7 +24,7 @@ from fp_jax.run import errors
 
 IDENT = np.array([0, space.IDENTITY, 1, space.IDENTITY] * space.NUM_NODES * 2)  # h0 + h1
 CHOICES = (0.0, 0.2, 0.4, 0.6, 0.8)
-SHAPE = lt.Shape(0, 8, (8, 8, 1), 10)        # two reduction cells (stages 1 and 3)
+SHAPE = network_blocks.Shape(0, 8, (8, 8, 1), 10)        # two reduction cells (stages 1 and 3)
 
 
 def fake_measure(blocks):
@@ -37,7 +39,7 @@ def fake_networks(items):
 
 
 def blocks_of(plan, ratios=None):
-  return lt.blocks(plan, lt.network_widths(plan, ratios, 8), 8)
+  return network_blocks.network_of(plan, ratios, 8)
 
 
 def test_blocks_of_a_hand_built_network_and_the_prediction_is_the_sum_of_entries():
@@ -57,7 +59,7 @@ def test_blocks_of_a_hand_built_network_and_the_prediction_is_the_sum_of_entries
   # pruned at 0.5 in stage 1 only: cell 0's groups keep 8 of 16; the stem (stage 0) all
   pruned = collections.Counter(b.name for b in blocks_of(plan, [0, 0.5, 0, 0, 0]))
   assert pruned["concat k1 s1 4x4 40/5>40"] == 1 and pruned["conv k1 s1 relu 8x8 24>8"] == 2
-  assert all(lt.parse_name(n).name == n for n in got)
+  assert all(network_blocks.parse_name(n).name == n for n in got)
   entries = {n: float(2 ** i) for i, n in enumerate(sorted(got))}   # exact binary sums
   table = lt.Table(entries, 0.125, {})
   want = 0.125 + sum(entries[n] * c for n, c in got.items())
@@ -106,9 +108,9 @@ def test_the_fit_recovers_factors_per_block_ms_and_intercept():
 
 
 def test_enumeration_covers_random_pruned_networks_and_estimates_the_rest():
-  names = {b.name for b in lt.enumerate_blocks(SHAPE, CHOICES, draws=150)}
+  names = {b.name for b in network_blocks.enumerate_blocks(SHAPE, CHOICES, draws=150)}
   rng = np.random.default_rng(7)
-  table = lt.Table(fake_measure([lt.parse_name(n) for n in names])[0], 0.0, {})
+  table = lt.Table(fake_measure([network_blocks.parse_name(n) for n in names])[0], 0.0, {})
   total = missing = 0
   for _ in range(40):
     plan = SHAPE.plan(space.sample_uniform(rng))
@@ -118,8 +120,8 @@ def test_enumeration_covers_random_pruned_networks_and_estimates_the_rest():
       assert table.lookup(b) > 0     # in the table, or estimated from its kind
   assert missing <= 0.01 * total
   # an estimate scales the nearest entry of the same kind and input size by the work count
-  b = lt.Block("sep", (8, 8), 16, 16, 5, 2, True, 16)
-  near = lt.Block("sep", (8, 8), 8, 8, 5, 2, True, 8)
+  b = Block("sep", (8, 8), 16, 16, 5, 2, True, 16)
+  near = Block("sep", (8, 8), 8, 8, 5, 2, True, 8)
   t = lt.Table({near.name: 2.0}, 0.0, {})
   assert t.lookup(b) == pytest.approx(2.0 * b.cost() / near.cost())
 
@@ -161,7 +163,7 @@ def _config(tmp_path, measure="latency"):
 
 
 def test_a_resumed_run_reads_its_own_copy(tmp_path, monkeypatch):
-  monkeypatch.setattr(lt, "DRAWS", 10)
+  monkeypatch.setattr(network_blocks, "DRAWS", 10)
   config, out = _config(tmp_path), str(tmp_path / "search")
   fns = dict(measure_fn=fake_measure, networks_fn=fake_networks)
   pred, info = lt.for_search(config, (8, 8, 1), 10, CHOICES, out, resume=False, **fns)
@@ -210,17 +212,17 @@ def test_latency_table_dir_is_validated(tmp_path):
 
 def test_one_block_measured_for_real():
   """The real timer on two tiny blocks: positive entries, an empty call below a block."""
-  blocks = [lt.Block("sep", (8, 8), 8, 8, 3, 1, True, 8), lt.Block("add", (8, 8), 8, 8)]
+  blocks = [Block("sep", (8, 8), 8, 8, 3, 1, True, 8), Block("add", (8, 8), 8, 8)]
   raw, call = bl.measure(blocks, fused.Options(), reps=3, warmup=1, copies=2)
   assert set(raw) == {b.name for b in blocks} and call > 0
   assert all(v >= 0 for v in raw.values())
   fn, xs = bl.block_fn(blocks[0], fused.Options())
   assert jax.jit(fn)(*xs).shape == (1, 8, 8, 8)
-  fn, xs = bl.block_fn(lt.Block("concat", (4, 4), 40, 40, inner=3), fused.Options())
+  fn, xs = bl.block_fn(Block("concat", (4, 4), 40, 40, inner=3), fused.Options())
   assert [x.shape[-1] for x in xs] == [14, 13, 13] and jax.jit(fn)(*xs).shape == (1, 4, 4, 40)
-  fn, xs = bl.block_fn(lt.Block("fr", (8, 8), 16, 24, stride=2, relu=True), fused.Options())
+  fn, xs = bl.block_fn(Block("fr", (8, 8), 16, 24, stride=2, relu=True), fused.Options())
   assert jax.jit(fn)(*xs).shape == (1, 4, 4, 24)
-  fn, xs = bl.block_fn(lt.Block("classifier", (2, 2), 16, 10, relu=True), fused.Options())
+  fn, xs = bl.block_fn(Block("classifier", (2, 2), 16, 10, relu=True), fused.Options())
   assert jax.jit(fn)(*xs).shape == (1, 10)
   assert isinstance(graph.ceil_hw((7, 7), 2), tuple)
 
@@ -229,7 +231,7 @@ def test_a_search_logs_latencies_and_a_resume_measures_nothing(tmp_path, monkeyp
   from fp_jax import data                        # pylint: disable=g-import-not-at-top
   from fp_jax.train import search                # pylint: disable=g-import-not-at-top
   from tests.tiny import tiny_config             # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(lt, "DRAWS", 10)
+  monkeypatch.setattr(network_blocks, "DRAWS", 10)
   monkeypatch.setattr(bl, "measure", lambda blocks, **kw: fake_measure(blocks))
   monkeypatch.setattr(bl, "measure_draws", lambda items, **kw: fake_networks(items))
   digits = data.load("digits", 256)
@@ -265,4 +267,4 @@ def test_widths_are_those_compress_produces_padded_as_the_fused_path_pads():
   for r, (p, s) in ((None, (params, stats)),
                     (ratios, networks.prune(plan, params, stats, ratios))):
     padded, _ = padding.pad_channels(plan, p, s, 8)
-    assert lt.network_widths(plan, r, 8) == flops.widths_of_params(plan, padded)
+    assert network_blocks.network_widths(plan, r, 8) == flops.widths_of_params(plan, padded)

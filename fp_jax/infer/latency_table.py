@@ -7,10 +7,9 @@ compress.round_to: compress's widths), channel groups padded as the fused path p
 (padding.padded_widths, latency.pad_channels). That is what deployment pays; the `macs`
 measure counts the searched supernet instead.
 
-A network is a list of `Block`s, one per graph node (conv, fr, sep, avg, max, add, concat)
-and the classifier, keyed by kind, kernel, stride, input ReLU, input (H, W) and widths
-(rounded up to the padding multiple: the few groups the fused path cannot pad are looked
-up at the next one). `measure` times each block alone as the fused executor runs it
+A network is a list of network_blocks.Block's, one per graph node and the classifier
+(widths rounded up to the padding multiple: the few groups the fused path cannot pad are
+looked up at the next one). `measure` times each block alone as the fused executor runs it
 (fused.apply_node / fused.classifier on random folded weights baked in as constants,
 compiled as fused.Fused compiles), COPIES independent copies in one computation, less an
 empty call: its raw ms. Isolated blocks miss what XLA does across blocks in a whole
@@ -22,11 +21,11 @@ per-block ms) (`entry_ms`), its call_ms the intercept, and
 
     predicted ms = call_ms + the sum of the network's blocks' entries     (Table.predict)
 
-`enumerate_blocks` lists the blocks of DRAWS random (arc, ratios) draws; a key no draw
+network_blocks.enumerate_blocks lists the blocks of DRAWS random (arc, ratios) draws; a key no draw
 reached (<1% of blocks) is estimated from the nearest entry of its kind (Table.lookup),
 never measured mid-run. Tables are cached as JSON in search.latency_table_dir, one file
 per CPU model, jax version and executor options (`cache_path`): raw entries for any
-network, and per network shape (`fingerprint`) its block list and calibration; raw entries
+network, and per network shape (network_blocks.fingerprint) its block list and calibration; raw entries
 are only added, never re-measured, so a second run measures nothing. `for_search` writes
 the run's table to DIR/search/latency_table.json, which a resume reads back (the numbers
 of the unbroken run); process 0 measures and broadcasts it, so every process computes the
@@ -49,132 +48,16 @@ import numpy as np
 from fp_jax.infer import block_latency
 from fp_jax.infer import fused
 from fp_jax.infer import machine
-from fp_jax.infer import padding
-from fp_jax.models import flops
-from fp_jax.models import graph
+from fp_jax.infer import network_blocks
 from fp_jax.models import space
-from fp_jax.pruning import compaction
 from fp_jax.run import errors
 
 FORMAT = 1
-DRAWS = 1500          # random (arc, ratios) draws whose blocks the enumeration lists
 CALIBRATION = 12      # random arcs whose whole networks (unpruned, pruned) fit the factors
 GROUP_OF = {"sep": "sep", "conv": "conv", "fr": "conv", "classifier": "conv", "avg": "pool",
             "max": "pool", "add": "add", "concat": "add"}
 GROUPS = ("sep", "conv", "pool", "add")   # block kinds sharing one in-network factor
 RUN_COPY = "latency_table.json"   # in DIR/search/
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Block:
-  """One block of the fused network at batch 1 (widths already rounded to the grid)."""
-  kind: str        # conv | fr | sep | avg | max | add | concat | classifier
-  hw: tuple        # input (H, W)
-  cin: int         # input width (concat: all parts together)
-  cout: int        # output width (classifier: classes)
-  k: int = 1       # kernel (conv, sep; pools are 3x3)
-  stride: int = 1
-  relu: bool = False   # ReLU on the input (conv, fr; sep and the classifier always)
-  inner: int = 0   # sep: inner width; concat: number of parts
-
-  @property
-  def name(self):
-    """The entry key, e.g. 'sep k5 s2 relu 28x28 16>16>16'."""
-    mid = f">{self.inner}" if self.kind == "sep" else (f"/{self.inner}" if self.inner else "")
-    return (f"{self.kind} k{self.k} s{self.stride}{' relu' if self.relu else ''} "
-            f"{self.hw[0]}x{self.hw[1]} {self.cin}{mid}>{self.cout}")
-
-  def cost(self):
-    """A rough work count (multiply-adds or elements), only to scale estimates."""
-    h, w = self.hw
-    hw = h * w / self.stride ** 2
-    if self.kind == "sep":
-      return h * w * self.k ** 2 * self.cin / self.stride ** 2 + hw * (
-          self.cin * self.inner + self.k ** 2 * self.inner + self.inner * self.cout)
-    if self.kind in ("conv", "fr"):
-      return hw * self.k ** 2 * self.cin * self.cout
-    return h * w * (self.cin + (self.cout if self.kind == "classifier" else 0))
-
-
-# ---------------------------------------------------------------- networks -> blocks
-
-
-def network_widths(plan, ratios=None, pad=8, round_to=1):
-  """Widths (flops.full_widths layout) the fused path runs: the unpruned network (ratios
-  None) or the one compress produces at stage `ratios` [5], groups padded to `pad`."""
-  w = flops.full_widths(plan) if ratios is None else compaction.ratio_widths(
-      plan, np.asarray(ratios, np.float32), round_to)
-  return padding.padded_widths(plan, w, pad)
-
-
-def blocks(plan, widths, pad=8):
-  """[Block] of every node of graph `plan` at `widths`, then the classifier."""
-  vals, inner = widths["values"], widths["inner"]
-  grid = lambda j: vals[j] if plan.nodes[j].kind == "image" else padding.round_up(vals[j], pad)
-  out = []
-  for j, n in enumerate(plan.nodes):
-    if n.kind == "image":
-      continue
-    i = n.inputs[0]
-    hw = plan.nodes[i].hw
-    if n.kind == "concat":
-      total = sum(grid(i) for i in n.inputs)
-      out.append(Block("concat", n.hw, total, total, inner=len(n.inputs)))
-    elif n.kind == "add":
-      out.append(Block("add", n.hw, grid(j), grid(j)))
-    elif n.kind in ("avg", "max"):
-      out.append(Block(n.kind, hw, grid(i), grid(j), k=3, stride=n.stride))
-    elif n.kind == "sep":
-      out.append(Block("sep", hw, grid(i), grid(j), n.k, n.stride, True,
-                       padding.round_up(inner[n.name], pad)))
-    else:   # conv, fr
-      out.append(Block(n.kind, hw, grid(i), grid(j), n.k, n.stride, n.relu))
-  out.append(Block("classifier", plan.nodes[plan.out].hw, grid(plan.out), plan.num_classes,
-                   relu=True))
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """The deployed (final) network's size: graph.build's arguments but the arc."""
-  num_layers: int
-  out_filters: int
-  image_shape: tuple
-  num_classes: int
-
-  def plan(self, arc):
-    return _plan(self, tuple(int(a) for a in np.asarray(arc)))
-
-
-@functools.lru_cache(maxsize=4096)
-def _plan(shape, arc):
-  return graph.build(np.asarray(arc), shape.num_layers, shape.out_filters, shape.image_shape,
-                     shape.num_classes)
-
-
-def fingerprint(shape, ratio_choices, pad, round_to, draws=DRAWS):
-  """The name an enumeration is remembered by in the cache."""
-  h, w, c = shape.image_shape
-  r = ",".join(f"{float(x):g}" for x in ratio_choices)
-  return (f"L{shape.num_layers} F{shape.out_filters} {h}x{w}x{c} cls{shape.num_classes} "
-          f"ratios[{r}] pad{pad} round{round_to} draws{draws}")
-
-
-def enumerate_blocks(shape, ratio_choices, pad=8, round_to=1, draws=DRAWS, seed=0):
-  """Sorted [Block] of the unpruned and pruned networks of `draws` random draws: a uniform
-  arc (space.sample_uniform) and a uniform choice of ratio_choices per stage each (half
-  the draws with every stage at one ratio). Keys reached by no draw are rare (the
-  bench counts them) and estimated by Table.lookup."""
-  rng = np.random.default_rng(seed)
-  choices = np.asarray(ratio_choices, np.float32)
-  found = set()
-  for d in range(draws):
-    plan = shape.plan(space.sample_uniform(rng))
-    ratios = (rng.choice(choices, 5) if d % 2 else np.full(5, rng.choice(choices)))
-    for r in (None, ratios):
-      found.update(blocks(plan, network_widths(plan, r, pad, round_to), pad))
-  return sorted(found)
-
 
 # ---------------------------------------------------------------- calibration
 
@@ -199,7 +82,7 @@ def fit(networks, measured):
   for net in networks:
     sums = {g: 0.0 for g in GROUPS}
     for name, ms in net:
-      sums[GROUP_OF[parse_name(name).kind]] += ms
+      sums[GROUP_OF[network_blocks.parse_name(name).kind]] += ms
     rows.append([1.0] + [sums[g] for g in GROUPS] + [-_charged(net)])
   coef, _ = nnls(np.asarray(rows) / y[:, None], np.ones(len(y)))
   return {"intercept_ms": float(coef[0]), "factors": dict(zip(GROUPS, map(float, coef[1:-1]))),
@@ -207,13 +90,13 @@ def fit(networks, measured):
 
 
 def _charged(net):
-  return sum(GROUP_OF[parse_name(n).kind] != "add" for n, _ in net)
+  return sum(GROUP_OF[network_blocks.parse_name(n).kind] != "add" for n, _ in net)
 
 
 def entry_ms(cal, name, raw_ms):
   """A table entry: max(0, factor x raw - per-block ms), the latter not for adds and concats
   (XLA fuses them into their neighbours)."""
-  g = GROUP_OF[parse_name(name).kind]
+  g = GROUP_OF[network_blocks.parse_name(name).kind]
   return max(0.0, cal["factors"][g] * raw_ms - (cal["per_block_ms"] if g != "add" else 0.0))
 
 
@@ -222,8 +105,9 @@ def calibrate(shape, draws, raw, opts, round_to=1, networks_fn=None):
   default block_latency.measure_draws) to the raw entries of their blocks, with each
   network's measured and fitted ms."""
   items = [(shape.plan(arc), ratios) for arc, ratios in draws]
-  nets = [[(b.name, raw[b.name]) for b in blocks(plan, network_widths(
-      plan, r, opts.pad_channels, round_to), opts.pad_channels)] for plan, r in items]
+  nets = [[(b.name, raw[b.name])
+           for b in network_blocks.network_of(plan, r, opts.pad_channels, round_to)]
+          for plan, r in items]
   ms = (networks_fn or functools.partial(block_latency.measure_draws, opts=opts,
                                          round_to=round_to))(items)
   cal = fit(nets, ms)
@@ -252,15 +136,6 @@ def cache_path(cache_dir, opts, threads):
                       f"{slug(options_key(opts, threads))}.json")
 
 
-_NAME = re.compile(r"(\w+) k(\d+) s(\d+)( relu)? (\d+)x(\d+) (\d+)(?:[>/](\d+))?>(\d+)$")
-
-
-def parse_name(name):
-  """The Block of an entry name (Block.name's inverse)."""
-  kind, k, s, relu, h, w, cin, mid, cout = _NAME.match(name).groups()
-  return Block(kind, (int(h), int(w)), int(cin), int(cout), int(k), int(s), bool(relu),
-               int(mid or 0))
-
 
 def _save_json(d, path):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -285,7 +160,7 @@ class Table:
     if ms is not None:
       return ms
     if getattr(self, "_parsed", None) is None:
-      self._parsed = [parse_name(n) for n in sorted(self.entries)]
+      self._parsed = [network_blocks.parse_name(n) for n in sorted(self.entries)]
     best, score = None, None
     for other in self._parsed:
       if other.kind == block.kind:
@@ -333,7 +208,7 @@ class Predictor:
 
   def blocks(self, arc, ratios=None):
     plan = self.shape.plan(arc)
-    return blocks(plan, network_widths(plan, ratios, self.pad, self.round_to), self.pad)
+    return network_blocks.network_of(plan, ratios, self.pad, self.round_to)
 
   def __call__(self, arc, ratios):
     return (self._unpruned(tuple(int(a) for a in np.asarray(arc))),
@@ -347,7 +222,7 @@ def build(cache_dir, shape, ratio_choices, opts, threads=0, round_to=1, draws=No
   the calibration; what is missing is measured (measure_fn(blocks) -> ({name: ms}, call
   ms), default `measure`; networks_fn: `calibrate`'s) and the
   cache rewritten."""
-  t0, draws = time.perf_counter(), DRAWS if draws is None else draws
+  t0, draws = time.perf_counter(), network_blocks.DRAWS if draws is None else draws
   path = cache_path(cache_dir, opts, threads)
   key = {"cpu": machine.cpu_info()["model"], "jax": jax.__version__,
          "options": options_key(opts, threads)}
@@ -360,19 +235,18 @@ def build(cache_dir, shape, ratio_choices, opts, threads=0, round_to=1, draws=No
         cache = old
     except (OSError, ValueError) as e:
       log(f"latency table: cannot read {path} ({e}); measuring afresh")
-  fp = fingerprint(shape, ratio_choices, opts.pad_channels, round_to, draws)
+  fp = network_blocks.fingerprint(shape, ratio_choices, opts.pad_channels, round_to, draws)
   net = cache["networks"].get(fp)
   if net is None:
     t = time.perf_counter()
     load = os.getloadavg()[0]
     cal = calibration_draws(ratio_choices)
-    names = {b.name for b in enumerate_blocks(shape, ratio_choices, opts.pad_channels,
-                                              round_to, draws)}
+    names = {b.name for b in network_blocks.enumerate_blocks(
+        shape, ratio_choices, opts.pad_channels, round_to, draws)}
     for arc, ratios in cal:
-      plan = shape.plan(arc)
-      names.update(b.name for b in blocks(plan, network_widths(plan, ratios, opts.pad_channels,
-                                                               round_to), opts.pad_channels))
-    todo = [parse_name(n) for n in sorted(names) if n not in cache["raw_ms"]]
+      names.update(b.name for b in network_blocks.network_of(
+          shape.plan(arc), ratios, opts.pad_channels, round_to))
+    todo = [network_blocks.parse_name(n) for n in sorted(names) if n not in cache["raw_ms"]]
     log(f"latency table: measuring {len(todo)} blocks and {len(cal)} whole networks on "
         f"{key['cpu']} ({path})")
     with block_latency.cores(threads):
@@ -428,8 +302,8 @@ def for_search(config, image_shape, num_classes, ratio_choices, out_dir, resume,
   s = config.search
   if not s.latency_table_dir:
     return None, None
-  shape = Shape(config.final.num_layers, config.final.out_filters, tuple(image_shape),
-                int(num_classes))
+  shape = network_blocks.Shape(config.final.num_layers, config.final.out_filters,
+                               tuple(image_shape), int(num_classes))
   opts = search_options(config)
   copy = os.path.join(out_dir, RUN_COPY)
   t0, source, table = time.perf_counter(), copy, None
