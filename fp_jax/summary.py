@@ -51,7 +51,9 @@ def table_rows(final, compress):
                  final["params_no_aux"]))
   if compress:
     pruned = (compress["pruned_macs"], compress["pruned_params_no_aux"])
-    masked = f"masked, ratios {ratios_text(compress['ratios'])}"
+    rounded = (f", kept channels rounded up to multiples of {compress['round_to']}"
+               if compress.get("round_to", 1) > 1 else "")
+    masked = f"masked, ratios {ratios_text(compress['ratios'])}{rounded}"
     if "test_error_masked_stale_bn" in compress:
       rows.append((f"{masked}, stale BN statistics, no fine-tuning",
                    compress["test_error_masked_stale_bn"], *pruned))
@@ -61,6 +63,9 @@ def table_rows(final, compress):
       rows.append((f"{masked}, stale BN statistics, no fine-tuning",
                    compress["test_error_masked"], *pruned))
     how = "fine-tuned" if compress["mode"] == "finetune" else "retrained from scratch"
+    if compress.get("distill"):
+      how += (f", distilled from the unpruned network (weight {compress['distill_weight']:g}, "
+              f"temperature {compress['distill_temperature']:g})")
     rows.append((f"compact, {how} ({compress['finetune_epochs']} epochs)",
                  compress["test_error_finetuned"], *pruned))
   return rows

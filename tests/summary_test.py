@@ -87,6 +87,15 @@ def test_summary_rows_of_older_and_scratch_results():
       ("masked, ratios 0.5 0.5 0.5 0.5 0.5, stale BN statistics, no fine-tuning", 89.1, 2e6,
        1e5),
       ("compact, retrained from scratch (7 epochs)", 2.8, 2e6, 1e5)]
+  new = dict(old, mode="finetune", round_to=8, distill=True, distill_weight=0.5,
+             distill_temperature=4.0, test_error_masked_stale_bn=90.0, bn_batches=16)
+  assert [r[0] for r in summary.table_rows(None, new)] == [
+      "masked, ratios 0.5 0.5 0.5 0.5 0.5, kept channels rounded up to multiples of 8, stale "
+      "BN statistics, no fine-tuning",
+      "masked, ratios 0.5 0.5 0.5 0.5 0.5, kept channels rounded up to multiples of 8, BN "
+      "re-estimated (16 batches), no fine-tuning",
+      "compact, fine-tuned, distilled from the unpruned network (weight 0.5, temperature 4) "
+      "(7 epochs)"]
 
 
 def test_summary_latency_runtimes(tmp_path):
