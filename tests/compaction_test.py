@@ -11,6 +11,7 @@ from fp_jax.models import layers
 from fp_jax.pruning import groups as groups_lib
 from fp_jax.pruning import masks as masks_lib
 from fp_jax.models import space
+from tests import host_init
 
 F, HW, CLASSES, BATCH = 4, 8, 10, 8
 RATIO_CHOICES = np.round(np.arange(9) * 0.1, 1)
@@ -58,35 +59,12 @@ def _xla_depthwise():
   layers.DEPTHWISE_IMPL = old
 
 
-def _random_init(plan, seed):
-  """child.init's pytrees filled on the host (fast: no per-shape PRNG compiles):
-  He-normal convs, random BN scales (0.3..1.5, so 'bn' has no ties) and biases."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: child.init(jax.random.PRNGKey(0), plan))
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      a = rng.uniform(0.3, 1.5, leaf.shape)
-    elif name.endswith("['bias']"):
-      a = 0.2 * rng.standard_normal(leaf.shape)
-    elif name.endswith(("['b']", "['mean']")):
-      a = np.zeros(leaf.shape)
-    elif name.endswith("['var']"):
-      a = np.ones(leaf.shape)
-    else:
-      a = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    return jnp.asarray(a, jnp.float32)
-
-  return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
-
-
 def _net(name):
   """(plan, arc, params, stats): BN stats from a few train-mode passes."""
   if name not in _CACHE:
     arc, num_layers, _ = CASES[name]
     plan = child.make_plan(arc, num_layers, F, (HW, HW, 3), CLASSES)
-    params, stats = _random_init(plan, len(_CACHE))
+    params, stats = host_init.random_net(plan, len(_CACHE))
     for i in range(3):
       x = jax.random.normal(jax.random.PRNGKey(10 + i), X.shape) * (1.0 + 0.3 * i)
       _, _, stats = child.forward(plan, params, stats, x, True)

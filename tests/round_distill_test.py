@@ -28,6 +28,7 @@ from fp_jax.train import final
 from fp_jax.train import losses as loss_lib
 from fp_jax.train import trainer as trainer_lib
 from fp_jax.train.streams import Stream
+from tests import host_init
 
 ARC = space.parse_arc(space.ENAS_ARC)
 N = 8
@@ -107,35 +108,13 @@ def test_supernet_masks_keep_multiples_of_n():
              for a, b in zip(leaves, jax.tree.leaves(exact["kept"])))   # rounding did change
 
 
-def _random_net(plan, seed):
-  """child.init's pytrees filled on the host (as compaction_test): distinct BN scales."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: child.init(jax.random.key(0), plan))
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      a = rng.uniform(0.3, 1.5, leaf.shape)
-    elif name.endswith("['bias']"):
-      a = 0.2 * rng.standard_normal(leaf.shape)
-    elif name.endswith(("['b']", "['mean']")):
-      a = np.zeros(leaf.shape)
-    elif name.endswith("['var']"):
-      a = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      a = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    return jnp.asarray(a, jnp.float32)
-
-  return tuple(jax.tree_util.tree_map_with_path(fill, t) for t in shapes)
-
-
 def test_child_masks_compaction_and_latency_network_round_to_8():
   """The fixed network at F 16 (round_to 8): every value's kept width is a multiple of 8
   or the value whole (the image); compaction's widths, ratio_widths and the latency
   stage's pruned network (networks.prune) agree; masked == compact logits, eval and train
   mode; N 1 gives the default masks bitwise."""
   plan = child.make_plan(ARC, 1, 16, (8, 8, 3), 10)
-  params, stats = _random_net(plan, 0)
+  params, stats = host_init.random_net(plan, 0, random_var=True)
   # jitted (one compilation each, not one per eager op)
   child_masks = lambda *n: jax.device_get(jax.jit(
       lambda p: masks_lib.child_masks(plan, p, RATIOS, "l1", None, None, *n))(params))
@@ -219,7 +198,7 @@ def test_distilling_step_adds_the_kl_term_on_the_same_batch():
   ds = data.load("digits", 64)
   plan = child.make_plan(ARC, 0, 6, (8, 8, 1), 10)
   student, s_stats = child.init(jax.random.key(0), plan)
-  teacher, t_stats = _random_net(plan, 1)
+  teacher, t_stats = host_init.random_net(plan, 1, random_var=True)
   w, temp = 0.7, 3.0
   x, y = ds.x_train, ds.y_train
   out = {}
@@ -258,7 +237,7 @@ def test_distilling_step_adds_the_kl_term_on_the_same_batch():
 
 def _finished_final(tmp_path, f=16):
   plan = child.make_plan(ARC, 1, f, (8, 8, 1), 10)
-  params, stats = _random_net(plan, 2)
+  params, stats = host_init.random_net(plan, 2, random_var=True)
   workdir = tmp_path / "run"
   os.makedirs(workdir / "final")
   weights.save(str(workdir / "final" / "weights.npz"), {"params": params, "stats": stats},
