@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -52,15 +53,20 @@ def _error_barrier(timeout_s=10):
 def fail(message):
   message = str(message).replace("\\n", " ").replace("\\'", "'")
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
-  if "jax" in sys.modules:
-    import jax
-    if jax.distributed.is_initialized() and jax.process_count() > 1:
-      # sys.exit would wait at jax's shutdown barrier for processes stuck in collectives
-      sys.stderr.flush()
-      sys.stdout.flush()
-      _error_barrier()
-      os._exit(2)
+  if _multi_process():
+    # sys.exit would wait at jax's shutdown barrier for processes stuck in collectives
+    sys.stderr.flush()
+    sys.stdout.flush()
+    _error_barrier()
+    os._exit(2)
   sys.exit(2)
+
+
+def _multi_process():
+  if "jax" not in sys.modules:
+    return False
+  import jax
+  return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def _flag_error(e, argv=()):
@@ -206,6 +212,13 @@ def main(argv):
           UsageError) as e:
     logging.flush()
     fail(str(e).splitlines()[0])
+  except Exception:   # a bug: its traceback, and in a multi-process run no wait at jax's
+    if not _multi_process():       # shutdown barrier (5 minutes) for peers in collectives:
+      raise                        # the launcher ends them once this process has exited
+    traceback.print_exc()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

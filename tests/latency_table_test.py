@@ -152,6 +152,20 @@ def test_the_cache_is_keyed_by_cpu_model_and_jax_version(tmp_path, monkeypatch):
   open(p4, "w").write("{not json")      # a damaged cache file is measured afresh
   t5, _, _ = build()
   assert len(calls) == 5 and t5.entries == t4.entries
+  # an entry another version wrote without a field build reads (here the calibration's
+  # per-block term): measured afresh with a log line, not a KeyError
+  with open(p4) as f:
+    cache = json.load(f)
+  (fp, net), = cache["networks"].items()
+  del net["calibration"]["per_block_ms"]
+  with open(p4, "w") as f:
+    json.dump(cache, f)
+  logs = []
+  t6, _, _ = lt.build(str(tmp_path), SHAPE, CHOICES, opts, draws=10, measure_fn=measure,
+                      networks_fn=fake_networks, log=logs.append)
+  assert t6.entries == t4.entries and any("incomplete" in l and fp in l for l in logs)
+  with open(p4) as f:
+    assert "per_block_ms" in json.load(f)["networks"][fp]["calibration"]   # rewritten
 
 
 def _config(tmp_path, measure="latency"):

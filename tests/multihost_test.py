@@ -237,6 +237,53 @@ def test_a_failing_process_ends_the_launch(tmp_path, fail):
   assert elapsed < 150, elapsed
 
 
+BUG_STUB = textwrap.dedent("""\
+    # fp_jax.main with a stage that has a bug in process 0 (an unexpected exception after a
+    # cross-process collective) while process 1 goes on into the next collective
+    import numpy as np
+    from absl import app
+    from fp_jax import main as fp_main
+    from fp_jax.run import parallel
+
+    def run(config, workdir):
+      F = fp_main.FLAGS
+      parallel.init_distributed(F.coordinator_address, F.num_processes, F.process_id)
+      import jax
+      mesh = parallel.make_mesh()
+      total = parallel.data_parallel(lambda x: jax.lax.psum(x, parallel.AXIS), mesh,
+                                     (parallel.BATCH,), parallel.REPLICATED)
+      x = parallel.shard(mesh, np.ones((1,), np.float32))
+      print("psum", float(total(x)[0]), flush=True)
+      if jax.process_index() == 0:
+        raise RuntimeError("a bug in a stage")
+      print("second psum", float(total(x)[0]), flush=True)
+
+    fp_main.run = run
+    app.run(fp_main.main, flags_parser=fp_main.parse_flags)
+    """)
+
+
+def test_a_bug_in_one_process_ends_the_launch_with_its_traceback(tmp_path):
+  """An unexpected exception (not an error: line) in a multi-process run: its traceback, and
+  the process leaves at once instead of waiting 5 minutes at jax's shutdown barrier for a
+  peer stuck in a collective; the launcher then ends the peer."""
+  (tmp_path / "bug_main.py").write_text(BUG_STUB)
+  env = _env(1)
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, str(tmp_path)])
+  t = time.perf_counter()
+  rc, out, err = _finish(_launcher("--config=configs/smoke.py", f"--workdir={tmp_path}",
+                                   launcher_args=["--module=bug_main"], env=env), timeout=240)
+  elapsed = time.perf_counter() - t
+  # process 0 got through the collective (so both joined it); process 1 may not print its
+  # own result before process 0's exit takes the coordination service down with it
+  assert "[0] psum 2.0" in out, out + err
+  assert rc != 0 and "second psum" not in out, out + err
+  assert "[0] Traceback (most recent call last)" in err and \
+      "[0] RuntimeError: a bug in a stage" in err, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith("error: process 0:"), err[-3000:]
+  assert elapsed < 150, elapsed      # jax's shutdown barrier would hold it for 300 s
+
+
 def test_bad_config_fails_every_process_with_one_error_line(tmp_path):
   # 9 rows cannot be split over the 2 devices of the 2 processes
   rc, _, err = _finish(_launcher(*TINY, "--config.search.batch_size=9",

@@ -237,6 +237,10 @@ def build(cache_dir, shape, ratio_choices, opts, threads=0, round_to=1, draws=No
       log(f"latency table: cannot read {path} ({e}); measuring afresh")
   fp = network_blocks.fingerprint(shape, ratio_choices, opts.pad_channels, round_to, draws)
   net = cache["networks"].get(fp)
+  if net is not None and not _complete(net, cache["raw_ms"]):
+    log(f"latency table: the cached entry for {fp} in {path} is incomplete (written by "
+        "another fp_jax version?); measuring afresh")
+    net = None
   if net is None:
     t = time.perf_counter()
     load = os.getloadavg()[0]
@@ -268,6 +272,15 @@ def build(cache_dir, shape, ratio_choices, opts, threads=0, round_to=1, draws=No
               raw_ms={n: cache["raw_ms"][n] for n in net["blocks"]},
               builds=[b for b in cache["builds"] if b.get("network") == fp])
   return Table(entries, cal["intercept_ms"], meta), time.perf_counter() - t0, path
+
+
+def _complete(net, raw_ms):
+  """Whether a cached network entry has what `build` reads: every block's raw time and a
+  calibration with every field `entry_ms` and the intercept use."""
+  cal = net.get("calibration")
+  return (isinstance(cal, dict) and {"intercept_ms", "factors", "per_block_ms"} <= set(cal)
+          and set(GROUPS) <= set(cal["factors"]) and isinstance(net.get("blocks"), list)
+          and all(n in raw_ms for n in net["blocks"]))
 
 
 def _broadcast(table):
