@@ -4,7 +4,8 @@ The table follows the paper's (method, error %, multiply-adds M, params M):
 the unpruned final network, the same network masked with the chosen ratios
 (stale BN statistics, and BN statistics re-estimated; no training), and the
 compact network after fine-tuning (or retraining). Params are those of
-the inference network (the aux head is training-only). Plots:
+the inference network (the aux head is training-only). A profile stage's counts
+(profile.json) get a section of their own. Plots:
 
   plots/search_samples.png  validation accuracy (masked) vs multiply-adds of every
                             rewarded architecture at search size, the chosen one marked
@@ -188,6 +189,16 @@ def write(workdir):
               f"- reward {arch['reward']:.4f}, TrainAcc {arch['train_acc']:.4f}, "
               f"PruneAcc {arch['prune_acc']:.4f}", "", "```",
               space.render_arc(np.asarray(arch["normal"] + arch["reduce"])), "```", ""]
+  prof = results.read_json(workdir, "profile.json")
+  if prof:
+    h, w, c = prof["image_shape"]
+    lines += ["## Profile (no data)", "", f"- arc: `{prof['arc_string']}`",
+              f"- final network: {prof['num_layers']} layers, F {prof['out_filters']}, "
+              f"{h}x{w}x{c} images, {prof['num_classes']} classes",
+              f"- multiply-adds per image: {_mega(prof['macs'])} M (aux head, training only: "
+              f"{_mega(prof['aux_macs'])} M more)",
+              f"- params: {_mega(prof['params_no_aux'])} M for inference, "
+              f"{_mega(prof['params'])} M with the aux head", ""]
   rows = table_rows(final, compress)
   if rows:
     lines += ["## Results (test split)", "",

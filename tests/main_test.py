@@ -57,6 +57,12 @@ def test_profile_stage(tmp_path):
   assert config["data"]["name"] == "digits"
   assert config["final"]["num_layers"] == 3 and config["final"]["out_filters"] == 8
   assert not (workdir / "search").exists()
+  summary = (workdir / "summary.md").read_text()      # the counts, not only a header
+  assert f"- arc: `{space.ENAS_ARC}`" in summary
+  assert f"multiply-adds per image: {counts['macs'] / 1e6:.3f} M" in summary
+  assert f"{counts['aux_macs'] / 1e6:.3f} M more" in summary
+  assert (f"params: {counts['params_no_aux'] / 1e6:.3f} M for inference, "
+          f"{counts['params'] / 1e6:.3f} M with the aux head") in summary
 
 
 BAD_OP = space.ENAS_ARC.replace("0 2 0 0", "0 2 0 7", 1)   # position 3: op 7
