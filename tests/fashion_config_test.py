@@ -11,8 +11,7 @@ from fp_jax import config as config_lib
 # what each option changes, field by field: _random over the same name without it, _best
 # over the short recipe, _long (the paper's recipe) over configs/default.py
 RANDOM = {"search.policy": "random"}
-BEST = {"compress.steps_per_epoch": 0, "final.drop_path_keep_prob": 0.8, "final.epochs": 10,
-        "final.lr_t0": 10, "final.steps_per_epoch": 0, "latency.images": 1000}
+BEST = {"compress.steps_per_epoch": 0, "final.epochs": 14, "final.lr_t0": 14, "final.steps_per_epoch": 0, "latency.images": 1000}
 LONG = {"data.name": "fashion_mnist", "data.crop_pad": 2, "final.eval_batch_size": 500}
 
 
