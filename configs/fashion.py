@@ -26,8 +26,8 @@ meant for a GPU. `_best` trains a chosen network longer on 2 CPU cores (full pas
 at F 12, 0.49 s a step on a quiet Intel Xeon), everything else as the short recipe.
 
 How the short recipe was scaled (one whole pipeline, search + final + compress + latency,
-aimed at about 20 minutes on 2 quiet CPU cores; measured so far only on a shared machine:
-54 min wall, 2,900 CPU-seconds, docs/fashion_mnist.md):
+about 20 minutes on 2 quiet CPU cores: 13-16 min measured on an Intel Xeon, 54 min on a
+shared one, docs/fashion_mnist.md):
 - the networks: search and final both at 3 layers (5 cells: every stage holds one, so the
   search rewards the ratios compress applies), F 8 in the search and F 16 in the final
   network (the paper widens F 20 -> 36 from search to final);
