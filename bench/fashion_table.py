@@ -36,16 +36,15 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import fashion_report as report  # pylint: disable=g-import-not-at-top
+from fp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from fp_jax import results  # pylint: disable=g-import-not-at-top
 
 SETTINGS = {"enas": "a0_b0", "random": "a0.02_b20_random", "fp_a0.02_b0": "a0.02_b0",
@@ -173,170 +172,55 @@ def uniform_row(base, workdir, ratio, seed, cmd_of, keep_dir=None):
           "seconds": times}
 
 
+# Config fields added after the table's first rows were written (at 05cab55). Those rows'
+# keys hash the recipe without them; while a recipe holds their defaults (configs/default.py:
+# what the code did before them), recipe_keys also gives that form, so extending the config
+# keeps the finished rows (tests/fashion_bench_test.py reproduces every stored row's key).
+ADDED_AFTER_FIRST_ROWS = (
+    "compress.distill", "compress.distill_temperature", "compress.distill_weight",
+    "compress.round_to", "data.input", "matmul_precision", "preemption_sync_steps",
+    "search.dispatch", "search.latency_table_dir", "search.round_to")
+
+
+def recipe_keys(setting, seed, overrides, extra=""):
+  """The row keys of (setting, seed, overrides, extra): today's, then the first rows' form
+  where it applies (ADDED_AFTER_FIRST_ROWS). Rows are reused only for the same setting, seed,
+  overrides and resolved recipe (the variant's config from configs/fashion.py, field by
+  field: a rewording of the file keeps its rows, a changed value does not)."""
+  from configs import default, fashion  # pylint: disable=g-import-not-at-top
+  config = fashion.get_config(SETTINGS["enas" if setting == "enas_uniform" else setting])
+
+  def key(recipe):
+    blob = json.dumps([setting, seed, sorted(overrides), extra, recipe])
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+  recipe = config.to_json(sort_keys=True)
+  keys = [key(recipe)]
+  now, defaults = config_lib.fields(config), config_lib.fields(default.get_config())
+  if all(now[f] == defaults[f] for f in ADDED_AFTER_FIRST_ROWS):
+    first = json.loads(recipe)
+    for f in ADDED_AFTER_FIRST_ROWS:
+      *sections, leaf = f.split(".")
+      section = first
+      for name in sections:
+        section = section[name]
+      del section[leaf]
+    keys.append(key(json.dumps(first, sort_keys=True)))
+  return keys
+
+
 def recipe_key(setting, seed, overrides, extra=""):
-  """Rows are reused only for the same setting, seed, overrides and resolved recipe (the
-  variant's config from configs/fashion.py, field by field: a rewording of the file keeps
-  its rows, a changed value does not)."""
-  from configs import fashion  # pylint: disable=g-import-not-at-top
-  variant = SETTINGS["enas" if setting == "enas_uniform" else setting]
-  recipe = fashion.get_config(variant).to_json(sort_keys=True)
-  blob = json.dumps([setting, seed, sorted(overrides), extra, recipe])
-  return hashlib.sha1(blob.encode()).hexdigest()[:12]
+  """The key a new row of (setting, seed, overrides, extra) is written with."""
+  return recipe_keys(setting, seed, overrides, extra)[0]
 
 
-def _mean_sd(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def uniform_curve(rows, seed=None):
-  """(macs ascending, fine-tuned error) of the ENAS uniform-pruning points (one seed, or the
-  mean over seeds at each ratio), the unpruned ENAS network (ratio 0) included."""
-  pts = {}
-  for r in rows:
-    if seed is not None and r["seed"] != seed:
-      continue
-    if r["setting"] == "enas_uniform":
-      pts.setdefault(r["uniform_ratio"], []).append((r["pruned_macs"], r["test_error_finetuned"]))
-    elif r["setting"] == "enas":
-      pts.setdefault(0.0, []).append((r["macs"], r["test_error"]))
-  curve = sorted((statistics.mean(m for m, _ in v), statistics.mean(e for _, e in v))
-                 for v in pts.values())
-  return [m for m, _ in curve], [e for _, e in curve]
-
-
-def vs_curve(row, rows):
-  """Fine-tuned error minus the same seed's ENAS uniform curve at the row's pruned
-  multiply-adds (linear interpolation; None outside the curve's range)."""
-  macs, errs = uniform_curve(rows, row["seed"])
-  if len(macs) < 2 or not macs[0] <= row["pruned_macs"] <= macs[-1]:
-    return None
-  return row["test_error_finetuned"] - float(np.interp(row["pruned_macs"], macs, errs))
-
-
-def summarise(rows):
-  """Mean and spread (sample std) over seeds of each setting's figures."""
-  out = {}
-  keys = ("test_error", "test_error_masked", "test_error_finetuned", "pruned_macs",
-          "pruned_params", "macs", "params", "vs_enas_uniform")
-  for setting in list(SETTINGS) + ["enas_uniform"]:
-    groups = {}
-    for r in rows:
-      if r["setting"] == setting:
-        groups.setdefault(r.get("uniform_ratio"), []).append(r)
-    for ratio, rs in sorted(groups.items(), key=lambda kv: kv[0] or 0):
-      name = setting if ratio is None else f"enas + uniform {ratio:g}"
-      s = {"seeds": len(rs)}
-      for k in keys:
-        s[k], s[k + "_sd"] = _mean_sd([r.get(k) for r in rs])
-      for stage in STAGES:
-        s[f"{stage}_s"], _ = _mean_sd([r["seconds"].get(stage) for r in rs])
-        s[f"{stage}_cpu_s"], _ = _mean_sd([r["seconds"].get("cpu_s", {}).get(stage) for r in rs])
-      out[name] = s
-  return out
-
-
-def reward_curves(rows, setting):
-  """Mean over seeds of the per-epoch mean reward and entropy of one setting's searches."""
-  rs = [r for r in rows if r["setting"] == setting and r.get("reward_per_epoch")]
-  if not rs:
-    return None
-  n = min(len(r["reward_per_epoch"]) for r in rs)
-  mean = lambda k: [statistics.mean(r[k][i] for r in rs) for i in range(n)]
-  return {"reward": mean("reward_per_epoch"), "entropy": mean("entropy_per_epoch"),
-          "seeds": len(rs)}
-
-
-def _fmt(m, sd, scale=1.0, digits=2):
-  if m is None:
-    return "-"
-  return f"{m / scale:.{digits}f} ± {sd / scale:.{digits}f}"
-
-
-def markdown(summary, rows, curves, env):
-  lines = ["# Fashion-MNIST: fake pruning against ENAS + uniform pruning and random search",
-           "", f"Machine: {env['cpu']}, load average {env['loadavg']}; recipe "
-           "configs/fashion.py (short); means ± sample std over seeds.", "",
-           "| method | seeds | final error % | masked error % (BN re-est.) | fine-tuned error % "
-           "| MMACs (compressed) | params K (compressed) | vs ENAS uniform at equal MACs (pts) "
-           "| search / final / compress wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for name, s in summary.items():
-    secs = " / ".join("-" if s[f"{st}_s"] is None else f"{s[f'{st}_s']:.0f}" for st in STAGES)
-    secs += " | " + " / ".join("-" if s.get(f"{st}_cpu_s") is None else
-                               f"{s[f'{st}_cpu_s']:.0f}" for st in STAGES)
-    lines.append(
-        f"| {name} | {s['seeds']} | {_fmt(s['test_error'], s['test_error_sd'])} | "
-        f"{_fmt(s['test_error_masked'], s['test_error_masked_sd'])} | "
-        f"{_fmt(s['test_error_finetuned'], s['test_error_finetuned_sd'])} | "
-        f"{_fmt(s['pruned_macs'], s['pruned_macs_sd'], 1e6, 3)} | "
-        f"{_fmt(s['pruned_params'], s['pruned_params_sd'], 1e3, 1)} | "
-        f"{_fmt(s['vs_enas_uniform'], s['vs_enas_uniform_sd'])} | {secs} |")
-  lines += ["", "Final error: the chosen arc trained as the final network, unpruned (for "
-            "`enas + uniform r` rows: the ENAS network's). Masked: that network masked at the "
-            "ratios (the searched ones; uniform r for the curve), BN statistics re-estimated, "
-            "no fine-tuning. Fine-tuned: after fine-tuning with the masks held, channels "
-            "removed. vs ENAS uniform: fine-tuned error minus the same seed's ENAS "
-            "uniform-pruning curve interpolated at the run's compressed multiply-adds "
-            "(negative: better than uniform pruning at equal cost). Wall seconds include other "
-            "load and any time the run was paused; CPU seconds (user + system of the stage's "
-            "process, recorded since the table's second session) do not.", "",
-            "## Search: mean reward per epoch (mean over seeds)", ""]
-  for setting, c in curves.items():
-    if c:
-      lines.append(f"- {setting} ({c['seeds']} seeds): reward "
-                   f"{' '.join(f'{v:.3f}' for v in c['reward'])}; entropy "
-                   f"{' '.join(f'{v:.2f}' for v in c['entropy'])}")
-  lines += ["", "## Per run", "", "| setting | seed | ratios | final % | masked % | "
-            "fine-tuned % | MMACs | vs uniform |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    v = r.get("vs_enas_uniform")
-    lines.append(
-        f"| {r['setting']}{'' if 'uniform_ratio' not in r else ' ' + str(r['uniform_ratio'])}"
-        f" | {r['seed']} | {' '.join(f'{x:g}' for x in r['ratios'])} | "
-        f"{r.get('test_error', float('nan')):.2f} | {r['test_error_masked']:.2f} | "
-        f"{r['test_error_finetuned']:.2f} | {r['pruned_macs'] / 1e6:.3f} | "
-        f"{'-' if v is None else f'{v:+.2f}'} |")
-  return "\n".join(lines) + "\n"
-
-
-def plot(rows, curves, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-  colors = {"enas": "tab:gray", "random": "tab:green", "fp_a0.02_b0": "tab:blue",
-            "fp_a0.02_b20": "tab:red", "fp_a0.5_b20": "tab:purple"}
-  seeds = sorted({r["seed"] for r in rows})
-  for seed in seeds:
-    m, e = uniform_curve(rows, seed)
-    if m:
-      ax[0].plot(np.array(m) / 1e6, e, color="k", alpha=0.35, lw=1, marker=".")
-  m, e = uniform_curve(rows)
-  if m:
-    ax[0].plot(np.array(m) / 1e6, e, color="k", lw=2, label="ENAS arc + uniform pruning")
-  for setting, color in colors.items():
-    rs = [r for r in rows if r["setting"] == setting]
-    if rs:
-      ax[0].scatter([r["pruned_macs"] / 1e6 for r in rs],
-                    [r["test_error_finetuned"] for r in rs], color=color, s=30, label=setting)
-      ax[0].scatter([r["macs"] / 1e6 for r in rs], [r["test_error"] for r in rs],
-                    facecolors="none", edgecolors=color, s=30)
-  ax[0].set_xlabel("multiply-adds per image (M)")
-  ax[0].set_ylabel("test error (%)")
-  ax[0].set_title("fine-tuned compressed networks (filled), unpruned (hollow)")
-  ax[0].legend(fontsize=8)
-  for setting, c in curves.items():
-    if c:
-      ax[1].plot(range(1, len(c["reward"]) + 1), c["reward"], color=colors[setting],
-                 marker="o", label=f"{setting} reward")
-  ax[1].set_xlabel("search epoch")
-  ax[1].set_ylabel("mean reward of the epoch's samples")
-  ax[1].set_title("controller vs random search, same budget")
-  ax[1].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+def run_dir(root, keep, prefix, keys):
+  """root/<prefix><key> of the first key whose directory exists there or in keep (a run
+  begun under an earlier key resumes there), else of keys[0]; returns (path, key)."""
+  for k in keys:
+    if any(os.path.isdir(os.path.join(d, prefix + k)) for d in (root, keep)):
+      return os.path.join(root, prefix + k), k
+  return os.path.join(root, prefix + keys[0]), keys[0]
 
 
 def cpu_model():
@@ -375,16 +259,17 @@ def main(argv=None):
   if "enas" in args.settings:
     jobs += [("enas_uniform", seed, u) for seed in args.seeds for u in args.uniform]
   for setting, seed, ratio in jobs:
-    key = recipe_key(setting, seed, args.set, "" if ratio is None else f"{ratio:g}")
-    if key in old:
-      rows.append(old[key])
+    keys = recipe_keys(setting, seed, args.set, "" if ratio is None else f"{ratio:g}")
+    done = [k for k in keys if k in old]
+    if done:
+      rows.append(old[done[0]])
       continue
     if 0 <= args.max_runs <= new_runs:
       log(f"--max_runs {args.max_runs} reached; {setting} seed {seed} left for a rerun")
       continue
-    enas_key = key if ratio is None else recipe_key("enas", seed, args.set)
-    base = os.path.join(args.workdir, f"{'enas' if ratio is not None else setting}_seed{seed}_"
-                        f"{enas_key}")
+    name = "enas" if ratio is not None else setting
+    base, key = run_dir(args.workdir, args.keep, f"{name}_seed{seed}_",
+                        recipe_keys(name, seed, args.set))
     if ratio is None:
       cmd_of = lambda st, s=setting, sd=seed, w=base: command(SETTINGS[s], sd, w, st, args.set)
       times = run_stages(cmd_of, base, keep_dir=args.keep)
@@ -394,7 +279,7 @@ def main(argv=None):
       if not os.path.exists(os.path.join(base, DONE["final"])):
         log(f"enas seed {seed} not finished: uniform {ratio:g} left for a rerun")
         continue
-      work = os.path.join(args.workdir, f"enas_seed{seed}_uniform{ratio:g}_{key}")
+      work, key = run_dir(args.workdir, args.keep, f"enas_seed{seed}_uniform{ratio:g}_", keys)
       ratios = " ".join([f"{ratio:g}"] * 5)
       cmd_of = lambda st, sd=seed, w=work, q=ratios: command(
           SETTINGS["enas"], sd, w, st, list(args.set) + [f"compress.ratios={q}"])
@@ -411,9 +296,9 @@ def write(args, rows, jobs):
   session that ends mid-table keeps what it finished); returns the table."""
   for r in rows:
     if r["setting"] != "enas_uniform":
-      r["vs_enas_uniform"] = vs_curve(r, rows) if r["setting"] != "enas" else None
-  summary = summarise(rows)
-  curves = {s: reward_curves(rows, s) for s in ("fp_a0.02_b20", "random")}
+      r["vs_enas_uniform"] = report.vs_curve(r, rows) if r["setting"] != "enas" else None
+  summary = report.summarise(rows, SETTINGS, STAGES)
+  curves = {s: report.reward_curves(rows, s) for s in ("fp_a0.02_b20", "random")}
   env = {"cpu": cpu_model(), "loadavg": [round(v, 2) for v in os.getloadavg()],
          "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": len(os.sched_getaffinity(0))}
   done = {(r["setting"], r["seed"], r.get("uniform_ratio")) for r in rows}
@@ -424,13 +309,13 @@ def write(args, rows, jobs):
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   stem = args.out[:-len(".json")]
-  md = markdown(summary, rows, curves, env)
+  md = report.markdown(summary, rows, curves, env, STAGES)
   if missing:
     md += f"\nNot run yet ({len(missing)}): {missing}\n"
   with open(stem + ".md", "w") as f:
     f.write(md)
   if rows:
-    plot(rows, curves, stem + ".png")
+    report.plot(rows, curves, stem + ".png")
   return md
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from bench import fashion_report
 from bench import fashion_table
 from bench import proxy_fidelity
 
@@ -26,12 +27,12 @@ def _rows():
 
 def test_uniform_curve_and_equal_cost_difference():
   rows = _rows()
-  macs, errs = fashion_table.uniform_curve(rows, seed=1)
+  macs, errs = fashion_report.uniform_curve(rows, seed=1)
   assert macs == [2e6, 4e6, 7e6, 10e6] and errs == [16.0, 12.0, 10.0, 9.0]
   # seed 1's curve at 5.5M: halfway between (4M, 12) and (7M, 10) -> 11; fp: 10.5
-  assert fashion_table.vs_curve(rows[-1], rows) == pytest.approx(-0.5)
-  assert fashion_table.vs_curve(dict(rows[-1], pruned_macs=1e6), rows) is None
-  mean_macs, mean_errs = fashion_table.uniform_curve(rows)
+  assert fashion_report.vs_curve(rows[-1], rows) == pytest.approx(-0.5)
+  assert fashion_report.vs_curve(dict(rows[-1], pruned_macs=1e6), rows) is None
+  mean_macs, mean_errs = fashion_report.uniform_curve(rows)
   assert mean_errs == [15.5, 11.5, 9.5, 8.5] and mean_macs[0] == 2e6
 
 
@@ -40,8 +41,8 @@ def test_summary_means_and_sample_spread():
   for r in rows:
     r.setdefault("seconds", {"compress": 2.0})
     if r["setting"] == "fp_a0.02_b20":
-      r["vs_enas_uniform"] = fashion_table.vs_curve(r, rows)
-  s = fashion_table.summarise(rows)
+      r["vs_enas_uniform"] = fashion_report.vs_curve(r, rows)
+  s = fashion_report.summarise(rows, fashion_table.SETTINGS, fashion_table.STAGES)
   fp = s["fp_a0.02_b20"]
   assert fp["seeds"] == 2 and fp["test_error_finetuned"] == pytest.approx(10.0)
   assert fp["test_error_finetuned_sd"] == pytest.approx(np.std([9.5, 10.5], ddof=1))
@@ -55,9 +56,9 @@ def test_reward_curves_average_over_seeds():
            "entropy_per_epoch": [5.0, 5.0, 5.0]},
           {"setting": "random", "reward_per_epoch": [3.0, 4.0],
            "entropy_per_epoch": [5.0, 4.0]}]
-  c = fashion_table.reward_curves(rows, "random")
+  c = fashion_report.reward_curves(rows, "random")
   assert c == {"reward": [2.0, 3.0], "entropy": [5.0, 4.5], "seeds": 2}
-  assert fashion_table.reward_curves(rows, "enas") is None
+  assert fashion_report.reward_curves(rows, "enas") is None
 
 
 def test_finished_rows_are_reused_not_rerun(tmp_path, monkeypatch):
@@ -161,6 +162,45 @@ def test_recipe_key_changes_with_overrides_and_seed():
   assert a != fashion_table.recipe_key("enas", 0, ["search.epochs=2"])
   assert a != fashion_table.recipe_key("enas", 0, [], "0.4")
   assert a != fashion_table.recipe_key("fp_a0.02_b20", 0, [])   # another variant's values
+
+
+def test_the_stored_rows_keys_survive_fields_added_since():
+  """Every row of the committed table (written before ADDED_AFTER_FIRST_ROWS existed) is found
+  by today's recipe_keys, and a new row is keyed by today's full recipe."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "bench", "results", "fashion_table.json")) as f:
+    rows = json.load(f)["rows"]
+  assert len(rows) >= 16
+  for r in rows:
+    extra = "" if r.get("uniform_ratio") is None else f"{r['uniform_ratio']:g}"
+    keys = fashion_table.recipe_keys(r["setting"], r["seed"], [], extra)
+    assert r["key"] in keys and keys[0] == fashion_table.recipe_key(r["setting"], r["seed"], [],
+                                                                    extra)
+    assert r["key"] == keys[1] != keys[0]       # the first rows' form
+
+
+def test_an_added_field_off_its_default_has_only_todays_key(monkeypatch):
+  """A recipe that sets an added field (compress.round_to 8) cannot match a first-form row."""
+  from configs import fashion
+  get = fashion.get_config
+
+  def rounded(variant=""):
+    c = get(variant)
+    c.compress.round_to = 8
+    return c
+  before = fashion_table.recipe_keys("enas", 0, [])
+  monkeypatch.setattr(fashion, "get_config", rounded)
+  after = fashion_table.recipe_keys("enas", 0, [])
+  assert len(before) == 2 and len(after) == 1 and after[0] not in before
+
+
+def test_a_run_begun_under_an_earlier_key_resumes_in_its_directory(tmp_path):
+  (tmp_path / "k" / "enas_seed0_old").mkdir(parents=True)
+  path, key = fashion_table.run_dir(str(tmp_path / "w"), str(tmp_path / "k"), "enas_seed0_",
+                                    ["new", "old"])
+  assert (path, key) == (str(tmp_path / "w" / "enas_seed0_old"), "old")
+  path, key = fashion_table.run_dir(str(tmp_path / "w"), str(tmp_path / "k"), "x_", ["new", "old"])
+  assert (path, key) == (str(tmp_path / "w" / "x_new"), "new")
 
 
 def test_each_finished_run_is_kept_before_the_next_starts(tmp_path, monkeypatch):
