@@ -189,6 +189,8 @@ def recipe_keys(setting, seed, overrides, extra=""):
   field: a rewording of the file keeps its rows, a changed value does not)."""
   from configs import default, fashion  # pylint: disable=g-import-not-at-top
   config = fashion.get_config(SETTINGS["enas" if setting == "enas_uniform" else setting])
+  # a cache's location, which FP_JAX_LATENCY_TABLE_DIR may move, is not part of the recipe
+  config.search.latency_table_dir = default.LATENCY_TABLE_DIR
 
   def key(recipe):
     blob = json.dumps([setting, seed, sorted(overrides), extra, recipe])
@@ -197,6 +199,7 @@ def recipe_keys(setting, seed, overrides, extra=""):
   recipe = config.to_json(sort_keys=True)
   keys = [key(recipe)]
   now, defaults = config_lib.fields(config), config_lib.fields(default.get_config())
+  defaults["search.latency_table_dir"] = default.LATENCY_TABLE_DIR
   if all(now[f] == defaults[f] for f in ADDED_AFTER_FIRST_ROWS):
     first = json.loads(recipe)
     for f in ADDED_AFTER_FIRST_ROWS:

@@ -10,6 +10,9 @@ import ml_collections
 from fp_jax import data
 
 
+LATENCY_TABLE_DIR = "~/.cache/fp_jax/latency_tables"   # search.latency_table_dir's default
+
+
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -54,8 +57,7 @@ def get_config():
                                        # searched network's multiply-adds removed) | latency
                                        # (8 x the fraction of the deployed final network's
                                        # predicted fused CPU latency removed: a table)
-  s.latency_table_dir = os.environ.get("FP_JAX_LATENCY_TABLE_DIR",
-                                       "~/.cache/fp_jax/latency_tables")
+  s.latency_table_dir = os.environ.get("FP_JAX_LATENCY_TABLE_DIR", LATENCY_TABLE_DIR)
                                        # cache of measured per-block fused latencies, one file
                                        # per CPU model / jax version (infer/latency_table.py);
                                        # every sample then logs latency_ms, masked_latency_ms.

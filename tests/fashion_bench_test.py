@@ -194,6 +194,12 @@ def test_an_added_field_off_its_default_has_only_todays_key(monkeypatch):
   assert len(before) == 2 and len(after) == 1 and after[0] not in before
 
 
+def test_keys_do_not_depend_on_where_the_latency_tables_are_cached(monkeypatch):
+  keys = fashion_table.recipe_keys("fp_a0.02_b20", 0, [])
+  monkeypatch.setenv("FP_JAX_LATENCY_TABLE_DIR", "/somewhere/else")
+  assert fashion_table.recipe_keys("fp_a0.02_b20", 0, []) == keys
+
+
 def test_a_run_begun_under_an_earlier_key_resumes_in_its_directory(tmp_path):
   (tmp_path / "k" / "enas_seed0_old").mkdir(parents=True)
   path, key = fashion_table.run_dir(str(tmp_path / "w"), str(tmp_path / "k"), "enas_seed0_",
