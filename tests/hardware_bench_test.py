@@ -249,3 +249,16 @@ def test_rewrite_reads_latency_figures_again(tmp_path, monkeypatch):
   row = json.loads(out.read_text())["rows"][0]
   assert row["baseline_fused_ms"] == 2.0 and row["latency_reduction_pct"] == pytest.approx(25.0)
   assert row["pruned_fused_p10_p90_ms"] is None           # the fake latency.json has none
+
+
+def test_the_stored_rows_keys_are_todays():
+  """Every row of the committed hardware table is found by today's keys (a config field
+  added since changes them: fashion_table.ADDED_AFTER_FIRST_ROWS says how to keep them)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "bench", "results", "hardware_table.json")) as f:
+    rows = json.load(f)["rows"]
+  assert len(rows) >= 16
+  args = types.SimpleNamespace(set=[], workdir="w")
+  for r in rows:
+    base = r.get("base") if r["setting"] == "best+distill" else None
+    assert r["key"] == hw.workdir_of(args, r["setting"], r["seed"], base)[0], r["setting"]
