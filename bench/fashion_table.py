@@ -272,7 +272,7 @@ def main(argv=None):
       continue
     name = "enas" if ratio is not None else setting
     base, key = run_dir(args.workdir, args.keep, f"{name}_seed{seed}_",
-                        recipe_keys(name, seed, args.set))
+                        keys if ratio is None else recipe_keys(name, seed, args.set))
     if ratio is None:
       cmd_of = lambda st, s=setting, sd=seed, w=base: command(SETTINGS[s], sd, w, st, args.set)
       times = run_stages(cmd_of, base, keep_dir=args.keep)
