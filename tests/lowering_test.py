@@ -38,7 +38,8 @@ def _exports(platform):
 
 
 def _cpu_target(target):
-  return target == kernels.TARGET or "cpu" in target.lower() or target.startswith(
+  fp_jax_cpu = (kernels.TARGET, *kernels.SEP_TARGETS.values())
+  return target in fp_jax_cpu or "cpu" in target.lower() or target.startswith(
       ("lapack_", "ducc_"))
 
 
@@ -80,9 +81,9 @@ def _grouped_convs(exported):
 
 
 def test_depthwise_follows_the_platform():
-  """Off CPU the depthwise convolutions are grouped convolutions; on CPU shifted sums (the
-  steps) and fp_jax's FFI kernel (the fused network), which export refuses unless
-  allowed. DEPTHWISE_IMPL is restored after tracing."""
+  """Off CPU the depthwise convolutions are grouped convolutions; on CPU fp_jax's FFI
+  kernels (the steps' training pair, the fused network's depthwise), which export refuses
+  unless allowed. DEPTHWISE_IMPL and SEP_IMPL are restored after tracing."""
   cuda = _exports("cuda")
   config = _config()
   plan = child.make_plan(space.parse_arc(space.ENAS_ARC), config.final.num_layers,
@@ -92,7 +93,14 @@ def test_depthwise_follows_the_platform():
   assert _grouped_convs(cuda["reward_eval"][0]) > 0
   assert layers.DEPTHWISE_IMPL == "auto"
   fns = lowering.functions(config, IMAGE, CLASSES, parallel.make_mesh(), "cpu")
-  assert _grouped_convs(lowering.lower(*fns["reward_eval"][:2], "cpu")) == 0
+  fn, args, allow = fns["reward_eval"]
+  evaluate = lowering.lower(fn, args, "cpu", allow)
+  assert _grouped_convs(evaluate) == 0
+  # on cpu the sep convs' ReLU -> depthwise -> pointwise run fp_jax's training kernel
+  assert allow == (tuple(kernels.SEP_TARGETS.values()) if kernels.available() else ())
+  if allow:
+    assert lowering.census(evaluate)["custom_calls"].get(kernels.SEP_TARGETS["fwd"], 0) > 0
+  assert layers.SEP_IMPL == "auto"
   fn, args, allow = fns["fused_network"]
   if not kernels.available():
     assert allow == ()

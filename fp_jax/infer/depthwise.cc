@@ -36,61 +36,21 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "kernel_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kWB = 4;                      // output pixels along W per register block
+using fp_jax::kWB;
+using fp_jax::Row;
+
 constexpr int64_t kMinChunkMacs = 1 << 15;  // smaller chunks cost more to hand out than to run
-constexpr int kSpins = 1 << 16;             // pause loops (~1 ms) before the caller sleeps
 // Handing chunks to the pool costs ~15-25 us a call (waking a worker), so only calls of
 // at least this many multiply-adds are split: on a 2-core Xeon the split broke even near
 // 2-3.7 M (1.04x at 3.7 M, 1.3x at 7.4 M, 2.1x at 24 M; 0.6x at 0.37 M, a batch-1
 // 32x32x40 3x3).
 constexpr int64_t kMinParallelMacs = 1 << 22;
-
-// One output row: y[q, c] = sum_{i,j} xp[i, ow + S*q + j, c] * wt[i, j, c], q < Wo,
-// xp the K slab rows starting at this output row's first tap row.
-template <int K, int S>
-void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
-         float* y) {
-  const int64_t C8 = C / 8 * 8;
-  constexpr int NV = (kWB - 1) * S + K;     // input vectors one block of outputs reads per row
-  for (int64_t c = 0; c < C8; c += 8) {
-    int64_t q0 = 0;
-    for (; q0 + kWB <= Wo; q0 += kWB) {
-      __m256 acc[kWB];
-      for (int q = 0; q < kWB; ++q) acc[q] = _mm256_setzero_ps();
-      for (int i = 0; i < K; ++i) {
-        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
-        __m256 xv[NV];
-        for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(r + v * C);
-        for (int j = 0; j < K; ++j) {
-          const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
-          for (int q = 0; q < kWB; ++q) acc[q] = _mm256_fmadd_ps(xv[S * q + j], wv, acc[q]);
-        }
-      }
-      for (int q = 0; q < kWB; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
-    }
-    for (; q0 < Wo; ++q0) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int i = 0; i < K; ++i)
-        for (int j = 0; j < K; ++j)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp + (i * Wp + ow + S * q0 + j) * C + c),
-                                _mm256_loadu_ps(wt + (i * K + j) * C + c), acc);
-      _mm256_storeu_ps(y + q0 * C + c, acc);
-    }
-  }
-  for (int64_t c = C8; c < C; ++c)
-    for (int64_t q = 0; q < Wo; ++q) {
-      float acc = 0.f;
-      for (int i = 0; i < K; ++i)
-        for (int j = 0; j < K; ++j)
-          acc += xp[(i * Wp + ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
-      y[q * C + c] = acc;
-    }
-}
 
 struct Problem {
   const float* x;
@@ -141,25 +101,6 @@ void Chunk(const Problem& p, int64_t t) {
 
 using ChunkFn = void (*)(const Problem&, int64_t);
 
-struct Shared {
-  Problem p;
-  ChunkFn fn;
-  int64_t total;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Work() {       // take chunks until none is left
-    for (int64_t t; (t = next.fetch_add(1)) < total;) {
-      fn(p, t);
-      if (done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ChunkFn Pick(int64_t k, int64_t s) {
   if (k == 3) return s == 1 ? Chunk<3, 1> : Chunk<3, 2>;
   return s == 1 ? Chunk<5, 1> : Chunk<5, 2>;
@@ -194,20 +135,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   if (n == 1) rows = p.Ho;
   p.rows_per_chunk = std::max<int64_t>(1, std::min(rows, p.Ho));
   p.chunks_per_image = (p.Ho + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  auto s = std::make_shared<Shared>();
-  s->p = p;
-  s->fn = Pick(k[0], stride);
-  s->total = p.B * p.chunks_per_image;
-  const int64_t helpers = std::min(n - 1, s->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { s->Work(); });
-  s->Work();
-  // the chunks left are being computed by running threads: spin briefly (a sleeping
-  // caller would add a wake-up, tens of microseconds, to every call), then sleep
-  for (int spin = 0; spin < kSpins && s->done.load() != s->total; ++spin) _mm_pause();
-  if (s->done.load() != s->total) {
-    std::unique_lock<std::mutex> lock(s->mu);
-    s->cv.wait(lock, [&] { return s->done.load() == s->total; });
-  }
+  const ChunkFn fn = Pick(k[0], stride);
+  fp_jax::RunChunks(pool, p.B * p.chunks_per_image, n, [&p, fn](int64_t t) { fn(p, t); });
   return ffi::Error::Success();
 }
 

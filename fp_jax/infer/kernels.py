@@ -28,8 +28,12 @@ from absl import logging
 import jax
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc"))
+HEADERS = (os.path.join(_HERE, "kernel_common.h"),)
 TARGET = "fp_jax_depthwise"
+# the training pair of sep_train.cc (layers.sep_conv's ReLU -> depthwise -> pointwise)
+SEP_TARGETS = {"fwd": "fp_jax_sep_forward", "bwd": "fp_jax_sep_backward"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
 
@@ -52,18 +56,20 @@ def _build():
     logging.warning("fp_jax kernels: no C++ compiler (set $CXX or install c++); fused "
                     "inference uses XLA's depthwise ('shift')")
     return None
-  with open(SOURCE, "rb") as f:
-    src = f.read()
+  src = b""
+  for name in SOURCES + HEADERS:
+    with open(name, "rb") as f:
+      src += f.read()
   tag = hashlib.sha256(src + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
   root = os.environ.get("FP_JAX_KERNEL_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "fp_jax", "kernels")
-  path = os.path.join(root, f"depthwise_{tag}.so")
+  path = os.path.join(root, f"fp_jax_kernels_{tag}.so")
   if os.path.exists(path):
     return path
   os.makedirs(root, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
   os.close(fd)
-  cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", _HERE, *SOURCES, "-o", tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     os.unlink(tmp)
@@ -87,6 +93,10 @@ def available():
     logging.warning("fp_jax kernels: not available: %s", e)
     return False
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FpJaxDepthwise), platform="cpu")
+  jax.ffi.register_ffi_target(SEP_TARGETS["fwd"], jax.ffi.pycapsule(lib.FpJaxSepForward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(SEP_TARGETS["bwd"], jax.ffi.pycapsule(lib.FpJaxSepBackward),
+                              platform="cpu")
   return True
 
 
@@ -115,3 +125,34 @@ def depthwise(x, w, relu=False, bias=None, stride=1, offset=(0, 0), threads=0):
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out, x.dtype))(
       x, wt, bias, relu=np.int64(bool(relu)), stride=np.int64(stride), oh=np.int64(oh),
       ow=np.int64(ow), threads=np.int64(threads))
+
+
+def _sep_check(x, wd, wp):
+  if not available():
+    raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
+  k = np.shape(wd)[0]
+  if (np.ndim(x) != 4 or k not in KERNELS or np.shape(wd) != (k, k, 1, x.shape[-1])
+      or np.shape(wp)[:3] != (1, 1, x.shape[-1]) or np.ndim(wp) != 4):
+    raise ValueError(f"sep kernel: x [B,H,W,C], wd [k,k,1,C] (k in {KERNELS}), wp [1,1,C,D]; "
+                     f"got {np.shape(x)}, {np.shape(wd)}, {np.shape(wp)}")
+
+
+def sep_forward(x, wd, wp, threads=0):
+  """conv(depthwise(ReLU(x), wd), wp) at stride 1, SAME (sep_train.cc): x [B,H,W,C] f32,
+  wd [k,k,1,C], wp [1,1,C,D] -> [B,H,W,D]. threads as in `depthwise`. Traced."""
+  _sep_check(x, wd, wp)
+  out = jax.ShapeDtypeStruct(x.shape[:3] + (wp.shape[-1],), x.dtype)
+  return jax.ffi.ffi_call(SEP_TARGETS["fwd"], out, vmap_method="sequential")(
+      x, wd[:, :, 0, :], wp[0, 0], threads=np.int64(threads))
+
+
+def sep_backward(x, wd, wp, gy, threads=0):
+  """The VJP of sep_forward at (x, wd, wp) for the cotangent gy [B,H,W,D]: (gx [B,H,W,C],
+  gwd [k,k,1,C], gwp [1,1,C,D]); the weight gradients sum the images' terms in image
+  order, whatever the thread count."""
+  _sep_check(x, wd, wp)
+  k, c, d = wd.shape[0], x.shape[-1], wp.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(wd.shape, x.dtype),
+          jax.ShapeDtypeStruct(wp.shape, x.dtype))
+  return jax.ffi.ffi_call(SEP_TARGETS["bwd"], outs, vmap_method="sequential")(
+      x, wd[:, :, 0, :], wp[0, 0], gy, threads=np.int64(threads))

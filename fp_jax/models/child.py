@@ -10,6 +10,8 @@ cells, not of cells.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -51,7 +53,12 @@ def init(key, plan):
 # backward and recomputes its two [ReLU, depthwise, pointwise, BN] halves there, instead of
 # saving ~10 activations of its size each (at final size, 15 layers / F 36 / batch 144, XLA's
 # temp buffer falls from ~17 GiB; see bench/final_step.py). Convs and pools keep theirs.
-_sep_conv_remat = jax.checkpoint(layers.sep_conv, static_argnums=(3, 4, 5))
+# `impls` (layers' implementation switches, read while tracing) is part of the key of
+# jax.checkpoint's trace cache, so a trace made under other switches is never reused.
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5, 6))
+def _sep_conv_remat(p, s, x, train, axis_name, stride, impls):
+  del impls
+  return layers.sep_conv(p, s, x, train, axis_name, stride)
 
 
 def apply_block(node, p, s, x, train, axis_name=None):
@@ -60,7 +67,8 @@ def apply_block(node, p, s, x, train, axis_name=None):
     return layers.relu_conv_bn(p, s, x, train, axis_name, relu=node.relu)
   if node.kind == "fr":
     return layers.factorized_reduce(p, s, x, node.stride, train, axis_name, relu=node.relu)
-  return _sep_conv_remat(p, s, x, train, axis_name, node.stride)
+  return _sep_conv_remat(p, s, x, train, axis_name, node.stride,
+                         (layers.DEPTHWISE_IMPL, layers.SEP_IMPL))
 
 
 def path_keep_prob(keep, cell_index, num_cells, progress):

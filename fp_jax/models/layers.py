@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from fp_jax.infer import kernels
 from fp_jax.models import pools
 
 BN_EPS = 1e-5
@@ -161,6 +162,50 @@ def _depthwise_shift_bwd(res, g):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+# ReLU -> depthwise -> pointwise, the first three steps of each sep_conv half. "kernel": one
+# custom call each way (kernels.sep_forward / sep_backward, sep_train.cc) where it applies
+# (float32, stride 1, k in kernels.KERNELS, the kernels built), layers' own ops elsewhere;
+# "xla": layers' own ops always; "auto": "kernel" on CPU unless DEPTHWISE_IMPL names a
+# depthwise explicitly (then that depthwise runs). Read at trace time.
+SEP_IMPLS = ("auto", "kernel", "xla")
+SEP_IMPL = "auto"
+
+
+def sep_impl(x, wd, stride=1):
+  """'kernel' or 'xla': what relu_dw_pw(x, wd, ., stride) runs (SEP_IMPL resolved)."""
+  impl = SEP_IMPL
+  if impl not in SEP_IMPLS:
+    raise ValueError(f"layers.SEP_IMPL must be one of {SEP_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "kernel" if DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu" else "xla"
+  usable = stride == 1 and x.dtype == jnp.float32 and wd.shape[0] in kernels.KERNELS
+  return "kernel" if impl == "kernel" and usable and kernels.available() else "xla"
+
+
+def relu_dw_pw(x, wd, wp, stride=1):
+  """conv(depthwise_conv(ReLU(x), wd, stride), wp): x [B,H,W,C], wd [k,k,1,C],
+  wp [1,1,C,D] -> [B,H',W',D]."""
+  if sep_impl(x, wd, stride) == "kernel":
+    return _sep_kernel(x, vary_like(wd, x), vary_like(wp, x))
+  return conv(depthwise_conv(jax.nn.relu(x), wd, stride), wp)
+
+
+@jax.custom_vjp
+def _sep_kernel(x, wd, wp):
+  return vary_like(kernels.sep_forward(x, wd, wp), x)
+
+
+def _sep_kernel_fwd(x, wd, wp):
+  return _sep_kernel(x, wd, wp), (x, wd, wp)   # residuals: the inputs only
+
+
+def _sep_kernel_bwd(res, g):
+  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, g))
+
+
+_sep_kernel.defvjp(_sep_kernel_fwd, _sep_kernel_bwd)
+
+
 def avg_pool3x3(x, stride=1):
   """3x3 SAME average at `stride`, padding excluded from the count (as TF)."""
   return subsample(pools.avg_pool3x3(x), x.shape[1:3], 3, stride)
@@ -216,9 +261,9 @@ def sep_conv_init(key, k, c, lead=()):
 
 def sep_conv(p, s, x, train, axis_name=None, stride=1):
   """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; the first depthwise at `stride`."""
-  y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
+  y = relu_dw_pw(x, p["dw1"], p["pw1"], stride)
   y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
-  y = conv(depthwise_conv(jax.nn.relu(y), p["dw2"]), p["pw2"])
+  y = relu_dw_pw(y, p["dw2"], p["pw2"])
   y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
   return y, (None if s is None else {"bn1": s1, "bn2": s2})
 

@@ -28,7 +28,7 @@ is not enough with jax 0.10.2: jit without explicit in/out shardings (parallel.d
 then exports nr_devices 1 around collectives over N devices.
 
 jax.export refuses custom calls without a compatibility guarantee (fp_jax's depthwise
-kernel, kernels.TARGET) unless named in `allow`, and (jax 0.10.2) host callbacks outright,
+kernel, kernels.TARGET, and its training pair, kernels.SEP_TARGETS) unless named in `allow`, and (jax 0.10.2) host callbacks outright,
 so an export that succeeds holds neither unless allowed; `census` also reads the text of
 jit(f).lower(...).as_text(), which may hold both.
 """
@@ -84,18 +84,21 @@ def _resolve_auto(impl, platform):
 
 @contextlib.contextmanager
 def traced_for(platform, matmul_precision="auto"):
-  """Traces made inside see `platform`'s choices: layers.DEPTHWISE_IMPL 'auto' resolved, and
-  config.matmul_precision resolved for it (precision.AUTO_MATMUL: bfloat16 passes on TPU)."""
+  """Traces made inside see `platform`'s choices: layers.DEPTHWISE_IMPL and SEP_IMPL 'auto'
+  resolved (fp_jax's CPU training kernel on cpu only), and config.matmul_precision resolved
+  for it (precision.AUTO_MATMUL: bfloat16 passes on TPU)."""
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-  old = layers.DEPTHWISE_IMPL
+  old, old_sep = layers.DEPTHWISE_IMPL, layers.SEP_IMPL
+  if old_sep == "auto":
+    layers.SEP_IMPL = "kernel" if platform == "cpu" and old == "auto" else "xla"
   layers.DEPTHWISE_IMPL = _resolve_auto(old, platform)
   try:
     with jax.default_matmul_precision(
         precision.resolve_matmul_precision(matmul_precision, platform)):
       yield
   finally:
-    layers.DEPTHWISE_IMPL = old
+    layers.DEPTHWISE_IMPL, layers.SEP_IMPL = old, old_sep
 
 
 def fused_options(opts, platform):
@@ -280,11 +283,16 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   dispatch = slot_ops.resolve_dispatch(s.dispatch, platform)
   step = search_steps.make_supernet_step(plan, tx, s.aux_weight, float(s.keep_prob), mesh,
                                          dtype, dispatch)
-  out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)), ())
+  # the steps (and the reward evaluation) run fp_jax's training kernel on cpu
+  steps_allow = (tuple(kernels.SEP_TARGETS.values())
+                 if platform == "cpu" and kernels.available() else ())
+  out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)),
+                          steps_allow)
   evaluate = search_steps.make_reward_eval(plan, s.importance, mesh, dtype, dispatch)
   groups = abstract(groups_lib.supernet_groups(plan, arc))
   out["reward_eval"] = (evaluate, (params, arc_spec, jax.ShapeDtypeStruct((5,), jnp.float32),
-                                   groups, key, *_batch(s.eval_batch_size, image_shape)), ())
+                                   groups, key, *_batch(s.eval_batch_size, image_shape)),
+                         steps_allow)
 
   cplan = child.make_plan(arc, f.num_layers, f.out_filters, tuple(image_shape), num_classes)
   ftx = schedules.momentum_lr_arg(f.momentum, f.l2, f.grad_clip)
@@ -294,7 +302,7 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
                                                f.drop_path_keep_prob), config.seed, mesh, dtype)
   scalar = lambda t: jax.ShapeDtypeStruct((), t)
   out["fixed_step"] = (fstep, (net, *_batch(f.batch_size, image_shape), scalar(jnp.int32),
-                               scalar(jnp.float32), scalar(jnp.float32)), ())
+                               scalar(jnp.float32), scalar(jnp.float32)), steps_allow)
 
   opts = fused_options(fused.Options(dtype=dtype), platform)
   fp = folding.folded(cplan, *networks.random_init(cplan, 0), opts.pad_channels)

@@ -1,0 +1,105 @@
+// Pieces fp_jax's CPU kernels share (depthwise.cc, sep_train.cc): the register-blocked
+// depthwise row and the hand-out of independent chunks to XLA's intra-op thread pool.
+#ifndef FP_JAX_INFER_KERNEL_COMMON_H_
+#define FP_JAX_INFER_KERNEL_COMMON_H_
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace fp_jax {
+
+constexpr int kWB = 4;          // output pixels along W per register block
+constexpr int kSpins = 1 << 16; // pause loops (~1 ms) before the caller sleeps
+
+// One output row: y[q, c] = sum_{i,j} xp[i, ow + S*q + j, c] * wt[i, j, c], q < Wo,
+// xp the K slab rows starting at this output row's first tap row.
+template <int K, int S>
+void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+         float* y) {
+  const int64_t C8 = C / 8 * 8;
+  constexpr int NV = (kWB - 1) * S + K;     // input vectors one block of outputs reads per row
+  for (int64_t c = 0; c < C8; c += 8) {
+    int64_t q0 = 0;
+    for (; q0 + kWB <= Wo; q0 += kWB) {
+      __m256 acc[kWB];
+      for (int q = 0; q < kWB; ++q) acc[q] = _mm256_setzero_ps();
+      for (int i = 0; i < K; ++i) {
+        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
+        __m256 xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(r + v * C);
+        for (int j = 0; j < K; ++j) {
+          const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
+          for (int q = 0; q < kWB; ++q) acc[q] = _mm256_fmadd_ps(xv[S * q + j], wv, acc[q]);
+        }
+      }
+      for (int q = 0; q < kWB; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
+    }
+    for (; q0 < Wo; ++q0) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp + (i * Wp + ow + S * q0 + j) * C + c),
+                                _mm256_loadu_ps(wt + (i * K + j) * C + c), acc);
+      _mm256_storeu_ps(y + q0 * C + c, acc);
+    }
+  }
+  for (int64_t c = C8; c < C; ++c)
+    for (int64_t q = 0; q < Wo; ++q) {
+      float acc = 0.f;
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j)
+          acc += xp[(i * Wp + ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
+      y[q * C + c] = acc;
+    }
+}
+
+// Runs fn(t) for t in [0, total) on the calling thread and up to n - 1 threads of XLA's
+// intra-op pool, which take chunks from a shared counter. The caller waits only for chunks
+// already taken by running threads, so a pool whose threads are all busy cannot deadlock
+// it (a late task finds no chunk left and returns). Each chunk must write its own outputs
+// only: the result then does not depend on n.
+inline void RunChunks(xla::ffi::ThreadPool& pool, int64_t total, int64_t n,
+                      std::function<void(int64_t)> fn) {
+  struct Shared {
+    std::function<void(int64_t)> fn;
+    int64_t total;
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    void Work() {       // take chunks until none is left
+      for (int64_t t; (t = next.fetch_add(1)) < total;) {
+        fn(t);
+        if (done.fetch_add(1) + 1 == total) {
+          std::lock_guard<std::mutex> lock(mu);
+          cv.notify_all();
+        }
+      }
+    }
+  };
+  auto s = std::make_shared<Shared>();
+  s->fn = std::move(fn);
+  s->total = total;
+  const int64_t helpers = std::min(n - 1, total - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { s->Work(); });
+  s->Work();
+  // the chunks left are being computed by running threads: spin briefly (a sleeping
+  // caller would add a wake-up, tens of microseconds, to every call), then sleep
+  for (int spin = 0; spin < kSpins && s->done.load() != s->total; ++spin) _mm_pause();
+  if (s->done.load() != s->total) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    s->cv.wait(lock, [&] { return s->done.load() == s->total; });
+  }
+}
+
+}  // namespace fp_jax
+
+#endif  // FP_JAX_INFER_KERNEL_COMMON_H_

@@ -1,0 +1,133 @@
+"""fp_jax's CPU training kernel for ReLU -> depthwise -> pointwise (kernels.sep_forward /
+sep_backward, sep_train.cc) equals layers' own ops and their autodiff: alone, through
+sep_conv's BN, under 2 devices, whatever the thread count; and layers.SEP_IMPL resolves as
+documented."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fp_jax.run import parallel
+from fp_jax.infer import kernels
+from fp_jax.models import layers
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="fp_jax kernels not available on this machine")
+
+
+def _close(got, ref, label, rel=2e-5):
+  got, ref = np.asarray(got), np.asarray(ref)
+  tol = rel * max(1.0, float(np.max(np.abs(ref))))
+  diff = float(np.max(np.abs(got - ref)))
+  assert got.shape == ref.shape and diff <= tol, (label, diff, tol)
+
+
+def _reference(x, wd, wp):
+  return layers.conv(layers.depthwise_conv(jax.nn.relu(x), wd), wp)
+
+
+def _arrays(seed, shape, k, d):
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  x = rng.standard_normal(shape).astype(np.float32)
+  x[0, 0, :2] = 0.0                        # ReLU's kink: its gradient there is 0, as jax's
+  return (jnp.asarray(x), jnp.asarray(rng.standard_normal((k, k, 1, c)), jnp.float32),
+          jnp.asarray(rng.standard_normal((1, 1, c, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal(shape[:3] + (d,)), jnp.float32))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("shape,d", [((2, 7, 9, 8), 8), ((3, 6, 5, 12), 7), ((2, 5, 6, 16), 32),
+                                     ((1, 4, 4, 24), 24), ((5, 3, 2, 3), 16)])
+def test_kernel_equals_autodiff(k, shape, d):
+  """Channel counts that are multiples of 8 (the vector paths) and not (12 -> 7, 3 -> 16),
+  W below the register block; the forward and all three cotangents."""
+  x, wd, wp, gy = _arrays(k * 100 + d, shape, k, d)
+  y, vjp = jax.vjp(_reference, x, wd, wp)
+  _close(jax.jit(kernels.sep_forward)(x, wd, wp), y, "y")
+  got = jax.jit(kernels.sep_backward)(x, wd, wp, gy)
+  for g, r, name in zip(got, vjp(gy), ("gx", "gwd", "gwp")):
+    _close(g, r, name)
+
+
+def test_threads_do_not_change_the_result():
+  """Images spread over XLA's threads give the single thread's result bit for bit (the
+  weight-gradient terms are summed in image order)."""
+  x, wd, wp, gy = _arrays(7, (24, 12, 12, 16), 3, 16)
+  for fn in (functools.partial(kernels.sep_forward, x, wd, wp),
+             functools.partial(kernels.sep_backward, x, wd, wp, gy)):
+    one = jax.jit(lambda fn=fn: fn(threads=1))()
+    many = jax.jit(lambda fn=fn: fn(threads=2))()
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _sep_loss(impl, p, x, stride):
+  old, layers.SEP_IMPL = layers.SEP_IMPL, impl
+  try:
+    y, _ = layers.sep_conv(p, None, x, True, stride=stride)
+  finally:
+    layers.SEP_IMPL = old
+  return jnp.sum(jnp.sin(y))
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (5, 2)])
+def test_sep_conv_with_the_kernel_equals_xla(k, stride):
+  """The whole sep_conv (2 x [ReLU, depthwise, pointwise, BN], batch statistics): loss and
+  gradients equal; at stride 2 the first half runs layers' ops, the second the kernel."""
+  p, _ = layers.sep_conv_init(jax.random.key(k), k, 8)
+  x = jax.random.normal(jax.random.key(1), (4, 10, 10, 8))
+  ref = jax.value_and_grad(functools.partial(_sep_loss, "xla"), argnums=(0, 1))
+  got = jax.value_and_grad(functools.partial(_sep_loss, "kernel"), argnums=(0, 1))
+  (l0, g0), (l1, g1) = jax.jit(ref, static_argnums=2)(p, x, stride), jax.jit(
+      got, static_argnums=2)(p, x, stride)
+  _close(l1, l0, "loss")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+    _close(a, b, jax.tree_util.keystr(path), rel=1e-4)
+  text = jax.jit(got, static_argnums=2).lower(p, x, stride).as_text()
+  assert text.count(kernels.SEP_TARGETS["fwd"]) == (1 if stride == 2 else 2)
+  assert text.count(kernels.SEP_TARGETS["bwd"]) == (1 if stride == 2 else 2)
+
+
+def test_two_devices_equal_one():
+  """Data-parallel over 2 CPU devices (batch split, BN statistics and weight gradients
+  reduced over the mesh axis) equals 1 device: the kernel's results carry the mesh type."""
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices")
+  p, _ = layers.sep_conv_init(jax.random.key(3), 3, 8)
+  x = jax.random.normal(jax.random.key(4), (4, 6, 6, 8))
+
+  def loss_grad(mesh):
+    def local(p, x):
+      def loss(p):
+        y, _ = layers.sep_conv(p, None, x, True, axis_name=parallel.AXIS)
+        return jax.lax.psum(jnp.sum(jnp.sin(y)), parallel.AXIS)
+      return jax.value_and_grad(loss)(p)
+    fn = parallel.data_parallel(local, mesh, (P(), P(parallel.AXIS)), (P(), P()))
+    return jax.jit(fn)(p, x)
+
+  assert layers.sep_impl(x, p["dw1"]) == "kernel"
+  (l1, g1), (l2, g2) = loss_grad(parallel.make_mesh(jax.devices()[:1])), loss_grad(
+      parallel.make_mesh(jax.devices()[:2]))
+  _close(l2, l1, "loss")
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    _close(a, b, "grad", rel=1e-4)
+
+
+def test_sep_impl_resolution(monkeypatch):
+  x = jnp.zeros((1, 4, 4, 8))
+  w3, w7 = jnp.zeros((3, 3, 1, 8)), jnp.zeros((7, 7, 1, 8))
+  assert layers.sep_impl(x, w3) == "kernel"                      # CPU, float32, stride 1
+  assert layers.sep_impl(x, w3, stride=2) == "xla"
+  assert layers.sep_impl(x.astype(jnp.bfloat16), w3) == "xla"
+  assert layers.sep_impl(x, w7) == "xla"                         # k the kernel lacks
+  monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "shift")          # an explicit depthwise wins
+  assert layers.sep_impl(x, w3) == "xla"
+  monkeypatch.setattr(layers, "SEP_IMPL", "kernel")
+  assert layers.sep_impl(x, w3) == "kernel"
+  monkeypatch.setattr(layers, "SEP_IMPL", "fast")
+  with pytest.raises(ValueError, match="SEP_IMPL"):
+    layers.sep_impl(x, w3)
