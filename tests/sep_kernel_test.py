@@ -1,7 +1,8 @@
-"""fp_jax's CPU training kernel for ReLU -> depthwise -> pointwise (kernels.sep_forward /
-sep_backward, sep_train.cc) equals layers' own ops and their autodiff: alone, through
-sep_conv's BN, under 2 devices, whatever the thread count; and layers.SEP_IMPL resolves as
-documented."""
+"""fp_jax's CPU training kernel for a sep_conv half, affine -> ReLU -> depthwise -> pointwise
+and the output's channel sums (kernels.sep_forward / sep_backward, sep_train.cc), equals
+layers' own ops and their autodiff: alone, as sep_conv (BN from the sums, running
+statistics, eval mode), under 2 devices, whatever the thread count; and layers.SEP_IMPL
+resolves as documented."""
 import functools
 
 import jax
@@ -25,18 +26,22 @@ def _close(got, ref, label, rel=2e-5):
   assert got.shape == ref.shape and diff <= tol, (label, diff, tol)
 
 
-def _reference(x, wd, wp):
-  return layers.conv(layers.depthwise_conv(jax.nn.relu(x), wd), wp)
+def _reference(x, a, b, wd, wp):
+  y = layers.conv(layers.depthwise_conv(jax.nn.relu(x * a + b), wd), wp)
+  return y, jnp.stack([jnp.sum(y, (0, 1, 2)), jnp.sum(y * y, (0, 1, 2))])
 
 
 def _arrays(seed, shape, k, d):
   rng = np.random.default_rng(seed)
   c = shape[-1]
   x = rng.standard_normal(shape).astype(np.float32)
-  x[0, 0, :2] = 0.0                        # ReLU's kink: its gradient there is 0, as jax's
-  return (jnp.asarray(x), jnp.asarray(rng.standard_normal((k, k, 1, c)), jnp.float32),
-          jnp.asarray(rng.standard_normal((1, 1, c, d)), jnp.float32),
-          jnp.asarray(rng.standard_normal(shape[:3] + (d,)), jnp.float32))
+  x[0, 0, :2] = 0.0                        # ReLU's kink (a = 1, b = 0 there): gradient 0
+  a = 1.0 + 0.5 * rng.standard_normal(c).astype(np.float32)
+  b = 0.3 * rng.standard_normal(c).astype(np.float32)
+  a[:2], b[:2] = 1.0, 0.0
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return ((jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), f(k, k, 1, c), f(1, 1, c, d)),
+          (f(*shape[:3], d), f(2, d)))
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -44,50 +49,65 @@ def _arrays(seed, shape, k, d):
                                      ((1, 4, 4, 24), 24), ((5, 3, 2, 3), 16)])
 def test_kernel_equals_autodiff(k, shape, d):
   """Channel counts that are multiples of 8 (the vector paths) and not (12 -> 7, 3 -> 16),
-  W below the register block; the forward and all three cotangents."""
-  x, wd, wp, gy = _arrays(k * 100 + d, shape, k, d)
-  y, vjp = jax.vjp(_reference, x, wd, wp)
-  _close(jax.jit(kernels.sep_forward)(x, wd, wp), y, "y")
-  got = jax.jit(kernels.sep_backward)(x, wd, wp, gy)
-  for g, r, name in zip(got, vjp(gy), ("gx", "gwd", "gwp")):
+  W below the register block; y, the sums and all five cotangents (x, a, b, wd, wp) for
+  cotangents of both outputs."""
+  args, (gy, gsums) = _arrays(k * 100 + d, shape, k, d)
+  (y, sums), vjp = jax.vjp(_reference, *args)
+  got_y, got_sums = jax.jit(kernels.sep_forward)(*args)
+  _close(got_y, y, "y")
+  _close(got_sums, sums, "sums")
+  got = jax.jit(kernels.sep_backward)(*args, y, gy, gsums)
+  for g, r, name in zip(got, vjp((gy, gsums)), ("gx", "ga", "gb", "gwd", "gwp")):
     _close(g, r, name)
 
 
 def test_threads_do_not_change_the_result():
-  """Images spread over XLA's threads give the single thread's result bit for bit (the
-  weight-gradient terms are summed in image order)."""
-  x, wd, wp, gy = _arrays(7, (24, 12, 12, 16), 3, 16)
-  for fn in (functools.partial(kernels.sep_forward, x, wd, wp),
-             functools.partial(kernels.sep_backward, x, wd, wp, gy)):
+  """Images spread over XLA's threads give the single thread's result bit for bit (sums
+  over images add the images' terms in image order)."""
+  args, (gy, gsums) = _arrays(7, (24, 12, 12, 16), 3, 16)
+  y, _ = kernels.sep_forward(*args)
+  for fn in (functools.partial(kernels.sep_forward, *args),
+             functools.partial(kernels.sep_backward, *args, y, gy, gsums)):
     one = jax.jit(lambda fn=fn: fn(threads=1))()
     many = jax.jit(lambda fn=fn: fn(threads=2))()
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _sep_loss(impl, p, x, stride):
+def _sep_run(impl, p, s, x, train, stride):
   old, layers.SEP_IMPL = layers.SEP_IMPL, impl
   try:
-    y, _ = layers.sep_conv(p, None, x, True, stride=stride)
+    y, s_new = layers.sep_conv(p, s, x, train, stride=stride)
   finally:
     layers.SEP_IMPL = old
-  return jnp.sum(jnp.sin(y))
+  return jnp.sum(jnp.sin(y)), (y, s_new)
 
 
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (5, 2)])
-def test_sep_conv_with_the_kernel_equals_xla(k, stride):
-  """The whole sep_conv (2 x [ReLU, depthwise, pointwise, BN], batch statistics): loss and
-  gradients equal; at stride 2 the first half runs layers' ops, the second the kernel."""
-  p, _ = layers.sep_conv_init(jax.random.key(k), k, 8)
+@pytest.mark.parametrize("stats,train", [(False, True), (True, True), (True, False)])
+def test_sep_conv_with_the_kernel_equals_xla(k, stride, stats, train):
+  """The whole sep_conv (2 x [ReLU, depthwise, pointwise, BN]): batch statistics (the
+  supernet), batch statistics updating running ones (training), running ones (eval);
+  output, new statistics and gradients equal. At stride 2 the first half runs XLA's ops."""
+  p, s = layers.sep_conv_init(jax.random.key(k), k, 8)
+  p = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.key(5), t.shape), p)
+  if stats:
+    s = jax.tree.map(lambda t: t + 0.5, s)
+  else:
+    s = None
   x = jax.random.normal(jax.random.key(1), (4, 10, 10, 8))
-  ref = jax.value_and_grad(functools.partial(_sep_loss, "xla"), argnums=(0, 1))
-  got = jax.value_and_grad(functools.partial(_sep_loss, "kernel"), argnums=(0, 1))
-  (l0, g0), (l1, g1) = jax.jit(ref, static_argnums=2)(p, x, stride), jax.jit(
-      got, static_argnums=2)(p, x, stride)
+  fns = {impl: jax.jit(jax.value_and_grad(functools.partial(_sep_run, impl), argnums=(0, 2),
+                                          has_aux=True), static_argnums=(3, 4))
+         for impl in ("xla", "kernel")}
+  (l0, (y0, s0)), g0 = fns["xla"](p, s, x, train, stride)
+  (l1, (y1, s1)), g1 = fns["kernel"](p, s, x, train, stride)
   _close(l1, l0, "loss")
+  _close(y1, y0, "y")
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0)):
+    _close(a, b, "stats")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
     _close(a, b, jax.tree_util.keystr(path), rel=1e-4)
-  text = jax.jit(got, static_argnums=2).lower(p, x, stride).as_text()
+  text = fns["kernel"].lower(p, s, x, train, stride).as_text()
   assert text.count(kernels.SEP_TARGETS["fwd"]) == (1 if stride == 2 else 2)
   assert text.count(kernels.SEP_TARGETS["bwd"]) == (1 if stride == 2 else 2)
 
@@ -121,7 +141,7 @@ def test_sep_impl_resolution(monkeypatch):
   x = jnp.zeros((1, 4, 4, 8))
   w3, w7 = jnp.zeros((3, 3, 1, 8)), jnp.zeros((7, 7, 1, 8))
   assert layers.sep_impl(x, w3) == "kernel"                      # CPU, float32, stride 1
-  assert layers.sep_impl(x, w3, stride=2) == "xla"
+  assert layers.sep_impl(x, w3, stride=2) == "xla"                # the kernel runs stride 1
   assert layers.sep_impl(x.astype(jnp.bfloat16), w3) == "xla"
   assert layers.sep_impl(x, w7) == "xla"                         # k the kernel lacks
   monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "shift")          # an explicit depthwise wins

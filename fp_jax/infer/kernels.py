@@ -31,11 +31,26 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc"))
 HEADERS = (os.path.join(_HERE, "kernel_common.h"),)
-TARGET = "fp_jax_depthwise"
-# the training pair of sep_train.cc (layers.sep_conv's ReLU -> depthwise -> pointwise)
-SEP_TARGETS = {"fwd": "fp_jax_sep_forward", "bwd": "fp_jax_sep_backward"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
+
+
+def _tag():
+  """Hash of the sources, flags and jax version: names the library and its targets."""
+  src = b""
+  for name in SOURCES + HEADERS:
+    with open(name, "rb") as f:
+      src += f.read()
+  return hashlib.sha256(src + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+
+
+TAG = _tag()
+# Target names carry the tag: XLA refuses a second registration of a name from another
+# library, so two builds (e.g. two revisions that bench/steps.py loads side by side) each
+# register their own.
+TARGET = f"fp_jax_depthwise_{TAG[:8]}"
+# the training pair of sep_train.cc (layers.sep_conv's halves)
+SEP_TARGETS = {"fwd": f"fp_jax_sep_forward_{TAG[:8]}", "bwd": f"fp_jax_sep_backward_{TAG[:8]}"}
 
 
 def _cpu_ok():
@@ -56,14 +71,9 @@ def _build():
     logging.warning("fp_jax kernels: no C++ compiler (set $CXX or install c++); fused "
                     "inference uses XLA's depthwise ('shift')")
     return None
-  src = b""
-  for name in SOURCES + HEADERS:
-    with open(name, "rb") as f:
-      src += f.read()
-  tag = hashlib.sha256(src + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
   root = os.environ.get("FP_JAX_KERNEL_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "fp_jax", "kernels")
-  path = os.path.join(root, f"fp_jax_kernels_{tag}.so")
+  path = os.path.join(root, f"fp_jax_kernels_{TAG}.so")
   if os.path.exists(path):
     return path
   os.makedirs(root, exist_ok=True)
@@ -127,32 +137,40 @@ def depthwise(x, w, relu=False, bias=None, stride=1, offset=(0, 0), threads=0):
       ow=np.int64(ow), threads=np.int64(threads))
 
 
-def _sep_check(x, wd, wp):
+def _sep_check(x, a, b, wd, wp):
   if not available():
     raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
-  k = np.shape(wd)[0]
-  if (np.ndim(x) != 4 or k not in KERNELS or np.shape(wd) != (k, k, 1, x.shape[-1])
-      or np.shape(wp)[:3] != (1, 1, x.shape[-1]) or np.ndim(wp) != 4):
-    raise ValueError(f"sep kernel: x [B,H,W,C], wd [k,k,1,C] (k in {KERNELS}), wp [1,1,C,D]; "
-                     f"got {np.shape(x)}, {np.shape(wd)}, {np.shape(wp)}")
+  k, c = np.shape(wd)[0], np.shape(x)[-1]
+  if (np.ndim(x) != 4 or k not in KERNELS or np.shape(wd) != (k, k, 1, c)
+      or np.ndim(wp) != 4 or np.shape(wp)[:3] != (1, 1, c)
+      or np.shape(a) != (c,) or np.shape(b) != (c,)):
+    raise ValueError(f"sep kernel: x [B,H,W,C], a [C], b [C], wd [k,k,1,C] (k in {KERNELS}), "
+                     f"wp [1,1,C,D]; got {np.shape(x)}, {np.shape(a)}, {np.shape(b)}, "
+                     f"{np.shape(wd)}, {np.shape(wp)}")
 
 
-def sep_forward(x, wd, wp, threads=0):
-  """conv(depthwise(ReLU(x), wd), wp) at stride 1, SAME (sep_train.cc): x [B,H,W,C] f32,
-  wd [k,k,1,C], wp [1,1,C,D] -> [B,H,W,D]. threads as in `depthwise`. Traced."""
-  _sep_check(x, wd, wp)
-  out = jax.ShapeDtypeStruct(x.shape[:3] + (wp.shape[-1],), x.dtype)
-  return jax.ffi.ffi_call(SEP_TARGETS["fwd"], out, vmap_method="sequential")(
-      x, wd[:, :, 0, :], wp[0, 0], threads=np.int64(threads))
+def sep_forward(x, a, b, wd, wp, threads=0):
+  """One sep_conv half (sep_train.cc): y = conv(depthwise(ReLU(x * a + b), wd), wp) at
+  stride 1, SAME, and sums [2, D] = [sum y, sum y^2] over (B, H, W). x [B,H,W,C] f32,
+  a, b [C], wd [k,k,1,C], wp [1,1,C,D] -> (y [B,H,W,D], sums). threads as in
+  `depthwise`; the result is the same for any count. Traced."""
+  _sep_check(x, a, b, wd, wp)
+  d = wp.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape[:3] + (d,), x.dtype),
+          jax.ShapeDtypeStruct((2, d), x.dtype))
+  return jax.ffi.ffi_call(SEP_TARGETS["fwd"], outs, vmap_method="sequential")(
+      x, a, b, wd[:, :, 0, :], wp[0, 0], threads=np.int64(threads))
 
 
-def sep_backward(x, wd, wp, gy, threads=0):
-  """The VJP of sep_forward at (x, wd, wp) for the cotangent gy [B,H,W,D]: (gx [B,H,W,C],
-  gwd [k,k,1,C], gwp [1,1,C,D]); the weight gradients sum the images' terms in image
-  order, whatever the thread count."""
-  _sep_check(x, wd, wp)
-  k, c, d = wd.shape[0], x.shape[-1], wp.shape[-1]
-  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(wd.shape, x.dtype),
-          jax.ShapeDtypeStruct(wp.shape, x.dtype))
-  return jax.ffi.ffi_call(SEP_TARGETS["bwd"], outs, vmap_method="sequential")(
-      x, wd[:, :, 0, :], wp[0, 0], gy, threads=np.int64(threads))
+def sep_backward(x, a, b, wd, wp, y, gy, gsums, threads=0):
+  """The VJP of sep_forward at (x, a, b, wd, wp), whose y is given, for the cotangents
+  gy [B,H,W,D] and gsums [2, D]: (gx [B,H,W,C], ga [C], gb [C], gwd [k,k,1,C],
+  gwp [1,1,C,D]). Sums over images add the images' terms in image order, whatever the
+  thread count."""
+  _sep_check(x, a, b, wd, wp)
+  c = x.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((2, c), x.dtype),
+          jax.ShapeDtypeStruct(wd.shape, x.dtype), jax.ShapeDtypeStruct(wp.shape, x.dtype))
+  gx, gab, gwd, gwp = jax.ffi.ffi_call(SEP_TARGETS["bwd"], outs, vmap_method="sequential")(
+      x, a, b, wd[:, :, 0, :], wp[0, 0], y, gy, gsums, threads=np.int64(threads))
+  return gx, gab[0], gab[1], gwd, gwp

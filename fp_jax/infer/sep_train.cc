@@ -1,19 +1,24 @@
-// fp_jax's training kernels for a separable conv's ReLU -> depthwise -> pointwise (an XLA
-// FFI pair; built and registered by kernels.py, used by layers.sep_conv's custom VJP).
+// fp_jax's training kernels for one half of a separable conv: (affine) -> ReLU -> depthwise
+// -> pointwise, and its output's channel sums (an XLA FFI pair; built and registered by
+// kernels.py, used by layers.sep_conv's custom VJP).
 //
-// Forward:  y = pointwise(depthwise_kxk(ReLU(x), wd), wp), stride 1, SAME zero padding,
-//           NHWC f32: x [B,H,W,C], wd [k,k,C] (k = 3 or 5), wp [C,D] -> y [B,H,W,D].
-// Backward: from x, wd, wp and the cotangent gy [B,H,W,D]: gx [B,H,W,C], gwd [k,k,C] and
-//           gwp [C,D]. Each image's weight-gradient terms are summed in image order after
-//           all images are done, so the result does not depend on the thread count.
+// Forward:  u = ReLU(x * a + b) (a, b [C]: the previous BN as an affine, or 1 and 0),
+//           y = pointwise(depthwise_kxk(u, wd), wp), stride 1, SAME zero padding, and
+//           sums = [sum y, sum y^2] over (B, H, W) (the next BN's statistics), NHWC f32:
+//           x [B,H,W,C], wd [k,k,C] (k = 3 or 5), wp [C,D] -> y [B,H,W,D], sums [2,D].
+// Backward: from x, a, b, wd, wp, y and the cotangents gy [B,H,W,D], gsums [2,D]:
+//           gx [B,H,W,C], gab [2,C] (of a and b), gwd [k,k,C], gwp [C,D]. Each image's
+//           terms of the sums over images are added in image order after all images are
+//           done, so no result depends on the thread count.
 //
-// Why: in XLA the unit's forward and backward are about ten memory-bound passes over
-// [B,H,W,C] (ReLU + pad, the k*k shift-sum, three dots with [N, C]-rooted producers, the
-// weight-gradient reductions, the ReLU mask), each at a few GB/s when C is 8-16. Here one
-// image is one chunk: its ReLU'd, zero-bordered slab and its cotangent slab stay in L1/L2
-// while every product is taken from them, and the images are spread over XLA's intra-op
-// threads (kernel_common.h). The depthwise rows are depthwise.cc's register-blocked ones
-// (row-major tap order, as layers._shift_sum), so results agree with XLA's to rounding.
+// Why: in XLA one half is about fifteen memory-bound passes over [B,H,W,C] (ReLU + pad, the
+// k*k shift-sum, three dots with [N, C]-rooted producers, the weight-gradient reductions,
+// the ReLU mask, BN's statistics, its affine and their cotangents), each at a few GB/s when
+// C is 8-16. Here one image is one chunk: its ReLU'd, zero-bordered slab and its cotangent
+// slab stay in L1/L2 while every product is taken from them, and the images are spread
+// over XLA's intra-op threads (kernel_common.h). The depthwise rows are depthwise.cc's
+// register-blocked ones (row-major tap order, as layers._shift_sum), so results agree
+// with XLA's to rounding.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,21 +39,28 @@ constexpr int64_t kMinParallelMacs = 1 << 22;   // as depthwise.cc: smaller call
 
 struct Sep {
   const float* x;
+  const float* a;       // [C]: u = ReLU(x * a + b)
+  const float* b;       // [C]
   const float* wd;      // [k,k,C]
   const float* wd_flip; // wd rotated by 180 degrees: the transposed depthwise
   const float* wp;      // [C,D]
   const float* wp_t;    // [D,C]
   const float* gy;
+  const float* y_in;    // the forward's y (backward: the sums' cotangent needs it)
+  const float* gsums;   // [2, D]
   float* y;
+  float* sums;          // per image [2, D] (forward); the caller adds them in order
+  float* gab;           // per image [2, C] (backward)
   float* gx;
   float* gwd;
   float* gwp;
   int64_t B, H, W, C, D;
 };
 
-// slab [(H+2P), (W+2P), C] = ReLU(x_b) inside a zero border of P pixels.
+// slab [(H+2P), (W+2P), C] = ReLU(x_b * a + b) inside a zero border of P pixels.
 template <int K>
-void ReluSlab(const float* xb, int64_t H, int64_t W, int64_t C, float* slab) {
+void ReluSlab(const float* xb, const float* a, const float* bias, int64_t H, int64_t W,
+              int64_t C, float* slab) {
   constexpr int P = K / 2;
   const int64_t Wp = W + 2 * P;
   std::memset(slab, 0, sizeof(float) * P * Wp * C);
@@ -59,7 +71,19 @@ void ReluSlab(const float* xb, int64_t H, int64_t W, int64_t C, float* slab) {
     std::memset(d + (P + W) * C, 0, sizeof(float) * P * C);
     const float* s = xb + h * W * C;
     d += P * C;
-    for (int64_t m = 0; m < W * C; ++m) d[m] = s[m] > 0.f ? s[m] : 0.f;
+    if (C % 8 == 0) {
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t w = 0; w < W; ++w, d += C, s += C)
+        for (int64_t c = 0; c < C; c += 8)
+          _mm256_storeu_ps(d + c, _mm256_max_ps(zero, _mm256_fmadd_ps(
+              _mm256_loadu_ps(s + c), _mm256_loadu_ps(a + c), _mm256_loadu_ps(bias + c))));
+      continue;
+    }
+    for (int64_t w = 0; w < W; ++w, d += C, s += C)
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = s[c] * a[c] + bias[c];
+        d[c] = v > 0.f ? v : 0.f;
+      }
   }
 }
 
@@ -118,7 +142,7 @@ void Pointwise(const float* z, int64_t n, int64_t C, int64_t D, const float* wp,
 }
 
 std::vector<float>& Scratch(int i) {
-  thread_local std::vector<float> buf[4];
+  thread_local std::vector<float> buf[5];
   return buf[i];
 }
 
@@ -208,17 +232,77 @@ void TapSumsAny(const float* xs, const float* gzs, int64_t H, int64_t W, int64_t
   }
 }
 
+// s1[d] += sum_q y[q, d], s2[d] += sum_q y[q, d]^2 for q < n: y [n, D].
+void ChannelSums(const float* y, int64_t n, int64_t D, float* s1, float* s2) {
+  if (D % 8 == 0) {
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+      for (int64_t q = 0; q < n; ++q) {
+        const __m256 v = _mm256_loadu_ps(y + q * D + d);
+        a1 = _mm256_add_ps(a1, v);
+        a2 = _mm256_fmadd_ps(v, v, a2);
+      }
+      _mm256_storeu_ps(s1 + d, _mm256_add_ps(_mm256_loadu_ps(s1 + d), a1));
+      _mm256_storeu_ps(s2 + d, _mm256_add_ps(_mm256_loadu_ps(s2 + d), a2));
+    }
+    return;
+  }
+  for (int64_t q = 0; q < n; ++q)
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = y[q * D + d];
+      s1[d] += v;
+      s2[d] += v * v;
+    }
+}
+
+// One row of n pixels back through u = ReLU(x * a + b): g = (u > 0) * gu; gx = g * a,
+// ga += sum_q g * x, gb += sum_q g. gu, u, x, gx [n, C]; a, ga, gb [C].
+void AffineBackward(const float* gu, const float* u, const float* x, const float* a,
+                    int64_t n, int64_t C, float* gx, float* ga, float* gb) {
+  if (C % 8 == 0) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 av = _mm256_loadu_ps(a + c);
+      __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t m = q * C + c;
+        const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + m), zero, _CMP_GT_OQ);
+        const __m256 g = _mm256_and_ps(keep, _mm256_loadu_ps(gu + m));
+        _mm256_storeu_ps(gx + m, _mm256_mul_ps(g, av));
+        sa = _mm256_fmadd_ps(g, _mm256_loadu_ps(x + m), sa);
+        sb = _mm256_add_ps(sb, g);
+      }
+      _mm256_storeu_ps(ga + c, _mm256_add_ps(_mm256_loadu_ps(ga + c), sa));
+      _mm256_storeu_ps(gb + c, _mm256_add_ps(_mm256_loadu_ps(gb + c), sb));
+    }
+    return;
+  }
+  for (int64_t q = 0; q < n; ++q)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t m = q * C + c;
+      const float g = u[m] > 0.f ? gu[m] : 0.f;
+      gx[m] = g * a[c];
+      ga[c] += g * x[m];
+      gb[c] += g;
+    }
+}
+
 template <int K>
 void ForwardImage(const Sep& p, int64_t b) {
   constexpr int P = K / 2;
   const int64_t H = p.H, W = p.W, C = p.C, D = p.D, Wp = W + 2 * P;
   float* slab = Sized(0, (H + 2 * P) * Wp * C);
   float* z = Sized(1, W * C);
-  ReluSlab<K>(p.x + b * H * W * C, H, W, C, slab);
+  ReluSlab<K>(p.x + b * H * W * C, p.a, p.b, H, W, C, slab);
   float* yb = p.y + b * H * W * D;
+  float* __restrict s1 = p.sums + b * 2 * D;
+  float* __restrict s2 = s1 + D;
+  std::fill(s1, s1 + 2 * D, 0.f);
   for (int64_t h = 0; h < H; ++h) {
     Row<K, 1>(slab + h * Wp * C, Wp, 0, W, C, p.wd, z);
-    Pointwise(z, W, C, D, p.wp, yb + h * W * D);
+    float* __restrict yr = yb + h * W * D;
+    Pointwise(z, W, C, D, p.wp, yr);
+    ChannelSums(yr, W, D, s1, s2);
   }
 }
 
@@ -230,9 +314,30 @@ void BackwardImage(const Sep& p, int64_t b) {
   float* gzs = Sized(1, (H + 2 * P) * Wp * C);
   float* row = Sized(2, WC);
   float* taps = Sized(3, K * K * WC);   // per tap: sums over rows, per (w, c)
+  float* geff = Sized(4, H * W * D);
   const float* xb = p.x + b * H * WC;
-  const float* gyb = p.gy + b * H * W * D;
-  ReluSlab<K>(xb, H, W, C, xs);
+  ReluSlab<K>(xb, p.a, p.b, H, W, C, xs);
+  // y's whole cotangent: gy + gsums[0] + 2 y gsums[1] (the sums' share)
+  {
+    const float* __restrict gy = p.gy + b * H * W * D;
+    const float* __restrict y = p.y_in + b * H * W * D;
+    const float* __restrict g1 = p.gsums;
+    const float* __restrict g2 = p.gsums + D;
+    float* __restrict o = geff;
+    if (D % 8 == 0) {
+      const __m256 two = _mm256_set1_ps(2.f);
+      for (int64_t q = 0; q < H * W; ++q, gy += D, y += D, o += D)
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(o + d, _mm256_add_ps(
+              _mm256_add_ps(_mm256_loadu_ps(gy + d), _mm256_loadu_ps(g1 + d)),
+              _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(y + d)),
+                            _mm256_loadu_ps(g2 + d))));
+    } else {
+      for (int64_t q = 0; q < H * W; ++q, gy += D, y += D, o += D)
+        for (int64_t d = 0; d < D; ++d) o[d] = gy[d] + g1[d] + 2.f * y[d] * g2[d];
+    }
+  }
+  const float* gyb = geff;
   // gz = gy @ wp^T inside a zero border (the depthwise output's cotangent)
   std::memset(gzs, 0, sizeof(float) * (H + 2 * P) * Wp * C);
   for (int64_t h = 0; h < H; ++h)
@@ -251,13 +356,18 @@ void BackwardImage(const Sep& p, int64_t b) {
   } else {
     TapSumsAny<K>(xs, gzs, H, W, C, taps, gwd);
   }
-  // gx = (x > 0) * transposed depthwise of gz (the 180-degree-rotated kernel)
+  // gu = transposed depthwise of gz (the 180-degree-rotated kernel); through the ReLU
+  // (u > 0) and the affine: gx = gu' a, ga = sum gu' x, gb = sum gu'
   float* gxb = p.gx + b * H * WC;
+  float* __restrict ga = p.gab + b * 2 * C;
+  float* __restrict gb = ga + C;
+  std::fill(ga, ga + 2 * C, 0.f);
   for (int64_t h = 0; h < H; ++h) {
     Row<K, 1>(gzs + h * Wp * C, Wp, 0, W, C, p.wd_flip, row);
+    const float* __restrict u = xs + ((h + P) * Wp + P) * C;
     const float* __restrict xr = xb + h * WC;
     float* __restrict o = gxb + h * WC;
-    for (int64_t m = 0; m < WC; ++m) o[m] = xr[m] > 0.f ? row[m] : 0.f;
+    AffineBackward(row, u, xr, p.a, W, C, o, ga, gb);
   }
 }
 
@@ -268,43 +378,66 @@ int64_t Threads(ffi::ThreadPool& pool, int64_t threads, int64_t macs) {
 }
 
 bool Shapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> kd,
-            ffi::Span<const int64_t> pd) {
+            ffi::Span<const int64_t> pd, int64_t na, int64_t nb) {
   return d.size() == 4 && kd.size() == 3 && kd[0] == kd[1] && (kd[0] == 3 || kd[0] == 5) &&
-         kd[2] == d[3] && pd.size() == 2 && pd[0] == d[3];
+         kd[2] == d[3] && pd.size() == 2 && pd[0] == d[3] && na == d[3] && nb == d[3];
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wd,
-                   ffi::Buffer<ffi::F32> wp, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+bool Same4(ffi::Span<const int64_t> o, ffi::Span<const int64_t> d, int64_t last) {
+  return o.size() == 4 && o[0] == d[0] && o[1] == d[1] && o[2] == d[2] && o[3] == last;
+}
+
+// dst[i] = sum over n blocks of src[b * m + i], added in block order.
+void SumBlocks(const float* src, int64_t n, int64_t m, float* dst) {
+  std::copy(src, src + m, dst);
+  for (int64_t b = 1; b < n; ++b)
+    for (int64_t i = 0; i < m; ++i) dst[i] += src[b * m + i];
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                   ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wd,
+                   ffi::Buffer<ffi::F32> wp, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> sums, int64_t threads) {
   auto d = x.dimensions();
   auto kd = wd.dimensions();
   auto pd = wp.dimensions();
-  auto o = y->dimensions();
-  if (!Shapes(d, kd, pd) || o.size() != 4 || o[0] != d[0] || o[1] != d[1] || o[2] != d[2] ||
-      o[3] != pd[1])
+  if (!Shapes(d, kd, pd, a.element_count(), b.element_count()) ||
+      !Same4(y->dimensions(), d, pd[1]) || sums->element_count() != 2 * pd[1])
     return ffi::Error::InvalidArgument(
-        "sep_fwd: x [B,H,W,C], wd [k,k,C] (k 3 or 5), wp [C,D], y [B,H,W,D]");
-  Sep p{x.typed_data(), wd.typed_data(), nullptr, wp.typed_data(), nullptr, nullptr,
-        y->typed_data(), nullptr, nullptr, nullptr, d[0], d[1], d[2], d[3], pd[1]};
+        "sep_fwd: x [B,H,W,C], a [C], b [C], wd [k,k,C] (k 3 or 5), wp [C,D] -> "
+        "y [B,H,W,D], sums [2,D]");
+  std::vector<float> terms(d[0] * 2 * pd[1]);
+  Sep p{};
+  p.x = x.typed_data(), p.a = a.typed_data(), p.b = b.typed_data();
+  p.wd = wd.typed_data(), p.wp = wp.typed_data(), p.y = y->typed_data();
+  p.sums = terms.data();
+  p.B = d[0], p.H = d[1], p.W = d[2], p.C = d[3], p.D = pd[1];
   const int64_t k = kd[0];
   const int64_t macs = p.B * p.H * p.W * p.C * (k * k + p.D);
   auto fn = k == 3 ? ForwardImage<3> : ForwardImage<5>;
-  fp_jax::RunChunks(pool, p.B, Threads(pool, threads, macs), [&p, fn](int64_t b) { fn(p, b); });
+  fp_jax::RunChunks(pool, p.B, Threads(pool, threads, macs), [&p, fn](int64_t i) { fn(p, i); });
+  SumBlocks(terms.data(), p.B, 2 * p.D, sums->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wd,
-                    ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> gy,
-                    ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gwd,
-                    ffi::ResultBuffer<ffi::F32> gwp, int64_t threads) {
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wd,
+                    ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> y,
+                    ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> gsums,
+                    ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gab,
+                    ffi::ResultBuffer<ffi::F32> gwd, ffi::ResultBuffer<ffi::F32> gwp,
+                    int64_t threads) {
   auto d = x.dimensions();
   auto kd = wd.dimensions();
   auto pd = wp.dimensions();
-  auto g = gy.dimensions();
-  if (!Shapes(d, kd, pd) || g.size() != 4 || g[0] != d[0] || g[1] != d[1] || g[2] != d[2] ||
-      g[3] != pd[1] || gx->dimensions().size() != 4 || gwd->element_count() != kd[0] * kd[0] * d[3] ||
+  if (!Shapes(d, kd, pd, a.element_count(), b.element_count()) ||
+      !Same4(y.dimensions(), d, pd[1]) || !Same4(gy.dimensions(), d, pd[1]) ||
+      gsums.element_count() != 2 * pd[1] || !Same4(gx->dimensions(), d, d[3]) ||
+      gab->element_count() != 2 * d[3] || gwd->element_count() != kd[0] * kd[0] * d[3] ||
       gwp->element_count() != d[3] * pd[1])
     return ffi::Error::InvalidArgument(
-        "sep_bwd: x [B,H,W,C], wd [k,k,C], wp [C,D], gy [B,H,W,D] -> gx, gwd [k,k,C], gwp [C,D]");
+        "sep_bwd: x [B,H,W,C], a, b [C], wd [k,k,C], wp [C,D], y, gy [B,H,W,D], gsums [2,D] "
+        "-> gx [B,H,W,C], gab [2,C], gwd [k,k,C], gwp [C,D]");
   const int64_t k = kd[0], C = d[3], D = pd[1];
   std::vector<float> flip(k * k * C), wp_t(C * D);
   const float* w = wd.typed_data();
@@ -314,24 +447,21 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                   sizeof(float) * C);
   for (int64_t c = 0; c < C; ++c)
     for (int64_t e = 0; e < D; ++e) wp_t[e * C + c] = wp.typed_data()[c * D + e];
-  const int64_t nd = k * k * C, np = C * D;   // one image's weight-gradient terms
-  std::vector<float> terms(d[0] * (nd + np));
-  Sep p{x.typed_data(), w, flip.data(), wp.typed_data(), wp_t.data(), gy.typed_data(),
-        nullptr, gx->typed_data(), terms.data(), terms.data() + d[0] * nd,
-        d[0], d[1], d[2], C, D};
+  const int64_t nd = k * k * C, np = C * D;   // one image's terms of the weight gradients
+  std::vector<float> terms(d[0] * (nd + np + 2 * C));
+  Sep p{};
+  p.x = x.typed_data(), p.a = a.typed_data(), p.b = b.typed_data();
+  p.wd = w, p.wd_flip = flip.data(), p.wp = wp.typed_data(), p.wp_t = wp_t.data();
+  p.gy = gy.typed_data(), p.y_in = y.typed_data(), p.gsums = gsums.typed_data();
+  p.gx = gx->typed_data();
+  p.gwd = terms.data(), p.gwp = p.gwd + d[0] * nd, p.gab = p.gwp + d[0] * np;
+  p.B = d[0], p.H = d[1], p.W = d[2], p.C = C, p.D = D;
   const int64_t macs = 3 * p.B * p.H * p.W * C * (k * k + D);
   auto fn = k == 3 ? BackwardImage<3> : BackwardImage<5>;
-  fp_jax::RunChunks(pool, p.B, Threads(pool, threads, macs), [&p, fn](int64_t b) { fn(p, b); });
-  float* od = gwd->typed_data();
-  float* op = gwp->typed_data();
-  std::copy(p.gwd, p.gwd + nd, od);
-  std::copy(p.gwp, p.gwp + np, op);
-  for (int64_t b = 1; b < p.B; ++b) {
-    const float* td = p.gwd + b * nd;
-    const float* tp = p.gwp + b * np;
-    for (int64_t i = 0; i < nd; ++i) od[i] += td[i];
-    for (int64_t i = 0; i < np; ++i) op[i] += tp[i];
-  }
+  fp_jax::RunChunks(pool, p.B, Threads(pool, threads, macs), [&p, fn](int64_t i) { fn(p, i); });
+  SumBlocks(p.gwd, p.B, nd, gwd->typed_data());
+  SumBlocks(p.gwp, p.B, np, gwp->typed_data());
+  SumBlocks(p.gab, p.B, 2 * C, gab->typed_data());
   return ffi::Error::Success();
 }
 
@@ -340,20 +470,28 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxSepForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wp
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // sums
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxSepBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wp
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // gy
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // gsums
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // gx
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // gab
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // gwd
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // gwp
                                   .Attr<int64_t>("threads"));

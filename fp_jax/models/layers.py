@@ -162,9 +162,10 @@ def _depthwise_shift_bwd(res, g):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-# ReLU -> depthwise -> pointwise, the first three steps of each sep_conv half. "kernel": one
-# custom call each way (kernels.sep_forward / sep_backward, sep_train.cc) where it applies
-# (float32, stride 1, k in kernels.KERNELS, the kernels built), layers' own ops elsewhere;
+# sep_conv's halves [ReLU, depthwise, pointwise, BN]. "kernel": one custom call each way per
+# half (kernels.sep_forward / sep_backward, sep_train.cc; BN from the channel sums it
+# returns) where it applies (float32, stride 1, k in kernels.KERNELS, the kernels built),
+# layers' own ops elsewhere;
 # "xla": layers' own ops always; "auto": "kernel" on CPU unless DEPTHWISE_IMPL names a
 # depthwise explicitly (then that depthwise runs). Read at trace time.
 SEP_IMPLS = ("auto", "kernel", "xla")
@@ -172,7 +173,8 @@ SEP_IMPL = "auto"
 
 
 def sep_impl(x, wd, stride=1):
-  """'kernel' or 'xla': what relu_dw_pw(x, wd, ., stride) runs (SEP_IMPL resolved)."""
+  """'kernel' or 'xla': whether a sep_conv half at `stride` on x with depthwise kernels wd
+  runs the kernel (SEP_IMPL resolved; sep_conv asks for its stride-1 second half)."""
   impl = SEP_IMPL
   if impl not in SEP_IMPLS:
     raise ValueError(f"layers.SEP_IMPL must be one of {SEP_IMPLS}, got {impl!r}")
@@ -182,25 +184,26 @@ def sep_impl(x, wd, stride=1):
   return "kernel" if impl == "kernel" and usable and kernels.available() else "xla"
 
 
-def relu_dw_pw(x, wd, wp, stride=1):
-  """conv(depthwise_conv(ReLU(x), wd, stride), wp): x [B,H,W,C], wd [k,k,1,C],
-  wp [1,1,C,D] -> [B,H',W',D]."""
-  if sep_impl(x, wd, stride) == "kernel":
-    return _sep_kernel(x, vary_like(wd, x), vary_like(wp, x))
-  return conv(depthwise_conv(jax.nn.relu(x), wd, stride), wp)
+def _sep_half(x, a, b, wd, wp):
+  """The kernel's half: (conv(depthwise(ReLU(x * a + b), wd), wp), its channel sums [2, D])."""
+  v = lambda t: vary_like(t, x)
+  return _sep_kernel(x, v(a), v(b), v(wd), v(wp))
 
 
+# (a custom call's results carry no mesh-axis type: vary_like gives them x's, inside shard_map)
 @jax.custom_vjp
-def _sep_kernel(x, wd, wp):
-  return vary_like(kernels.sep_forward(x, wd, wp), x)
+def _sep_kernel(x, a, b, wd, wp):
+  y, sums = kernels.sep_forward(x, a, b, wd, wp)
+  return vary_like(y, x), vary_like(sums, x)
 
 
-def _sep_kernel_fwd(x, wd, wp):
-  return _sep_kernel(x, wd, wp), (x, wd, wp)   # residuals: the inputs only
+def _sep_kernel_fwd(x, a, b, wd, wp):
+  y, sums = _sep_kernel(x, a, b, wd, wp)
+  return (y, sums), (x, a, b, wd, wp, y)     # residuals: the inputs and y, no intermediates
 
 
 def _sep_kernel_bwd(res, g):
-  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, g))
+  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, *g))
 
 
 _sep_kernel.defvjp(_sep_kernel_fwd, _sep_kernel_bwd)
@@ -216,20 +219,24 @@ def max_pool3x3(x, stride=1):
   return subsample(pools.max_pool3x3(x), x.shape[1:3], 3, stride)
 
 
+def _bn_statistics(s, mean, mean_sq, axis_name):
+  """(mean, var, s_new) from a batch's float32 moments [C] (averaged over axis_name's
+  devices); s_new: the running statistics updated (None when s is None)."""
+  if axis_name is not None:
+    mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+  if s is None:
+    return mean, var, None
+  return mean, var, {"mean": BN_MOMENTUM * s["mean"] + (1 - BN_MOMENTUM) * mean,
+                     "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * var}
+
+
 def batch_norm(p, s, x, train, axis_name=None):
   """BN over (B, H, W). s None -> batch statistics always, returns s_new None."""
   if s is None or train:
     xf = x.astype(jnp.float32)        # statistics in float32 whatever the compute dtype
-    mean = jnp.mean(xf, axis=(0, 1, 2))
-    mean_sq = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
-    if axis_name is not None:
-      mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
-    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-    if s is None:
-      s_new = None
-    else:
-      s_new = {"mean": BN_MOMENTUM * s["mean"] + (1 - BN_MOMENTUM) * mean,
-               "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * var}
+    mean, var, s_new = _bn_statistics(s, jnp.mean(xf, axis=(0, 1, 2)),
+                                      jnp.mean(jnp.square(xf), axis=(0, 1, 2)), axis_name)
   else:
     mean, var, s_new = s["mean"], s["var"], s
   if x.dtype == jnp.float32:
@@ -239,6 +246,17 @@ def batch_norm(p, s, x, train, axis_name=None):
     shift = p["bias"].astype(jnp.float32) - mean * inv
     y = x * inv.astype(x.dtype) + shift.astype(x.dtype)
   return y, s_new
+
+
+def bn_affine(p, s, sums, count, train, axis_name=None):
+  """(a, b, s_new) with batch_norm(p, s, y, train, axis_name) = y * a + b (to rounding), from
+  y's channel sums [2, C] = [sum y, sum y^2] over its `count` values per channel."""
+  if s is None or train:
+    mean, var, s_new = _bn_statistics(s, sums[0] / count, sums[1] / count, axis_name)
+  else:
+    mean, var, s_new = s["mean"], s["var"], s
+  a = lax.rsqrt(var + BN_EPS) * p["scale"]
+  return a, p["bias"] - mean * a, s_new
 
 
 def _sub(s, key):
@@ -261,11 +279,32 @@ def sep_conv_init(key, k, c, lead=()):
 
 def sep_conv(p, s, x, train, axis_name=None, stride=1):
   """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; the first depthwise at `stride`."""
-  y = relu_dw_pw(x, p["dw1"], p["pw1"], stride)
+  if sep_impl(x, p["dw2"]) == "kernel":
+    return _sep_conv_kernel(p, s, x, train, axis_name, stride)
+  y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
   y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
-  y = relu_dw_pw(y, p["dw2"], p["pw2"])
+  y = conv(depthwise_conv(jax.nn.relu(y), p["dw2"]), p["pw2"])
   y, s2 = batch_norm(p["bn2"], _sub(s, "bn2"), y, train, axis_name)
   return y, (None if s is None else {"bn1": s1, "bn2": s2})
+
+
+def _sep_conv_kernel(p, s, x, train, axis_name, stride):
+  """sep_conv as kernel calls (SEP_IMPL): each returns its output's channel sums, from which
+  its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
+  takes no pass of its own; BN2's is applied here. A strided first half runs layers' ops."""
+  if stride == 1:
+    c, count = x.shape[-1], x.shape[0] * x.shape[1] * x.shape[2]
+    y, sums = _sep_half(x, jnp.ones((c,), x.dtype), jnp.zeros((c,), x.dtype), p["dw1"],
+                        p["pw1"])
+    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, count, train, axis_name)
+  else:
+    y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
+    y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
+    a, b = jnp.ones((y.shape[-1],), y.dtype), jnp.zeros((y.shape[-1],), y.dtype)
+  y, sums = _sep_half(y, a, b, p["dw2"], p["pw2"])
+  a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, y.shape[0] * y.shape[1] * y.shape[2],
+                       train, axis_name)
+  return y * a + b, (None if s is None else {"bn1": s1, "bn2": s2})
 
 
 def conv_bn_init(key, k, c_in, c_out):
