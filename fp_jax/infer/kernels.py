@@ -30,7 +30,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc"))
-HEADERS = (os.path.join(_HERE, "kernel_common.h"),)
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("kernel_common.h", "sep_products.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
 

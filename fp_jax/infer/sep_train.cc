@@ -28,12 +28,20 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "kernel_common.h"
+#include "sep_products.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using fp_jax::AffineBackward;
+using fp_jax::ChannelSums;
+using fp_jax::OuterAdd;
+using fp_jax::Pointwise;
+using fp_jax::ReluSlab;
 using fp_jax::Row;
+using fp_jax::SumsCotangent;
+using fp_jax::TapSums;
 
 constexpr int64_t kMinParallelMacs = 1 << 22;   // as depthwise.cc: smaller calls run alone
 
@@ -57,92 +65,8 @@ struct Sep {
   int64_t B, H, W, C, D;
 };
 
-// slab [(H+2P), (W+2P), C] = ReLU(x_b * a + b) inside a zero border of P pixels.
-template <int K>
-void ReluSlab(const float* xb, const float* a, const float* bias, int64_t H, int64_t W,
-              int64_t C, float* slab) {
-  constexpr int P = K / 2;
-  const int64_t Wp = W + 2 * P;
-  std::memset(slab, 0, sizeof(float) * P * Wp * C);
-  std::memset(slab + (P + H) * Wp * C, 0, sizeof(float) * P * Wp * C);
-  for (int64_t h = 0; h < H; ++h) {
-    float* d = slab + (h + P) * Wp * C;
-    std::memset(d, 0, sizeof(float) * P * C);
-    std::memset(d + (P + W) * C, 0, sizeof(float) * P * C);
-    const float* s = xb + h * W * C;
-    d += P * C;
-    if (C % 8 == 0) {
-      const __m256 zero = _mm256_setzero_ps();
-      for (int64_t w = 0; w < W; ++w, d += C, s += C)
-        for (int64_t c = 0; c < C; c += 8)
-          _mm256_storeu_ps(d + c, _mm256_max_ps(zero, _mm256_fmadd_ps(
-              _mm256_loadu_ps(s + c), _mm256_loadu_ps(a + c), _mm256_loadu_ps(bias + c))));
-      continue;
-    }
-    for (int64_t w = 0; w < W; ++w, d += C, s += C)
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = s[c] * a[c] + bias[c];
-        d[c] = v > 0.f ? v : 0.f;
-      }
-  }
-}
-
-// out[q, :] = z[q, :] @ wp for q < n, D = 8 * DV: PB pixels' DV output vectors at a time
-// (independent FMA chains), each weight vector loaded once per PB pixels.
-template <int DV>
-void PointwiseV(const float* z, int64_t n, int64_t C, const float* wp, float* out) {
-  constexpr int PB = DV <= 2 ? 4 : 2;
-  constexpr int64_t D = 8 * DV;
-  int64_t q = 0;
-  for (; q + PB <= n; q += PB) {
-    __m256 acc[PB][DV];
-    for (int b = 0; b < PB; ++b)
-      for (int v = 0; v < DV; ++v) acc[b][v] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) {
-      __m256 w[DV];
-      for (int v = 0; v < DV; ++v) w[v] = _mm256_loadu_ps(wp + c * D + 8 * v);
-      for (int b = 0; b < PB; ++b) {
-        const __m256 zb = _mm256_broadcast_ss(z + (q + b) * C + c);
-        for (int v = 0; v < DV; ++v) acc[b][v] = _mm256_fmadd_ps(zb, w[v], acc[b][v]);
-      }
-    }
-    for (int b = 0; b < PB; ++b)
-      for (int v = 0; v < DV; ++v) _mm256_storeu_ps(out + (q + b) * D + 8 * v, acc[b][v]);
-  }
-  for (; q < n; ++q) {
-    __m256 acc[DV];
-    for (int v = 0; v < DV; ++v) acc[v] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) {
-      const __m256 zb = _mm256_broadcast_ss(z + q * C + c);
-      for (int v = 0; v < DV; ++v)
-        acc[v] = _mm256_fmadd_ps(zb, _mm256_loadu_ps(wp + c * D + 8 * v), acc[v]);
-    }
-    for (int v = 0; v < DV; ++v) _mm256_storeu_ps(out + q * D + 8 * v, acc[v]);
-  }
-}
-
-// out[q, :] = z[q, :] @ wp for q < n: z [n, C], wp [C, D], out [n, D].
-void Pointwise(const float* z, int64_t n, int64_t C, int64_t D, const float* wp, float* out) {
-  switch (D) {
-    case 8: return PointwiseV<1>(z, n, C, wp, out);
-    case 16: return PointwiseV<2>(z, n, C, wp, out);
-    case 24: return PointwiseV<3>(z, n, C, wp, out);
-    case 32: return PointwiseV<4>(z, n, C, wp, out);
-    default: break;
-  }
-  for (int64_t q = 0; q < n; ++q) {
-    float* __restrict o = out + q * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-    for (int64_t c = 0; c < C; ++c) {
-      const float zc = z[q * C + c];
-      const float* __restrict w = wp + c * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += zc * w[d];
-    }
-  }
-}
-
 std::vector<float>& Scratch(int i) {
-  thread_local std::vector<float> buf[5];
+  thread_local std::vector<float> buf[4];
   return buf[i];
 }
 
@@ -150,141 +74,6 @@ float* Sized(int i, int64_t n) {
   auto& v = Scratch(i);
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
-}
-
-// acc[c, :] += sum_q z[q, c] * g[q, :] for q < n: z [n, C], g [n, D], acc [C, D]. With D a
-// multiple of 8, blocks of CB rows of acc stay in registers over the n pixels.
-void OuterAdd(const float* z, const float* g, int64_t n, int64_t C, int64_t D, float* acc) {
-  if (D % 8 != 0) {
-    for (int64_t q = 0; q < n; ++q)
-      for (int64_t c = 0; c < C; ++c) {
-        const float zc = z[q * C + c];
-        const float* __restrict gq = g + q * D;
-        float* __restrict a = acc + c * D;
-        for (int64_t d = 0; d < D; ++d) a[d] += zc * gq[d];
-      }
-    return;
-  }
-  constexpr int CB = 8;
-  for (int64_t d = 0; d < D; d += 8)
-    for (int64_t c0 = 0; c0 < C; c0 += CB) {
-      const int64_t cb = std::min<int64_t>(CB, C - c0);
-      __m256 a[CB];
-      for (int i = 0; i < CB; ++i) a[i] = _mm256_setzero_ps();
-      for (int64_t q = 0; q < n; ++q) {
-        const __m256 gv = _mm256_loadu_ps(g + q * D + d);
-        const float* zq = z + q * C + c0;
-        for (int i = 0; i < CB; ++i)
-          if (i < cb) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(zq + i), gv, a[i]);
-      }
-      for (int i = 0; i < cb; ++i) {
-        float* o = acc + (c0 + i) * D + d;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[i]));
-      }
-    }
-}
-
-// gwd[i, j, c] = sum_{h < H, w < W} xs[h+i, w+j, c] * gzs[h+P, w+P, c] for C a multiple of 8:
-// per tap row i and channel vector, the K taps' sums in registers.
-template <int K>
-void TapSums(const float* xs, const float* gzs, int64_t H, int64_t W, int64_t C, float* gwd) {
-  constexpr int P = K / 2;
-  const int64_t Wp = W + 2 * P;
-  for (int i = 0; i < K; ++i)
-    for (int64_t c = 0; c < C; c += 8) {
-      __m256 acc[K];
-      for (int j = 0; j < K; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t h = 0; h < H; ++h) {
-        const float* a = xs + (h + i) * Wp * C + c;
-        const float* g = gzs + ((h + P) * Wp + P) * C + c;
-        for (int64_t w = 0; w < W; ++w) {
-          const __m256 gv = _mm256_loadu_ps(g + w * C);
-          for (int j = 0; j < K; ++j)
-            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + (w + j) * C), gv, acc[j]);
-        }
-      }
-      for (int j = 0; j < K; ++j) _mm256_storeu_ps(gwd + (i * K + j) * C + c, acc[j]);
-    }
-}
-
-// TapSums for any C: per tap, sums over rows kept per (w, c) in taps [K*K, W*C], then over w.
-template <int K>
-void TapSumsAny(const float* xs, const float* gzs, int64_t H, int64_t W, int64_t C,
-                float* taps, float* gwd) {
-  constexpr int P = K / 2;
-  const int64_t Wp = W + 2 * P, WC = W * C;
-  std::fill(taps, taps + K * K * WC, 0.f);
-  for (int64_t h = 0; h < H; ++h) {
-    const float* __restrict g = gzs + ((h + P) * Wp + P) * C;
-    for (int i = 0; i < K; ++i)
-      for (int j = 0; j < K; ++j) {
-        const float* __restrict a = xs + ((h + i) * Wp + j) * C;
-        float* __restrict t = taps + (i * K + j) * WC;
-        for (int64_t m = 0; m < WC; ++m) t[m] += a[m] * g[m];
-      }
-  }
-  for (int ij = 0; ij < K * K; ++ij) {
-    float* __restrict o = gwd + ij * C;
-    const float* t = taps + ij * WC;
-    for (int64_t c = 0; c < C; ++c) o[c] = 0.f;
-    for (int64_t q = 0; q < W; ++q)
-      for (int64_t c = 0; c < C; ++c) o[c] += t[q * C + c];
-  }
-}
-
-// s1[d] += sum_q y[q, d], s2[d] += sum_q y[q, d]^2 for q < n: y [n, D].
-void ChannelSums(const float* y, int64_t n, int64_t D, float* s1, float* s2) {
-  if (D % 8 == 0) {
-    for (int64_t d = 0; d < D; d += 8) {
-      __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
-      for (int64_t q = 0; q < n; ++q) {
-        const __m256 v = _mm256_loadu_ps(y + q * D + d);
-        a1 = _mm256_add_ps(a1, v);
-        a2 = _mm256_fmadd_ps(v, v, a2);
-      }
-      _mm256_storeu_ps(s1 + d, _mm256_add_ps(_mm256_loadu_ps(s1 + d), a1));
-      _mm256_storeu_ps(s2 + d, _mm256_add_ps(_mm256_loadu_ps(s2 + d), a2));
-    }
-    return;
-  }
-  for (int64_t q = 0; q < n; ++q)
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = y[q * D + d];
-      s1[d] += v;
-      s2[d] += v * v;
-    }
-}
-
-// One row of n pixels back through u = ReLU(x * a + b): g = (u > 0) * gu; gx = g * a,
-// ga += sum_q g * x, gb += sum_q g. gu, u, x, gx [n, C]; a, ga, gb [C].
-void AffineBackward(const float* gu, const float* u, const float* x, const float* a,
-                    int64_t n, int64_t C, float* gx, float* ga, float* gb) {
-  if (C % 8 == 0) {
-    const __m256 zero = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; c += 8) {
-      const __m256 av = _mm256_loadu_ps(a + c);
-      __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t m = q * C + c;
-        const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + m), zero, _CMP_GT_OQ);
-        const __m256 g = _mm256_and_ps(keep, _mm256_loadu_ps(gu + m));
-        _mm256_storeu_ps(gx + m, _mm256_mul_ps(g, av));
-        sa = _mm256_fmadd_ps(g, _mm256_loadu_ps(x + m), sa);
-        sb = _mm256_add_ps(sb, g);
-      }
-      _mm256_storeu_ps(ga + c, _mm256_add_ps(_mm256_loadu_ps(ga + c), sa));
-      _mm256_storeu_ps(gb + c, _mm256_add_ps(_mm256_loadu_ps(gb + c), sb));
-    }
-    return;
-  }
-  for (int64_t q = 0; q < n; ++q)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t m = q * C + c;
-      const float g = u[m] > 0.f ? gu[m] : 0.f;
-      gx[m] = g * a[c];
-      ga[c] += g * x[m];
-      gb[c] += g;
-    }
 }
 
 template <int K>
@@ -313,30 +102,12 @@ void BackwardImage(const Sep& p, int64_t b) {
   float* xs = Sized(0, (H + 2 * P) * Wp * C);
   float* gzs = Sized(1, (H + 2 * P) * Wp * C);
   float* row = Sized(2, WC);
-  float* taps = Sized(3, K * K * WC);   // per tap: sums over rows, per (w, c)
-  float* geff = Sized(4, H * W * D);
+  float* geff = Sized(3, H * W * D);
   const float* xb = p.x + b * H * WC;
   ReluSlab<K>(xb, p.a, p.b, H, W, C, xs);
   // y's whole cotangent: gy + gsums[0] + 2 y gsums[1] (the sums' share)
-  {
-    const float* __restrict gy = p.gy + b * H * W * D;
-    const float* __restrict y = p.y_in + b * H * W * D;
-    const float* __restrict g1 = p.gsums;
-    const float* __restrict g2 = p.gsums + D;
-    float* __restrict o = geff;
-    if (D % 8 == 0) {
-      const __m256 two = _mm256_set1_ps(2.f);
-      for (int64_t q = 0; q < H * W; ++q, gy += D, y += D, o += D)
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(o + d, _mm256_add_ps(
-              _mm256_add_ps(_mm256_loadu_ps(gy + d), _mm256_loadu_ps(g1 + d)),
-              _mm256_mul_ps(_mm256_mul_ps(two, _mm256_loadu_ps(y + d)),
-                            _mm256_loadu_ps(g2 + d))));
-    } else {
-      for (int64_t q = 0; q < H * W; ++q, gy += D, y += D, o += D)
-        for (int64_t d = 0; d < D; ++d) o[d] = gy[d] + g1[d] + 2.f * y[d] * g2[d];
-    }
-  }
+  SumsCotangent(p.gy + b * H * W * D, p.y_in + b * H * W * D, p.gsums, p.gsums + D, H * W, D,
+                geff);
   const float* gyb = geff;
   // gz = gy @ wp^T inside a zero border (the depthwise output's cotangent)
   std::memset(gzs, 0, sizeof(float) * (H + 2 * P) * Wp * C);
@@ -351,11 +122,7 @@ void BackwardImage(const Sep& p, int64_t b) {
   }
   // gwd_b[i, j, c] = sum_{h, w} xs[h+i, w+j, c] * gz[h, w, c]
   float* gwd = p.gwd + b * K * K * C;
-  if (C % 8 == 0) {
-    TapSums<K>(xs, gzs, H, W, C, gwd);
-  } else {
-    TapSumsAny<K>(xs, gzs, H, W, C, taps, gwd);
-  }
+  TapSums<K>(xs, gzs, H, W, C, gwd);
   // gu = transposed depthwise of gz (the 180-degree-rotated kernel); through the ReLU
   // (u > 0) and the affine: gx = gu' a, ga = sum gu' x, gb = sum gu'
   float* gxb = p.gx + b * H * WC;
