@@ -36,11 +36,15 @@ KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
 
 
 def _tag():
-  """Hash of the sources, flags and jax version: names the library and its targets."""
+  """Hash of the sources, flags and jax version: names the library and its targets ('' when
+  a source cannot be read; available() then says False)."""
   src = b""
-  for name in SOURCES + HEADERS:
-    with open(name, "rb") as f:
-      src += f.read()
+  try:
+    for name in SOURCES + HEADERS:
+      with open(name, "rb") as f:
+        src += f.read()
+  except OSError:
+    return ""
   return hashlib.sha256(src + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
 
 
@@ -93,6 +97,9 @@ def _build():
 def available():
   """True when the kernels are built and registered with XLA:CPU (see the docstring)."""
   if os.environ.get("FP_JAX_KERNELS", "1") == "0" or not _cpu_ok():
+    return False
+  if not TAG:
+    logging.warning("fp_jax kernels: their sources %s are missing", SOURCES + HEADERS)
     return False
   try:
     path = _build()
