@@ -115,8 +115,7 @@ def test_sep_conv_with_the_kernel_equals_xla(k, stride, stats, train):
 def test_two_devices_equal_one():
   """Data-parallel over 2 CPU devices (batch split, BN statistics and weight gradients
   reduced over the mesh axis) equals 1 device: the kernel's results carry the mesh type."""
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 devices")
+  assert jax.device_count() >= 2, "tests/conftest.py forces 2 CPU devices"
   p, _ = layers.sep_conv_init(jax.random.key(3), 3, 8)
   x = jax.random.normal(jax.random.key(4), (4, 6, 6, 8))
 

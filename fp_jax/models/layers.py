@@ -292,18 +292,17 @@ def _sep_conv_kernel(p, s, x, train, axis_name, stride):
   """sep_conv as kernel calls (SEP_IMPL): each returns its output's channel sums, from which
   its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
   takes no pass of its own; BN2's is applied here. A strided first half runs layers' ops."""
+  identity = lambda t: (jnp.ones(t.shape[-1:], t.dtype), jnp.zeros(t.shape[-1:], t.dtype))
+  count = lambda t: t.shape[0] * t.shape[1] * t.shape[2]
   if stride == 1:
-    c, count = x.shape[-1], x.shape[0] * x.shape[1] * x.shape[2]
-    y, sums = _sep_half(x, jnp.ones((c,), x.dtype), jnp.zeros((c,), x.dtype), p["dw1"],
-                        p["pw1"])
-    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, count, train, axis_name)
+    y, sums = _sep_half(x, *identity(x), p["dw1"], p["pw1"])
+    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, count(y), train, axis_name)
   else:
     y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
     y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
-    a, b = jnp.ones((y.shape[-1],), y.dtype), jnp.zeros((y.shape[-1],), y.dtype)
+    a, b = identity(y)
   y, sums = _sep_half(y, a, b, p["dw2"], p["pw2"])
-  a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, y.shape[0] * y.shape[1] * y.shape[2],
-                       train, axis_name)
+  a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, count(y), train, axis_name)
   return y * a + b, (None if s is None else {"bn1": s1, "bn2": s2})
 
 

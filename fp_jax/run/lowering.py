@@ -28,9 +28,9 @@ is not enough with jax 0.10.2: jit without explicit in/out shardings (parallel.d
 then exports nr_devices 1 around collectives over N devices.
 
 jax.export refuses custom calls without a compatibility guarantee (fp_jax's depthwise
-kernel, kernels.TARGET, and its training pair, kernels.SEP_TARGETS) unless named in `allow`, and (jax 0.10.2) host callbacks outright,
-so an export that succeeds holds neither unless allowed; `census` also reads the text of
-jit(f).lower(...).as_text(), which may hold both.
+kernel, kernels.TARGET, and its training pair, kernels.SEP_TARGETS) unless named in `allow`,
+and (jax 0.10.2) host callbacks outright, so an export that succeeds holds neither unless
+allowed; `census` also reads the text of jit(f).lower(...).as_text(), which may hold both.
 """
 from __future__ import annotations
 
