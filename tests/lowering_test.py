@@ -38,7 +38,7 @@ def _exports(platform):
 
 
 def _cpu_target(target):
-  fp_jax_cpu = (kernels.TARGET, *kernels.SEP_TARGETS.values())
+  fp_jax_cpu = (kernels.TARGET, *kernels.TRAIN_TARGETS)
   return target in fp_jax_cpu or "cpu" in target.lower() or target.startswith(
       ("lapack_", "ducc_"))
 
@@ -97,7 +97,7 @@ def test_depthwise_follows_the_platform():
   evaluate = lowering.lower(fn, args, "cpu", allow)
   assert _grouped_convs(evaluate) == 0
   # on cpu the sep convs' ReLU -> depthwise -> pointwise run fp_jax's training kernel
-  assert allow == (tuple(kernels.SEP_TARGETS.values()) if kernels.available() else ())
+  assert allow == (kernels.TRAIN_TARGETS if kernels.available() else ())
   if allow:
     assert lowering.census(evaluate)["custom_calls"].get(kernels.SEP_TARGETS["fwd"], 0) > 0
   assert layers.SEP_IMPL == "auto"

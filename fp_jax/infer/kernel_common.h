@@ -1,5 +1,6 @@
-// Pieces fp_jax's CPU kernels share (depthwise.cc, sep_train.cc): the register-blocked
-// depthwise row and the hand-out of independent chunks to XLA's intra-op thread pool.
+// Pieces fp_jax's CPU kernels share (depthwise.cc, sep_train.cc, conv_train.cc): the
+// register-blocked depthwise row, the hand-out of independent chunks to XLA's intra-op
+// thread pool, and the small helpers around it.
 #ifndef FP_JAX_INFER_KERNEL_COMMON_H_
 #define FP_JAX_INFER_KERNEL_COMMON_H_
 
@@ -12,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -19,6 +21,7 @@ namespace fp_jax {
 
 constexpr int kWB = 4;          // output pixels along W per register block
 constexpr int kSpins = 1 << 16; // pause loops (~1 ms) before the caller sleeps
+constexpr int64_t kMinParallelMacs = 1 << 22;   // smaller calls run on the calling thread
 
 // One output row: y[q, c] = sum_{i,j} xp[i, ow + S*q + j, c] * wt[i, j, c], q < Wo,
 // xp the K slab rows starting at this output row's first tap row.
@@ -98,6 +101,35 @@ inline void RunChunks(xla::ffi::ThreadPool& pool, int64_t total, int64_t n,
     std::unique_lock<std::mutex> lock(s->mu);
     s->cv.wait(lock, [&] { return s->done.load() == s->total; });
   }
+}
+
+// How many threads a call with `macs` multiply-adds takes: `threads` (> 0) capped at the
+// pool's, else all of the pool's for calls of at least kMinParallelMacs, else 1.
+inline int64_t Threads(xla::ffi::ThreadPool& pool, int64_t threads, int64_t macs) {
+  int64_t n = pool.num_threads();
+  n = std::max<int64_t>(1, threads > 0 ? std::min(threads, std::max<int64_t>(n, 1)) : n);
+  return threads == 0 && macs < kMinParallelMacs ? 1 : n;
+}
+
+// dst[i] = sum over n blocks of src[b * m + i], added in block order (sums over images that
+// do not depend on which thread computed which image).
+inline void SumBlocks(const float* src, int64_t n, int64_t m, float* dst) {
+  std::copy(src, src + m, dst);
+  for (int64_t b = 1; b < n; ++b)
+    for (int64_t i = 0; i < m; ++i) dst[i] += src[b * m + i];
+}
+
+// o is [d0, d1, d2, last].
+inline bool Same4(xla::ffi::Span<const int64_t> o, xla::ffi::Span<const int64_t> d,
+                  int64_t last) {
+  return o.size() == 4 && o[0] == d[0] && o[1] == d[1] && o[2] == d[2] && o[3] == last;
+}
+
+// Thread-local scratch buffer i (< 4) of at least n floats.
+inline float* Scratch(int i, int64_t n) {
+  thread_local std::vector<float> buf[4];
+  if (static_cast<int64_t>(buf[i].size()) < n) buf[i].resize(n);
+  return buf[i].data();
 }
 
 }  // namespace fp_jax

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc"))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc", "conv_train.cc"))
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("kernel_common.h", "sep_products.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
@@ -55,6 +55,10 @@ TAG = _tag()
 TARGET = f"fp_jax_depthwise_{TAG[:8]}"
 # the training pair of sep_train.cc (layers.sep_conv's halves)
 SEP_TARGETS = {"fwd": f"fp_jax_sep_forward_{TAG[:8]}", "bwd": f"fp_jax_sep_backward_{TAG[:8]}"}
+# the training pair of conv_train.cc (layers.relu_conv_bn's and factorized_reduce's convs)
+CONV_TARGETS = {"fwd": f"fp_jax_conv_forward_{TAG[:8]}", "bwd": f"fp_jax_conv_backward_{TAG[:8]}"}
+CONV_KERNELS = (1, 3)        # kernel sizes conv_train.cc handles (3: without the input gradient)
+TRAIN_TARGETS = (*SEP_TARGETS.values(), *CONV_TARGETS.values())   # what training steps call
 
 
 def _cpu_ok():
@@ -113,6 +117,10 @@ def available():
   jax.ffi.register_ffi_target(SEP_TARGETS["fwd"], jax.ffi.pycapsule(lib.FpJaxSepForward),
                               platform="cpu")
   jax.ffi.register_ffi_target(SEP_TARGETS["bwd"], jax.ffi.pycapsule(lib.FpJaxSepBackward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(CONV_TARGETS["fwd"], jax.ffi.pycapsule(lib.FpJaxConvForward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(CONV_TARGETS["bwd"], jax.ffi.pycapsule(lib.FpJaxConvBackward),
                               platform="cpu")
   return True
 
@@ -181,3 +189,43 @@ def sep_backward(x, a, b, wd, wp, y, gy, gsums, threads=0):
   gx, gab, gwd, gwp = jax.ffi.ffi_call(SEP_TARGETS["bwd"], outs, vmap_method="sequential")(
       x, a, b, wd[:, :, 0, :], wp[0, 0], y, gy, gsums, threads=np.int64(threads))
   return gx, gab[0], gab[1], gwd, gwp
+
+
+def _conv_check(x, a, b, w, need_gx=True):
+  if not available():
+    raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
+  k, c = np.shape(w)[0], np.shape(x)[-1]
+  if (np.ndim(x) != 4 or k not in CONV_KERNELS or np.ndim(w) != 4 or np.shape(w)[1:3] != (k, c)
+      or np.shape(a) != (c,) or np.shape(b) != (c,) or (need_gx and k != 1)):
+    raise ValueError(f"conv kernel: x [B,H,W,C], a [C], b [C], w [k,k,C,D] (k in "
+                     f"{CONV_KERNELS}; k 1 with need_gx); got {np.shape(x)}, {np.shape(a)}, "
+                     f"{np.shape(b)}, {np.shape(w)}, need_gx={need_gx}")
+
+
+def conv_forward(x, a, b, w, relu=True, threads=0):
+  """A conv with its output's channel sums (conv_train.cc): y = conv(u, w), u = ReLU(x * a + b)
+  (relu False: x * a + b), stride 1, SAME, and sums [2, D] = [sum y, sum y^2] over (B, H, W).
+  x [B,H,W,C] f32, a, b [C], w [k,k,C,D] (k in CONV_KERNELS) -> (y [B,H,W,D], sums). threads
+  as in `depthwise`; the result is the same for any count. Traced."""
+  _conv_check(x, a, b, w, need_gx=False)
+  d = w.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape[:3] + (d,), x.dtype),
+          jax.ShapeDtypeStruct((2, d), x.dtype))
+  return jax.ffi.ffi_call(CONV_TARGETS["fwd"], outs, vmap_method="sequential")(
+      x, a, b, w, relu=np.int64(bool(relu)), threads=np.int64(threads))
+
+
+def conv_backward(x, a, b, w, y, gy, gsums, relu=True, need_gx=True, threads=0):
+  """The VJP of conv_forward at (x, a, b, w), whose y is given, for the cotangents
+  gy [B,H,W,D] and gsums [2, D]: (gx [B,H,W,C], ga [C], gb [C], gw [k,k,C,D]). need_gx False
+  (the input is data): gx, ga and gb are not computed (gx None, ga and gb zero); k 3 needs
+  it False. Sums over images add the images' terms in image order, whatever the thread
+  count."""
+  _conv_check(x, a, b, w, need_gx)
+  c = x.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape if need_gx else (0,), x.dtype),
+          jax.ShapeDtypeStruct((2, c), x.dtype), jax.ShapeDtypeStruct(w.shape, x.dtype))
+  gx, gab, gw = jax.ffi.ffi_call(CONV_TARGETS["bwd"], outs, vmap_method="sequential")(
+      x, a, b, w, y, gy, gsums, relu=np.int64(bool(relu)), need_gx=np.int64(bool(need_gx)),
+      threads=np.int64(threads))
+  return (gx if need_gx else None), gab[0], gab[1], gw

@@ -1,4 +1,5 @@
-// The per-image products of sep_train.cc (fp_jax's training kernel for a sep_conv half),
+// The per-image products of sep_train.cc and conv_train.cc (fp_jax's training kernels for a
+// sep_conv half and for a conv),
 // each on rows of NHWC pixels held in cache: the ReLU'd input slab, the pointwise GEMM,
 // its weight gradient, the depthwise weight gradient, the channel sums and the backward
 // through the ReLU and the input affine. All run on AVX2 vectors of 8 channels; a width
@@ -52,9 +53,10 @@ inline void ForVectors(int64_t n, Fn fn) {
   if (c < n) fn(c, std::false_type{}, TailMask(n - c));
 }
 
-// slab [(H+2P), (W+2P), C] = ReLU(x_b * a + b) inside a zero border of P pixels.
-template <int K>
-inline void ReluSlab(const float* xb, const float* a, const float* bias, int64_t H, int64_t W,
+// slab [(H+2P), (W+2P), C] = ReLU(x_b * a + b) (Relu false: x_b * a + b) inside a zero
+// border of P pixels.
+template <int K, bool Relu = true>
+inline void InputSlab(const float* xb, const float* a, const float* bias, int64_t H, int64_t W,
                      int64_t C, float* slab) {
   constexpr int P = K / 2;
   const int64_t Wp = W + 2 * P;
@@ -70,9 +72,10 @@ inline void ReluSlab(const float* xb, const float* a, const float* bias, int64_t
     ForVectors(C, [&](int64_t c, auto full, __m256i m) {
       constexpr bool F = decltype(full)::value;
       const __m256 av = Ld<F>(a + c, m), bv = Ld<F>(bias + c, m);
-      for (int64_t w = 0; w < W; ++w)
-        St<F>(d + w * C + c, m, _mm256_max_ps(zero, _mm256_fmadd_ps(Ld<F>(s + w * C + c, m),
-                                                                   av, bv)));
+      for (int64_t w = 0; w < W; ++w) {
+        const __m256 u = _mm256_fmadd_ps(Ld<F>(s + w * C + c, m), av, bv);
+        St<F>(d + w * C + c, m, Relu ? _mm256_max_ps(zero, u) : u);
+      }
     });
   }
 }
@@ -219,8 +222,10 @@ inline void SumsCotangent(const float* gy, const float* y, const float* g1, cons
   });
 }
 
-// One row of n pixels back through u = ReLU(x * a + b): g = (u > 0) * gu; gx = g * a,
-// ga += sum_q g * x, gb += sum_q g. gu, u, x, gx [n, C]; a, ga, gb [C].
+// One row of n pixels back through u = ReLU(x * a + b) (Relu false: u = x * a + b):
+// g = (u > 0) * gu (Relu false: gu); gx = g * a, ga += sum_q g * x, gb += sum_q g.
+// gu, u, x, gx [n, C]; a, ga, gb [C]; u is not read when Relu is false.
+template <bool Relu = true>
 inline void AffineBackward(const float* gu, const float* u, const float* x, const float* a,
                            int64_t n, int64_t C, float* gx, float* ga, float* gb) {
   const __m256 zero = _mm256_setzero_ps();
@@ -230,8 +235,8 @@ inline void AffineBackward(const float* gu, const float* u, const float* x, cons
     __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
     for (int64_t q = 0; q < n; ++q) {
       const int64_t i = q * C + c;
-      const __m256 keep = _mm256_cmp_ps(Ld<F>(u + i, m), zero, _CMP_GT_OQ);
-      const __m256 g = _mm256_and_ps(keep, Ld<F>(gu + i, m));
+      __m256 g = Ld<F>(gu + i, m);
+      if constexpr (Relu) g = _mm256_and_ps(_mm256_cmp_ps(Ld<F>(u + i, m), zero, _CMP_GT_OQ), g);
       St<F>(gx + i, m, _mm256_mul_ps(g, av));
       sa = _mm256_fmadd_ps(g, Ld<F>(x + i, m), sa);
       sb = _mm256_add_ps(sb, g);

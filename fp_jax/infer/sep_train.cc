@@ -35,15 +35,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 using fp_jax::AffineBackward;
+using fp_jax::Same4;
+using fp_jax::Scratch;
+using fp_jax::SumBlocks;
+using fp_jax::Threads;
 using fp_jax::ChannelSums;
 using fp_jax::OuterAdd;
 using fp_jax::Pointwise;
-using fp_jax::ReluSlab;
+using fp_jax::InputSlab;
 using fp_jax::Row;
 using fp_jax::SumsCotangent;
 using fp_jax::TapSums;
-
-constexpr int64_t kMinParallelMacs = 1 << 22;   // as depthwise.cc: smaller calls run alone
 
 struct Sep {
   const float* x;
@@ -65,24 +67,13 @@ struct Sep {
   int64_t B, H, W, C, D;
 };
 
-std::vector<float>& Scratch(int i) {
-  thread_local std::vector<float> buf[4];
-  return buf[i];
-}
-
-float* Sized(int i, int64_t n) {
-  auto& v = Scratch(i);
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
 template <int K>
 void ForwardImage(const Sep& p, int64_t b) {
   constexpr int P = K / 2;
   const int64_t H = p.H, W = p.W, C = p.C, D = p.D, Wp = W + 2 * P;
-  float* slab = Sized(0, (H + 2 * P) * Wp * C);
-  float* z = Sized(1, W * C);
-  ReluSlab<K>(p.x + b * H * W * C, p.a, p.b, H, W, C, slab);
+  float* slab = Scratch(0, (H + 2 * P) * Wp * C);
+  float* z = Scratch(1, W * C);
+  InputSlab<K>(p.x + b * H * W * C, p.a, p.b, H, W, C, slab);
   float* yb = p.y + b * H * W * D;
   float* __restrict s1 = p.sums + b * 2 * D;
   float* __restrict s2 = s1 + D;
@@ -99,12 +90,12 @@ template <int K>
 void BackwardImage(const Sep& p, int64_t b) {
   constexpr int P = K / 2;
   const int64_t H = p.H, W = p.W, C = p.C, D = p.D, Wp = W + 2 * P, WC = W * C;
-  float* xs = Sized(0, (H + 2 * P) * Wp * C);
-  float* gzs = Sized(1, (H + 2 * P) * Wp * C);
-  float* row = Sized(2, WC);
-  float* geff = Sized(3, H * W * D);
+  float* xs = Scratch(0, (H + 2 * P) * Wp * C);
+  float* gzs = Scratch(1, (H + 2 * P) * Wp * C);
+  float* row = Scratch(2, WC);
+  float* geff = Scratch(3, H * W * D);
   const float* xb = p.x + b * H * WC;
-  ReluSlab<K>(xb, p.a, p.b, H, W, C, xs);
+  InputSlab<K>(xb, p.a, p.b, H, W, C, xs);
   // y's whole cotangent: gy + gsums[0] + 2 y gsums[1] (the sums' share)
   SumsCotangent(p.gy + b * H * W * D, p.y_in + b * H * W * D, p.gsums, p.gsums + D, H * W, D,
                 geff);
@@ -138,27 +129,10 @@ void BackwardImage(const Sep& p, int64_t b) {
   }
 }
 
-int64_t Threads(ffi::ThreadPool& pool, int64_t threads, int64_t macs) {
-  int64_t n = pool.num_threads();
-  n = std::max<int64_t>(1, threads > 0 ? std::min(threads, std::max<int64_t>(n, 1)) : n);
-  return threads == 0 && macs < kMinParallelMacs ? 1 : n;
-}
-
 bool Shapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> kd,
             ffi::Span<const int64_t> pd, int64_t na, int64_t nb) {
   return d.size() == 4 && kd.size() == 3 && kd[0] == kd[1] && (kd[0] == 3 || kd[0] == 5) &&
          kd[2] == d[3] && pd.size() == 2 && pd[0] == d[3] && na == d[3] && nb == d[3];
-}
-
-bool Same4(ffi::Span<const int64_t> o, ffi::Span<const int64_t> d, int64_t last) {
-  return o.size() == 4 && o[0] == d[0] && o[1] == d[1] && o[2] == d[2] && o[3] == last;
-}
-
-// dst[i] = sum over n blocks of src[b * m + i], added in block order.
-void SumBlocks(const float* src, int64_t n, int64_t m, float* dst) {
-  std::copy(src, src + m, dst);
-  for (int64_t b = 1; b < n; ++b)
-    for (int64_t i = 0; i < m; ++i) dst[i] += src[b * m + i];
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,

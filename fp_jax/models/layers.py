@@ -9,7 +9,10 @@ data-parallel step equals the single-device step on the global batch.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -172,16 +175,89 @@ SEP_IMPLS = ("auto", "kernel", "xla")
 SEP_IMPL = "auto"
 
 
-def sep_impl(x, wd, stride=1):
-  """'kernel' or 'xla': whether a sep_conv half at `stride` on x with depthwise kernels wd
-  runs the kernel (SEP_IMPL resolved; sep_conv asks for its stride-1 second half)."""
+def _kernels_wanted():
+  """Whether SEP_IMPL resolves to the training kernels here (before per-op checks)."""
   impl = SEP_IMPL
   if impl not in SEP_IMPLS:
     raise ValueError(f"layers.SEP_IMPL must be one of {SEP_IMPLS}, got {impl!r}")
   if impl == "auto":
-    impl = "kernel" if DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu" else "xla"
+    return DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu"
+  return impl == "kernel"
+
+
+def sep_impl(x, wd, stride=1):
+  """'kernel' or 'xla': whether a sep_conv half at `stride` on x with depthwise kernels wd
+  runs the kernel (SEP_IMPL resolved; sep_conv asks for its stride-1 second half)."""
   usable = stride == 1 and x.dtype == jnp.float32 and wd.shape[0] in kernels.KERNELS
-  return "kernel" if impl == "kernel" and usable and kernels.available() else "xla"
+  return "kernel" if _kernels_wanted() and usable and kernels.available() else "xla"
+
+
+def conv_impl(x, w):
+  """'kernel' or 'xla': whether a stride-1 SAME conv of x with w [k,k,I,O] runs as
+  kernels.conv_forward / conv_backward with its BN's sums (SEP_IMPL resolved as for
+  sep_conv's halves; float32, k in kernels.CONV_KERNELS)."""
+  usable = (x.dtype == jnp.float32 and w.shape[0] == w.shape[1]
+            and w.shape[0] in kernels.CONV_KERNELS)
+  return "kernel" if _kernels_wanted() and usable and kernels.available() else "xla"
+
+
+def _count(y):
+  """Values per channel of y [B,H,W,C] (a BN's statistics' denominator)."""
+  return y.shape[0] * y.shape[1] * y.shape[2]
+
+
+def _identity_affine(x):
+  return jnp.ones(x.shape[-1:], x.dtype), jnp.zeros(x.shape[-1:], x.dtype)
+
+
+# (conv(u, w) with u = [ReLU](x * a + b), its channel sums [2, D]) as kernel calls. With
+# symbolic zeros the backward knows whether x (hence a and b) is differentiated: for the
+# stem's image it is not, and the kernel skips the input gradient (which k = 3 lacks: a
+# differentiated k = 3 input takes XLA's convolution transpose for it).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _conv_kernel(x, a, b, w, relu):
+  y, sums = kernels.conv_forward(x, a, b, w, relu)
+  return vary_like(y, x), vary_like(sums, x)
+
+
+def _conv_kernel_fwd(x, a, b, w, relu):
+  need_gx = x.perturbed or a.perturbed or b.perturbed
+  x, a, b, w = (t.value for t in (x, a, b, w))
+  y, sums = _conv_kernel(x, a, b, w, relu)
+  return (y, sums), (x, a, b, w, y, need_gx)
+
+
+def _conv_kernel_bwd(relu, res, g):
+  x, a, b, w, y, need_gx = res
+  gy, gs = g
+  if isinstance(gy, SymbolicZero):
+    gy = jnp.zeros_like(y)
+  if isinstance(gs, SymbolicZero):
+    gs = jnp.zeros((2, y.shape[-1]), y.dtype)
+  k = w.shape[0]
+  gx, ga, gb, gw = kernels.conv_backward(x, a, b, w, y, gy, gs, relu, need_gx and k == 1)
+  if need_gx and k != 1:
+    gx, ga, gb = _conv_input_grad(x, a, b, w, y, gy, gs, relu)
+  elif not need_gx:
+    gx = jnp.zeros_like(x)
+  return tuple(vary_like(t, x) for t in (gx, ga, gb, gw))
+
+
+def _conv_input_grad(x, a, b, w, y, gy, gs, relu):
+  """(gx, ga, gb) of _conv_kernel through XLA's convolution transpose (k > 1)."""
+  def f(x, a, b):
+    u = x * a + b
+    return conv(jax.nn.relu(u) if relu else u, w)
+  g = gy + gs[0] + 2 * y * gs[1]
+  return jax.vjp(f, x, a, b)[1](g)
+
+
+_conv_kernel.defvjp(_conv_kernel_fwd, _conv_kernel_bwd, symbolic_zeros=True)
+
+
+def _conv_sums(x, w, relu):
+  """(conv([ReLU](x), w), its channel sums [2, D]) by the conv kernel (conv_impl)."""
+  return _conv_kernel(x, *(vary_like(t, x) for t in _identity_affine(x)), vary_like(w, x), relu)
 
 
 def _sep_half(x, a, b, wd, wp):
@@ -292,17 +368,15 @@ def _sep_conv_kernel(p, s, x, train, axis_name, stride):
   """sep_conv as kernel calls (SEP_IMPL): each returns its output's channel sums, from which
   its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
   takes no pass of its own; BN2's is applied here. A strided first half runs layers' ops."""
-  identity = lambda t: (jnp.ones(t.shape[-1:], t.dtype), jnp.zeros(t.shape[-1:], t.dtype))
-  count = lambda t: t.shape[0] * t.shape[1] * t.shape[2]
   if stride == 1:
-    y, sums = _sep_half(x, *identity(x), p["dw1"], p["pw1"])
-    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, count(y), train, axis_name)
+    y, sums = _sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"])
+    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, _count(y), train, axis_name)
   else:
     y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
     y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
-    a, b = identity(y)
+    a, b = _identity_affine(y)
   y, sums = _sep_half(y, a, b, p["dw2"], p["pw2"])
-  a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, count(y), train, axis_name)
+  a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, _count(y), train, axis_name)
   return y * a + b, (None if s is None else {"bn1": s1, "bn2": s2})
 
 
@@ -313,6 +387,10 @@ def conv_bn_init(key, k, c_in, c_out):
 
 def relu_conv_bn(p, s, x, train, axis_name=None, relu=True):
   """[ReLU], conv (stride 1, SAME), BN: the stem, 1x1 calibrations, layer_base."""
+  if conv_impl(x, p["conv"]) == "kernel":
+    y, sums = _conv_sums(x, p["conv"], relu)
+    a, b, sb = bn_affine(p["bn"], _sub(s, "bn"), sums, _count(y), train, axis_name)
+    return y * a + b, (None if s is None else {"bn": sb})
   y = conv(jax.nn.relu(x) if relu else x, p["conv"])
   y, sb = batch_norm(p["bn"], _sub(s, "bn"), y, train, axis_name)
   return y, (None if s is None else {"bn": sb})
@@ -330,6 +408,8 @@ def factorized_reduce_init(key, c_in, c_out):
 def factorized_reduce(p, s, x, stride, train, axis_name=None, relu=True):
   """[ReLU], two strided 1x1 paths (the second offset by one pixel) concatenated, BN:
   [B,H,W,I] -> [B,ceil(H/s),.,O] (ENAS `_factorized_reduction`)."""
+  if conv_impl(x, p["conv1"]) == "kernel":
+    return _factorized_reduce_kernel(p, s, x, stride, train, axis_name, relu)
   if relu:
     x = jax.nn.relu(x)
   a = conv(x[:, ::stride, ::stride], p["conv1"])
@@ -337,6 +417,19 @@ def factorized_reduce(p, s, x, stride, train, axis_name=None, relu=True):
   b = conv(shifted[:, ::stride, ::stride], p["conv2"])
   y, sb = batch_norm(p["bn"], _sub(s, "bn"), jnp.concatenate([a, b], -1), train, axis_name)
   return y, (None if s is None else {"bn": sb})
+
+
+def _factorized_reduce_kernel(p, s, x, stride, train, axis_name, relu):
+  """factorized_reduce by two conv kernel calls on the strided pixels of each path; the
+  second path's pixels past the border (odd H or W) are zeros after the ReLU, so its output
+  there is zero: padded on. BN from the two calls' sums."""
+  ya, sa = _conv_sums(x[:, ::stride, ::stride], p["conv1"], relu)
+  yb, sb = _conv_sums(x[:, 1::stride, 1::stride], p["conv2"], relu)
+  yb = jnp.pad(yb, ((0, 0), (0, ya.shape[1] - yb.shape[1]), (0, ya.shape[2] - yb.shape[2]),
+                    (0, 0)))
+  y, sums = jnp.concatenate([ya, yb], -1), jnp.concatenate([sa, sb], -1)
+  a, b, s_new = bn_affine(p["bn"], _sub(s, "bn"), sums, _count(y), train, axis_name)
+  return y * a + b, (None if s is None else {"bn": s_new})
 
 
 def aux_head_init(key, c_in, hw, num_classes):

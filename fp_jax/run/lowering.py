@@ -28,7 +28,7 @@ is not enough with jax 0.10.2: jit without explicit in/out shardings (parallel.d
 then exports nr_devices 1 around collectives over N devices.
 
 jax.export refuses custom calls without a compatibility guarantee (fp_jax's depthwise
-kernel, kernels.TARGET, and its training pair, kernels.SEP_TARGETS) unless named in `allow`,
+kernel, kernels.TARGET, and its training kernels, kernels.TRAIN_TARGETS) unless named in `allow`,
 and (jax 0.10.2) host callbacks outright, so an export that succeeds holds neither unless
 allowed; `census` also reads the text of jit(f).lower(...).as_text(), which may hold both.
 """
@@ -283,8 +283,8 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   dispatch = slot_ops.resolve_dispatch(s.dispatch, platform)
   step = search_steps.make_supernet_step(plan, tx, s.aux_weight, float(s.keep_prob), mesh,
                                          dtype, dispatch)
-  # the steps (and the reward evaluation) run fp_jax's training kernel on cpu
-  steps_allow = (tuple(kernels.SEP_TARGETS.values())
+  # the steps (and the reward evaluation) run fp_jax's training kernels on cpu
+  steps_allow = (kernels.TRAIN_TARGETS
                  if platform == "cpu" and kernels.available() else ())
   out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)),
                           steps_allow)
