@@ -125,9 +125,9 @@ inline bool Same4(xla::ffi::Span<const int64_t> o, xla::ffi::Span<const int64_t>
   return o.size() == 4 && o[0] == d[0] && o[1] == d[1] && o[2] == d[2] && o[3] == last;
 }
 
-// Thread-local scratch buffer i (< 4) of at least n floats.
+// Thread-local scratch buffer i (< 6) of at least n floats.
 inline float* Scratch(int i, int64_t n) {
-  thread_local std::vector<float> buf[4];
+  thread_local std::vector<float> buf[6];
   if (static_cast<int64_t>(buf[i].size()) < n) buf[i].resize(n);
   return buf[i].data();
 }

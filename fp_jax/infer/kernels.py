@@ -164,30 +164,43 @@ def _sep_check(x, a, b, wd, wp):
                      f"{np.shape(wd)}, {np.shape(wp)}")
 
 
-def sep_forward(x, a, b, wd, wp, threads=0):
-  """One sep_conv half (sep_train.cc): y = conv(depthwise(ReLU(x * a + b), wd), wp) at
-  stride 1, SAME, and sums [2, D] = [sum y, sum y^2] over (B, H, W). x [B,H,W,C] f32,
-  a, b [C], wd [k,k,1,C], wp [1,1,C,D] -> (y [B,H,W,D], sums). threads as in
-  `depthwise`; the result is the same for any count. Traced."""
+def _strided(x, stride, offset):
+  """(attributes, output [B, Ho, Wo]) of a sep half at `stride` from `offset`."""
+  oh, ow = (int(o) for o in offset)
+  if stride not in (1, 2) or not (0 <= oh < stride and 0 <= ow < stride):
+    raise ValueError(f"sep kernel: stride 1 or 2 with offsets in [0, stride), got "
+                     f"stride {stride}, offset {offset}")
+  b, h, w, _ = x.shape
+  attrs = {"stride": np.int64(stride), "oh": np.int64(oh), "ow": np.int64(ow)}
+  return attrs, (b, -(-(h - oh) // stride), -(-(w - ow) // stride))
+
+
+def sep_forward(x, a, b, wd, wp, stride=1, offset=(0, 0), threads=0):
+  """One sep_conv half (sep_train.cc): y = conv(depthwise(ReLU(x * a + b), wd), wp), SAME, at
+  `stride` (1 or 2; output o is the stride-1 output at offset + stride * o, layers.subsample's
+  offsets, and only those are computed), and sums [2, D] = [sum y, sum y^2] over its
+  (B, Ho, Wo). x [B,H,W,C] f32, a, b [C], wd [k,k,1,C], wp [1,1,C,D] -> (y [B,Ho,Wo,D], sums).
+  threads as in `depthwise`; the result is the same for any count. Traced."""
   _sep_check(x, a, b, wd, wp)
+  attrs, out = _strided(x, stride, offset)
   d = wp.shape[-1]
-  outs = (jax.ShapeDtypeStruct(x.shape[:3] + (d,), x.dtype),
-          jax.ShapeDtypeStruct((2, d), x.dtype))
+  outs = (jax.ShapeDtypeStruct(out + (d,), x.dtype), jax.ShapeDtypeStruct((2, d), x.dtype))
   return jax.ffi.ffi_call(SEP_TARGETS["fwd"], outs, vmap_method="sequential")(
-      x, a, b, wd[:, :, 0, :], wp[0, 0], threads=np.int64(threads))
+      x, a, b, wd[:, :, 0, :], wp[0, 0], **attrs, threads=np.int64(threads))
 
 
-def sep_backward(x, a, b, wd, wp, y, gy, gsums, threads=0):
-  """The VJP of sep_forward at (x, a, b, wd, wp), whose y is given, for the cotangents
-  gy [B,H,W,D] and gsums [2, D]: (gx [B,H,W,C], ga [C], gb [C], gwd [k,k,1,C],
+def sep_backward(x, a, b, wd, wp, y, gy, gsums, stride=1, offset=(0, 0), threads=0):
+  """The VJP of sep_forward at (x, a, b, wd, wp, stride, offset), whose y is given, for the
+  cotangents gy [B,Ho,Wo,D] and gsums [2, D]: (gx [B,H,W,C], ga [C], gb [C], gwd [k,k,1,C],
   gwp [1,1,C,D]). Sums over images add the images' terms in image order, whatever the
   thread count."""
   _sep_check(x, a, b, wd, wp)
+  attrs, _ = _strided(x, stride, offset)
   c = x.shape[-1]
   outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((2, c), x.dtype),
           jax.ShapeDtypeStruct(wd.shape, x.dtype), jax.ShapeDtypeStruct(wp.shape, x.dtype))
   gx, gab, gwd, gwp = jax.ffi.ffi_call(SEP_TARGETS["bwd"], outs, vmap_method="sequential")(
-      x, a, b, wd[:, :, 0, :], wp[0, 0], y, gy, gsums, threads=np.int64(threads))
+      x, a, b, wd[:, :, 0, :], wp[0, 0], y, gy, gsums, **attrs, threads=np.int64(threads))
   return gx, gab[0], gab[1], gwd, gwp
 
 

@@ -168,25 +168,25 @@ inline void OuterAdd(const float* z, const float* g, int64_t n, int64_t C, int64
   });
 }
 
-// gwd[i, j, c] = sum_{h < H, w < W} xs[h+i, w+j, c] * gzs[h+P, w+P, c]: per tap row i and
-// channel vector, the K taps' sums in registers.
-template <int K>
-inline void TapSums(const float* xs, const float* gzs, int64_t H, int64_t W, int64_t C,
-                    float* gwd) {
-  constexpr int P = K / 2;
-  const int64_t Wp = W + 2 * P;
+// gwd[i, j, c] = sum_{o < Ho, q < Wo} xs[oh + S*o + i, ow + S*q + j, c] * gz[o, q, c]: the
+// depthwise weight gradient at stride S (xs the zero-bordered input slab, Wp pixels a row;
+// gz the output's cotangent, gz_row floats a row). Per tap row i and channel vector, the K
+// taps' sums in registers.
+template <int K, int S>
+inline void TapSums(const float* xs, int64_t Wp, const float* gz, int64_t gz_row, int64_t Ho,
+                    int64_t Wo, int64_t oh, int64_t ow, int64_t C, float* gwd) {
   for (int i = 0; i < K; ++i)
     ForVectors(C, [&](int64_t c, auto full, __m256i m) {
       constexpr bool F = decltype(full)::value;
       __m256 acc[K];
       for (int j = 0; j < K; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t h = 0; h < H; ++h) {
-        const float* a = xs + (h + i) * Wp * C + c;
-        const float* g = gzs + ((h + P) * Wp + P) * C + c;
-        for (int64_t w = 0; w < W; ++w) {
-          const __m256 gv = Ld<F>(g + w * C, m);
+      for (int64_t o = 0; o < Ho; ++o) {
+        const float* a = xs + ((oh + S * o + i) * Wp + ow) * C + c;
+        const float* g = gz + o * gz_row + c;
+        for (int64_t q = 0; q < Wo; ++q) {
+          const __m256 gv = Ld<F>(g + q * C, m);
           for (int j = 0; j < K; ++j)
-            acc[j] = _mm256_fmadd_ps(Ld<F>(a + (w + j) * C, m), gv, acc[j]);
+            acc[j] = _mm256_fmadd_ps(Ld<F>(a + (S * q + j) * C, m), gv, acc[j]);
         }
       }
       for (int j = 0; j < K; ++j) St<F>(gwd + (i * K + j) * C + c, m, acc[j]);

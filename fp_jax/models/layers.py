@@ -165,10 +165,12 @@ def _depthwise_shift_bwd(res, g):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-# sep_conv's halves [ReLU, depthwise, pointwise, BN]. "kernel": one custom call each way per
-# half (kernels.sep_forward / sep_backward, sep_train.cc; BN from the channel sums it
-# returns) where it applies (float32, stride 1, k in kernels.KERNELS, the kernels built),
-# layers' own ops elsewhere;
+# The training kernels: sep_conv's halves [ReLU, depthwise, pointwise, BN] and the convs of
+# relu_conv_bn and factorized_reduce [ReLU, conv, BN]. "kernel": one custom call each way per
+# half or conv (kernels.sep_forward / sep_backward, sep_train.cc; kernels.conv_forward /
+# conv_backward, conv_train.cc; BN from the channel sums they return) where they apply
+# (float32; sep: stride 1 or 2, k in kernels.KERNELS; conv: k in kernels.CONV_KERNELS; the
+# kernels built), layers' own ops elsewhere;
 # "xla": layers' own ops always; "auto": "kernel" on CPU unless DEPTHWISE_IMPL names a
 # depthwise explicitly (then that depthwise runs). Read at trace time.
 SEP_IMPLS = ("auto", "kernel", "xla")
@@ -187,8 +189,8 @@ def _kernels_wanted():
 
 def sep_impl(x, wd, stride=1):
   """'kernel' or 'xla': whether a sep_conv half at `stride` on x with depthwise kernels wd
-  runs the kernel (SEP_IMPL resolved; sep_conv asks for its stride-1 second half)."""
-  usable = stride == 1 and x.dtype == jnp.float32 and wd.shape[0] in kernels.KERNELS
+  runs the kernel (SEP_IMPL resolved)."""
+  usable = stride in (1, 2) and x.dtype == jnp.float32 and wd.shape[0] in kernels.KERNELS
   return "kernel" if _kernels_wanted() and usable and kernels.available() else "xla"
 
 
@@ -260,26 +262,28 @@ def _conv_sums(x, w, relu):
   return _conv_kernel(x, *(vary_like(t, x) for t in _identity_affine(x)), vary_like(w, x), relu)
 
 
-def _sep_half(x, a, b, wd, wp):
-  """The kernel's half: (conv(depthwise(ReLU(x * a + b), wd), wp), its channel sums [2, D])."""
+def _sep_half(x, a, b, wd, wp, stride=1):
+  """The kernel's half: (conv(depthwise(ReLU(x * a + b), wd, stride), wp), its channel sums
+  [2, D]); at stride 2 only the outputs kept (layers.subsample's) are computed."""
   v = lambda t: vary_like(t, x)
-  return _sep_kernel(x, v(a), v(b), v(wd), v(wp))
+  offset = tuple(same_offset(n, wd.shape[0], stride) for n in x.shape[1:3])
+  return _sep_kernel(x, v(a), v(b), v(wd), v(wp), stride, offset)
 
 
 # (a custom call's results carry no mesh-axis type: vary_like gives them x's, inside shard_map)
-@jax.custom_vjp
-def _sep_kernel(x, a, b, wd, wp):
-  y, sums = kernels.sep_forward(x, a, b, wd, wp)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sep_kernel(x, a, b, wd, wp, stride, offset):
+  y, sums = kernels.sep_forward(x, a, b, wd, wp, stride, offset)
   return vary_like(y, x), vary_like(sums, x)
 
 
-def _sep_kernel_fwd(x, a, b, wd, wp):
-  y, sums = _sep_kernel(x, a, b, wd, wp)
+def _sep_kernel_fwd(x, a, b, wd, wp, stride, offset):
+  y, sums = _sep_kernel(x, a, b, wd, wp, stride, offset)
   return (y, sums), (x, a, b, wd, wp, y)     # residuals: the inputs and y, no intermediates
 
 
-def _sep_kernel_bwd(res, g):
-  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, *g))
+def _sep_kernel_bwd(stride, offset, res, g):
+  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, *g, stride, offset))
 
 
 _sep_kernel.defvjp(_sep_kernel_fwd, _sep_kernel_bwd)
@@ -355,7 +359,7 @@ def sep_conv_init(key, k, c, lead=()):
 
 def sep_conv(p, s, x, train, axis_name=None, stride=1):
   """2 x [ReLU, depthwise kxk, pointwise 1x1, BN]; the first depthwise at `stride`."""
-  if sep_impl(x, p["dw2"]) == "kernel":
+  if sep_impl(x, p["dw1"], stride) == "kernel":
     return _sep_conv_kernel(p, s, x, train, axis_name, stride)
   y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
   y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
@@ -367,14 +371,9 @@ def sep_conv(p, s, x, train, axis_name=None, stride=1):
 def _sep_conv_kernel(p, s, x, train, axis_name, stride):
   """sep_conv as kernel calls (SEP_IMPL): each returns its output's channel sums, from which
   its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
-  takes no pass of its own; BN2's is applied here. A strided first half runs layers' ops."""
-  if stride == 1:
-    y, sums = _sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"])
-    a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, _count(y), train, axis_name)
-  else:
-    y = conv(depthwise_conv(jax.nn.relu(x), p["dw1"], stride), p["pw1"])
-    y, s1 = batch_norm(p["bn1"], _sub(s, "bn1"), y, train, axis_name)
-    a, b = _identity_affine(y)
+  takes no pass of its own; BN2's is applied here."""
+  y, sums = _sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"], stride)
+  a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, _count(y), train, axis_name)
   y, sums = _sep_half(y, a, b, p["dw2"], p["pw2"])
   a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, _count(y), train, axis_name)
   return y * a + b, (None if s is None else {"bn1": s1, "bn2": s2})
