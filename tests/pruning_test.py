@@ -159,32 +159,3 @@ def test_mask_transform_compiles_once_for_all_ratios():
     kept.add(float(jnp.sum(out["cells"][0]["final"]["bn"]["scale"] != 0)))
   assert len(traces) == 1
   assert len(kept) > 1
-
-
-def test_scanned_cell_runs_equal_the_unrolled_cells():
-  """forward scans runs of same-shaped cells (one compiled body each; its values are
-  checked against an independent reference in prune_acc_test): a scanned run's outputs
-  and gradients equal those of its cells run one by one."""
-  assert supernet.cell_runs(supernet.make_plan(6, 4, (8, 8, 1), 10)) == [
-      [0], [1], [2, 3, 4], [5, 6, 7]]
-  plan = supernet.make_plan(3, 4, (8, 8, 1), 10)        # cells N R N R N
-  assert supernet.cell_runs(plan) == [[0], [1, 2], [3, 4]]
-  params = supernet.init(jax.random.key(3), plan)
-  arc = jnp.asarray(space.sample_uniform(np.random.default_rng(5)))
-  parts = jnp.stack([arc[space.CELL_LEN:], arc[:space.CELL_LEN]])   # cells 3 (R), 4 (N)
-  shape = (6,) + plan.cells[3].hw + (plan.cells[3].filters,)
-  h0, h1 = (jax.random.normal(jax.random.key(k), shape) for k in (1, 2))
-
-  def loss(p, a, b, scanned):
-    if scanned:
-      (_, out), outs = supernet._run_cells(p, [3, 4], parts, a, b, None, None, "switch")
-    else:
-      (_, y3), _ = supernet._run_cells(p, [3], parts[:1], a, b, None, None, "switch")
-      (_, out), _ = supernet._run_cells(p, [4], parts[1:], b, y3, None, None, "switch")
-      outs = jnp.stack([y3, out])
-    return jnp.sum(jnp.sin(outs)), outs
-
-  grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
-  got, want = grad(params, h0, h1, True), grad(params, h0, h1, False)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()) + 1e-6)

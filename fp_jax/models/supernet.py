@@ -21,8 +21,10 @@ zero-padded to 5x5, both pools and the identity, then a select; more FLOPs, and 
 concat of the nodes and inputs no node uses, ReLU, a 1x1 conv whose input rows are
 chosen per node index (weights [7, F, F], rows of used nodes zeroed), BN -> F.
 
-Runs of cells of one shape whose inputs need no calibration (`cell_runs`) are one
-lax.scan over their stacked parameters (one compiled cell body per run).
+Cells run one after the other, each its own compiled body: a lax.scan over runs of
+same-shaped cells compiled no faster and stepped 8-10% slower with the CPU training kernels
+(its stacked residuals are zero-filled, written and sliced each step; bench/results/
+fashion_steps_notes.md).
 
 BN always normalises with batch statistics (synchronised over `axis_name`) and
 keeps no moving averages, as ENAS's search child. Masked forward passes (fake
@@ -206,47 +208,6 @@ def cell_inputs(spec, p, prev, axis_name=None):
   return hs, ins[1]
 
 
-def cell_runs(plan):
-  """Consecutive cells one scan runs: [[cell index, ...], ...] in order. A cell joins the
-  run before it when its inputs need no calibration and its nodes have the run's shape
-  (filters, hw); then the carry (h(i-2), h(i-1)) -> (h(i-1), output) feeds it exactly as
-  the unrolled loop would (a run's first cell may be a reduction: its second input is
-  its own factorized reduction, already F wide)."""
-  runs = []
-  for spec in plan.cells:
-    last = plan.cells[runs[-1][-1]] if runs else None
-    if (last is not None and not spec.reduce and spec.calib == ("none", "none")
-        and (spec.filters, spec.hw) == (last.filters, last.hw)):
-      runs[-1].append(spec.index)
-    else:
-      runs.append([spec.index])
-  return runs
-
-
-BODY_KEYS = ("sep3", "sep5", "final")   # a cell's parameters inside its run's scan
-
-
-def _run_cells(params, run, arc_parts, h0, h1, carry, axis_name, dispatch):
-  """((h(i-2), h(i-1)) of the cell after the run, outputs [len(run), B,H,W,F]) from the
-  first cell's calibrated inputs and the h(i-2) its successor reads (`carry`); arc_parts
-  int32 [len(run), 20]. A run of one cell calls `cell`; a longer one scans one compiled
-  cell body over the stacked cell parameters (compile time grows with the number of
-  distinct cell bodies, not of cells)."""
-  if len(run) == 1:
-    out = cell(params["cells"][run[0]], arc_parts[0], h0, h1, axis_name, dispatch=dispatch)
-    return (carry, out), out[None]
-  stacked = jax.tree.map(lambda *a: jnp.stack(a),
-                         *[{k: params["cells"][i][k] for k in BODY_KEYS} for i in run])
-
-  def body(carry, xs):
-    a, b = carry
-    p, part = xs
-    out = cell(p, part, a, b, axis_name, dispatch=dispatch)
-    return (b, out), out
-
-  return lax.scan(body, (h0, h1), (stacked, arc_parts))
-
-
 def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None, dispatch="switch"):
   """(logits [B,classes], aux logits or None) of architecture `arc` int32 [40].
 
@@ -255,17 +216,15 @@ def forward(plan, params, arc, x, axis_name=None, with_aux=True, reg=None, dispa
   1 and n devices drop the same features. dispatch: how cells run their slots' ops,
   'switch' | 'select' (resolve_dispatch).
   """
-  normal, reduce = arc[:space.CELL_LEN], arc[space.CELL_LEN:]
   y = layers.relu_conv_bn(params["stem"], None, x, True, axis_name, relu=False)[0]
   prev, aux = [y, y], None
-  for run in cell_runs(plan):
-    spec = plan.cells[run[0]]
-    (h0, h1), carry = cell_inputs(spec, params["cells"][spec.index], prev, axis_name)
-    parts = jnp.stack([reduce if plan.cells[i].reduce else normal for i in run])
-    prev, outs = _run_cells(params, run, parts, h0, h1, carry, axis_name, dispatch)
-    if with_aux and plan.aux_index in run:
-      aux = layers.aux_head(params["aux"], None, outs[run.index(plan.aux_index)], True,
-                            axis_name)[0]
+  for spec in plan.cells:
+    p = params["cells"][spec.index]
+    (h0, h1), carry = cell_inputs(spec, p, prev, axis_name)
+    out = cell(p, cell_arc(arc, spec), h0, h1, axis_name, dispatch=dispatch)
+    prev = [carry, out]
+    if with_aux and spec.index == plan.aux_index:
+      aux = layers.aux_head(params["aux"], None, out, True, axis_name)[0]
   dropout = None
   if reg is not None and reg["keep_prob"] < 1.0:
     dropout = lambda f: _global_dropout(f, reg["key"], reg["keep_prob"], axis_name)
