@@ -70,6 +70,28 @@ def test_kernel_equals_autodiff(relu, k, shape, d):
     np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
 
 
+@pytest.mark.parametrize("j,c,d", [(7, 8, 8), (3, 5, 12)])
+def test_concatenated_inputs_equal_autodiff(j, c, d):
+  """x [J,B,H,W,C]: a 1x1 conv of the J inputs' concatenated channels, read in place; the
+  input gradient comes back in x's layout."""
+  rng = np.random.default_rng(j * c)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  x, a, b, w = f(j, 2, 5, 6, c), 1.0 + 0.3 * f(j * c), 0.3 * f(j * c), f(1, 1, j * c, d)
+
+  def reference(x, a, b, w):
+    cat = jnp.moveaxis(x, 0, 3).reshape(x.shape[1:4] + (j * c,))
+    return _reference(cat, a, b, w, True)
+
+  (y, sums), vjp = jax.vjp(reference, x, a, b, w)
+  got_y, got_sums = jax.jit(kernels.conv_forward)(x, a, b, w)
+  _close(got_y, y, "y")
+  _close(got_sums, sums, "sums")
+  gy, gsums = f(*y.shape), f(2, d)
+  got = jax.jit(kernels.conv_backward)(x, a, b, w, y, gy, gsums)
+  for g, r, name in zip(got, vjp((gy, gsums)), ("gx", "ga", "gb", "gw")):
+    _close(g, r, name)
+
+
 def test_k3_with_the_input_gradient_is_refused():
   args, _ = _arrays(1, (1, 4, 4, 3), 3, 8)
   with pytest.raises(ValueError, match="need_gx"):
@@ -150,6 +172,22 @@ def test_the_stem_image_gets_no_input_gradient():
     loss = lambda p, x: jnp.sum(jnp.sin(layers.relu_conv_bn(p, None, x, True, relu=False)[0]))
     text = jax.jit(jax.grad(loss, argnums)).lower(p, x).as_text()
     assert f"need_gx = {need} : i64" in text, (k, argnums)
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_relu_concat_conv_bn_with_the_kernel_equals_xla(stats):
+  """The supernet cell's final conv: ReLU, 1x1 conv of 7 values' concatenated channels, BN
+  (batch statistics, and updating running ones): equal to XLA's einsum and batch_norm."""
+  p, s = _perturbed(layers.bn_init(8), layers.bn_stats_init(8) if stats else None)
+  xs = jax.random.normal(jax.random.key(6), (7, 3, 5, 5, 8))
+  w = jax.random.normal(jax.random.key(7), (7, 8, 8)) * jnp.arange(7.0)[:, None, None]
+
+  def loss(p, xs, w, s):
+    y, s_new = layers.relu_concat_conv_bn(p, s, xs, w, True)
+    return jnp.sum(jnp.sin(y)), (y, s_new)
+
+  text = _compare(loss, (p, xs, w, s), (0, 1, 2))
+  assert text.count(kernels.CONV_TARGETS["fwd"]) == 1
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9)])

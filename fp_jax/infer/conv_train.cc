@@ -4,6 +4,8 @@
 //
 // Forward:  u = [ReLU](x * a + b) (a, b [C]), y = conv_kxk(u, w), sums = [sum y, sum y^2]
 //           over (B, H, W): x [B,H,W,C], w [k,k,C,D] (k = 1 or 3) -> y [B,H,W,D], sums [2,D].
+//           x may also be J inputs [J,B,H,W,C'] (k = 1): their channels concatenated,
+//           C = J*C' (the supernet cell's final conv over its 7 values, without a concat).
 // Backward: from x, a, b, w, y and the cotangents gy [B,H,W,D], gsums [2,D]: gw [k,k,C,D]
 //           and, with need_gx (k = 1 only), gx [B,H,W,C] and gab [2,C] (of a and b); without
 //           it gx has no elements and gab is zero (the stem: its input is the data). Sums over
@@ -30,7 +32,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using fp_jax::AffineBackward;
-using fp_jax::Same4;
 using fp_jax::Scratch;
 using fp_jax::SumBlocks;
 using fp_jax::Threads;
@@ -55,7 +56,17 @@ struct Conv {
   float* gx;            // null without need_gx
   float* gw;            // per image [k*k*C, D]
   int64_t B, H, W, C, D;
+  int64_t J, Cj;        // J inputs of Cj channels each (C = J * Cj), one plane of x apart
 };
+
+// The image's slab: each input's [ReLU](x * a + b) in its Cj of every pixel's C floats.
+template <int K, bool Relu>
+void Slab(const Conv& p, const float* x, int64_t b, float* slab) {
+  const int64_t plane = p.B * p.H * p.W * p.Cj;
+  for (int64_t j = 0; j < p.J; ++j)
+    InputSlab<K, Relu>(x + j * plane + b * p.H * p.W * p.Cj, p.a + j * p.Cj, p.b + j * p.Cj,
+                       p.H, p.W, p.Cj, slab + j * p.Cj, p.C);
+}
 
 // The k*k*C input features of output row h, pixel by pixel: [W, k*k*C] from the slab rows
 // h..h+k-1 (tap order i, j, c: w's row order). k = 1 reads the slab row in place.
@@ -78,7 +89,7 @@ void ForwardImage(const Conv& p, int64_t b) {
   const int64_t H = p.H, W = p.W, C = p.C, D = p.D, KC = K * K * C;
   float* slab = Scratch(0, (H + K - 1) * (W + K - 1) * C);
   float* patch = Scratch(1, W * KC);
-  InputSlab<K, Relu>(p.x + b * H * W * C, p.a, p.b, H, W, C, slab);
+  Slab<K, Relu>(p, p.x, b, slab);
   float* yb = p.y + b * H * W * D;
   float* __restrict s1 = p.sums + b * 2 * D;
   std::fill(s1, s1 + 2 * D, 0.f);
@@ -95,8 +106,7 @@ void BackwardImage(const Conv& p, int64_t b) {
   float* slab = Scratch(0, (H + K - 1) * (W + K - 1) * C);
   float* patch = Scratch(1, W * KC);
   float* geff = Scratch(2, H * W * D);
-  const float* xb = p.x + b * H * W * C;
-  InputSlab<K, Relu>(xb, p.a, p.b, H, W, C, slab);
+  Slab<K, Relu>(p, p.x, b, slab);
   // y's whole cotangent: gy + gsums[0] + 2 y gsums[1] (the sums' share)
   SumsCotangent(p.gy + b * H * W * D, p.y_in + b * H * W * D, p.gsums, p.gsums + D, H * W, D,
                 geff);
@@ -107,18 +117,34 @@ void BackwardImage(const Conv& p, int64_t b) {
   float* __restrict ga = p.gab + b * 2 * C;
   std::fill(ga, ga + 2 * C, 0.f);
   if (p.gx == nullptr) return;
-  // k = 1: gu = geff @ w^T, then back through the ReLU and the affine
+  // k = 1: gu = geff @ w^T, then back through the ReLU and the affine, input by input
   float* gu = Scratch(3, W * C);
+  const int64_t Cj = p.Cj, plane = p.B * H * W * Cj;
   for (int64_t h = 0; h < H; ++h) {
     Pointwise(geff + h * W * D, W, D, C, p.w_t, gu);
-    AffineBackward<Relu>(gu, slab + h * W * C, xb + h * W * C, p.a, W, C,
-                         p.gx + (b * H + h) * W * C, ga, ga + C);
+    for (int64_t j = 0; j < p.J; ++j) {
+      const int64_t at = j * plane + (b * H + h) * W * Cj;
+      AffineBackward<Relu>(gu + j * Cj, slab + h * W * C + j * Cj, p.x + at, p.a + j * Cj, W,
+                           Cj, p.gx + at, ga + j * Cj, ga + C + j * Cj, C);
+    }
   }
 }
 
-bool Shapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> wd, int64_t na, int64_t nb) {
-  return d.size() == 4 && wd.size() == 4 && wd[0] == wd[1] && (wd[0] == 1 || wd[0] == 3) &&
-         wd[2] == d[3] && na == d[3] && nb == d[3];
+// x [B,H,W,C'] or [J,B,H,W,C'] (k 1), w [k,k,J*C',D], a and b [J*C']: p's sizes, or false.
+bool Sizes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, int64_t na, int64_t nb,
+           Conv& p) {
+  if ((xd.size() != 4 && xd.size() != 5) || wd.size() != 4) return false;
+  const size_t o = xd.size() - 4;
+  p.J = o ? xd[0] : 1;
+  p.B = xd[o], p.H = xd[o + 1], p.W = xd[o + 2], p.Cj = xd[o + 3];
+  p.C = p.J * p.Cj, p.D = wd[3];
+  return wd[0] == wd[1] && (wd[0] == 1 || (wd[0] == 3 && p.J == 1)) && wd[2] == p.C &&
+         na == p.C && nb == p.C && p.J >= 1;
+}
+
+// o is [B, H, W, last].
+bool Out(ffi::Span<const int64_t> o, const Conv& p, int64_t last) {
+  return o.size() == 4 && o[0] == p.B && o[1] == p.H && o[2] == p.W && o[3] == last;
 }
 
 template <class Fn>
@@ -132,19 +158,17 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> sums,
                    int64_t relu, int64_t threads) {
-  auto d = x.dimensions();
-  auto wd = w.dimensions();
-  if (!Shapes(d, wd, a.element_count(), b.element_count()) ||
-      !Same4(y->dimensions(), d, wd[3]) || sums->element_count() != 2 * wd[3])
-    return ffi::Error::InvalidArgument(
-        "conv_fwd: x [B,H,W,C], a [C], b [C], w [k,k,C,D] (k 1 or 3) -> y [B,H,W,D], "
-        "sums [2,D]");
-  const int64_t k = wd[0];
-  std::vector<float> terms(d[0] * 2 * wd[3]);
   Conv p{};
+  auto wd = w.dimensions();
+  if (!Sizes(x.dimensions(), wd, a.element_count(), b.element_count(), p) ||
+      !Out(y->dimensions(), p, p.D) || sums->element_count() != 2 * p.D)
+    return ffi::Error::InvalidArgument(
+        "conv_fwd: x [B,H,W,C] or [J,B,H,W,C/J] (k 1), a [C], b [C], w [k,k,C,D] (k 1 or 3) "
+        "-> y [B,H,W,D], sums [2,D]");
+  const int64_t k = wd[0];
+  std::vector<float> terms(p.B * 2 * p.D);
   p.x = x.typed_data(), p.a = a.typed_data(), p.b = b.typed_data(), p.w = w.typed_data();
   p.y = y->typed_data(), p.sums = terms.data();
-  p.B = d[0], p.H = d[1], p.W = d[2], p.C = d[3], p.D = wd[3];
   Run(pool, p, k, relu != 0, threads, p.B * p.H * p.W * k * k * p.C * p.D,
       [](int64_t k, bool r) {
         return k == 1 ? (r ? ForwardImage<1, true> : ForwardImage<1, false>)
@@ -160,29 +184,31 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> gsums, ffi::ResultBuffer<ffi::F32> gx,
                     ffi::ResultBuffer<ffi::F32> gab, ffi::ResultBuffer<ffi::F32> gw,
                     int64_t relu, int64_t need_gx, int64_t threads) {
-  auto d = x.dimensions();
+  Conv p{};
   auto wd = w.dimensions();
   const bool with_gx = need_gx != 0;
-  if (!Shapes(d, wd, a.element_count(), b.element_count()) ||
-      !Same4(y.dimensions(), d, wd[3]) || !Same4(gy.dimensions(), d, wd[3]) ||
-      gsums.element_count() != 2 * wd[3] || (with_gx && wd[0] != 1) ||
-      (with_gx ? !Same4(gx->dimensions(), d, d[3]) : gx->element_count() != 0) ||
-      gab->element_count() != 2 * d[3] || gw->element_count() != wd[0] * wd[1] * d[3] * wd[3])
+  auto same = [](ffi::Span<const int64_t> u, ffi::Span<const int64_t> v) {
+    return u.size() == v.size() && std::equal(u.begin(), u.end(), v.begin());
+  };
+  if (!Sizes(x.dimensions(), wd, a.element_count(), b.element_count(), p) ||
+      !Out(y.dimensions(), p, p.D) || !Out(gy.dimensions(), p, p.D) ||
+      gsums.element_count() != 2 * p.D || (with_gx && wd[0] != 1) ||
+      (with_gx ? !same(gx->dimensions(), x.dimensions()) : gx->element_count() != 0) ||
+      gab->element_count() != 2 * p.C || gw->element_count() != wd[0] * wd[1] * p.C * p.D)
     return ffi::Error::InvalidArgument(
-        "conv_bwd: x [B,H,W,C], a, b [C], w [k,k,C,D], y, gy [B,H,W,D], gsums [2,D] -> "
-        "gx [B,H,W,C] (need_gx, k 1 only; else no elements), gab [2,C], gw [k,k,C,D]");
-  const int64_t k = wd[0], C = d[3], D = wd[3], nw = k * k * C * D;
+        "conv_bwd: x [B,H,W,C] or [J,B,H,W,C/J], a, b [C], w [k,k,C,D], y, gy [B,H,W,D], "
+        "gsums [2,D] -> gx as x (need_gx, k 1 only; else no elements), gab [2,C], "
+        "gw [k,k,C,D]");
+  const int64_t k = wd[0], C = p.C, D = p.D, nw = k * k * C * D;
   std::vector<float> w_t(with_gx ? C * D : 0);
   if (with_gx)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t e = 0; e < D; ++e) w_t[e * C + c] = w.typed_data()[c * D + e];
-  std::vector<float> terms(d[0] * (nw + 2 * C));
-  Conv p{};
+  std::vector<float> terms(p.B * (nw + 2 * C));
   p.x = x.typed_data(), p.a = a.typed_data(), p.b = b.typed_data(), p.w = w.typed_data();
   p.w_t = w_t.data(), p.gy = gy.typed_data(), p.y_in = y.typed_data();
   p.gsums = gsums.typed_data(), p.gx = with_gx ? gx->typed_data() : nullptr;
-  p.gw = terms.data(), p.gab = p.gw + d[0] * nw;
-  p.B = d[0], p.H = d[1], p.W = d[2], p.C = C, p.D = D;
+  p.gw = terms.data(), p.gab = p.gw + p.B * nw;
   Run(pool, p, k, relu != 0, threads, (with_gx ? 2 : 1) * p.B * p.H * p.W * k * k * C * D,
       [](int64_t k, bool r) {
         return k == 1 ? (r ? BackwardImage<1, true> : BackwardImage<1, false>)

@@ -207,22 +207,25 @@ def sep_backward(x, a, b, wd, wp, y, gy, gsums, stride=1, offset=(0, 0), threads
 def _conv_check(x, a, b, w, need_gx=True):
   if not available():
     raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
-  k, c = np.shape(w)[0], np.shape(x)[-1]
-  if (np.ndim(x) != 4 or k not in CONV_KERNELS or np.ndim(w) != 4 or np.shape(w)[1:3] != (k, c)
-      or np.shape(a) != (c,) or np.shape(b) != (c,) or (need_gx and k != 1)):
-    raise ValueError(f"conv kernel: x [B,H,W,C], a [C], b [C], w [k,k,C,D] (k in "
-                     f"{CONV_KERNELS}; k 1 with need_gx); got {np.shape(x)}, {np.shape(a)}, "
-                     f"{np.shape(b)}, {np.shape(w)}, need_gx={need_gx}")
+  nd, k = np.ndim(x), np.shape(w)[0]
+  c = np.shape(x)[-1] * (np.shape(x)[0] if nd == 5 else 1)
+  if (nd not in (4, 5) or k not in CONV_KERNELS or np.ndim(w) != 4
+      or np.shape(w)[1:3] != (k, c) or np.shape(a) != (c,) or np.shape(b) != (c,)
+      or ((need_gx or nd == 5) and k != 1)):
+    raise ValueError(f"conv kernel: x [B,H,W,C] or [J,B,H,W,C/J], a [C], b [C], w [k,k,C,D] "
+                     f"(k in {CONV_KERNELS}; k 1 with J inputs or need_gx); got {np.shape(x)}, "
+                     f"{np.shape(a)}, {np.shape(b)}, {np.shape(w)}, need_gx={need_gx}")
 
 
 def conv_forward(x, a, b, w, relu=True, threads=0):
   """A conv with its output's channel sums (conv_train.cc): y = conv(u, w), u = ReLU(x * a + b)
   (relu False: x * a + b), stride 1, SAME, and sums [2, D] = [sum y, sum y^2] over (B, H, W).
-  x [B,H,W,C] f32, a, b [C], w [k,k,C,D] (k in CONV_KERNELS) -> (y [B,H,W,D], sums). threads
-  as in `depthwise`; the result is the same for any count. Traced."""
+  x [B,H,W,C] f32, a, b [C], w [k,k,C,D] (k in CONV_KERNELS) -> (y [B,H,W,D], sums); or x
+  [J,B,H,W,C/J]: J inputs whose channels are concatenated (k 1). threads as in `depthwise`;
+  the result is the same for any count. Traced."""
   _conv_check(x, a, b, w, need_gx=False)
   d = w.shape[-1]
-  outs = (jax.ShapeDtypeStruct(x.shape[:3] + (d,), x.dtype),
+  outs = (jax.ShapeDtypeStruct(x.shape[-4:-1] + (d,), x.dtype),
           jax.ShapeDtypeStruct((2, d), x.dtype))
   return jax.ffi.ffi_call(CONV_TARGETS["fwd"], outs, vmap_method="sequential")(
       x, a, b, w, relu=np.int64(bool(relu)), threads=np.int64(threads))
@@ -230,12 +233,12 @@ def conv_forward(x, a, b, w, relu=True, threads=0):
 
 def conv_backward(x, a, b, w, y, gy, gsums, relu=True, need_gx=True, threads=0):
   """The VJP of conv_forward at (x, a, b, w), whose y is given, for the cotangents
-  gy [B,H,W,D] and gsums [2, D]: (gx [B,H,W,C], ga [C], gb [C], gw [k,k,C,D]). need_gx False
-  (the input is data): gx, ga and gb are not computed (gx None, ga and gb zero); k 3 needs
-  it False. Sums over images add the images' terms in image order, whatever the thread
-  count."""
+  gy [B,H,W,D] and gsums [2, D]: (gx (x's shape), ga [C], gb [C], gw [k,k,C,D]). need_gx
+  False (the input is data): gx, ga and gb are not computed (gx None, ga and gb zero); k 3
+  needs it False. Sums over images add the images' terms in image order, whatever the
+  thread count."""
   _conv_check(x, a, b, w, need_gx)
-  c = x.shape[-1]
+  c = w.shape[2]
   outs = (jax.ShapeDtypeStruct(x.shape if need_gx else (0,), x.dtype),
           jax.ShapeDtypeStruct((2, c), x.dtype), jax.ShapeDtypeStruct(w.shape, x.dtype))
   gx, gab, gw = jax.ffi.ffi_call(CONV_TARGETS["bwd"], outs, vmap_method="sequential")(

@@ -53,28 +53,30 @@ inline void ForVectors(int64_t n, Fn fn) {
   if (c < n) fn(c, std::false_type{}, TailMask(n - c));
 }
 
-// slab [(H+2P), (W+2P), C] = ReLU(x_b * a + b) (Relu false: x_b * a + b) inside a zero
-// border of P pixels.
+// slab [(H+2P), (W+2P), L] = ReLU(x_b * a + b) (Relu false: x_b * a + b) inside a zero
+// border of P pixels, x_b [H, W, C] filling the first C of each slab pixel's L >= C floats
+// (L 0: C; K 1 with L = J*C packs J inputs' channels side by side, one call each).
 template <int K, bool Relu = true>
 inline void InputSlab(const float* xb, const float* a, const float* bias, int64_t H, int64_t W,
-                     int64_t C, float* slab) {
+                     int64_t C, float* slab, int64_t L = 0) {
   constexpr int P = K / 2;
+  if (L == 0) L = C;
   const int64_t Wp = W + 2 * P;
   const __m256 zero = _mm256_setzero_ps();
-  std::memset(slab, 0, sizeof(float) * P * Wp * C);
-  std::memset(slab + (P + H) * Wp * C, 0, sizeof(float) * P * Wp * C);
+  std::memset(slab, 0, sizeof(float) * P * Wp * L);
+  std::memset(slab + (P + H) * Wp * L, 0, sizeof(float) * P * Wp * L);
   for (int64_t h = 0; h < H; ++h) {
-    float* d = slab + (h + P) * Wp * C;
-    std::memset(d, 0, sizeof(float) * P * C);
-    std::memset(d + (P + W) * C, 0, sizeof(float) * P * C);
+    float* d = slab + (h + P) * Wp * L;
+    std::memset(d, 0, sizeof(float) * P * L);
+    std::memset(d + (P + W) * L, 0, sizeof(float) * P * L);
     const float* s = xb + h * W * C;
-    d += P * C;
+    d += P * L;
     ForVectors(C, [&](int64_t c, auto full, __m256i m) {
       constexpr bool F = decltype(full)::value;
       const __m256 av = Ld<F>(a + c, m), bv = Ld<F>(bias + c, m);
       for (int64_t w = 0; w < W; ++w) {
         const __m256 u = _mm256_fmadd_ps(Ld<F>(s + w * C + c, m), av, bv);
-        St<F>(d + w * C + c, m, Relu ? _mm256_max_ps(zero, u) : u);
+        St<F>(d + w * L + c, m, Relu ? _mm256_max_ps(zero, u) : u);
       }
     });
   }
@@ -224,19 +226,22 @@ inline void SumsCotangent(const float* gy, const float* y, const float* g1, cons
 
 // One row of n pixels back through u = ReLU(x * a + b) (Relu false: u = x * a + b):
 // g = (u > 0) * gu (Relu false: gu); gx = g * a, ga += sum_q g * x, gb += sum_q g.
-// gu, u, x, gx [n, C]; a, ga, gb [C]; u is not read when Relu is false.
+// gu, u [n] pixels of L floats (L 0: C; their first C are read), x, gx [n, C]; a, ga, gb [C];
+// u is not read when Relu is false.
 template <bool Relu = true>
 inline void AffineBackward(const float* gu, const float* u, const float* x, const float* a,
-                           int64_t n, int64_t C, float* gx, float* ga, float* gb) {
+                           int64_t n, int64_t C, float* gx, float* ga, float* gb,
+                           int64_t L = 0) {
+  if (L == 0) L = C;
   const __m256 zero = _mm256_setzero_ps();
   ForVectors(C, [&](int64_t c, auto full, __m256i m) {
     constexpr bool F = decltype(full)::value;
     const __m256 av = Ld<F>(a + c, m);
     __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
     for (int64_t q = 0; q < n; ++q) {
-      const int64_t i = q * C + c;
-      __m256 g = Ld<F>(gu + i, m);
-      if constexpr (Relu) g = _mm256_and_ps(_mm256_cmp_ps(Ld<F>(u + i, m), zero, _CMP_GT_OQ), g);
+      const int64_t i = q * C + c, l = q * L + c;
+      __m256 g = Ld<F>(gu + l, m);
+      if constexpr (Relu) g = _mm256_and_ps(_mm256_cmp_ps(Ld<F>(u + l, m), zero, _CMP_GT_OQ), g);
       St<F>(gx + i, m, _mm256_mul_ps(g, av));
       sa = _mm256_fmadd_ps(g, Ld<F>(x + i, m), sa);
       sb = _mm256_add_ps(sb, g);

@@ -258,8 +258,10 @@ _conv_kernel.defvjp(_conv_kernel_fwd, _conv_kernel_bwd, symbolic_zeros=True)
 
 
 def _conv_sums(x, w, relu):
-  """(conv([ReLU](x), w), its channel sums [2, D]) by the conv kernel (conv_impl)."""
-  return _conv_kernel(x, *(vary_like(t, x) for t in _identity_affine(x)), vary_like(w, x), relu)
+  """(conv([ReLU](x), w), its channel sums [2, D]) by the conv kernel (conv_impl); x
+  [B,H,W,C], or [J,B,H,W,C/J] for the conv of J inputs' concatenated channels (k 1)."""
+  ones = jnp.ones(w.shape[2:3], x.dtype)
+  return _conv_kernel(x, vary_like(ones, x), vary_like(0 * ones, x), vary_like(w, x), relu)
 
 
 def _sep_half(x, a, b, wd, wp, stride=1):
@@ -393,6 +395,19 @@ def relu_conv_bn(p, s, x, train, axis_name=None, relu=True):
   y = conv(jax.nn.relu(x) if relu else x, p["conv"])
   y, sb = batch_norm(p["bn"], _sub(s, "bn"), y, train, axis_name)
   return y, (None if s is None else {"bn": sb})
+
+
+def relu_concat_conv_bn(p, s, xs, w, train, axis_name=None):
+  """ReLU, a 1x1 conv of the J inputs xs [J,B,H,W,C] with their channels concatenated
+  (weights w [J, C, D]: input j's rows), BN p / s: [B,H,W,D] (the supernet cell's final
+  conv over its values). The kernel reads the J inputs in place (no concatenation)."""
+  w2 = w.reshape(1, 1, -1, w.shape[-1])          # [1, 1, J*C, D]
+  if conv_impl(xs[0], w2) == "kernel":
+    y, sums = _conv_sums(xs, w2, True)
+    a, b, s_new = bn_affine(p, s, sums, _count(y), train, axis_name)
+    return y * a + b, s_new
+  y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(xs), w)
+  return batch_norm(p, s, y, train, axis_name)
 
 
 def factorized_reduce_init(key, c_in, c_out):

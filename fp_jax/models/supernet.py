@@ -185,8 +185,7 @@ def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False, dispatch="switch
 
   buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
   w = p["final"]["w"] * unused(cell_arc).astype(p["final"]["w"].dtype)[:, None, None]
-  y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(buf), w)
-  out = layers.batch_norm(p["final"]["bn"], None, y, True, axis_name)[0]
+  out = layers.relu_concat_conv_bn(p["final"]["bn"], None, buf, w, True, axis_name)[0]
   return (out, buf[2:]) if with_nodes else out
 
 
