@@ -9,16 +9,15 @@ data-parallel step equals the single-device step on the global batch.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
-from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
 from fp_jax.infer import kernels
+from fp_jax.models import kernel_vjps
 from fp_jax.models import pools
+from fp_jax.models.kernel_vjps import vary_like
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
@@ -108,15 +107,6 @@ def depthwise_conv(x, w, stride=1):
   return subsample(_depthwise_shift(x, vary_like(w, x)), x.shape[1:3], w.shape[0], stride)
 
 
-def vary_like(w, x):
-  """w marked as varying over the mesh axes x varies over (inside shard_map), so a
-  custom_vjp's per-device weight cotangent has the primal's type; the implicit psum
-  of replicated weights' gradients then happens at this cast's transpose."""
-  vary = lambda a: getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ())
-  extra = tuple(sorted(set(vary(x)) - set(vary(w))))
-  return lax.pcast(w, extra, to="varying") if extra else w
-
-
 def _pad_same(x, k):
   """x zero-padded by k // 2 on both sides of H and W, materialised once (a barrier keeps
   XLA from fusing the pad into each of the k*k shifted reads, which costs a bounds
@@ -166,13 +156,13 @@ _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 # The training kernels: sep_conv's halves [ReLU, depthwise, pointwise, BN] and the convs of
-# relu_conv_bn and factorized_reduce [ReLU, conv, BN]. "kernel": one custom call each way per
-# half or conv (kernels.sep_forward / sep_backward, sep_train.cc; kernels.conv_forward /
-# conv_backward, conv_train.cc; BN from the channel sums they return) where they apply
-# (float32; sep: stride 1 or 2, k in kernels.KERNELS; conv: k in kernels.CONV_KERNELS; the
-# kernels built), layers' own ops elsewhere;
-# "xla": layers' own ops always; "auto": "kernel" on CPU unless DEPTHWISE_IMPL names a
-# depthwise explicitly (then that depthwise runs). Read at trace time.
+# relu_conv_bn, relu_concat_conv_bn and factorized_reduce [ReLU, conv, BN]. "kernel": one
+# custom call each way per half or conv (kernels.sep_forward / sep_backward, sep_train.cc;
+# kernels.conv_forward / conv_backward, conv_train.cc; custom VJPs in kernel_vjps.py; BN from
+# the channel sums they return) where they apply (float32; sep: stride 1 or 2, k in
+# kernels.KERNELS; conv: k in kernels.CONV_KERNELS; the kernels built), layers' own ops
+# elsewhere; "xla": layers' own ops always; "auto": "kernel" on CPU unless DEPTHWISE_IMPL
+# names a depthwise explicitly (then that depthwise runs). Read at trace time.
 SEP_IMPLS = ("auto", "kernel", "xla")
 SEP_IMPL = "auto"
 
@@ -210,85 +200,6 @@ def _count(y):
 
 def _identity_affine(x):
   return jnp.ones(x.shape[-1:], x.dtype), jnp.zeros(x.shape[-1:], x.dtype)
-
-
-# (conv(u, w) with u = [ReLU](x * a + b), its channel sums [2, D]) as kernel calls. With
-# symbolic zeros the backward knows whether x (hence a and b) is differentiated: for the
-# stem's image it is not, and the kernel skips the input gradient (which k = 3 lacks: a
-# differentiated k = 3 input takes XLA's convolution transpose for it).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _conv_kernel(x, a, b, w, relu):
-  y, sums = kernels.conv_forward(x, a, b, w, relu)
-  return vary_like(y, x), vary_like(sums, x)
-
-
-def _conv_kernel_fwd(x, a, b, w, relu):
-  need_gx = x.perturbed or a.perturbed or b.perturbed
-  x, a, b, w = (t.value for t in (x, a, b, w))
-  y, sums = _conv_kernel(x, a, b, w, relu)
-  return (y, sums), (x, a, b, w, y, need_gx)
-
-
-def _conv_kernel_bwd(relu, res, g):
-  x, a, b, w, y, need_gx = res
-  gy, gs = g
-  if isinstance(gy, SymbolicZero):
-    gy = jnp.zeros_like(y)
-  if isinstance(gs, SymbolicZero):
-    gs = jnp.zeros((2, y.shape[-1]), y.dtype)
-  k = w.shape[0]
-  gx, ga, gb, gw = kernels.conv_backward(x, a, b, w, y, gy, gs, relu, need_gx and k == 1)
-  if need_gx and k != 1:
-    gx, ga, gb = _conv_input_grad(x, a, b, w, y, gy, gs, relu)
-  elif not need_gx:
-    gx = jnp.zeros_like(x)
-  return tuple(vary_like(t, x) for t in (gx, ga, gb, gw))
-
-
-def _conv_input_grad(x, a, b, w, y, gy, gs, relu):
-  """(gx, ga, gb) of _conv_kernel through XLA's convolution transpose (k > 1)."""
-  def f(x, a, b):
-    u = x * a + b
-    return conv(jax.nn.relu(u) if relu else u, w)
-  g = gy + gs[0] + 2 * y * gs[1]
-  return jax.vjp(f, x, a, b)[1](g)
-
-
-_conv_kernel.defvjp(_conv_kernel_fwd, _conv_kernel_bwd, symbolic_zeros=True)
-
-
-def _conv_sums(x, w, relu):
-  """(conv([ReLU](x), w), its channel sums [2, D]) by the conv kernel (conv_impl); x
-  [B,H,W,C], or [J,B,H,W,C/J] for the conv of J inputs' concatenated channels (k 1)."""
-  ones = jnp.ones(w.shape[2:3], x.dtype)
-  return _conv_kernel(x, vary_like(ones, x), vary_like(0 * ones, x), vary_like(w, x), relu)
-
-
-def _sep_half(x, a, b, wd, wp, stride=1):
-  """The kernel's half: (conv(depthwise(ReLU(x * a + b), wd, stride), wp), its channel sums
-  [2, D]); at stride 2 only the outputs kept (layers.subsample's) are computed."""
-  v = lambda t: vary_like(t, x)
-  offset = tuple(same_offset(n, wd.shape[0], stride) for n in x.shape[1:3])
-  return _sep_kernel(x, v(a), v(b), v(wd), v(wp), stride, offset)
-
-
-# (a custom call's results carry no mesh-axis type: vary_like gives them x's, inside shard_map)
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _sep_kernel(x, a, b, wd, wp, stride, offset):
-  y, sums = kernels.sep_forward(x, a, b, wd, wp, stride, offset)
-  return vary_like(y, x), vary_like(sums, x)
-
-
-def _sep_kernel_fwd(x, a, b, wd, wp, stride, offset):
-  y, sums = _sep_kernel(x, a, b, wd, wp, stride, offset)
-  return (y, sums), (x, a, b, wd, wp, y)     # residuals: the inputs and y, no intermediates
-
-
-def _sep_kernel_bwd(stride, offset, res, g):
-  return tuple(vary_like(t, res[0]) for t in kernels.sep_backward(*res, *g, stride, offset))
-
-
-_sep_kernel.defvjp(_sep_kernel_fwd, _sep_kernel_bwd)
 
 
 def avg_pool3x3(x, stride=1):
@@ -374,9 +285,10 @@ def _sep_conv_kernel(p, s, x, train, axis_name, stride):
   """sep_conv as kernel calls (SEP_IMPL): each returns its output's channel sums, from which
   its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
   takes no pass of its own; BN2's is applied here."""
-  y, sums = _sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"], stride)
+  offset = tuple(same_offset(n, p["dw1"].shape[0], stride) for n in x.shape[1:3])
+  y, sums = kernel_vjps.sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"], stride, offset)
   a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, _count(y), train, axis_name)
-  y, sums = _sep_half(y, a, b, p["dw2"], p["pw2"])
+  y, sums = kernel_vjps.sep_half(y, a, b, p["dw2"], p["pw2"])
   a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, _count(y), train, axis_name)
   return y * a + b, (None if s is None else {"bn1": s1, "bn2": s2})
 
@@ -389,7 +301,7 @@ def conv_bn_init(key, k, c_in, c_out):
 def relu_conv_bn(p, s, x, train, axis_name=None, relu=True):
   """[ReLU], conv (stride 1, SAME), BN: the stem, 1x1 calibrations, layer_base."""
   if conv_impl(x, p["conv"]) == "kernel":
-    y, sums = _conv_sums(x, p["conv"], relu)
+    y, sums = kernel_vjps.conv_sums(x, p["conv"], relu)
     a, b, sb = bn_affine(p["bn"], _sub(s, "bn"), sums, _count(y), train, axis_name)
     return y * a + b, (None if s is None else {"bn": sb})
   y = conv(jax.nn.relu(x) if relu else x, p["conv"])
@@ -403,7 +315,7 @@ def relu_concat_conv_bn(p, s, xs, w, train, axis_name=None):
   conv over its values). The kernel reads the J inputs in place (no concatenation)."""
   w2 = w.reshape(1, 1, -1, w.shape[-1])          # [1, 1, J*C, D]
   if conv_impl(xs[0], w2) == "kernel":
-    y, sums = _conv_sums(xs, w2, True)
+    y, sums = kernel_vjps.conv_sums(xs, w2, True)
     a, b, s_new = bn_affine(p, s, sums, _count(y), train, axis_name)
     return y * a + b, s_new
   y = jnp.einsum("jbhwc,jcd->bhwd", jax.nn.relu(xs), w)
@@ -437,8 +349,8 @@ def _factorized_reduce_kernel(p, s, x, stride, train, axis_name, relu):
   """factorized_reduce by two conv kernel calls on the strided pixels of each path; the
   second path's pixels past the border (odd H or W) are zeros after the ReLU, so its output
   there is zero: padded on. BN from the two calls' sums."""
-  ya, sa = _conv_sums(x[:, ::stride, ::stride], p["conv1"], relu)
-  yb, sb = _conv_sums(x[:, 1::stride, 1::stride], p["conv2"], relu)
+  ya, sa = kernel_vjps.conv_sums(x[:, ::stride, ::stride], p["conv1"], relu)
+  yb, sb = kernel_vjps.conv_sums(x[:, 1::stride, 1::stride], p["conv2"], relu)
   yb = jnp.pad(yb, ((0, 0), (0, ya.shape[1] - yb.shape[1]), (0, ya.shape[2] - yb.shape[2]),
                     (0, 0)))
   y, sums = jnp.concatenate([ya, yb], -1), jnp.concatenate([sa, sb], -1)
