@@ -88,3 +88,19 @@ def slot(dispatch, axis_name=None):
   if dispatch not in DISPATCHES[1:]:
     raise ValueError(f"dispatch must be one of {DISPATCHES[1:]} (resolved), got {dispatch!r}")
   return (switch_slot if dispatch == "switch" else select_slot)(axis_name)
+
+
+def slot_vjp(dispatch, axis_name=None):
+  """(slot params, input idx, op, x, g) -> (g params, g x): the VJP of `slot`'s op at x for the
+  output cotangent g, computed from the inputs alone (as the checkpointed ops' backward
+  does): one conditional for 'switch' (each branch recomputes its op's forward), none for
+  'select'."""
+  if dispatch not in DISPATCHES[1:]:
+    raise ValueError(f"dispatch must be one of {DISPATCHES[1:]} (resolved), got {dispatch!r}")
+  if dispatch == "switch":
+    def branch_vjp(f):
+      return lambda p, idx, x, g: jax.vjp(lambda p, x: f(p, idx, x), p, x)[1](g)
+    vjps = [branch_vjp(f) for f in branches(axis_name)]
+    return lambda p, idx, op, x, g: lax.switch(op, vjps, p, idx, x, g)
+  run = select_slot(axis_name)
+  return lambda p, idx, op, x, g: jax.vjp(lambda p, x: run(p, idx, op, x), p, x)[1](g)

@@ -172,21 +172,63 @@ def cell(p, cell_arc, h0, h1, axis_name=None, with_nodes=False, dispatch="switch
   buf = jnp.zeros((NUM_VALUES,) + h0.shape, h0.dtype)
   buf = buf.at[0].set(h0).at[1].set(h1)
   rows = cell_arc.reshape(space.NUM_NODES, 4)
-  sep_p = {"sep3": p["sep3"], "sep5": p["sep5"]}
-
-  def node(buf, inputs):
-    k, row, node_p = inputs
-    out = 0.0
-    for s in range(2):
-      idx, op = row[2 * s], row[2 * s + 1]
-      slot_p = jax.tree.map(lambda a: a[s], node_p)
-      out = out + run_op(slot_p, idx, op, buf[idx])
-    return buf.at[k + 2].set(out), None
-
-  buf, _ = lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))
+  sep_p = jax.tree.map(lambda a: layers.vary_like(a, buf), {"sep3": p["sep3"], "sep5": p["sep5"]})
+  buf = _nodes(run_op, slot_ops.slot_vjp(dispatch, axis_name), sep_p, buf, rows)
   w = p["final"]["w"] * unused(cell_arc).astype(p["final"]["w"].dtype)[:, None, None]
   out = layers.relu_concat_conv_bn(p["final"]["bn"], None, buf, w, True, axis_name)[0]
   return (out, buf[2:]) if with_nodes else out
+
+
+def _slots(run_op, buf, row, node_p):
+  """A node's value from the two slots of its arc row [4] and its parameters [2, ...]."""
+  out = 0.0
+  for s in range(2):
+    out = out + run_op(jax.tree.map(lambda a, s=s: a[s], node_p), row[2 * s], row[2 * s + 1],
+                       buf[row[2 * s]])
+  return out
+
+
+def _nodes(run_op, op_vjp, sep_p, buf, rows):
+  """The cell's value buffer [7,B,H,W,F] after its 5 nodes (a scan over the nodes), from the
+  buffer holding its inputs; rows int32 [5, 4] (traced), sep_p the nodes' slot weights
+  [5, 2, ...]; run_op / op_vjp: a slot's op and its VJP (slot_ops.slot, slot_vjp). The VJP
+  runs the nodes in reverse and reads each slot's input back from the final buffer (a node
+  reads only earlier values, which no later node overwrites), so the forward saves no
+  per-node inputs: a scan's stacked residuals cost a zero fill, a write and a read each
+  step."""
+
+  @jax.custom_vjp
+  def nodes(sep_p, buf, rows):
+    def node(buf, inputs):
+      k, row, node_p = inputs
+      return buf.at[k + 2].set(_slots(run_op, buf, row, node_p)), None
+    return lax.scan(node, buf, (jnp.arange(space.NUM_NODES), rows, sep_p))[0]
+
+  def fwd(sep_p, buf, rows):
+    out = nodes(sep_p, buf, rows)
+    return out, (sep_p, out, rows)
+
+  def bwd(res, g_buf):
+    sep_p, buf, rows = res
+
+    def back(g_buf, inputs):
+      k, row, node_p = inputs
+      g_node = g_buf[k + 2]
+      g_p = []
+      for s in range(2):
+        idx, op = row[2 * s], row[2 * s + 1]
+        slot_p = jax.tree.map(lambda a, s=s: a[s], node_p)
+        gp, gx = op_vjp(slot_p, idx, op, buf[idx], g_node)
+        g_p.append(gp)
+        g_buf = g_buf.at[idx].add(gx)
+      return g_buf, jax.tree.map(lambda a, b: jnp.stack([a, b]), *g_p)
+
+    g_buf, g_sep = lax.scan(back, g_buf, (jnp.arange(space.NUM_NODES), rows, sep_p),
+                            reverse=True)
+    return g_sep, g_buf, np.zeros(rows.shape, jax.dtypes.float0)
+
+  nodes.defvjp(fwd, bwd)
+  return nodes(sep_p, buf, rows)
 
 
 def _producer(p, x, kind, train_axis, relu=True):
