@@ -13,17 +13,12 @@ from jax.sharding import PartitionSpec as P
 
 from fp_jax.infer import kernels
 from fp_jax.models import layers
+from tests import kernel_cases
+from tests.kernel_cases import close
 from fp_jax.run import parallel
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="fp_jax kernels not available on this machine")
-
-
-def _close(got, ref, label, rel=2e-5):
-  got, ref = np.asarray(got), np.asarray(ref)
-  tol = rel * max(1.0, float(np.max(np.abs(ref))))
-  diff = float(np.max(np.abs(got - ref)))
-  assert got.shape == ref.shape and diff <= tol, (label, diff, tol)
 
 
 def _reference(x, a, b, w, relu):
@@ -33,16 +28,7 @@ def _reference(x, a, b, w, relu):
 
 
 def _arrays(seed, shape, k, d):
-  rng = np.random.default_rng(seed)
-  c = shape[-1]
-  x = rng.standard_normal(shape).astype(np.float32)
-  x[0, 0, :2] = 0.0                        # ReLU's kink (a = 1, b = 0 there): gradient 0
-  a = 1.0 + 0.5 * rng.standard_normal(c).astype(np.float32)
-  b = 0.3 * rng.standard_normal(c).astype(np.float32)
-  a[:2], b[:2] = 1.0, 0.0
-  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  return ((jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), f(k, k, c, d)),
-          (f(*shape[:3], d), f(2, d)))
+  return kernel_cases.inputs(seed, shape, d, ((k, k, shape[-1], d),))
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -55,16 +41,16 @@ def test_kernel_equals_autodiff(relu, k, shape, d):
   args, (gy, gsums) = _arrays(k * 100 + d, shape, k, d)
   (y, sums), vjp = jax.vjp(functools.partial(_reference, relu=relu), *args)
   got_y, got_sums = jax.jit(functools.partial(kernels.conv_forward, relu=relu))(*args)
-  _close(got_y, y, "y")
-  _close(got_sums, sums, "sums")
+  close(got_y, y, "y")
+  close(got_sums, sums, "sums")
   need_gx = k == 1
   got = jax.jit(functools.partial(kernels.conv_backward, relu=relu, need_gx=need_gx))(
       *args, y, gy, gsums)
   ref = vjp((gy, gsums))
-  _close(got[3], ref[3], "gw")
+  close(got[3], ref[3], "gw")
   if need_gx:
     for g, r, name in zip(got[:3], ref[:3], ("gx", "ga", "gb")):
-      _close(g, r, name)
+      close(g, r, name)
   else:
     assert got[0] is None
     np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
@@ -84,12 +70,12 @@ def test_concatenated_inputs_equal_autodiff(j, c, d):
 
   (y, sums), vjp = jax.vjp(reference, x, a, b, w)
   got_y, got_sums = jax.jit(kernels.conv_forward)(x, a, b, w)
-  _close(got_y, y, "y")
-  _close(got_sums, sums, "sums")
+  close(got_y, y, "y")
+  close(got_sums, sums, "sums")
   gy, gsums = f(*y.shape), f(2, d)
   got = jax.jit(kernels.conv_backward)(x, a, b, w, y, gy, gsums)
   for g, r, name in zip(got, vjp((gy, gsums)), ("gx", "ga", "gb", "gw")):
-    _close(g, r, name)
+    close(g, r, name)
 
 
 def test_k3_with_the_input_gradient_is_refused():
@@ -130,11 +116,11 @@ def _compare(loss, args, argnums, static=()):
          for impl in ("xla", "kernel")}
   (l0, aux0), g0 = fns["xla"](*args)
   (l1, aux1), g1 = fns["kernel"](*args)
-  _close(l1, l0, "loss")
+  close(l1, l0, "loss")
   for a, b in zip(jax.tree.leaves(aux1), jax.tree.leaves(aux0)):
-    _close(a, b, "aux")
+    close(a, b, "aux")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
-    _close(a, b, jax.tree_util.keystr(path), rel=1e-4)
+    close(a, b, jax.tree_util.keystr(path), rel=1e-4)
   return fns["kernel"].lower(*args).as_text()
 
 
@@ -226,9 +212,9 @@ def test_two_devices_equal_one():
   assert layers.conv_impl(x, p["conv"]) == "kernel"
   (l1, g1), (l2, g2) = loss_grad(parallel.make_mesh(jax.devices()[:1])), loss_grad(
       parallel.make_mesh(jax.devices()[:2]))
-  _close(l2, l1, "loss")
+  close(l2, l1, "loss")
   for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-    _close(a, b, "grad", rel=1e-4)
+    close(a, b, "grad", rel=1e-4)
 
 
 def test_conv_impl_resolution(monkeypatch):

@@ -14,16 +14,11 @@ from jax.sharding import PartitionSpec as P
 from fp_jax.run import parallel
 from fp_jax.infer import kernels
 from fp_jax.models import layers
+from tests import kernel_cases
+from tests.kernel_cases import close
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="fp_jax kernels not available on this machine")
-
-
-def _close(got, ref, label, rel=2e-5):
-  got, ref = np.asarray(got), np.asarray(ref)
-  tol = rel * max(1.0, float(np.max(np.abs(ref))))
-  diff = float(np.max(np.abs(got - ref)))
-  assert got.shape == ref.shape and diff <= tol, (label, diff, tol)
 
 
 def _reference(x, a, b, wd, wp, stride=1):
@@ -32,16 +27,7 @@ def _reference(x, a, b, wd, wp, stride=1):
 
 
 def _arrays(seed, shape, k, d):
-  rng = np.random.default_rng(seed)
-  c = shape[-1]
-  x = rng.standard_normal(shape).astype(np.float32)
-  x[0, 0, :2] = 0.0                        # ReLU's kink (a = 1, b = 0 there): gradient 0
-  a = 1.0 + 0.5 * rng.standard_normal(c).astype(np.float32)
-  b = 0.3 * rng.standard_normal(c).astype(np.float32)
-  a[:2], b[:2] = 1.0, 0.0
-  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  return ((jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), f(k, k, 1, c), f(1, 1, c, d)),
-          (f(*shape[:3], d), f(2, d)))
+  return kernel_cases.inputs(seed, shape, d, ((k, k, 1, shape[-1]), (1, 1, shape[-1], d)))
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -54,11 +40,11 @@ def test_kernel_equals_autodiff(k, shape, d):
   args, (gy, gsums) = _arrays(k * 100 + d, shape, k, d)
   (y, sums), vjp = jax.vjp(_reference, *args)
   got_y, got_sums = jax.jit(kernels.sep_forward)(*args)
-  _close(got_y, y, "y")
-  _close(got_sums, sums, "sums")
+  close(got_y, y, "y")
+  close(got_sums, sums, "sums")
   got = jax.jit(kernels.sep_backward)(*args, y, gy, gsums)
   for g, r, name in zip(got, vjp((gy, gsums)), ("gx", "ga", "gb", "gwd", "gwp")):
-    _close(g, r, name)
+    close(g, r, name)
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -73,12 +59,12 @@ def test_strided_kernel_equals_autodiff(k, shape, d):
   rng = np.random.default_rng(k)
   gy, gsums = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (y.shape, sums.shape))
   got_y, got_sums = jax.jit(functools.partial(kernels.sep_forward, stride=2, offset=offset))(*args)
-  _close(got_y, y, "y")
-  _close(got_sums, sums, "sums")
+  close(got_y, y, "y")
+  close(got_sums, sums, "sums")
   got = jax.jit(functools.partial(kernels.sep_backward, stride=2, offset=offset))(
       *args, y, gy, gsums)
   for g, r, name in zip(got, vjp((gy, gsums)), ("gx", "ga", "gb", "gwd", "gwp")):
-    _close(g, r, name)
+    close(g, r, name)
 
 
 def test_threads_do_not_change_the_result():
@@ -121,12 +107,12 @@ def test_sep_conv_with_the_kernel_equals_xla(k, stride, stats, train):
          for impl in ("xla", "kernel")}
   (l0, (y0, s0)), g0 = fns["xla"](p, s, x, train, stride)
   (l1, (y1, s1)), g1 = fns["kernel"](p, s, x, train, stride)
-  _close(l1, l0, "loss")
-  _close(y1, y0, "y")
+  close(l1, l0, "loss")
+  close(y1, y0, "y")
   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0)):
-    _close(a, b, "stats")
+    close(a, b, "stats")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
-    _close(a, b, jax.tree_util.keystr(path), rel=1e-4)
+    close(a, b, jax.tree_util.keystr(path), rel=1e-4)
   text = fns["kernel"].lower(p, s, x, train, stride).as_text()
   assert text.count(kernels.SEP_TARGETS["fwd"]) == 2
   assert text.count(kernels.SEP_TARGETS["bwd"]) == 2
@@ -151,9 +137,9 @@ def test_two_devices_equal_one():
   assert layers.sep_impl(x, p["dw1"]) == "kernel"
   (l1, g1), (l2, g2) = loss_grad(parallel.make_mesh(jax.devices()[:1])), loss_grad(
       parallel.make_mesh(jax.devices()[:2]))
-  _close(l2, l1, "loss")
+  close(l2, l1, "loss")
   for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-    _close(a, b, "grad", rel=1e-4)
+    close(a, b, "grad", rel=1e-4)
 
 
 def test_sep_impl_resolution(monkeypatch):
