@@ -4,14 +4,17 @@
 depthwise with the preceding bias, ReLU and zero padding folded in, at stride 1 or 2
 computing only the outputs kept, its rows split over XLA's intra-op threads; see its
 header for why XLA's loop fusion is slow here) inside a jitted computation, like any
-other op. The shared library is
-compiled once per machine with the system C++ compiler ($CXX, else c++) against
-jaxlib's FFI headers into $FP_JAX_KERNEL_DIR (default ~/.cache/fp_jax/kernels),
-named by a hash of the source, flags and jaxlib version, and registered with
-XLA:CPU. `available()` is False (and fused.depthwise's 'auto' falls back to
-'shift') off x86-64, without AVX2/FMA, without a compiler, or when the build
-fails; FP_JAX_KERNELS=0 turns the kernels off. Exported artifacts never contain
-the custom call (export.py picks portable implementations).
+other op. The training steps' kernels, each a forward / backward pair returning the
+output's channel sums for its BN: `sep_forward` / `sep_backward` (sep_train.cc: a
+sep_conv half, stride 1 or 2) and `conv_forward` / `conv_backward` (conv_train.cc: a
+conv, k 1 or 3; their custom VJPs are models/kernel_vjps.py). The shared library is
+compiled once per machine with the system C++ compiler ($CXX, else c++) against jaxlib's
+FFI headers into $FP_JAX_KERNEL_DIR (default ~/.cache/fp_jax/kernels), named by a hash
+of the source, flags and jaxlib version, and registered with XLA:CPU. `available()` is
+False (and fused.depthwise's 'auto' falls back to 'shift') off x86-64, without AVX2/FMA,
+without a compiler, or when the build fails; FP_JAX_KERNELS=0 turns the kernels off.
+Exported artifacts never contain the custom call (export.py picks portable
+implementations).
 """
 from __future__ import annotations
 
