@@ -46,11 +46,6 @@ using fp_jax::kWB;
 using fp_jax::Row;
 
 constexpr int64_t kMinChunkMacs = 1 << 15;  // smaller chunks cost more to hand out than to run
-// Handing chunks to the pool costs ~15-25 us a call (waking a worker), so only calls of
-// at least this many multiply-adds are split: on a 2-core Xeon the split broke even near
-// 2-3.7 M (1.04x at 3.7 M, 1.3x at 7.4 M, 2.1x at 24 M; 0.6x at 0.37 M, a batch-1
-// 32x32x40 3x3).
-constexpr int64_t kMinParallelMacs = 1 << 22;
 
 struct Problem {
   const float* x;
@@ -124,9 +119,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   Problem p{x.typed_data(), w.typed_data(), b.typed_data(), y->typed_data(),
             d[0], d[1], d[2], d[3], oh, ow, o[1], o[2], relu != 0, 0, 0};
   const int64_t row_macs = p.Wo * p.C * k[0] * k[0];
-  int64_t n = pool.num_threads();
-  n = std::max<int64_t>(1, threads > 0 ? std::min(threads, std::max<int64_t>(n, 1)) : n);
-  if (threads == 0 && p.B * p.Ho * row_macs < kMinParallelMacs) n = 1;
+  const int64_t n = fp_jax::Threads(pool, threads, p.B * p.Ho * row_macs);
   // about 4 chunks per thread over all images, none smaller than kMinChunkMacs
   const int64_t want = n == 1 ? p.B : 4 * n;
   const int64_t per_image = std::max<int64_t>(1, (want + p.B - 1) / p.B);

@@ -72,11 +72,16 @@ def _conv_input_grad(x, a, b, w, y, gy, gs, relu):
 _conv_kernel.defvjp(_conv_kernel_fwd, _conv_kernel_bwd, symbolic_zeros=True)
 
 
+def identity_affine(c, dtype):
+  """(a, b) = (ones [c], zeros [c]): the input affine x * a + b that leaves x as it is."""
+  return jnp.ones((c,), dtype), jnp.zeros((c,), dtype)
+
+
 def conv_sums(x, w, relu):
   """(conv([ReLU](x), w), its channel sums [2, D]) by the conv kernel (conv_impl); x
   [B,H,W,C], or [J,B,H,W,C/J] for the conv of J inputs' concatenated channels (k 1)."""
-  ones = jnp.ones(w.shape[2:3], x.dtype)
-  return _conv_kernel(x, vary_like(ones, x), vary_like(0 * ones, x), vary_like(w, x), relu)
+  a, b = identity_affine(w.shape[2], x.dtype)
+  return _conv_kernel(x, vary_like(a, x), vary_like(b, x), vary_like(w, x), relu)
 
 
 def sep_half(x, a, b, wd, wp, stride=1, offset=(0, 0)):

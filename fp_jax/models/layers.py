@@ -198,10 +198,6 @@ def _count(y):
   return y.shape[0] * y.shape[1] * y.shape[2]
 
 
-def _identity_affine(x):
-  return jnp.ones(x.shape[-1:], x.dtype), jnp.zeros(x.shape[-1:], x.dtype)
-
-
 def avg_pool3x3(x, stride=1):
   """3x3 SAME average at `stride`, padding excluded from the count (as TF)."""
   return subsample(pools.avg_pool3x3(x), x.shape[1:3], 3, stride)
@@ -286,7 +282,8 @@ def _sep_conv_kernel(p, s, x, train, axis_name, stride):
   its BN is an affine (bn_affine); the second applies BN1's as it reads its input, so BN1
   takes no pass of its own; BN2's is applied here."""
   offset = tuple(same_offset(n, p["dw1"].shape[0], stride) for n in x.shape[1:3])
-  y, sums = kernel_vjps.sep_half(x, *_identity_affine(x), p["dw1"], p["pw1"], stride, offset)
+  a, b = kernel_vjps.identity_affine(x.shape[-1], x.dtype)
+  y, sums = kernel_vjps.sep_half(x, a, b, p["dw1"], p["pw1"], stride, offset)
   a, b, s1 = bn_affine(p["bn1"], _sub(s, "bn1"), sums, _count(y), train, axis_name)
   y, sums = kernel_vjps.sep_half(y, a, b, p["dw2"], p["pw2"])
   a, b, s2 = bn_affine(p["bn2"], _sub(s, "bn2"), sums, _count(y), train, axis_name)
