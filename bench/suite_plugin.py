@@ -2,7 +2,8 @@
 
 Loaded with `-p bench.suite_plugin` when FP_JAX_SUITE_PROFILE_DIR names a directory; each
 pytest process (the xdist workers, or the one process) writes <worker>.json there at its
-end: per test its wall seconds (setup, call and teardown), the start and end times, and the
+end: per test its wall seconds (setup, call and teardown), the start and end times, the phase
+that failed if one did, and the
 seconds JAX reports through jax.monitoring in that process (XLA backend compiles and their
 count, tracing and lowering, persistent-cache hits, orbax checkpoint writes). Subprocesses a
 test starts are in its wall time only.
@@ -58,6 +59,8 @@ def pytest_runtest_logstart(nodeid, location):
 def pytest_runtest_logreport(report):
   if report.nodeid in _tests:
     _tests[report.nodeid]["wall_s"] += report.duration
+    if report.failed:
+      _tests[report.nodeid]["failed"] = report.when   # setup, call or teardown
 
 
 def pytest_runtest_logfinish(nodeid, location):

@@ -72,7 +72,9 @@ def summarise(records):
   totals = {k: sum(f[k] for f in files.values()) for k in SUMS}
   totals["compiles"] = int(totals["compiles"])
   totals["compile_share"] = totals["compile_s"] / totals["wall_s"] if totals["wall_s"] else 0.0
-  return {"files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
+  failed = sorted(f"{nodeid} ({t['failed']})" for tests in records.values()
+                  for nodeid, t in tests.items() if "failed" in t)
+  return {"failed": failed, "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
           "workers": workers, "totals": totals,
           "span_s": max(ends) - start if ends else 0.0,
           "tail_s": max(ends) - min(ends) if ends else 0.0}
@@ -114,6 +116,8 @@ def markdown(result, top=25):
           f"{t['checkpoint_blocking_s']:.0f} s blocked in checkpoint writes; "
           f"span {s['span_s']:.0f} s, idle tail {s['tail_s']:.0f} s (one worker done, "
           "another still running).", ""]
+  if s["failed"]:
+    out += ["Failed: " + "; ".join(s["failed"]), ""]
   out.append(common.table(
       ["worker", "tests", "busy s", "last test ends at s"],
       [[w, v["tests"], v["busy_s"],

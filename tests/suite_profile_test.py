@@ -11,7 +11,7 @@ def _records():
               "tests/a_test.py::y": {"start": 110.0, "end": 114.0, "wall_s": 4.0},
               "tests/c_test.py::z": {"start": 114.0, "end": 130.0, "wall_s": 16.0,
                                      "compile_s": 2.0, "compiles": 1,
-                                     "checkpoint_blocking_s": 0.5}},
+                                     "checkpoint_blocking_s": 0.5, "failed": "call"}},
       "gw1": {"tests/b_test.py::w": {"start": 101.0, "end": 121.0, "wall_s": 20.0,
                                      "compile_s": 15.0, "compiles": 5, "trace_s": 1.0}}}
 
@@ -31,11 +31,13 @@ def test_summarise_sums_files_and_workers():
   assert (t["wall_s"], t["compile_s"], t["compiles"], t["trace_s"]) == (50.0, 23.0, 9, 1.0)
   assert t["compile_share"] == 23.0 / 50.0
   assert s["span_s"] == 30.0 and s["tail_s"] == 9.0     # 130 - 100; 130 - 121
+  assert s["failed"] == ["tests/c_test.py::z (call)"]
   md = suite_profile.markdown({"summary": s, "cpu": "Test CPU", "command": "pytest",
                                "environment": {"time": "t"}, "load_start": [1, 1, 1],
                                "load_end": [2, 2, 2], "wall_s": None})
   assert "| tests/b_test.py | gw1 | 1 | 20 | 15 | 5 | 75 % | 0 |" in md
   assert "23 s (46 %) in 9 XLA compiles" in md and "idle tail 9 s" in md
+  assert "Failed: tests/c_test.py::z (call)" in md
 
 
 def test_a_real_run_records_the_compiles_of_each_test(tmp_path, monkeypatch):
@@ -48,17 +50,21 @@ def test_a_real_run_records_the_compiles_of_each_test(tmp_path, monkeypatch):
       "  assert float(jax.jit(lambda x: x * 2 + 1)(jnp.float32(3))) == 7.0\n"
       "  assert float(jax.jit(lambda x: jnp.sin(x) ** 2)(jnp.float32(0))) == 0.0\n"
       "def test_none():\n"
-      "  assert True\n")
+      "  assert True\n"
+      "def test_fails():\n"
+      "  assert 1 == 2\n")
   keep = tmp_path / "records"
   assert suite_profile.main(["--files", str(tests), "--workers", "0", "--keep", str(keep),
-                             "--out", str(tmp_path / "p.json")]) == 0
+                             "--out", str(tmp_path / "p.json")]) == 1   # one test failed
   result = json.loads((tmp_path / "p.json").read_text())
-  assert result["returncode"] == 0 and "2 passed" in result["pytest"]
+  assert result["returncode"] == 1 and "1 failed, 2 passed" in result["pytest"]
   files = result["summary"]["files"]
   (path, f), = files.items()
-  assert path.endswith("one_test.py") and f["tests"] == 2 and f["worker"] == "main"
+  assert path.endswith("one_test.py") and f["tests"] == 3 and f["worker"] == "main"
+  (failed,) = result["summary"]["failed"]
+  assert failed.endswith("one_test.py::test_fails (call)")
   rec = json.loads((keep / "main.json").read_text())["tests"]
-  two, none = (rec[k] for k in sorted(rec, key=lambda k: "none" in k))
+  two, none = (rec[k] for k in rec if "fails" not in k)
   assert two["compiles"] >= 2 and two["compile_s"] > 0   # jit's programs (and the consts')
   assert "compiles" not in none and none["end"] >= none["start"]
   assert (tmp_path / "p.md").read_text().startswith("# Test suite: where the time goes")
