@@ -27,6 +27,8 @@ EVENTS = {   # jax.monitoring duration event -> the name in the profile
 _tests: dict = {}
 _current = [None]
 _active = [False]   # a process that runs tests (not the xdist controller) and ENV is set
+_worker = ["main"]  # this process's xdist worker id (not the environment's: a pytest started
+                    # by a test inherits its worker's PYTEST_XDIST_WORKER)
 
 
 def _listener(event, duration, **_):
@@ -43,6 +45,7 @@ def pytest_configure(config):
   controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(
       config, "workerinput")
   _active[0] = bool(os.environ.get(ENV)) and not controller
+  _worker[0] = getattr(config, "workerinput", {}).get("workerid", "main")
   if _active[0]:
     import jax.monitoring  # pylint: disable=g-import-not-at-top
     jax.monitoring.register_event_duration_secs_listener(_listener)
@@ -75,7 +78,7 @@ def pytest_sessionfinish(session):
   out = os.environ.get(ENV)
   if not _active[0] or not _tests:
     return
-  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  worker = _worker[0]
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"{worker}.json"), "w") as f:
     json.dump({"worker": worker, "tests": _tests}, f)
