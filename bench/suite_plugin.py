@@ -3,10 +3,9 @@
 Loaded with `-p bench.suite_plugin` when FP_JAX_SUITE_PROFILE_DIR names a directory; each
 pytest process (the xdist workers, or the one process) writes <worker>.json there at its
 end: per test its wall seconds (setup, call and teardown), the start and end times, the phase
-that failed if one did, and the
-seconds JAX reports through jax.monitoring in that process (XLA backend compiles and their
-count, tracing and lowering, persistent-cache hits, orbax checkpoint writes). Subprocesses a
-test starts are in its wall time only.
+that failed if one did, and the seconds JAX reports through jax.monitoring in that process
+(XLA backend compiles and their count, tracing and lowering, persistent-cache reads, orbax
+checkpoint writes). Subprocesses a test starts are in its wall time only.
 """
 from __future__ import annotations
 
