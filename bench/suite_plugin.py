@@ -5,7 +5,8 @@ pytest process (the xdist workers, or the one process) writes <worker>.json ther
 end: per test its wall seconds (setup, call and teardown), the start and end times, the phase
 that failed if one did, and the seconds JAX reports through jax.monitoring in that process
 (XLA backend compiles and their count, tracing and lowering, persistent-cache reads, orbax
-checkpoint writes). Subprocesses a test starts are in its wall time only.
+checkpoint writes), and per program name its backend compiles: [count, seconds]. Subprocesses
+a test starts are in its wall time only.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _worker = ["main"]  # this process's xdist worker id (not the environment's: a p
                     # by a test inherits its worker's PYTEST_XDIST_WORKER)
 
 
-def _listener(event, duration, **_):
+def _listener(event, duration, fun_name=None, **_):
   name = EVENTS.get(event)
   if name is None or _current[0] is None:
     return
@@ -38,6 +39,9 @@ def _listener(event, duration, **_):
   rec[name] = rec.get(name, 0.0) + duration
   if name == "compile_s":
     rec["compiles"] = rec.get("compiles", 0) + 1
+    prog = rec.setdefault("programs", {}).setdefault(str(fun_name), [0, 0.0])
+    prog[0] += 1
+    prog[1] += duration
 
 
 def pytest_configure(config):

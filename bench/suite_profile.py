@@ -74,10 +74,27 @@ def summarise(records):
   totals["compile_share"] = totals["compile_s"] / totals["wall_s"] if totals["wall_s"] else 0.0
   failed = sorted(f"{nodeid} ({t['failed']})" for tests in records.values()
                   for nodeid, t in tests.items() if "failed" in t)
-  return {"failed": failed, "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
+  return {"failed": failed, "programs": programs(records), "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
           "workers": workers, "totals": totals,
           "span_s": max(ends) - start if ends else 0.0,
           "tail_s": max(ends) - min(ends) if ends else 0.0}
+
+
+def programs(records):
+  """{program name: {compiles, compile_s, tests, files}} over every test, the most
+  compile seconds first: which programs the suite compiles again and again."""
+  out = {}
+  for tests in records.values():
+    for nodeid, t in tests.items():
+      for name, (n, secs) in t.get("programs", {}).items():
+        p = out.setdefault(name, {"compiles": 0, "compile_s": 0.0, "tests": 0, "files": set()})
+        p["compiles"] += n
+        p["compile_s"] += secs
+        p["tests"] += 1
+        p["files"].add(nodeid.split("::")[0])
+  for p in out.values():
+    p["files"] = len(p["files"])
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]["compile_s"]))
 
 
 def run(files, workers, directory):
@@ -132,6 +149,17 @@ def markdown(result, top=25):
           "", "Wall: setup + call + teardown of each test on its worker, under the other "
           "worker's load; compiles are those of the test process itself (subprocess tests "
           "compile in their children, counted in their wall time only)."]
+  progs = list(s.get("programs", {}).items())
+  if progs:
+    out += ["", f"## The {min(top, len(progs))} programs with the most compile seconds "
+            f"(of {len(progs)} names)", "",
+            common.table(["program", "compiles", "XLA compile s", "s per compile", "tests",
+                          "files"],
+                         [[name, p["compiles"], p["compile_s"], p["compile_s"] / p["compiles"],
+                           p["tests"], p["files"]] for name, p in progs[:top]]),
+            "", "A program is jit's name for it (the function's name); one name can be "
+            "several programs (shapes, configurations). Compiles include persistent-cache "
+            "reads, which take a fraction of a second."]
   return "\n".join(out) + "\n"
 
 

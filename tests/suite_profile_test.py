@@ -7,13 +7,15 @@ from bench import suite_profile
 def _records():
   return {
       "gw0": {"tests/a_test.py::x": {"start": 100.0, "end": 110.0, "wall_s": 10.0,
-                                     "compile_s": 6.0, "compiles": 3},
+                                     "compile_s": 6.0, "compiles": 3,
+                                     "programs": {"step": [2, 5.0], "f": [1, 1.0]}},
               "tests/a_test.py::y": {"start": 110.0, "end": 114.0, "wall_s": 4.0},
               "tests/c_test.py::z": {"start": 114.0, "end": 130.0, "wall_s": 16.0,
                                      "compile_s": 2.0, "compiles": 1,
                                      "checkpoint_blocking_s": 0.5, "failed": "call"}},
       "gw1": {"tests/b_test.py::w": {"start": 101.0, "end": 121.0, "wall_s": 20.0,
-                                     "compile_s": 15.0, "compiles": 5, "trace_s": 1.0}}}
+                                     "compile_s": 15.0, "compiles": 5, "trace_s": 1.0,
+                                     "programs": {"step": [5, 15.0]}}}}
 
 
 def test_summarise_sums_files_and_workers():
@@ -32,12 +34,15 @@ def test_summarise_sums_files_and_workers():
   assert t["compile_share"] == 23.0 / 50.0
   assert s["span_s"] == 30.0 and s["tail_s"] == 9.0     # 130 - 100; 130 - 121
   assert s["failed"] == ["tests/c_test.py::z (call)"]
+  assert s["programs"] == {"step": {"compiles": 7, "compile_s": 20.0, "tests": 2, "files": 2},
+                           "f": {"compiles": 1, "compile_s": 1.0, "tests": 1, "files": 1}}
   md = suite_profile.markdown({"summary": s, "cpu": "Test CPU", "command": "pytest",
                                "environment": {"time": "t"}, "load_start": [1, 1, 1],
                                "load_end": [2, 2, 2], "wall_s": None})
   assert "| tests/b_test.py | gw1 | 1 | 20 | 15 | 5 | 75 % | 0 |" in md
   assert "23 s (46 %) in 9 XLA compiles" in md and "idle tail 9 s" in md
   assert "Failed: tests/c_test.py::z (call)" in md
+  assert "| step | 7 | 20 | 2.857 | 2 | 2 |" in md
 
 
 def test_a_real_run_records_the_compiles_of_each_test(tmp_path, monkeypatch):
@@ -67,6 +72,8 @@ def test_a_real_run_records_the_compiles_of_each_test(tmp_path, monkeypatch):
   two, none = rec[next(k for k in rec if "two_programs" in k)], rec[
       next(k for k in rec if "no_jax" in k)]
   assert two["compiles"] >= 2 and two["compile_s"] > 0   # jit's programs (and the consts')
+  assert sum(n for n, _ in two["programs"].values()) == two["compiles"]
+  assert two["programs"]["jit(<lambda>)"][0] == 2   # both jitted lambdas, by jit's name
   assert "compiles" not in none and none["end"] >= none["start"]
   assert (tmp_path / "p.md").read_text().startswith("# Test suite: where the time goes")
 
