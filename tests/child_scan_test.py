@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp_jax.models import child
+from fp_jax.models import layers
 from fp_jax.models import space
 
 # every op kind, few sep_convs (compile time): normal and reduction cell, (a, op, b, op) x 5
@@ -38,7 +39,7 @@ def test_forward_with_scanned_runs_equals_cell_by_cell(monkeypatch):
   # a stage's first two normal cells calibrate their inputs, the rest chain unchanged
   assert child.cell_runs(plan, params) == [[0], [1], [2, 3], [4], [5], [6, 7, 8], [9], [10],
                                            [11, 12, 13]]
-  x = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+  x = layers.normal(jax.random.key(1), (6, 8, 8, 1))
   fwd = lambda p: child.forward(plan, p, stats, x, True, reg=REG)
   got = jax.jit(fwd)(params)
   monkeypatch.setattr(child, "cell_runs", SINGLE)
@@ -52,8 +53,8 @@ def test_scanned_run_gradients_equal_cell_by_cell():
   run = [6, 7, 8]
   c = plan.cells[6]
   shape = lambda j: (6,) + plan.nodes[j].hw + (plan.nodes[j].channels,)
-  h0 = jax.random.normal(jax.random.key(3), shape(c.inputs[0]))
-  h1 = jax.random.normal(jax.random.key(4), shape(c.inputs[1]))
+  h0 = layers.normal(jax.random.key(3), shape(c.inputs[0]))
+  h1 = layers.normal(jax.random.key(4), shape(c.inputs[1]))
   key = jax.random.key(5)
   block = lambda n, p, s, h: child.apply_block(n, p, s, h, True)
 

@@ -125,7 +125,7 @@ def _compare(loss, args, argnums, static=()):
 
 
 def _perturbed(p, s, scale=0.1):
-  p = jax.tree.map(lambda t: t + scale * jax.random.normal(jax.random.key(5), t.shape), p)
+  p = jax.tree.map(lambda t: t + scale * layers.normal(jax.random.key(5), t.shape), p)
   return p, (None if s is None else jax.tree.map(lambda t: t + 0.5, s))
 
 
@@ -138,7 +138,7 @@ def test_relu_conv_bn_with_the_kernel_equals_xla(k, relu, c, d, stats, train):
   convolution transpose: the kernel's backward runs without it."""
   p, s = _perturbed(*layers.conv_bn_init(jax.random.key(k), k, c, d))
   s = s if stats else None
-  x = jax.random.normal(jax.random.key(1), (4, 7, 6, c))
+  x = layers.normal(jax.random.key(1), (4, 7, 6, c))
 
   def loss(p, x, s):
     y, s_new = layers.relu_conv_bn(p, s, x, train, relu=relu)
@@ -165,8 +165,8 @@ def test_relu_concat_conv_bn_with_the_kernel_equals_xla(stats):
   """The supernet cell's final conv: ReLU, 1x1 conv of 7 values' concatenated channels, BN
   (batch statistics, and updating running ones): equal to XLA's einsum and batch_norm."""
   p, s = _perturbed(layers.bn_init(8), layers.bn_stats_init(8) if stats else None)
-  xs = jax.random.normal(jax.random.key(6), (7, 3, 5, 5, 8))
-  w = jax.random.normal(jax.random.key(7), (7, 8, 8)) * jnp.arange(7.0)[:, None, None]
+  xs = layers.normal(jax.random.key(6), (7, 3, 5, 5, 8))
+  w = layers.normal(jax.random.key(7), (7, 8, 8)) * jnp.arange(7.0)[:, None, None]
 
   def loss(p, xs, w, s):
     y, s_new = layers.relu_concat_conv_bn(p, s, xs, w, True)
@@ -182,7 +182,7 @@ def test_factorized_reduce_with_the_kernel_equals_xla(hw, relu):
   """Two strided 1x1 paths (the second offset by one pixel, zero past an odd border),
   concatenated, BN: equal to XLA's ops, running statistics included."""
   p, s = _perturbed(*layers.factorized_reduce_init(jax.random.key(3), 6, 10))
-  x = jax.random.normal(jax.random.key(4), (3, *hw, 6))
+  x = layers.normal(jax.random.key(4), (3, *hw, 6))
 
   def loss(p, x, s):
     y, s_new = layers.factorized_reduce(p, s, x, 2, True, relu=relu)
@@ -197,7 +197,7 @@ def test_two_devices_equal_one():
   mesh axis) equals 1 device: the kernel's results carry the mesh type."""
   assert jax.device_count() >= 2, "tests/conftest.py forces 2 CPU devices"
   p, _ = layers.conv_bn_init(jax.random.key(3), 1, 8, 16)
-  x = jax.random.normal(jax.random.key(4), (4, 6, 6, 8))
+  x = layers.normal(jax.random.key(4), (4, 6, 6, 8))
 
   def loss_grad(mesh):
     def local(p, x):

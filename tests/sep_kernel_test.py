@@ -96,12 +96,12 @@ def test_sep_conv_with_the_kernel_equals_xla(k, stride, stats, train):
   supernet), batch statistics updating running ones (training), running ones (eval);
   output, new statistics and gradients equal, at stride 1 and 2 (both halves kernel calls)."""
   p, s = layers.sep_conv_init(jax.random.key(k), k, 8)
-  p = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.key(5), t.shape), p)
+  p = jax.tree.map(lambda t: t + 0.1 * layers.normal(jax.random.key(5), t.shape), p)
   if stats:
     s = jax.tree.map(lambda t: t + 0.5, s)
   else:
     s = None
-  x = jax.random.normal(jax.random.key(1), (4, 10, 10, 8))
+  x = layers.normal(jax.random.key(1), (4, 10, 10, 8))
   fns = {impl: jax.jit(jax.value_and_grad(functools.partial(_sep_run, impl), argnums=(0, 2),
                                           has_aux=True), static_argnums=(3, 4))
          for impl in ("xla", "kernel")}
@@ -123,7 +123,7 @@ def test_two_devices_equal_one():
   reduced over the mesh axis) equals 1 device: the kernel's results carry the mesh type."""
   assert jax.device_count() >= 2, "tests/conftest.py forces 2 CPU devices"
   p, _ = layers.sep_conv_init(jax.random.key(3), 3, 8)
-  x = jax.random.normal(jax.random.key(4), (4, 6, 6, 8))
+  x = layers.normal(jax.random.key(4), (4, 6, 6, 8))
 
   def loss_grad(mesh):
     def local(p, x):

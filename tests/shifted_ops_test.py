@@ -29,7 +29,7 @@ def window_avg(x, stride):
 def test_pools_and_their_gradients_equal_reduce_window(shape, stride):
   """Maxima exactly equal; the max's cotangent goes to the first maximal input of each
   window (ties included, as select-and-scatter); averages and their transposes equal."""
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = layers.normal(jax.random.key(0), shape)
   x = x.at[0, 1, 1, 0].set(x[0, 1, 2, 0]).at[0, 2, 2, 1].set(0.0).at[0, 2, 3, 1].set(0.0)
   x = x.at[:, :, :, -1].set(1.0)                      # a channel of ties everywhere
   for ours, ref, tol in ((layers.max_pool3x3, window_max, 0.0),
@@ -37,20 +37,20 @@ def test_pools_and_their_gradients_equal_reduce_window(shape, stride):
     y, vjp = jax.vjp(lambda v: ours(v, stride), x)
     y_ref, vjp_ref = jax.vjp(lambda v: ref(v, stride), x)
     np.testing.assert_allclose(y, y_ref, rtol=0, atol=tol)
-    g = jax.random.normal(jax.random.key(1), y.shape)
+    g = layers.normal(jax.random.key(1), y.shape)
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
 def test_shift_depthwise_and_its_gradients_equal_grouped_conv(k, stride):
-  x = jax.random.normal(jax.random.key(2), (3, 7, 8, 5))
-  w = jax.random.normal(jax.random.key(3), (k, k, 1, 5))
+  x = layers.normal(jax.random.key(2), (3, 7, 8, 5))
+  w = layers.normal(jax.random.key(3), (k, k, 1, 5))
 
   def run(impl):
     old, layers.DEPTHWISE_IMPL = layers.DEPTHWISE_IMPL, impl
     try:
       y, vjp = jax.vjp(lambda a, b: layers.depthwise_conv(a, b, stride), x, w)
-      return y, vjp(jax.random.normal(jax.random.key(4), y.shape))
+      return y, vjp(layers.normal(jax.random.key(4), y.shape))
     finally:
       layers.DEPTHWISE_IMPL = old
 
