@@ -74,7 +74,8 @@ def summarise(records):
   totals["compile_share"] = totals["compile_s"] / totals["wall_s"] if totals["wall_s"] else 0.0
   failed = sorted(f"{nodeid} ({t['failed']})" for tests in records.values()
                   for nodeid, t in tests.items() if "failed" in t)
-  return {"failed": failed, "programs": programs(records), "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
+  return {"failed": failed, "programs": programs(records),
+          "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["wall_s"])),
           "workers": workers, "totals": totals,
           "span_s": max(ends) - start if ends else 0.0,
           "tail_s": max(ends) - min(ends) if ends else 0.0}
