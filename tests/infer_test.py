@@ -150,14 +150,17 @@ def test_depthwise_shared_padding():
 
 
 def test_dot_library_compiler_options():
-  """dots=auto|xla: XLA:CPU's own dots (no YNNPACK fusion), per compilation, in the fused
-  and per-op paths alike; ynn: XLA's defaults."""
+  """dots=auto|xla: XLA:CPU's own dots (no YNNPACK fusion) on the calling thread (Eigen's
+  pool off), per compilation, in the fused and per-op paths alike; ynn: XLA's defaults."""
   plan, params, stats = _net("tiny")
   assert jax.default_backend() == "cpu"
   hlo = {d: fused.Fused(plan, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
          for d in ("auto", "ynn")}
   assert "ynn_fusion" not in hlo["auto"] and "ynn_fusion" in hlo["ynn"]
   assert fused.compiler_options(fused.Options(dots="ynn")) is None
+  assert fused.compiler_options(fused.Options()) == fused.compiler_options(
+      fused.Options(dots="xla")) == {"xla_cpu_experimental_ynn_fusion_type": "",
+                                     "xla_cpu_multi_thread_eigen": False}
   ops = perop.Ops(fused.compiler_options(fused.Options()))
   ops("dense", X[:1, 0, 0], jnp.ones((3, 4)))
   assert all("ynn_fusion" not in c.as_text() for c in ops.cache.values())

@@ -30,7 +30,7 @@ def test_latency_stage_random(tmp_path):
   assert r["device"].startswith("cpu") and r["batch_size"] == 1 and r["images"] == 5
   assert r["init"] == "random" and r["im2col"] is True and r["pad_channels"] == 8
   assert r["dots"] == "auto" and r["compiler_options"] == {
-      "xla_cpu_experimental_ynn_fusion_type": ""}
+      "xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False}
   # widths 4 and 2 padded to 8: the fused path executes more multiply-adds than the count
   assert r["executed_macs_pruned_fused"] > r["macs"]["pruned"]
   for key in ("baseline_perop_ms", "baseline_fused_ms", "pruned_perop_ms", "pruned_fused_ms"):

@@ -41,6 +41,8 @@ from fp_jax.models.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unus
 DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
 MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
+CPU_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",   # XLA's own dot emitter
+                   "xla_cpu_multi_thread_eigen": False}          # on the calling thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +61,16 @@ def compiler_options(opts):
   jax 0.10's XLA:CPU hands dots to YNNPACK by default; at batch 1 the GEMMs are
   small ([1024, 24] x [24, 24] for a pruned 32x32 cell) and YNNPACK's per-call
   overhead makes the network about 7% slower than XLA's own dot emitter, so
-  dots='auto' turns that off (per compilation, not process-wide) on CPU.
+  dots='auto' (and 'xla') turns that off (per compilation, not process-wide) on CPU,
+  and runs each of those dots on the calling thread (xla_cpu_multi_thread_eigen off):
+  handing a GEMM this small to Eigen's thread pool costs more than it computes (the
+  digits network at batch 1, one core: 0.32 -> 0.25 ms; 15 layers / F 36: unchanged at
+  batch 1 and batch 64, on 1 and 2 cores; AMD EPYC, docs in README's latency section).
   """
   if opts.dots not in DOT_LIBRARIES:
     raise ValueError(f"dots must be one of {DOT_LIBRARIES}, got {opts.dots!r}")
   if jax.default_backend() == "cpu" and opts.dots in ("auto", "xla"):
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    return dict(CPU_DOT_OPTIONS)
   return None
 
 
