@@ -146,6 +146,7 @@ def get_config():
   t.warmup = 20
   t.im2col = True                      # fused kxk convs (the stem) as im2col + GEMM
   t.pad_channels = 8                   # fused path: channel groups zero-padded to a multiple
-  t.dots = "auto"                      # fused/per-op GEMMs on CPU: auto = xla | ynn (YNNPACK)
+  t.dots = "auto"                      # fused/per-op GEMMs on CPU: auto = xla (XLA's emitter,
+                                       # on the calling thread) | ynn (YNNPACK)
   t.threads = 0                        # cores for every runtime (0: all usable; see runtimes.py)
   return config

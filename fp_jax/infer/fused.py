@@ -63,9 +63,9 @@ def compiler_options(opts):
   overhead makes the network about 7% slower than XLA's own dot emitter, so
   dots='auto' (and 'xla') turns that off (per compilation, not process-wide) on CPU,
   and runs each of those dots on the calling thread (xla_cpu_multi_thread_eigen off):
-  handing a GEMM this small to Eigen's thread pool costs more than it computes (the
-  digits network at batch 1, one core: 0.32 -> 0.25 ms; 15 layers / F 36: unchanged at
-  batch 1 and batch 64, on 1 and 2 cores; AMD EPYC, docs in README's latency section).
+  handing a GEMM this small to Eigen's thread pool costs more than it computes (3 layers /
+  F 8, batch 1, one core: 1.3-1.7x faster, bench/results/latency_smoke_amd_ab; at 15 layers /
+  F 36 no change measured, at batch 1 or 64, on one core or two).
   """
   if opts.dots not in DOT_LIBRARIES:
     raise ValueError(f"dots must be one of {DOT_LIBRARIES}, got {opts.dots!r}")
