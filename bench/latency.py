@@ -54,6 +54,8 @@ def parse():
   p.add_argument("--no_im2col", action="store_true", help="fused stem by XLA's conv, not im2col")
   p.add_argument("--pad_channels", type=int, default=8, help="fused channel padding multiple")
   p.add_argument("--dots", default="auto", help="XLA:CPU GEMMs: auto | xla | ynn")
+  p.add_argument("--micro_batch", type=int, default=0,
+                 help="fused batch chunks: 0 auto, -1 the whole batch, n images")
   p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--no_runtimes", action="store_true",
@@ -65,6 +67,35 @@ def parse():
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="", help="JSON path (default bench/results/latency.json)")
   return p.parse_args()
+
+
+def batch_chunks(nets, opts, batch, seed, reps):
+  """Fused throughput (median img/s over `reps` interleaved batches) of both networks at
+  `batch` with micro_batch=-1 (the whole batch as one computation) and as `opts` resolves
+  it (fused.micro_batch_size: the whole batch too when it is no larger), after one batch
+  each to compile and warm up."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency  # pylint: disable=g-import-not-at-top
+  plan = nets["baseline"].plan
+  size = fused.micro_batch_size(opts, fused.largest_activation_bytes(plan, opts.dtype))
+  x = jax.numpy.asarray(np.random.default_rng(seed).standard_normal(
+      (batch,) + plan.image_hw + (plan.in_channels,)).astype(np.float32))
+  label = {-1: "whole batch"}
+  if size and size < batch:
+    label[size] = f"chunks of {-(-batch // -(-batch // size))} (auto)"    # as fused.chunked
+  fns = {}
+  for n in ("baseline", "pruned"):
+    for mb in label:
+      f = fused.Fused(nets[n].plan, nets[n].params, nets[n].stats,
+                      dataclasses.replace(opts, micro_batch=mb)).network(x)
+      jax.block_until_ready(f(x))
+      fns[n, label[mb]] = f
+  times = latency.interleave({k: (lambda f: lambda i: latency.timed(lambda: f(x)))(f)
+                              for k, f in fns.items()}, reps)
+  return {"micro_batch": size, "batch": batch, "reps": reps,
+          "images_per_s": {n: {lab: batch / float(np.median(times[n, lab]))
+                               for (net, lab) in fns if net == n} for n in ("baseline", "pruned")}}
 
 
 def fastest_peer(rts):
@@ -143,7 +174,8 @@ def main():
 
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,
-                       pad_channels=args.pad_channels, dots=args.dots, dtype=args.dtype)
+                       pad_channels=args.pad_channels, dots=args.dots, dtype=args.dtype,
+                       micro_batch=args.micro_batch)
   res = latency.measure(nets, args.images, args.batch, args.warmup, opts, depthwise=args.depthwise,
                         seed=args.seed, check_child=True, log=common.log, others=others)
   res["threads"] = threads
@@ -172,6 +204,8 @@ def main():
                             for k, f in fns.items()}, args.images, block=latency.LATENCY_BLOCK)
   ablation_ms = {k: float(1e3 * np.mean(v)) for k, v in lat.items()}
   common.log("ablation timed")
+  chunks = batch_chunks(nets, opts, args.batch, args.seed + 2, reps=8)
+  common.log("batch chunks timed")
 
   net, floor = res["network"], res["floor_ms"]["pruned"]
   pf = net["pruned_fused_ms"]
@@ -198,6 +232,7 @@ def main():
             "runtime_versions": versions,
             "wall_s": time.perf_counter() - t0,
             "ablation_pruned_fused_ms": ablation_ms,
+            "batch_chunks": chunks,
             "targets": targets, "latency": res,
             "note": (f"batch-1 latency over {args.images} images per variant (the paper: 1000), "
                      f"so that a full run takes a few minutes on this shared 2-core CPU; "
@@ -229,6 +264,10 @@ def main():
                    v["met_throughput"]] for n, v in vs_peer.items()])]
   md += ["\n## Fused-path options (pruned network, interleaved pass)\n",
          common.table(["fused options", "mean ms"], [[k, v] for k, v in ablation_ms.items()]),
+         f"\n## Fused throughput at batch {args.batch}: the whole batch at once or a loop over "
+         f"chunks (median img/s of {chunks['reps']} interleaved batches)\n",
+         common.table(["network"] + list(chunks["images_per_s"]["baseline"]),
+                      [[n] + list(v.values()) for n, v in chunks["images_per_s"].items()]),
          f"\nLoad average (1/5/15 min) at the start {tuple(round(v, 2) for v in load_start)}, "
          f"at the end {tuple(round(v, 2) for v in os.getloadavg())}; {threads} core(s) "
          f"{sorted(os.sched_getaffinity(0))}; threads: {result['runtime_threads']}."]

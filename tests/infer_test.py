@@ -168,6 +168,49 @@ def test_dot_library_compiler_options():
     fused.Fused(plan, params, stats, fused.Options(dots="mkl"))
 
 
+def test_chunked_runs_equal_zero_padded_chunks():
+  """B images in ceil(B / size) equal chunks, the last zero-padded, the padding dropped."""
+  whole = lambda c: jnp.broadcast_to(jnp.sum(c, 0, keepdims=True), c.shape) + 100 * c.shape[0]
+  x = jnp.arange(10.0)[:, None]
+  np.testing.assert_array_equal(fused.chunked(whole, x, 4)[:, 0],   # [0..3] [4..7] [8, 9, 0, 0]
+                                [406.0] * 4 + [422.0] * 4 + [417.0] * 2)
+  np.testing.assert_array_equal(fused.chunked(whole, x[:9], 4)[:, 0],   # three chunks of 3
+                                [303.0] * 3 + [312.0] * 3 + [321.0] * 3)
+  for size in (None, 10, 64):
+    np.testing.assert_array_equal(fused.chunked(whole, x, size)[:, 0], [1045.0] * 10)
+
+
+def test_micro_batches_give_the_whole_batchs_logits():
+  """A batch above micro_batch is one computation looping over chunks: the same logits as
+  the whole batch at once; auto (0) sizes chunks to CHUNK_BYTES_CPU on CPU only."""
+  plan, params, stats = _net("enas_pruned")
+  x = jnp.concatenate([X, jax.random.normal(jax.random.PRNGKey(5), (4, HW, HW, 3))])
+  ref = _reference("enas_pruned")
+  whole = fused.Fused(plan, params, stats, fused.Options(micro_batch=-1))
+  assert whole.micro_batch is None and "while" not in whole.network(x).as_text()
+  want = np.asarray(whole(x))
+  _close(want[:3], ref, ref, "whole batch of 7 vs child.forward on 3")
+  for mb in (1, 3):
+    f = fused.Fused(plan, params, stats, fused.Options(micro_batch=mb))
+    assert "while" in f.network(x).as_text()
+    _close(f(x), want, ref, f"micro_batch={mb} vs the whole batch")
+  size = fused.largest_activation_bytes(plan)
+  assert size == max(n.hw[0] * n.hw[1] * n.channels for n in plan.nodes) * 4
+  assert fused.Fused(plan, params, stats).micro_batch == fused.CHUNK_BYTES_CPU // size
+  assert fused.current_platform() == "cpu"
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert fused.current_platform() == "cpu"
+  enas = child.make_plan(space.parse_arc(space.ENAS_ARC), 15, 36, (32, 32, 3), 10)
+  assert fused.largest_activation_bytes(enas) == 32 * 32 * 180 * 4     # a cell's 5-node concat
+  auto = fused.Options()
+  assert fused.micro_batch_size(auto, fused.largest_activation_bytes(enas), "cpu") == 8
+  assert fused.micro_batch_size(auto, 1000, "gpu") is None
+  assert fused.micro_batch_size(auto, 10 ** 9, "cpu") == 1
+  assert fused.micro_batch_size(fused.Options(micro_batch=5), 1000, "tpu") == 5
+  with pytest.raises(ValueError, match="micro_batch"):
+    fused.Fused(plan, params, stats, fused.Options(micro_batch=-2))
+
+
 def test_perop_runs_each_primitive_separately():
   plan = _net("enas_pruned")[0]
   po = _executors("enas_pruned")[0]

@@ -270,6 +270,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
                          "fused": fused.depthwise_impl(opts.depthwise, dtype=opts.dtype)},
       "dtype": opts.dtype,      # fp_jax's executors; the exported runtimes run float32
       "pad_channels": opts.pad_channels, "dots": opts.dots,
+      "micro_batch": {"option": opts.micro_batch, "images_per_chunk": fused.micro_batch_size(
+          opts, fused.largest_activation_bytes(plan, opts.dtype))},   # None: the whole batch
       "compiler_options": fused.compiler_options(opts) or {},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
@@ -331,7 +333,7 @@ def _run_on_cpu(config, workdir, accel):
   else:
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
-                       dots=lat.dots, dtype=config.dtype)
+                       dots=lat.dots, dtype=config.dtype, micro_batch=int(lat.micro_batch))
   perop_depthwise = "auto"
   if accel is not None:   # 'auto' as a CPU host resolves it, not as the accelerator
     opts = placement.for_platform(opts, "cpu")
