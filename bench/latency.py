@@ -72,18 +72,19 @@ def parse():
 def batch_chunks(nets, opts, batch, seed, reps):
   """Fused throughput (median img/s over `reps` interleaved batches) of both networks at
   `batch` with micro_batch=-1 (the whole batch as one computation) and as `opts` resolves
-  it (fused.micro_batch_size: the whole batch too when it is no larger), after one batch
+  it (batching.micro_batch_size: the whole batch too when it is no larger), after one batch
   each to compile and warm up."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import fused, latency  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import batching, fused, latency  # pylint: disable=g-import-not-at-top
   plan = nets["baseline"].plan
-  size = fused.micro_batch_size(opts, fused.largest_activation_bytes(plan, opts.dtype))
+  size = batching.micro_batch_size(opts.micro_batch,
+                                   batching.largest_activation_bytes(plan, opts.dtype))
   x = jax.numpy.asarray(np.random.default_rng(seed).standard_normal(
       (batch,) + plan.image_hw + (plan.in_channels,)).astype(np.float32))
   label = {-1: "whole batch"}
   if size and size < batch:
-    label[size] = f"chunks of {-(-batch // -(-batch // size))} (auto)"    # as fused.chunked
+    label[size] = f"chunks of {-(-batch // -(-batch // size))} (auto)"    # as batching.chunked
   fns = {}
   for n in ("baseline", "pruned"):
     for mb in label:

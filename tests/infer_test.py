@@ -9,6 +9,7 @@ from fp_jax.models import flops
 from fp_jax.models import graph
 from fp_jax.models import layers
 from fp_jax.models import space
+from fp_jax.infer import batching
 from fp_jax.infer import export
 from fp_jax.infer import folding
 from fp_jax.infer import fused
@@ -172,12 +173,12 @@ def test_chunked_runs_equal_zero_padded_chunks():
   """B images in ceil(B / size) equal chunks, the last zero-padded, the padding dropped."""
   whole = lambda c: jnp.broadcast_to(jnp.sum(c, 0, keepdims=True), c.shape) + 100 * c.shape[0]
   x = jnp.arange(10.0)[:, None]
-  np.testing.assert_array_equal(fused.chunked(whole, x, 4)[:, 0],   # [0..3] [4..7] [8, 9, 0, 0]
+  np.testing.assert_array_equal(batching.chunked(whole, x, 4)[:, 0],   # [0..3] [4..7] [8, 9, 0, 0]
                                 [406.0] * 4 + [422.0] * 4 + [417.0] * 2)
-  np.testing.assert_array_equal(fused.chunked(whole, x[:9], 4)[:, 0],   # three chunks of 3
+  np.testing.assert_array_equal(batching.chunked(whole, x[:9], 4)[:, 0],   # three chunks of 3
                                 [303.0] * 3 + [312.0] * 3 + [321.0] * 3)
   for size in (None, 10, 64):
-    np.testing.assert_array_equal(fused.chunked(whole, x, size)[:, 0], [1045.0] * 10)
+    np.testing.assert_array_equal(batching.chunked(whole, x, size)[:, 0], [1045.0] * 10)
 
 
 def test_micro_batches_give_the_whole_batchs_logits():
@@ -194,19 +195,18 @@ def test_micro_batches_give_the_whole_batchs_logits():
     f = fused.Fused(plan, params, stats, fused.Options(micro_batch=mb))
     assert "while" in f.network(x).as_text()
     _close(f(x), want, ref, f"micro_batch={mb} vs the whole batch")
-  size = fused.largest_activation_bytes(plan)
+  size = batching.largest_activation_bytes(plan)
   assert size == max(n.hw[0] * n.hw[1] * n.channels for n in plan.nodes) * 4
-  assert fused.Fused(plan, params, stats).micro_batch == fused.CHUNK_BYTES_CPU // size
-  assert fused.current_platform() == "cpu"
+  assert fused.Fused(plan, params, stats).micro_batch == batching.CHUNK_BYTES_CPU // size
+  assert batching.current_platform() == "cpu"
   with jax.default_device(jax.devices("cpu")[0]):
-    assert fused.current_platform() == "cpu"
+    assert batching.current_platform() == "cpu"
   enas = child.make_plan(space.parse_arc(space.ENAS_ARC), 15, 36, (32, 32, 3), 10)
-  assert fused.largest_activation_bytes(enas) == 32 * 32 * 180 * 4     # a cell's 5-node concat
-  auto = fused.Options()
-  assert fused.micro_batch_size(auto, fused.largest_activation_bytes(enas), "cpu") == 8
-  assert fused.micro_batch_size(auto, 1000, "gpu") is None
-  assert fused.micro_batch_size(auto, 10 ** 9, "cpu") == 1
-  assert fused.micro_batch_size(fused.Options(micro_batch=5), 1000, "tpu") == 5
+  assert batching.largest_activation_bytes(enas) == 32 * 32 * 180 * 4     # a cell's 5-node concat
+  assert batching.micro_batch_size(0, batching.largest_activation_bytes(enas), "cpu") == 8
+  assert batching.micro_batch_size(0, 1000, "gpu") is None
+  assert batching.micro_batch_size(0, 10 ** 9, "cpu") == 1
+  assert batching.micro_batch_size(5, 1000, "tpu") == 5
   with pytest.raises(ValueError, match="micro_batch"):
     fused.Fused(plan, params, stats, fused.Options(micro_batch=-2))
 

@@ -34,6 +34,7 @@ from jax import lax
 import numpy as np
 
 from fp_jax.models import layers
+from fp_jax.infer import batching
 from fp_jax.infer import folding
 from fp_jax.infer import kernels
 from fp_jax.models.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
@@ -55,65 +56,7 @@ class Options:
                                 # casts the weights; images enter and logits leave as float32
   micro_batch: int = 0          # a larger batch runs as a loop over chunks of at most this many
                                 # images; -1: the whole batch at once; 0 = auto (CPU: chunks
-                                # sized to the caches, else whole; micro_batch_size)
-
-
-CHUNK_BYTES_CPU = 6 << 20
-
-
-def largest_activation_bytes(plan, dtype="float32"):
-  """Bytes of the network's largest activation (graph node output) for one image, at the
-  plan's full widths."""
-  return max(n.hw[0] * n.hw[1] * n.channels for n in plan.nodes) * jnp.dtype(dtype).itemsize
-
-
-def micro_batch_size(opts, image_bytes, platform=None):
-  """Images per chunk when `Fused` runs a larger batch, or None (the whole batch at once).
-
-  opts.micro_batch n >= 1: n; -1: None; 0 (auto): on CPU as many images as keep the largest
-  activation of a chunk within CHUNK_BYTES_CPU (image_bytes: largest_activation_bytes),
-  on GPU / TPU None. platform: the one that runs it (default: `current_platform()`).
-
-  On CPU a batch of 64 ENAS-size images (15 layers / F 36, 32x32: 0.7 MB of cell output an
-  image) makes each of the network's ~650 kernels stream its operands from memory; a loop
-  over chunks of 8 reuses one chunk's buffers, which stay in the caches: 1.25x the whole
-  batch's throughput on one core of an AMD EPYC, 1.1-1.25x on two. A network whose whole
-  batch fits (the digits smoke network: 10 KB an image) runs whole: there chunks of 8 were
-  15 % slower (bench/results/latency_amd*.json, fused_micro_batch_amd.md).
-  """
-  if opts.micro_batch < -1:
-    raise ValueError(f"micro_batch must be >= 1, -1 (the whole batch) or 0 (auto), got "
-                     f"{opts.micro_batch}")
-  if opts.micro_batch:
-    return None if opts.micro_batch == -1 else opts.micro_batch
-  if (platform or current_platform()) != "cpu":
-    return None
-  return max(1, CHUNK_BYTES_CPU // image_bytes)
-
-
-def current_platform():
-  """The platform computations compile for here: jax.default_device's (set by
-  `with jax.default_device(...)`, as the latency stage's CPU figures on a GPU host), else
-  JAX's default backend."""
-  d = jax.config.jax_default_device
-  if d is None:
-    return jax.default_backend()
-  return d if isinstance(d, str) else d.platform
-
-
-def chunked(run, x, size):
-  """run(x [B,...]) as a loop over equal chunks of at most `size` images: lax.map over
-  [n, B'/n, ...] with n = ceil(B / size) chunks (x zero-padded to B' = n * ceil(B / n), the
-  padding's outputs dropped). Each chunk is the network on its images alone, so every
-  image's result is run's on its chunk."""
-  b = x.shape[0]
-  if size is None or b <= size:
-    return run(x)
-  n = -(-b // size)
-  per = -(-b // n)
-  xp = jnp.pad(x, [(0, n * per - b)] + [(0, 0)] * (x.ndim - 1))
-  y = lax.map(run, xp.reshape((n, per) + x.shape[1:]))
-  return y.reshape((n * per,) + y.shape[2:])[:b]
+                                # sized to the caches, else whole; batching.py)
 
 
 def compiler_options(opts):
@@ -355,8 +298,8 @@ class Fused:
       raise ValueError(f"pad_channels must be >= 1, got {opts.pad_channels}")
     self.plan, self.opts = plan, opts
     self.compiler_options = compiler_options(opts)          # also checks opts.dots
-    self.micro_batch = micro_batch_size(                    # also checks opts.micro_batch
-        opts, largest_activation_bytes(plan, opts.dtype))
+    self.micro_batch = batching.micro_batch_size(           # also checks opts.micro_batch
+        opts.micro_batch, batching.largest_activation_bytes(plan, opts.dtype))
     self.fp = folding.folded(plan, params, stats, opts.pad_channels)   # numpy: constants
     self.dtype = jnp.dtype(opts.dtype)
     if self.dtype != jnp.float32:
@@ -374,9 +317,9 @@ class Fused:
   def network(self, x):
     """The compiled whole network for x's shape: call it as c(x) (x and the logits
     float32; the network computes in opts.dtype). A batch above micro_batch_size images
-    is one computation that loops over chunks of that size (`chunked`)."""
+    is one computation that loops over chunks of that size (batching.chunked)."""
     run = functools.partial(forward, self.plan, self.fp, opts=self.opts)
-    return self.compiled("network", lambda x: chunked(
+    return self.compiled("network", lambda x: batching.chunked(
         lambda c: run(c.astype(self.dtype)).astype(jnp.float32), x, self.micro_batch), x)
 
   def __call__(self, x):
