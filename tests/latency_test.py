@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from fp_jax.infer import batching
+from fp_jax.models import child
 from fp_jax.models import space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,9 @@ def test_latency_stage_random(tmp_path):
   assert r["init"] == "random" and r["im2col"] is True and r["pad_channels"] == 8
   assert r["dots"] == "auto" and r["compiler_options"] == {
       "xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False}
+  plan = child.make_plan(space.parse_arc(space.ENAS_ARC), 1, 4, (8, 8, 1), 10)   # auto on CPU
+  assert r["micro_batch"] == {"option": 0, "images_per_chunk": batching.CHUNK_BYTES_CPU // (
+      batching.largest_activation_bytes(plan))}
   # widths 4 and 2 padded to 8: the fused path executes more multiply-adds than the count
   assert r["executed_macs_pruned_fused"] > r["macs"]["pruned"]
   for key in ("baseline_perop_ms", "baseline_fused_ms", "pruned_perop_ms", "pruned_fused_ms"):
