@@ -180,12 +180,28 @@ ADDED_AFTER_FIRST_ROWS = (
     "compress.distill", "compress.distill_temperature", "compress.distill_weight",
     "compress.round_to", "data.input", "matmul_precision", "preemption_sync_steps",
     "search.dispatch", "search.latency_table_dir", "search.round_to")
+# fields added after every committed row (fashion and hardware tables) was written: left out
+# of every key while at their defaults, so those rows keep today's keys; a value off the
+# default is another recipe (another key)
+ADDED_AFTER_STORED_ROWS = ("latency.micro_batch",)
+
+
+def _without(recipe, fields):
+  """recipe (config JSON) with the dotted `fields` removed, as sorted JSON."""
+  out = json.loads(recipe)
+  for f in fields:
+    *sections, leaf = f.split(".")
+    section = out
+    for name in sections:
+      section = section[name]
+    del section[leaf]
+  return json.dumps(out, sort_keys=True)
 
 
 def recipe_keys(setting, seed, overrides, extra=""):
-  """The row keys of (setting, seed, overrides, extra): today's, then the first rows' form
-  where it applies (ADDED_AFTER_FIRST_ROWS). Rows are reused only for the same setting, seed,
-  overrides and resolved recipe (the variant's config from configs/fashion.py, field by
+  """The row keys of (setting, seed, overrides, extra): today's (ADDED_AFTER_STORED_ROWS left
+  out at their defaults), then the first rows' form where it applies (ADDED_AFTER_FIRST_ROWS).
+  Rows are reused only for the same setting, seed, overrides and resolved recipe (the variant's config from configs/fashion.py, field by
   field: a rewording of the file keeps its rows, a changed value does not)."""
   from configs import default, fashion  # pylint: disable=g-import-not-at-top
   config = fashion.get_config(SETTINGS["enas" if setting == "enas_uniform" else setting])
@@ -196,19 +212,13 @@ def recipe_keys(setting, seed, overrides, extra=""):
     blob = json.dumps([setting, seed, sorted(overrides), extra, recipe])
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
-  recipe = config.to_json(sort_keys=True)
-  keys = [key(recipe)]
   now, defaults = config_lib.fields(config), config_lib.fields(default.get_config())
   defaults["search.latency_table_dir"] = default.LATENCY_TABLE_DIR
+  recipe = _without(config.to_json(sort_keys=True),
+                    [f for f in ADDED_AFTER_STORED_ROWS if now[f] == defaults[f]])
+  keys = [key(recipe)]
   if all(now[f] == defaults[f] for f in ADDED_AFTER_FIRST_ROWS):
-    first = json.loads(recipe)
-    for f in ADDED_AFTER_FIRST_ROWS:
-      *sections, leaf = f.split(".")
-      section = first
-      for name in sections:
-        section = section[name]
-      del section[leaf]
-    keys.append(key(json.dumps(first, sort_keys=True)))
+    keys.append(key(_without(recipe, ADDED_AFTER_FIRST_ROWS)))
   return keys
 
 

@@ -194,6 +194,23 @@ def test_an_added_field_off_its_default_has_only_todays_key(monkeypatch):
   assert len(before) == 2 and len(after) == 1 and after[0] not in before
 
 
+def test_a_field_added_after_the_stored_rows_keys_only_off_its_default(monkeypatch):
+  """latency.micro_batch (ADDED_AFTER_STORED_ROWS) at its default leaves both keys as they
+  were before the field existed; set to another value, the recipe has other keys."""
+  from configs import fashion
+  get = fashion.get_config
+  assert "latency.micro_batch" in fashion_table.ADDED_AFTER_STORED_ROWS
+  before = fashion_table.recipe_keys("enas", 0, [])
+
+  def chunked(variant=""):
+    c = get(variant)
+    c.latency.micro_batch = 4
+    return c
+  monkeypatch.setattr(fashion, "get_config", chunked)
+  after = fashion_table.recipe_keys("enas", 0, [])
+  assert len(after) == 2 and not set(after) & set(before)
+
+
 def test_keys_do_not_depend_on_where_the_latency_tables_are_cached(monkeypatch):
   keys = fashion_table.recipe_keys("fp_a0.02_b20", 0, [])
   monkeypatch.setenv("FP_JAX_LATENCY_TABLE_DIR", "/somewhere/else")

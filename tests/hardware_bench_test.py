@@ -253,7 +253,7 @@ def test_rewrite_reads_latency_figures_again(tmp_path, monkeypatch):
 
 def test_the_stored_rows_keys_are_todays():
   """Every row of the committed hardware table is found by today's keys (a config field
-  added since changes them: fashion_table.ADDED_AFTER_FIRST_ROWS says how to keep them)."""
+  added since changes them: fashion_table.ADDED_AFTER_STORED_ROWS says how to keep them)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "bench", "results", "hardware_table.json")) as f:
     rows = json.load(f)["rows"]
