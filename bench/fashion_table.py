@@ -201,8 +201,9 @@ def _without(recipe, fields):
 def recipe_keys(setting, seed, overrides, extra=""):
   """The row keys of (setting, seed, overrides, extra): today's (ADDED_AFTER_STORED_ROWS left
   out at their defaults), then the first rows' form where it applies (ADDED_AFTER_FIRST_ROWS).
-  Rows are reused only for the same setting, seed, overrides and resolved recipe (the variant's config from configs/fashion.py, field by
-  field: a rewording of the file keeps its rows, a changed value does not)."""
+  Rows are reused only for the same setting, seed, overrides and resolved recipe (the
+  variant's config from configs/fashion.py, field by field: a rewording of the file keeps
+  its rows, a changed value does not)."""
   from configs import default, fashion  # pylint: disable=g-import-not-at-top
   config = fashion.get_config(SETTINGS["enas" if setting == "enas_uniform" else setting])
   # a cache's location, which FP_JAX_LATENCY_TABLE_DIR may move, is not part of the recipe

@@ -84,7 +84,7 @@ def batch_chunks(nets, opts, batch, seed, reps):
       (batch,) + plan.image_hw + (plan.in_channels,)).astype(np.float32))
   label = {-1: "whole batch"}
   if size and size < batch:
-    label[size] = f"chunks of {-(-batch // -(-batch // size))} (auto)"    # as batching.chunked
+    label[size] = f"chunks of {batching.chunk_shape(batch, size)[1]}"
   fns = {}
   for n in ("baseline", "pruned"):
     for mb in label:

@@ -151,6 +151,6 @@ def get_config():
   t.threads = 0                        # cores for every runtime (0: all usable; see runtimes.py)
   t.micro_batch = 0                    # fused path, a batch larger than this runs as a loop over
                                        # chunks of at most this many images: 0 = auto (on CPU
-                                       # chunks sized to the caches; fused.micro_batch_size),
+                                       # chunks sized to the caches; batching.micro_batch_size),
                                        # -1 = the whole batch at once
   return config

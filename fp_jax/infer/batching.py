@@ -23,7 +23,8 @@ def micro_batch_size(micro_batch, image_bytes, platform=None):
 
   micro_batch (fused.Options.micro_batch, latency.micro_batch) n >= 1: n; -1: None; 0 (auto):
   on CPU as many images as keep the largest activation of a chunk within CHUNK_BYTES_CPU
-  (image_bytes: largest_activation_bytes), on GPU / TPU None. platform: the one that runs it (default: `current_platform()`).
+  (image_bytes: largest_activation_bytes), on GPU / TPU None. platform: the one that runs
+  it (default: `current_platform()`).
 
   On CPU a batch of 64 ENAS-size images (15 layers / F 36, 32x32: 0.7 MB of cell output an
   image) makes each of the network's ~650 kernels stream its operands from memory; a loop
@@ -53,6 +54,13 @@ def current_platform():
   return d if isinstance(d, str) else d.platform
 
 
+def chunk_shape(b, size):
+  """(number of chunks, images per chunk) for a batch of b at most `size` images a chunk:
+  n = ceil(b / size) equal chunks of ceil(b / n)."""
+  n = -(-b // size)
+  return n, -(-b // n)
+
+
 def chunked(run, x, size):
   """run(x [B,...]) as a loop over equal chunks of at most `size` images: lax.map over
   [n, B'/n, ...] with n = ceil(B / size) chunks (x zero-padded to B' = n * ceil(B / n), the
@@ -61,8 +69,7 @@ def chunked(run, x, size):
   b = x.shape[0]
   if size is None or b <= size:
     return run(x)
-  n = -(-b // size)
-  per = -(-b // n)
+  n, per = chunk_shape(b, size)
   xp = jnp.pad(x, [(0, n * per - b)] + [(0, 0)] * (x.ndim - 1))
   y = lax.map(run, xp.reshape((n, per) + x.shape[1:]))
   return y.reshape((n * per,) + y.shape[2:])[:b]

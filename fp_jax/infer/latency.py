@@ -69,7 +69,6 @@ import numpy as np
 from fp_jax.run import precision
 from fp_jax.models import child
 from fp_jax.models import flops
-from fp_jax.infer import batching
 from fp_jax.infer import export
 from fp_jax.infer import onnx_export
 from fp_jax.infer import fused
@@ -271,8 +270,8 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
                          "fused": fused.depthwise_impl(opts.depthwise, dtype=opts.dtype)},
       "dtype": opts.dtype,      # fp_jax's executors; the exported runtimes run float32
       "pad_channels": opts.pad_channels, "dots": opts.dots,
-      "micro_batch": {"option": opts.micro_batch, "images_per_chunk": batching.micro_batch_size(
-          opts.micro_batch, batching.largest_activation_bytes(plan, opts.dtype))},  # None: whole
+      "micro_batch": {"option": opts.micro_batch,          # images_per_chunk None: whole batch
+                      "images_per_chunk": ex["baseline", "fused"].micro_batch},
       "compiler_options": fused.compiler_options(opts) or {},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
