@@ -273,6 +273,33 @@ def test_rank_stats_match_hand_values():
   assert proxy_fidelity.rank_stats(x, x[::-1], boot=50)["kendall_tau"] == pytest.approx(-1)
 
 
+def test_bootstrap_statistics_equal_scipys_per_resample():
+  """The resamples' tau-b and rho, computed all at once, are scipy's (ties included); the
+  interval is the percentiles of exactly those resamples that vary in x and in y."""
+  from scipy import stats
+  rng = np.random.default_rng(3)
+  x = np.round(rng.normal(size=9), 1)
+  y = np.round(x + rng.normal(size=9), 1)
+  i = np.array([rng.integers(0, 9, 9) for _ in range(60)])
+  xs, ys = x[i], y[i]
+  keep = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+  xs, ys = xs[keep], ys[keep]
+  np.testing.assert_allclose(proxy_fidelity._tau_b(xs, ys), [
+      stats.kendalltau(a, b).statistic for a, b in zip(xs, ys)], rtol=0, atol=1e-12)
+  np.testing.assert_allclose(proxy_fidelity._rho(xs, ys), [
+      stats.spearmanr(a, b).statistic for a, b in zip(xs, ys)], rtol=0, atol=1e-12)
+  st = proxy_fidelity.rank_stats([0, 0, 0, 1], [0, 1, 2, 3], boot=40, seed=1)
+  boot = np.random.default_rng(1)
+  taus = []
+  for _ in range(40):
+    j = boot.integers(0, 4, 4)
+    a, b = np.array([0, 0, 0, 1])[j], np.arange(4)[j]
+    if np.ptp(a) and np.ptp(b):
+      taus.append(stats.kendalltau(a, b).statistic)
+  assert st["kendall_tau_ci95"] == pytest.approx([np.percentile(taus, 2.5),
+                                                  np.percentile(taus, 97.5)], abs=1e-12)
+
+
 def test_proxy_fidelity_resumes_from_its_json_alone(tmp_path, monkeypatch):
   """A rerun on a machine without the work directories trains only the missing samples: the
   picks, the search's config and the finished rows come from the results JSON."""
