@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import smoke
 from fp_jax.run import checkpoint
+from fp_jax.run import ckpt_layout
 from fp_jax import data
 from fp_jax.run import errors
 from fp_jax.run import logs
@@ -485,6 +486,73 @@ def _tb_scalars(directory):
       for v in event.summary.value:
         scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
   return scalars, starts
+
+
+def _mixed_state():
+  return {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((), jnp.bfloat16),
+          "mask": np.array([True, False, True]), "i": jnp.arange(4, dtype=jnp.int32),
+          "empty": np.zeros((0, 3), np.float32), "s": np.float32(2.5), "v": np.full(5, 7.0),
+          "n": 2}
+
+
+@pytest.mark.parametrize("packed_when_saved", [True, False])
+def test_checkpoint_layouts_restore_every_dtype_exactly(tmp_path, monkeypatch,
+                                                        packed_when_saved):
+  """Format 2 packs the arrays by dtype into one item each (offsets and shapes in the JSON
+  part); a format-1 checkpoint (one item per array) restores the same values, checksums
+  verified either way."""
+  state = _mixed_state()
+  if not packed_when_saved:
+    del state["empty"]                 # orbax cannot write an empty array as an item
+  monkeypatch.setattr(checkpoint, "PACKED", packed_when_saved)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, state)
+  ckpt.close()
+  meta = json.loads((tmp_path / "ckpt" / "1" / "meta" / "metadata").read_text())
+  if packed_when_saved:                # leaves in key order: b empty i mask n s v w
+    assert meta["format"] == 2 and meta["packed"] == {
+        "packed_bfloat16": 1, "packed_int32": 4, "packed_bool": 3, "packed_float32": 7,
+        "packed_float64": 5}
+    assert dict(zip(meta["arrays"], meta["layout"])) == {
+        "b": ["packed_bfloat16", 0], "empty": ["packed_float32", 0], "i": ["packed_int32", 0],
+        "mask": ["packed_bool", 0], "s": ["packed_float32", 0], "v": ["packed_float64", 0],
+        "w": ["packed_float32", 1]}
+    assert meta["shapes"][meta["arrays"].index("empty")] == [0, 3]
+  else:
+    assert meta["format"] == 1 and "layout" not in meta
+  monkeypatch.setattr(checkpoint, "PACKED", True)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  got = ckpt.restore(1, state)
+  assert ckpt.verified
+  ckpt.close()
+  for k in state:
+    if k == "n":
+      assert got[k] == 2
+      continue
+    assert type(got[k]) is type(state[k]) or isinstance(got[k], jax.Array), k
+    assert np.asarray(got[k]).dtype == np.asarray(state[k]).dtype, k
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(state[k]), err_msg=k)
+  assert isinstance(got["w"], jax.Array) and isinstance(got["s"], np.float32)
+
+
+def test_an_array_this_process_does_not_hold_whole_is_an_item_of_its_own(tmp_path,
+                                                                       monkeypatch):
+  """An array sharded over processes (here: _host says so) is written alone, as orbax
+  writes it; the others stay packed, and both restore."""
+  state = _mixed_state()
+  host = ckpt_layout.host
+  monkeypatch.setattr(ckpt_layout, "host", lambda a: None if a is state["i"] else host(a))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, state)
+  meta = json.loads((tmp_path / "ckpt" / "1" / "meta" / "metadata").read_text())
+  i = meta["arrays"].index("i")
+  assert meta["layout"][i] == [f"a{i}", None] and meta["crc32"][i] is None
+  assert "packed_int32" not in meta["packed"]
+  monkeypatch.setattr(ckpt_layout, "host", host)
+  got = ckpt.restore(1, state)
+  ckpt.close()
+  np.testing.assert_array_equal(got["i"], state["i"])
+  np.testing.assert_array_equal(got["w"], state["w"])
 
 
 def test_metrics_writer_tensorboard_and_truncate(tmp_path):

@@ -11,8 +11,9 @@ A state is any pytree of jax arrays (e.g. replicated on a mesh: restored with th
 template's shardings; a template may give jax.ShapeDtypeStruct(shape, dtype,
 sharding=...) instead of arrays), numpy arrays and scalars, and Python ints,
 floats, bools and strings (variable-length data, e.g. a JSON list, goes in a
-string). Arrays are written by orbax (`arrays/`, tensorstore, one flat item per
-array), the Python leaves and the arrays' pytree paths as one JSON file (`meta/`).
+string). Arrays are written by orbax (`arrays/`, tensorstore; packed by dtype, see
+ckpt_layout.py), the Python leaves, the arrays' pytree paths and where each lies as one JSON
+file (`meta/`); checkpoints of the earlier layout (one orbax item per array) restore too.
 Saving is synchronous. Orbax writes each step to a temporary directory and renames it when
 complete, so a process killed mid-save leaves the earlier checkpoints usable; in
 multi-process runs every process calls save/restore and orbax coordinates them
@@ -33,76 +34,19 @@ import gc
 import logging as pylogging
 import os
 import shutil
-import zlib
 
 from absl import logging
 import jax
 import numpy as np
 
+from fp_jax.run import ckpt_layout
 from fp_jax.run import errors
 
-_FORMAT = 1
+PACKED = True        # False writes the format-1 layout (tests of restoring it)
 
 
 class CheckpointError(errors.RunError):
   pass
-
-
-def _is_array(x):
-  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
-
-
-def _is_python(x):
-  return x is None or isinstance(x, (bool, int, float, str))
-
-
-def _key_str(k):
-  for attr in ("key", "idx", "name"):   # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path(keypath):
-  return "/".join(_key_str(k) for k in keypath) or "<root>"
-
-
-def _split(tree):
-  """([(path, array)], {path: Python leaf}) of a state pytree, in flattening order."""
-  arrays, python = [], {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    path = _path(keypath)
-    if _is_python(leaf):
-      python[path] = leaf
-    elif _is_array(leaf):
-      arrays.append((path, np.asarray(leaf) if isinstance(leaf, np.generic) else leaf))
-    else:
-      raise TypeError(f"checkpoint: unsupported leaf {path} of type {type(leaf).__name__} "
-                      "(use arrays, numbers or strings)")
-  return arrays, python
-
-
-def _host(a):
-  """A host copy of array `a` (one replica of a replicated global array), or None when this
-  process does not hold all of it."""
-  if isinstance(a, jax.Array):
-    if a.is_fully_addressable:
-      return np.asarray(a)
-    if a.is_fully_replicated:
-      return np.asarray(a.addressable_data(0))
-    return None
-  return np.asarray(a)
-
-
-def checksum(a):
-  """CRC-32 of array `a`'s bytes (C order), or None (not all of it is on this process)."""
-  h = _host(a)
-  return None if h is None else zlib.crc32(np.ascontiguousarray(h).reshape(-1).view(np.uint8))
-
-
-def _flat(arrays):
-  """The dict orbax writes: one key per array (names are kept in the JSON part)."""
-  return {f"a{i}": a for i, (_, a) in enumerate(arrays)}
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -178,16 +122,17 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     """Writes `state` as checkpoint `step`; synchronous, so durable when this returns."""
     step = int(step)
-    arrays, python = _split(state)
+    arrays, python = ckpt_layout.split(state)
     if step in self._mgr.all_steps():
       logging.info("checkpoint %d already in %s: not written again", step, self.directory)
       return
     ocp = self._ocp
-    meta = {"format": _FORMAT, "arrays": [p for p, _ in arrays], "leaves": python,
-            "crc32": [checksum(a) for _, a in arrays]}
+    items, meta = ckpt_layout.layout(arrays) if PACKED else (ckpt_layout.flat(arrays), {
+        "format": 1, "crc32": [ckpt_layout.checksum(a) for _, a in arrays]})
+    meta.update({"arrays": [p for p, _ in arrays], "leaves": python})
     try:
       self._mgr.save(step, args=ocp.args.Composite(
-          arrays=ocp.args.StandardSave(_flat(arrays)), meta=ocp.args.JsonSave(meta)))
+          arrays=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)))
       self._mgr.wait_until_finished()
     except Exception as e:
       raise CheckpointError(f"cannot write checkpoint {step} in {self.directory}: "
@@ -201,53 +146,75 @@ class Checkpointer:
     def unreadable(e):
       return CheckpointError(f"{where} is unreadable ({_reason(e)}); {self._earlier_hint(step)}")
 
-    arrays_t, python_t = _split(template)
+    arrays_t, python_t = ckpt_layout.split(template)
     try:
       meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       saved = self._mgr.item_metadata(step)["arrays"]
       saved = saved.tree if hasattr(saved, "tree") else saved
     except Exception as e:
       raise unreadable(e) from e
-    if (not isinstance(meta, dict) or meta.get("format") != _FORMAT
-        or not isinstance(meta.get("leaves"), dict) or not isinstance(meta.get("arrays"), list)
-        or not isinstance(saved, dict) or len(saved) != len(meta["arrays"])):
-      raise unreadable("its meta/metadata and arrays/ disagree")
-    problem = (_compare(meta["arrays"], [saved.get(f"a{i}") for i in range(len(saved))],
-                        arrays_t) or _compare_python(meta["leaves"], python_t))
+    problem = ckpt_layout.layout_problem(meta, saved)
+    if problem:
+      raise unreadable(problem)
+    if meta["format"] == 1:
+      shapes = [saved.get(f"a{i}") for i in range(len(meta["arrays"]))]
+    else:
+      shapes = [ckpt_layout.Spec(s, d) for s, d in zip(meta["shapes"], meta["dtypes"])]
+    problem = (ckpt_layout.compare(meta["arrays"], shapes, arrays_t)
+               or ckpt_layout.compare_python(meta["leaves"], python_t))
     if problem:
       raise CheckpointError(f"{where} does not match this run: {problem}; {self._fresh_hint()}")
-    # saved array i is item a{i}: read each template array from its path's item, so a
-    # state whose leaves flatten in another order (e.g. a dict now a dataclass) restores too
-    item = {path: f"a{i}" for i, path in enumerate(meta["arrays"])}
+    # saved array i is read by its path, so a state whose leaves flatten in another order
+    # (e.g. a dict now a dataclass) restores too
+    index = {path: i for i, path in enumerate(meta["arrays"])}
+    if meta["format"] == 1:
+      want = {f"a{index[p]}": a for p, a in arrays_t}
+    else:
+      alone = {p: a for p, a in arrays_t if meta["layout"][index[p]][1] is None}
+      want = {f"a{index[p]}": a for p, a in alone.items()}
+      want.update({key: np.empty(int(n), np.dtype(ckpt_layout.item_dtype(key)))
+                   for key, n in meta["packed"].items()})
     with _quiet_asyncio():
       try:
         restored = self._mgr.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore({item[p]: a for p, a in arrays_t})))["arrays"]
+            arrays=ocp.args.StandardRestore(want)))["arrays"] if want else {}
       except Exception as e:
         error = unreadable(e)
         gc.collect()   # orbax's failed read tasks log their tracebacks when collected
         raise error from e
+    values = {}     # path -> the restored array (format 2: a host array, a slice of its item)
+    for path, i in index.items():
+      if meta["format"] == 1 or meta["layout"][i][1] is None:
+        values[path] = restored[f"a{i}"]
+      else:
+        key, offset = meta["layout"][i]
+        shape, dtype = tuple(meta["shapes"][i]), np.dtype(meta["dtypes"][i])
+        size = int(np.prod(shape, dtype=np.int64))
+        values[path] = (restored[key][offset:offset + size].reshape(shape) if size else
+                        np.zeros(shape, dtype))
     self.verified = isinstance(meta.get("crc32"), list)
     if self.verified:
       for i, path in enumerate(meta["arrays"]):
-        want = meta["crc32"][i] if i < len(meta["crc32"]) else None
-        got = checksum(restored[f"a{i}"]) if want is not None else None
-        if got is not None and got != want:
+        want_crc = meta["crc32"][i] if i < len(meta["crc32"]) else None
+        got = ckpt_layout.checksum(values[path]) if want_crc is not None else None
+        if got is not None and got != want_crc:
           raise CheckpointError(
               f"{where} is damaged: {path} does not match the checksum written with it; "
               f"{self._earlier_hint(step)}")
     # Reassemble in the template's order; numpy leaves come back as numpy, Python from JSON.
     out = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
-      if _is_python(leaf):
-        value = meta["leaves"][_path(keypath)]
+      if ckpt_layout.is_python(leaf):
+        value = meta["leaves"][ckpt_layout.path_of(keypath)]
         out.append(float(value) if isinstance(leaf, float) else value)
         continue
-      value = restored[item[_path(keypath)]]
+      value = values[ckpt_layout.path_of(keypath)]
       if isinstance(leaf, np.generic):
         value = leaf.dtype.type(np.asarray(value))
       elif isinstance(leaf, np.ndarray):
-        value = np.asarray(value)
+        value = np.array(value)
+      elif isinstance(value, np.ndarray):     # a packed array: placed as the template says
+        value = ckpt_layout.place(value, getattr(leaf, "sharding", None))
       out.append(value)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
 
@@ -256,48 +223,6 @@ class Checkpointer:
       self._mgr.wait_until_finished()
     finally:
       self._mgr.close()
-
-
-def _compare(saved_paths, saved_meta, template_arrays):
-  """'' when the saved arrays have the template's paths, shapes and dtypes, else the first problem."""
-  want = dict(template_arrays)
-  saved = dict(zip(saved_paths, saved_meta))
-  missing = [p for p in want if p not in saved]
-  extra = [p for p in saved if p not in want]
-  if missing or extra:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} arrays missing from it (e.g. {missing[0]})")
-    if extra:
-      parts.append(f"{len(extra)} arrays this run does not have (e.g. {extra[0]})")
-    return ", ".join(parts)
-  for path, a in template_arrays:
-    m = saved[path]
-    shape, dtype = getattr(m, "shape", None), getattr(m, "dtype", None)
-    if shape is None or tuple(shape) != tuple(np.shape(a)):
-      return f"{path} has shape {shape} in the checkpoint, {tuple(np.shape(a))} in this run"
-    if dtype is not None and np.dtype(dtype) != np.dtype(a.dtype):
-      return f"{path} has dtype {np.dtype(dtype)} in the checkpoint, {a.dtype} in this run"
-  return ""
-
-
-def _compare_python(saved, want):
-  missing = sorted(set(want) - set(saved))
-  extra = sorted(set(saved) - set(want))
-  if missing:
-    return f"{len(missing)} values missing from it (e.g. {missing[0]})"
-  if extra:
-    return f"{len(extra)} values this run does not have (e.g. {extra[0]})"
-  for path, t in want.items():
-    v = saved[path]
-    ok = (isinstance(v, bool) if isinstance(t, bool) else
-          (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(t, float) else
-          (isinstance(v, int) and not isinstance(v, bool)) if isinstance(t, int) else
-          isinstance(v, str) if isinstance(t, str) else v is None)
-    if not ok:
-      return (f"{path} is a {type(v).__name__} in the checkpoint, a {type(t).__name__} "
-              "in this run")
-  return ""
 
 
 @contextlib.contextmanager

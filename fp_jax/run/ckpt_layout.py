@@ -1,0 +1,191 @@
+"""How a checkpoint holds a state's arrays, and the checks of a checkpoint against a template.
+
+Format 2 (written today): every array this process holds whole (a replicated global array, a
+numpy array) is packed with the others of its dtype into one flat orbax item
+`packed_<dtype>`; an array sharded over processes is an item `a{i}` of its own. The JSON part
+gives each array's path, shape, dtype, [item, offset] and CRC-32. Format 1 (earlier): one
+item `a{i}` per array, shapes in orbax's metadata. Orbax spends ~2 ms on every item it writes
+or reads, so packing a search state of a few hundred small arrays cuts a save from ~0.5 s to
+a few ms.
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import numpy as np
+
+FORMAT = 2
+
+
+def is_array(x):
+  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+
+
+def is_python(x):
+  return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _key_str(k):
+  for attr in ("key", "idx", "name"):   # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_of(keypath):
+  return "/".join(_key_str(k) for k in keypath) or "<root>"
+
+
+def split(tree):
+  """([(path, array)], {path: Python leaf}) of a state pytree, in flattening order."""
+  arrays, python = [], {}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path = path_of(keypath)
+    if is_python(leaf):
+      python[path] = leaf
+    elif is_array(leaf):
+      arrays.append((path, np.asarray(leaf) if isinstance(leaf, np.generic) else leaf))
+    else:
+      raise TypeError(f"checkpoint: unsupported leaf {path} of type {type(leaf).__name__} "
+                      "(use arrays, numbers or strings)")
+  return arrays, python
+
+
+def host(a):
+  """A host copy of array `a` (one replica of a replicated global array), or None when this
+  process does not hold all of it."""
+  if isinstance(a, jax.Array):
+    if a.is_fully_addressable:
+      return np.asarray(a)
+    if a.is_fully_replicated:
+      return np.asarray(a.addressable_data(0))
+    return None
+  return np.asarray(a)
+
+
+def checksum(a):
+  """CRC-32 of array `a`'s bytes (C order), or None (not all of it is on this process)."""
+  h = host(a)
+  return None if h is None else zlib.crc32(np.ascontiguousarray(h).reshape(-1).view(np.uint8))
+
+
+def flat(arrays):
+  """The dict orbax writes: one key per array (names are kept in the JSON part)."""
+  return {f"a{i}": a for i, (_, a) in enumerate(arrays)}
+
+
+def item_dtype(key):
+  """The dtype of packed item `key` ('packed_float32' -> 'float32')."""
+  return key[len("packed_"):]
+
+
+def layout(arrays):
+  """(orbax items, meta) of format 2: the arrays this process holds whole packed by dtype.
+
+  meta: "format", "shapes", "dtypes", "layout" ([item, offset] per array; offset None for an
+  array stored alone, item a{i}), "packed" ({item: length}) and "crc32" (None for an array
+  this process does not hold whole)."""
+  parts, layout, crc, packed = {}, [], [], {}
+  items = {}
+  for i, (_, a) in enumerate(arrays):
+    h = host(a)
+    if h is None:
+      items[f"a{i}"] = a
+      layout.append([f"a{i}", None])
+      crc.append(None)
+      continue
+    h = np.ascontiguousarray(h)
+    key = f"packed_{h.dtype.name}"
+    layout.append([key, packed.get(key, 0)])
+    packed[key] = packed.get(key, 0) + h.size
+    parts.setdefault(key, []).append(h.reshape(-1))
+    crc.append(zlib.crc32(h.reshape(-1).view(np.uint8)))
+  for key, ps in parts.items():
+    if packed[key]:
+      items[key] = np.concatenate(ps)
+  packed = {k: n for k, n in packed.items() if n}
+  meta = {"format": FORMAT, "shapes": [list(np.shape(a)) for _, a in arrays],
+          "dtypes": [np.dtype(a.dtype).name for _, a in arrays], "layout": layout,
+          "packed": packed, "crc32": crc}
+  return items, meta
+
+
+class Spec:
+  """The shape and dtype of a saved array (format 2's JSON), as compare reads them."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+
+def layout_problem(meta, saved):
+  """'' when the JSON part and the array items agree (format 1 or 2), else what is wrong."""
+  if (not isinstance(meta, dict) or meta.get("format") not in (1, 2)
+      or not isinstance(meta.get("leaves"), dict) or not isinstance(meta.get("arrays"), list)
+      or not isinstance(saved, dict)):
+    return "its meta/metadata and arrays/ disagree"
+  n = len(meta["arrays"])
+  if meta["format"] == 1:
+    return "" if len(saved) == n else "its meta/metadata and arrays/ disagree"
+  try:
+    layout, packed = meta["layout"], meta["packed"]
+    ok = (len(layout) == len(meta["shapes"]) == len(meta["dtypes"]) == n
+          and set(saved) == set(packed) | {k for k, off in layout if off is None})
+    for key, length in packed.items():
+      ok = ok and tuple(getattr(saved[key], "shape", ())) == (int(length),)
+    for (key, off), shape in zip(layout, meta["shapes"]):
+      if off is not None:
+        ok = ok and 0 <= off and off + int(np.prod(shape, dtype=np.int64)) <= packed.get(key, 0)
+  except (KeyError, TypeError, ValueError):
+    ok = False
+  return "" if ok else "its meta/metadata and arrays/ disagree"
+
+
+def place(value, sharding):
+  """Host array `value` as a jax array with `sharding` (each process supplies its own
+  devices' parts: no cross-process check), or on the default device without one."""
+  if sharding is None:
+    return jax.device_put(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def compare(saved_paths, saved_meta, template_arrays):
+  """'' when the saved arrays have the template's paths, shapes and dtypes, else the first problem."""
+  want = dict(template_arrays)
+  saved = dict(zip(saved_paths, saved_meta))
+  missing = [p for p in want if p not in saved]
+  extra = [p for p in saved if p not in want]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} arrays missing from it (e.g. {missing[0]})")
+    if extra:
+      parts.append(f"{len(extra)} arrays this run does not have (e.g. {extra[0]})")
+    return ", ".join(parts)
+  for path, a in template_arrays:
+    m = saved[path]
+    shape, dtype = getattr(m, "shape", None), getattr(m, "dtype", None)
+    if shape is None or tuple(shape) != tuple(np.shape(a)):
+      return f"{path} has shape {shape} in the checkpoint, {tuple(np.shape(a))} in this run"
+    if dtype is not None and np.dtype(dtype) != np.dtype(a.dtype):
+      return f"{path} has dtype {np.dtype(dtype)} in the checkpoint, {a.dtype} in this run"
+  return ""
+
+
+def compare_python(saved, want):
+  missing = sorted(set(want) - set(saved))
+  extra = sorted(set(saved) - set(want))
+  if missing:
+    return f"{len(missing)} values missing from it (e.g. {missing[0]})"
+  if extra:
+    return f"{len(extra)} values this run does not have (e.g. {extra[0]})"
+  for path, t in want.items():
+    v = saved[path]
+    ok = (isinstance(v, bool) if isinstance(t, bool) else
+          (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(t, float) else
+          (isinstance(v, int) and not isinstance(v, bool)) if isinstance(t, int) else
+          isinstance(v, str) if isinstance(t, str) else v is None)
+    if not ok:
+      return (f"{path} is a {type(v).__name__} in the checkpoint, a {type(t).__name__} "
+              "in this run")
+  return ""
