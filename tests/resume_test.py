@@ -498,8 +498,8 @@ def _mixed_state():
 @pytest.mark.parametrize("packed_when_saved", [True, False])
 def test_checkpoint_layouts_restore_every_dtype_exactly(tmp_path, monkeypatch,
                                                         packed_when_saved):
-  """Format 2 packs the arrays by dtype into one item each (offsets and shapes in the JSON
-  part); a format-1 checkpoint (one item per array) restores the same values, checksums
+  """Format 2 packs the arrays' bytes into one item (byte offsets, shapes and dtypes in the
+  JSON part); a format-1 checkpoint (one item per array) restores the same values, checksums
   verified either way."""
   state = _mixed_state()
   if not packed_when_saved:
@@ -510,14 +510,13 @@ def test_checkpoint_layouts_restore_every_dtype_exactly(tmp_path, monkeypatch,
   ckpt.close()
   meta = json.loads((tmp_path / "ckpt" / "1" / "meta" / "metadata").read_text())
   if packed_when_saved:                # leaves in key order: b empty i mask n s v w
-    assert meta["format"] == 2 and meta["packed"] == {
-        "packed_bfloat16": 1, "packed_int32": 4, "packed_bool": 3, "packed_float32": 7,
-        "packed_float64": 5}
+    assert meta["format"] == 2 and meta["packed"] == {"packed": 2 + 16 + 3 + 4 + 40 + 24}
     assert dict(zip(meta["arrays"], meta["layout"])) == {
-        "b": ["packed_bfloat16", 0], "empty": ["packed_float32", 0], "i": ["packed_int32", 0],
-        "mask": ["packed_bool", 0], "s": ["packed_float32", 0], "v": ["packed_float64", 0],
-        "w": ["packed_float32", 1]}
+        "b": ["packed", 0], "empty": ["packed", 2], "i": ["packed", 2], "mask": ["packed", 18],
+        "s": ["packed", 21], "v": ["packed", 25], "w": ["packed", 65]}
     assert meta["shapes"][meta["arrays"].index("empty")] == [0, 3]
+    assert meta["dtypes"] == ["bfloat16", "float32", "int32", "bool", "float32", "float64",
+                              "float32"]
   else:
     assert meta["format"] == 1 and "layout" not in meta
   monkeypatch.setattr(checkpoint, "PACKED", True)
@@ -547,7 +546,7 @@ def test_an_array_this_process_does_not_hold_whole_is_an_item_of_its_own(tmp_pat
   meta = json.loads((tmp_path / "ckpt" / "1" / "meta" / "metadata").read_text())
   i = meta["arrays"].index("i")
   assert meta["layout"][i] == [f"a{i}", None] and meta["crc32"][i] is None
-  assert "packed_int32" not in meta["packed"]
+  assert meta["packed"] == {"packed": 2 + 3 + 4 + 40 + 24}   # all but i's 16 bytes
   monkeypatch.setattr(ckpt_layout, "host", host)
   got = ckpt.restore(1, state)
   ckpt.close()

@@ -11,7 +11,7 @@ A state is any pytree of jax arrays (e.g. replicated on a mesh: restored with th
 template's shardings; a template may give jax.ShapeDtypeStruct(shape, dtype,
 sharding=...) instead of arrays), numpy arrays and scalars, and Python ints,
 floats, bools and strings (variable-length data, e.g. a JSON list, goes in a
-string). Arrays are written by orbax (`arrays/`, tensorstore; packed by dtype, see
+string). Arrays are written by orbax (`arrays/`, tensorstore; their bytes packed, see
 ckpt_layout.py), the Python leaves, the arrays' pytree paths and where each lies as one JSON
 file (`meta/`); checkpoints of the earlier layout (one orbax item per array) restore too.
 Saving is synchronous. Orbax writes each step to a temporary directory and renames it when
@@ -172,7 +172,10 @@ class Checkpointer:
     else:
       alone = {p: a for p, a in arrays_t if meta["layout"][index[p]][1] is None}
       want = {f"a{index[p]}": a for p, a in alone.items()}
-      want.update({key: np.empty(int(n), np.dtype(ckpt_layout.item_dtype(key)))
+      # read as jax arrays on one local device: a failed numpy read leaves tensorstore
+      # callbacks aimed at orbax's closed event loop (a traceback printed later)
+      reader = ckpt_layout.reader_sharding()
+      want.update({key: jax.ShapeDtypeStruct((int(n),), np.uint8, sharding=reader)
                    for key, n in meta["packed"].items()})
     with _quiet_asyncio():
       try:
@@ -182,16 +185,17 @@ class Checkpointer:
         error = unreadable(e)
         gc.collect()   # orbax's failed read tasks log their tracebacks when collected
         raise error from e
-    values = {}     # path -> the restored array (format 2: a host array, a slice of its item)
+    values = {}     # path -> the restored array (format 2: a host array cut from its item)
+    packed = {}     # format 2: item -> its bytes on the host
     for path, i in index.items():
       if meta["format"] == 1 or meta["layout"][i][1] is None:
         values[path] = restored[f"a{i}"]
       else:
         key, offset = meta["layout"][i]
-        shape, dtype = tuple(meta["shapes"][i]), np.dtype(meta["dtypes"][i])
-        size = int(np.prod(shape, dtype=np.int64))
-        values[path] = (restored[key][offset:offset + size].reshape(shape) if size else
-                        np.zeros(shape, dtype))
+        shape, dtype = tuple(meta["shapes"][i]), meta["dtypes"][i]
+        if key not in packed:
+          packed[key] = np.asarray(restored[key]) if key in restored else np.zeros(0, np.uint8)
+        values[path] = ckpt_layout.unpack(packed[key], offset, shape, dtype)
     self.verified = isinstance(meta.get("crc32"), list)
     if self.verified:
       for i, path in enumerate(meta["arrays"]):
