@@ -216,7 +216,7 @@ class Checkpointer:
       if isinstance(leaf, np.generic):
         value = leaf.dtype.type(np.asarray(value))
       elif isinstance(leaf, np.ndarray):
-        value = np.array(value)
+        value = np.asarray(value)         # format 2's values are already copies
       elif isinstance(value, np.ndarray):     # a packed array: placed as the template says
         value = ckpt_layout.place(value, getattr(leaf, "sharding", None))
       out.append(value)

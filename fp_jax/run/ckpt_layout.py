@@ -64,10 +64,15 @@ def host(a):
   return np.asarray(a)
 
 
+def _bytes(h):
+  """Host array h's bytes in C order, as a flat uint8 array (what is packed and checksummed)."""
+  return np.ascontiguousarray(h).reshape(-1).view(np.uint8)
+
+
 def checksum(a):
   """CRC-32 of array `a`'s bytes (C order), or None (not all of it is on this process)."""
   h = host(a)
-  return None if h is None else zlib.crc32(np.ascontiguousarray(h).reshape(-1).view(np.uint8))
+  return None if h is None else zlib.crc32(_bytes(h))
 
 
 def flat(arrays):
@@ -94,7 +99,7 @@ def layout(arrays):
       layout.append([f"a{i}", None])
       crc.append(None)
       continue
-    b = np.ascontiguousarray(h).reshape(-1).view(np.uint8)
+    b = _bytes(h)
     layout.append([PACKED_ITEM, nbytes])
     nbytes += b.size
     parts.append(b)
