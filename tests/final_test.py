@@ -129,20 +129,29 @@ def _tiny_config(**compress):
   f.steps_per_epoch, f.lr_t0 = 15, 4
   k = config.compress
   k.ratios, k.finetune_epochs, k.steps_per_epoch = "0.5 0.4 0.4 0.5 0.5", 2, 10
+  k.batch_size = f.batch_size   # fine-tuning runs the final stage's compiled step
   for key, value in compress.items():
     k[key] = value
   return config
 
 
-def test_final_and_compress_stages(tmp_path):
+def test_final_and_compress_stages(tmp_path, monkeypatch):
   """The stages in process (sharing compiled steps with the tests above), then the CLI's
-  refusal to redo a finished stage."""
+  refusal to redo a finished stage. The compress stage's fine-tuning runs the final stage's
+  compiled train step (the final network trains with masks of all ones)."""
   from fp_jax import summary
+  built, build = [], trainer_lib.FixedTrainer.build
+  monkeypatch.setattr(trainer_lib.FixedTrainer, "build", classmethod(
+      lambda cls, *a, **kw: built.append(build(*a, **kw)) or built[-1]))
   workdir = tmp_path / "run"
   config = _tiny_config()
   ds = _digits()
   fin = final.run(config, str(workdir), ds)
+  compiled = built[0].train_step._cache_size()
   com = compress.run(config, str(workdir), ds)
+  assert len(built) == 2 and built[0].train_step is built[1].train_step
+  assert built[0].train_step._cache_size() == compiled        # nothing compiled for compress
+  assert np.all(built[0].masks["units"] == 1) and not np.all(built[1].masks["units"] == 1)
   summary.write(str(workdir))
   assert fin == json.loads((workdir / "final" / "result.json").read_text())
   assert com == json.loads((workdir / "compress" / "result.json").read_text())

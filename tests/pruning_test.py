@@ -159,3 +159,40 @@ def test_mask_transform_compiles_once_for_all_ratios():
     kept.add(float(jnp.sum(out["cells"][0]["final"]["bn"]["scale"] != 0)))
   assert len(traces) == 1
   assert len(kept) > 1
+
+
+def test_held_masks_zero_masked_entries_and_leave_kept_ones_bitwise_unmasked():
+  """masked_update.hold_masks: after optax.apply_updates a masked entry is +0.0 exactly and a
+  kept one is exactly the inner transform's p + u; masks of all ones (what the final stage
+  trains with, masks.keep_all) give the unmasked run bit for bit."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from fp_jax.pruning import masked_update  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # magnitudes over 12 decades: p + ((p + u) - p) would differ from p + u in some entries
+  scale = 10.0 ** rng.integers(-8, 4, size=(2, 64))
+  p0 = {"w": (rng.standard_normal((2, 64)) * scale).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32)}
+  grads = [jax.tree.map(lambda a: (rng.standard_normal(a.shape) * 10.0 ** rng.integers(
+      -6, 3, size=a.shape)).astype(np.float32), p0) for _ in range(4)]
+  apply = lambda p, m: {"w": p["w"] * m["units"][:64], "b": p["b"] * m["units"][64:]}
+  inner = optax.sgd(0.3, momentum=0.9, nesterov=True)
+
+  def run(tx):
+    p, state = p0, tx.init(p0)
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state, p)
+      p = jax.jit(optax.apply_updates)(p, u)
+    return jax.device_get(p)
+
+  plain = run(inner)
+  ones = {"units": np.ones(128, np.float32)}
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(run(
+      masked_update.hold_masks(inner, ones, apply)))):
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+  units = (rng.random(128) < 0.5).astype(np.float32)
+  held = run(masked_update.hold_masks(inner, {"units": units}, apply))
+  for name, m in (("w", units[:64]), ("b", units[64:])):
+    kept = np.broadcast_to(m, held[name].shape) == 1
+    np.testing.assert_array_equal(held[name][kept].view(np.uint32),
+                                  plain[name][kept].view(np.uint32))
+    assert np.all(held[name][~kept].view(np.uint32) == 0)   # +0.0, not -0.0

@@ -1,16 +1,20 @@
-"""Masks held in optimizer state and applied after every update (jaxpruner's idea).
+"""Masks held in optimizer state and applied at every update (jaxpruner's idea).
 
 `hold_masks(tx, masks, apply_masks)` wraps an optax transform: its state keeps
-the (fixed) masks, and the updates it returns take params to
-apply_masks(params + inner updates, masks). A masked entry therefore ends every
-step at exactly 0.0 (p + (0 - p) == 0 in floating point), so compaction after
-fine-tuning removes only zeros.
+the (fixed) masks, and the updates it returns are the inner transform's where
+apply_masks keeps an entry and -params where it zeroes one. After
+optax.apply_updates a masked entry is exactly 0.0 (p + -p == 0 in floating
+point), so compaction after fine-tuning removes only zeros, and a kept entry is
+exactly params + inner update: with masks of all ones (masks.keep_all) the
+step is bitwise the unmasked one, so the final stage trains with them and
+shares its compiled step with the compress stage's fine-tuning (trainer.py).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -20,7 +24,8 @@ class MaskedState(NamedTuple):
 
 
 def hold_masks(tx, masks, apply_masks):
-  """tx: optax transform; apply_masks(params, masks) -> params with masked channels zero.
+  """tx: optax transform; apply_masks(params, masks) -> params with masked entries zeroed
+  (by multiplying with 0/1 masks).
 
   The returned transform's update reads the masks from its state only, so one
   compiled step serves any masks; extra keyword arguments go to `tx`.
@@ -30,7 +35,8 @@ def hold_masks(tx, masks, apply_masks):
 
   def update(updates, state, params, **extra_args):
     inner_updates, inner = tx.update(updates, state.inner, params, **extra_args)
-    new = apply_masks(optax.apply_updates(params, inner_updates), state.masks)
-    return jax.tree.map(lambda n, p: n - p, new, params), MaskedState(inner, state.masks)
+    kept = apply_masks(jax.tree.map(jnp.ones_like, params), state.masks)
+    held = jax.tree.map(lambda u, p, k: jnp.where(k != 0, u, -p), inner_updates, params, kept)
+    return held, MaskedState(inner, state.masks)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fp_jax.models import slot_ops
 from fp_jax.models import graph
@@ -161,6 +162,12 @@ def child_masks(plan, params, ratios, criterion="l1", grads=None, key=None, roun
   imp = importance.child_units(plan, params, criterion, grads, key)
   return {"units": unit_masks(imp, g.unit_group, g.group_size, g.group_stage, g.group_fixed,
                               ratios, round_to=round_to)}
+
+
+def keep_all(plan):
+  """child_masks' layout with every unit kept: {'units': f32 [U] of ones}."""
+  g, _ = groups_lib.child_groups(plan)
+  return {"units": np.ones(len(g.unit_group), np.float32)}
 
 
 def value_mask(plan, masks, space_index):

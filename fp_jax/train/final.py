@@ -21,6 +21,7 @@ import numpy as np
 from fp_jax.models import child
 from fp_jax import data
 from fp_jax.models import flops
+from fp_jax.pruning import masks as masks_lib
 from fp_jax import results
 from fp_jax.models import space
 from fp_jax.run import precision
@@ -59,8 +60,10 @@ def run(config, workdir, ds):
   plan = child.make_plan(arc, f.num_layers, f.out_filters, ds.image_shape, ds.num_classes)
   x, y = training_images(ds)
   recipe = final_recipe(config, len(y))
+  # masks of all ones: the unmasked update bitwise, and the compiled step the compress
+  # stage's fine-tuning of this network reuses (masked_update.hold_masks)
   trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.FINAL, ds.mean,
-                                           ds.std)
+                                           ds.std, masks=masks_lib.keep_all(plan))
 
   def init_state():
     params, stats = child.init(streams.key(config.seed, Purpose.FINAL_INIT), plan)

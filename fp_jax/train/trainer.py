@@ -167,7 +167,8 @@ def _transform(optim, plan, masked):
 @functools.lru_cache(maxsize=16)
 def _steps(plan, optim, hparams, seed, mesh, masked, dtype="float32", aug=None, distill=None):
   """Compiled steps shared by every trainer of the same network and hyperparameters
-  (the final network and its compress stage share the eval step). The plan holds the arc.
+  (the final network, trained with masks of all ones, and its compress stage's fine-tuning
+  share the train and eval steps: one compilation for both stages). The plan holds the arc.
   aug (crop_pad, flip, cutout): also the data.input=device train step (else None);
   distill: Recipe.distill (the train steps take the teacher)."""
   tx = _transform(optim, plan, masked)
