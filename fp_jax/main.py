@@ -6,7 +6,6 @@ Bad input ends with one `error: ...` line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
