@@ -163,8 +163,8 @@ def test_mask_transform_compiles_once_for_all_ratios():
 
 def test_held_masks_zero_masked_entries_and_leave_kept_ones_bitwise_unmasked():
   """masked_update.hold_masks: after optax.apply_updates a masked entry is +0.0 exactly and a
-  kept one is exactly the inner transform's p + u; masks of all ones (what the final stage
-  trains with, masks.keep_all) give the unmasked run bit for bit."""
+  kept one is exactly the inner transform's p + u; with masks of all ones (what the final
+  stage trains with, masks.keep_all) the transform gives the unmasked run bit for bit."""
   import optax  # pylint: disable=g-import-not-at-top
   from fp_jax.pruning import masked_update  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -5,9 +5,11 @@ the (fixed) masks, and the updates it returns are the inner transform's where
 apply_masks keeps an entry and -params where it zeroes one. After
 optax.apply_updates a masked entry is exactly 0.0 (p + -p == 0 in floating
 point), so compaction after fine-tuning removes only zeros, and a kept entry is
-exactly params + inner update: with masks of all ones (masks.keep_all) the
-step is bitwise the unmasked one, so the final stage trains with them and
-shares its compiled step with the compress stage's fine-tuning (trainer.py).
+exactly params + inner update. With masks of all ones (masks.keep_all) the
+transform is the unmasked one, op for op, so the final stage trains with them
+and shares its compiled step with the compress stage's fine-tuning (trainer.py);
+XLA fuses that step differently from an unmasked one, so its rounding differs in
+the last bit of a few entries.
 """
 from __future__ import annotations
 

@@ -60,8 +60,8 @@ def run(config, workdir, ds):
   plan = child.make_plan(arc, f.num_layers, f.out_filters, ds.image_shape, ds.num_classes)
   x, y = training_images(ds)
   recipe = final_recipe(config, len(y))
-  # masks of all ones: the unmasked update bitwise, and the compiled step the compress
-  # stage's fine-tuning of this network reuses (masked_update.hold_masks)
+  # masks of all ones: the unmasked update (masked_update.hold_masks), in the compiled step
+  # the compress stage's fine-tuning of this network reuses
   trainer = trainer_lib.FixedTrainer.build(plan, recipe, config.seed, Stream.FINAL, ds.mean,
                                            ds.std, masks=masks_lib.keep_all(plan))
 
