@@ -49,6 +49,7 @@ def worker(args):
   counts = [int(n) for n in args.mesh_devices.split(",")] if args.mesh_devices else [0]
   cfg = default.get_config().search
   tx, _ = search_steps.supernet_optimizer(cfg, steps_per_epoch=100)
+  lr = jnp.asarray(cfg.lr_max, jnp.float32)
   plan = supernet.make_plan(args.num_layers, args.out_filters, (args.image, args.image, 3),
                             args.classes)
   # a host copy: the steps donate their inputs
@@ -71,11 +72,12 @@ def worker(args):
     x, y = parallel.shard(mesh, (x_np[rows_p], y_np[rows_p]))
     state = parallel.replicate(mesh, search_steps.SupernetState(params, tx.init(params)))
     step = search_steps.make_supernet_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh)
-    compiled, trace_s, compile_s = common.compile_timed(step, state, arcs[0], jax.random.key(0), x, y)
+    compiled, trace_s, compile_s = common.compile_timed(step, state, arcs[0], jax.random.key(0), x, y,
+                                                       lr)
     times, losses = [], []
     for rep in range(args.warmup + args.steps):
       t = time.perf_counter()
-      state, m = compiled(state, arcs[rep], jax.random.key(rep), x, y)
+      state, m = compiled(state, arcs[rep], jax.random.key(rep), x, y, lr)
       losses.append(float(m["loss"]))   # waits for the step
       if rep >= args.warmup:
         times.append(time.perf_counter() - t)

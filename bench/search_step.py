@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -42,8 +41,9 @@ from fp_jax.train import search_steps
 
 
 def make_fixed_step(plan, tx, aux_weight, dtype="float32"):
-  """The fixed network's train step, equivalent to search_steps.make_supernet_step."""
-  def step(state, x, y):
+  """The fixed network's train step, equivalent to search_steps.make_supernet_step: (state,
+  x, y, lr) -> (state, metrics)."""
+  def step(state, x, y, lr):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux, stats = child.forward(plan, pc, state["stats"], xc, True)
@@ -51,7 +51,7 @@ def make_fixed_step(plan, tx, aux_weight, dtype="float32"):
       return loss, (ce, acc, stats)
 
     (_, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], lr=lr)
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state, "stats": stats}, {"loss": ce, "acc": acc}
 
@@ -74,6 +74,7 @@ def bench_child(args, arc):
   cfg = default.get_config().search
   shape = (args.image, args.image, 3)
   tx, _ = search_steps.supernet_optimizer(cfg, steps_per_epoch=100)
+  lr = jnp.asarray(cfg.lr_max, jnp.float32)
   mesh = parallel.make_mesh(jax.devices()[:1])
   x_np, y_np = common.synthetic_batch(args.seed, args.batch, args.image, args.classes)
 
@@ -88,9 +89,10 @@ def bench_child(args, arc):
   sstep = search_steps.make_supernet_step(splan, tx, cfg.aux_weight, cfg.keep_prob, mesh, args.dtype)
   fixed_arc = jnp.asarray(arc)
   common.log(f"supernet: {n_super} params, compiling the step")
-  scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, jax.random.key(0), sx, sy)
+  scompiled, s_trace, s_compile = common.compile_timed(sstep, sstate, fixed_arc, jax.random.key(0), sx,
+                                                         sy, lr)
   common.log(f"supernet step: trace {s_trace:.1f}s compile {s_compile:.1f}s")
-  sstate, _ = scompiled(sstate, fixed_arc, jax.random.key(0), sx, sy)
+  sstate, _ = scompiled(sstate, fixed_arc, jax.random.key(0), sx, sy, lr)
   super_rss = memory.peak_rss_bytes()   # compile + one step, before the fixed network
   common.log(f"supernet: peak RSS {super_rss / 2**30:.2f} GiB after compile and one step")
 
@@ -101,7 +103,7 @@ def bench_child(args, arc):
   fstate = {"params": fparams, "opt_state": tx.init(fparams), "stats": fstats}
   fx, fy = jnp.asarray(x_np), jnp.asarray(y_np)
   fstep = make_fixed_step(fplan, tx, cfg.aux_weight, args.dtype)
-  fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy)
+  fcompiled, f_trace, f_compile = common.compile_timed(fstep, fstate, fx, fy, lr)
   common.log(f"fixed step ({n_fixed} params): trace {f_trace:.1f}s compile {f_compile:.1f}s")
 
   rng = np.random.default_rng(args.seed + 1)
@@ -112,12 +114,12 @@ def bench_child(args, arc):
   def run_super(a):
     def f(rep):
       state["super"], m = scompiled(state["super"], jnp.asarray(a(rep)), jax.random.key(rep),
-                                    sx, sy)
+                                    sx, sy, lr)
       losses.setdefault("super", []).append(float(m["loss"]))
     return f
 
   def run_fixed(rep):
-    state["fixed"], m = fcompiled(state["fixed"], fx, fy)
+    state["fixed"], m = fcompiled(state["fixed"], fx, fy, lr)
     losses.setdefault("fixed", []).append(float(m["loss"]))
 
   times, cpu = common.interleave({"supernet_sampled": run_super(lambda rep: arcs[rep]),

@@ -71,18 +71,21 @@ def _compute(pkg, params, x, dtype):
 
 
 def _supernet_api(pkg):
-  """(optimizer(cfg, steps_per_epoch), make_step, state(params, opt_state)) of revision pkg:
-  search_steps' supernet_optimizer / make_supernet_step / SupernetState, or, in revisions
-  before them, search's child_optimizer / make_child_step and a dict state."""
+  """(optimizer(cfg, steps_per_epoch), make_step, state(params, opt_state), takes_lr) of
+  revision pkg: search_steps' supernet_optimizer / make_supernet_step / SupernetState, or, in
+  revisions before them, search's child_optimizer / make_child_step and a dict state;
+  takes_lr: the step takes the learning rate as its last input (revisions with
+  search_steps.supernet_schedule)."""
   try:
     steps = _mod(pkg, "search_steps")
   except ModuleNotFoundError:
     steps = None
   if hasattr(steps, "make_supernet_step"):
-    return steps.supernet_optimizer, steps.make_supernet_step, steps.SupernetState
+    return (steps.supernet_optimizer, steps.make_supernet_step, steps.SupernetState,
+            hasattr(steps, "supernet_schedule"))
   search = _mod(pkg, "search")
   return (search.child_optimizer, search.make_child_step,
-          lambda params, opt_state: {"params": params, "opt_state": opt_state})
+          lambda params, opt_state: {"params": params, "opt_state": opt_state}, False)
 
 
 def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float32", seed=0,
@@ -91,7 +94,7 @@ def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float3
   (search_steps.make_supernet_step) on a 1-device mesh, a fresh uniformly sampled arc every
   call; dispatch: its node slots' 'switch' | 'select' (None: the revision's default)."""
   parallel, space, supernet = _mod(pkg, "parallel"), _mod(pkg, "space"), _mod(pkg, "supernet")
-  optimizer, make_step, state_of = _supernet_api(pkg)
+  optimizer, make_step, state_of, takes_lr = _supernet_api(pkg)
   cfg = default.get_config().search
   tx, _ = optimizer(cfg, steps_per_epoch=100)
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -99,15 +102,18 @@ def supernet_step(pkg, num_layers, filters, batch, image, classes, dtype="float3
   params = supernet.init(jax.random.key(seed), plan)
   state = parallel.replicate(mesh, state_of(params, tx.init(params)))
   x, y = parallel.shard(mesh, common.synthetic_batch(seed, batch, image, classes))
+  lr = (jnp.asarray(cfg.lr_max, jnp.float32),) if takes_lr else ()
   extra = () if dtype == "float32" else (dtype,)
   step = make_step(plan, tx, cfg.aux_weight, cfg.keep_prob, mesh, *extra,
                    **({} if dispatch is None else {"dispatch": dispatch}))
   arc0 = jnp.asarray(space.parse_arc(space.ENAS_ARC))
-  compiled, trace_s, compile_s = common.compile_timed(step, state, arc0, jax.random.key(0), x, y)
+  compiled, trace_s, compile_s = common.compile_timed(step, state, arc0, jax.random.key(0), x, y,
+                                                      *lr)
   rng = np.random.default_rng(seed + 1)
 
   def call(state, rep):
-    state, m = compiled(state, jnp.asarray(space.sample_uniform(rng)), jax.random.key(rep), x, y)
+    state, m = compiled(state, jnp.asarray(space.sample_uniform(rng)), jax.random.key(rep), x, y,
+                        *lr)
     return state, float(m["loss"])
   return compiled, state, call, trace_s + compile_s
 

@@ -174,7 +174,8 @@ def test_select_steps_hold_no_conditional():
   for d in DISPATCH:
     step = search_steps.make_supernet_step(PLAN, tx, 0.4, 0.9, mesh, dispatch=d)
     evaluate = search_steps.make_reward_eval(PLAN, "l1", mesh, dispatch=d)
-    found[d] = (_conditionals(step.lower(state, arc, key, x, y).as_text()),
+    lr = jax.ShapeDtypeStruct((), jnp.float32)
+    found[d] = (_conditionals(step.lower(state, arc, key, x, y, lr).as_text()),
                 _conditionals(evaluate.lower(params, arc, ratios, groups, key, x, y).as_text()))
   assert found["select"] == (0, 0)
   assert min(found["switch"]) > 0

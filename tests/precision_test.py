@@ -9,7 +9,6 @@ from configs import smoke
 from fp_jax.models import child
 from fp_jax.pruning import compaction
 from fp_jax import config as config_lib
-from fp_jax import data
 from fp_jax.models import layers
 from fp_jax.run import parallel
 from fp_jax.run import precision
@@ -73,7 +72,8 @@ def _supernet_losses(dtype):
   rng, losses = np.random.default_rng(1), []
   for i in range(STEPS):
     x, y = parallel.shard(mesh, _batch(i))
-    state, m = step(state, jnp.asarray(space.sample_uniform(rng)), jax.random.key(i), x, y)
+    state, m = step(state, jnp.asarray(space.sample_uniform(rng)), jax.random.key(i), x, y,
+                    jnp.float32(cfg.lr_max))
     losses.append(float(m["loss"]))
   return losses, state
 

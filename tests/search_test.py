@@ -39,13 +39,40 @@ def test_one_compilation_for_all_architectures(one_device_search):
   for i, a in enumerate(sorted(arcs)):
     x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
     net, m = srch.supernet_step(net, jnp.asarray(space.parse_arc(a)),
-                                srch.key(Purpose.SUPERNET_STEP, i), x, y)
+                                srch.key(Purpose.SUPERNET_STEP, i), x, y, srch.schedule(i))
     assert np.isfinite(float(m["loss"]))
   assert srch.supernet_step._cache_size() == 1
   # the reward evaluation compiles once for every arc and ratio setting too
   for i in range(6):
     srch.evaluate_sample(net.params, space.sample_uniform(rng), rng.integers(0, 5, 5), i)
   assert srch.reward_eval._cache_size() == 1
+
+
+def test_one_compilation_for_every_schedule(one_device_search, digits):
+  """The learning rate is a step input: a Search of another schedule (lr, cycle length,
+  steps per epoch) runs the same compiled step, and the step applies the lr it is given (0:
+  the parameters stay bitwise; 2 lr: twice the first step's change)."""
+  srch = one_device_search
+  other = search.Search.build(tiny_config(lr_max=0.01, lr_t0=3, steps_per_epoch=5), digits,
+                              RATIOS, srch.mesh)
+  assert other.supernet_step is srch.supernet_step and other.steps_per_epoch == 5
+  assert float(other.schedule(0)) == pytest.approx(0.01, rel=1e-6)
+  assert float(srch.schedule(0)) == pytest.approx(srch.config.search.lr_max, rel=1e-6)
+  x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, 0, 32, Stream.SUPERNET, True)
+  arc, key = jnp.asarray(space.parse_arc(space.ENAS_ARC)), srch.key(Purpose.SUPERNET_STEP, 0)
+  before = jax.tree.map(np.asarray, srch.init_state().supernet.params)
+  moved = {}
+  for lr in (0.0, 0.01, 0.02):   # a fresh state each time: the step donates its input
+    net, m = other.supernet_step(other.init_state().supernet, arc, key, x, y, jnp.float32(lr))
+    moved[lr] = jax.tree.map(lambda a, b: np.asarray(a) - b, net.params, before)
+    assert np.isfinite(float(m["loss"]))
+  assert all(not np.any(d) for d in jax.tree.leaves(moved[0.0]))
+  flat = lambda tree: np.concatenate([a.ravel() for a in jax.tree.leaves(tree)])
+  d1, d2, p = flat(moved[0.01]), flat(moved[0.02]), flat(before)
+  assert np.count_nonzero(d1) > d1.size // 2
+  # the changes are differences of rounded parameters: within 3 of their ulps
+  assert np.all(np.abs(d2 - 2 * d1) <= 3 * np.spacing(np.abs(p)) + 1e-3 * np.abs(d2))
+  assert srch.supernet_step._cache_size() == 1
 
 
 def test_one_and_two_devices_give_the_same_losses(digits):
@@ -60,7 +87,7 @@ def test_one_and_two_devices_give_the_same_losses(digits):
     for i in range(4):
       x, y = srch._batch(srch.ds.x_train, srch.ds.y_train, i, 32, Stream.SUPERNET, True)
       net, m = srch.supernet_step(net, jnp.asarray(space.sample_uniform(rng)),
-                                  srch.key(Purpose.SUPERNET_STEP, i), x, y)
+                                  srch.key(Purpose.SUPERNET_STEP, i), x, y, srch.schedule(i))
       run.append(float(m["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -160,6 +187,7 @@ def test_cifar10_path_under_tfds_mock_data():
   net, arc = state.supernet, jnp.asarray(space.parse_arc(space.ENAS_ARC))
   losses = []
   for i in range(8):
-    net, m = srch.supernet_step(net, arc, srch.key(Purpose.SUPERNET_STEP, i), x, y)
+    net, m = srch.supernet_step(net, arc, srch.key(Purpose.SUPERNET_STEP, i), x, y,
+                                srch.schedule(2 + i))
     losses.append(float(m["loss"]))
   assert losses[-1] < 0.5 * losses[0], losses

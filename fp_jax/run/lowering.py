@@ -258,7 +258,7 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   functions, built for `platform` (FUNCTIONS order):
 
     supernet_step   search_steps.make_supernet_step at search.{num_layers, out_filters,
-                    batch_size}: (state, arc [40], key, x, y)
+                    batch_size}: (state, arc [40], key, x, y, lr)
     reward_eval     search_steps.make_reward_eval at search.eval_batch_size with
                     search.importance: (params, arc, ratios [5], groups, key, x, y)
     fixed_step      trainer.make_train_step of `arc` at final.{num_layers, out_filters,
@@ -286,8 +286,9 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   # the steps (and the reward evaluation) run fp_jax's training kernels on cpu
   steps_allow = (kernels.TRAIN_TARGETS
                  if platform == "cpu" and kernels.available() else ())
-  out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape)),
-                          steps_allow)
+  scalar = lambda t: jax.ShapeDtypeStruct((), t)
+  out["supernet_step"] = (step, (state, arc_spec, key, *_batch(s.batch_size, image_shape),
+                                 scalar(jnp.float32)), steps_allow)
   evaluate = search_steps.make_reward_eval(plan, s.importance, mesh, dtype, dispatch)
   groups = abstract(groups_lib.supernet_groups(plan, arc))
   out["reward_eval"] = (evaluate, (params, arc_spec, jax.ShapeDtypeStruct((5,), jnp.float32),
@@ -300,7 +301,6 @@ def functions(config, image_shape, num_classes, mesh, platform, arc=None, batch=
   net = {"params": cparams, "stats": stats, "opt_state": jax.eval_shape(ftx.init, cparams)}
   fstep = trainer.make_train_step(cplan, ftx, (f.aux_weight, f.keep_prob,
                                                f.drop_path_keep_prob), config.seed, mesh, dtype)
-  scalar = lambda t: jax.ShapeDtypeStruct((), t)
   out["fixed_step"] = (fstep, (net, *_batch(f.batch_size, image_shape), scalar(jnp.int32),
                                scalar(jnp.float32), scalar(jnp.float32)), steps_allow)
 

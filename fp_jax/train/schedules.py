@@ -25,15 +25,6 @@ def cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min):
   return schedule
 
 
-def sgdr_momentum(steps_per_epoch, t0, tmul, lr_max, lr_min, momentum, l2, grad_clip):
-  """(optax transform, schedule): L2 (gradient 2*l2*w, as ENAS's l2 * sum w^2), global-norm
-  clipping, Nesterov momentum SGD on cosine restarts. Used by search, final and compress."""
-  schedule = cosine_restarts(steps_per_epoch, t0, tmul, lr_max, lr_min)
-  tx = optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(grad_clip),
-                   optax.sgd(schedule, momentum=momentum, nesterov=True))
-  return tx, schedule
-
-
 def scale_by_lr_arg():
   """optax transform scaling updates by -lr, with lr passed to update(..., lr=...): a step
   that takes the learning rate as an input compiles once for every schedule."""
@@ -45,6 +36,9 @@ def scale_by_lr_arg():
 
 
 def momentum_lr_arg(momentum, l2, grad_clip):
-  """sgdr_momentum's transform with the learning rate an argument of update (lr=...)."""
+  """L2 (gradient 2*l2*w, as ENAS's l2 * sum w^2), global-norm clipping and Nesterov momentum
+  SGD, the learning rate an argument of update (lr=...): the transform of the supernet
+  (search), the final network and compress fine-tuning, whose steps take the learning rate
+  of cosine_restarts as an input."""
   return optax.chain(optax.add_decayed_weights(2 * l2), optax.clip_by_global_norm(grad_clip),
                      optax.trace(decay=momentum, nesterov=True), scale_by_lr_arg())

@@ -78,9 +78,10 @@ class Search:
     dispatch = slot_ops.resolve_dispatch(s.dispatch, jax.default_backend())
     logging.info("search: node slots by %s (search.dispatch=%s on %s)", dispatch, s.dispatch,
                  jax.default_backend())
-    tx, schedule, supernet_step, reward_eval = search_steps.compiled(
-        plan, mesh, search_steps.optimizer_settings(s, spe), s.aux_weight, float(s.keep_prob),
+    tx, supernet_step, reward_eval = search_steps.compiled(
+        plan, mesh, search_steps.optimizer_settings(s), s.aux_weight, float(s.keep_prob),
         s.importance, config.dtype, dispatch, round_to=s.round_to)
+    schedule = search_steps.supernet_schedule(s, spe)
     empty = empty_stages(plan)
     if empty:
       logging.warning("search: stage(s) %s hold no cell at search.num_layers=%d; their "
@@ -89,7 +90,7 @@ class Search:
     return cls(config, ds, plan, mesh, search_steps.controller_config(config, len(ratio_choices)),
                np.asarray(ratio_choices, np.float32), spe, tx, schedule, supernet_step,
                reward_eval, reward_lib.make(s.alpha, s.beta),
-               search_batches.build(config, ds, plan, mesh, spe, dispatch, supernet_step))
+               search_batches.build(config, ds, plan, mesh, dispatch, supernet_step))
 
   def init_state(self):
     """The SearchState at the start of the search (epoch 0, nothing done)."""
@@ -206,8 +207,10 @@ class Search:
       arcs = self._epoch_arcs(state) if first < spe else None
       for i in range(first, spe):
         step_fn, args = next(inputs)
+        g = epoch * spe + i
         net, m = step_fn(state.supernet, jnp.asarray(arcs[i]),
-                         self.key(Purpose.SUPERNET_STEP, epoch * spe + i), *args)
+                         self.key(Purpose.SUPERNET_STEP, g), *args,
+                         jnp.asarray(self.schedule(g), jnp.float32))
         pending.append((i, m))
         resolve(keep=1)
         state = state.replace(supernet=net, steps=i + 1)   # losses: when saved or returned

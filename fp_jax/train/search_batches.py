@@ -18,12 +18,12 @@ from fp_jax.train import search_steps
 from fp_jax.train.streams import Stream
 
 
-def build(config, ds, plan, mesh, steps_per_epoch, dispatch, host_step):
+def build(config, ds, plan, mesh, dispatch, host_step):
   """The SearchBatches of a Search of `plan` (its supernet step `host_step`, dispatch
   resolved), with a device supernet step of the same settings when data.input=device."""
   s, c = config.search, config.data
   device_step = None if c.input != "device" else search_steps.compiled_device_step(
-      plan, mesh, search_steps.optimizer_settings(s, steps_per_epoch), s.aux_weight,
+      plan, mesh, search_steps.optimizer_settings(s), s.aux_weight,
       float(s.keep_prob), config.dtype, dispatch, (c.crop_pad, bool(c.flip)))
   return SearchBatches(config, ds, mesh, host_step, device_step)
 

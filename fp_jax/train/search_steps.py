@@ -40,9 +40,17 @@ def empty_stages(plan):
   return [k for k in range(5) if all(spec.stage != k for spec in plan.cells)]
 
 
-def optimizer_settings(s, steps_per_epoch):
-  """The supernet optimizer's settings in config.search `s` (hashable: keys `compiled`)."""
-  return (steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min, s.momentum, s.l2, s.grad_clip)
+def optimizer_settings(s):
+  """The settings in config.search `s` that the supernet's compiled steps hold (hashable: keys
+  `compiled`): momentum, L2 and clipping. The learning rate is a step input
+  (supernet_schedule's), so one compilation serves every schedule and length."""
+  return (s.momentum, s.l2, s.grad_clip)
+
+
+def supernet_schedule(s, steps_per_epoch):
+  """The supernet's learning rate by global step: SGDR over config.search `s`'s lr_t0,
+  lr_tmul, lr_max, lr_min (schedules.cosine_restarts)."""
+  return schedules.cosine_restarts(steps_per_epoch, s.lr_t0, s.lr_tmul, s.lr_max, s.lr_min)
 
 
 def controller_config(config, num_ratio_choices):
@@ -55,15 +63,20 @@ def controller_config(config, num_ratio_choices):
 
 
 def supernet_optimizer(s, steps_per_epoch):
-  """(optax transform, lr schedule) of the supernet (config.search `s`): L2, clipping,
-  Nesterov SGDR."""
-  return schedules.sgdr_momentum(*optimizer_settings(s, steps_per_epoch))
+  """(optax transform, lr schedule) of the supernet (config.search `s`): L2, clipping and
+  Nesterov momentum, the step's learning rate passed as update(..., lr=)
+  (schedules.momentum_lr_arg, as the fixed network's), and supernet_schedule's SGDR."""
+  return (schedules.momentum_lr_arg(*optimizer_settings(s)),
+          supernet_schedule(s, steps_per_epoch))
 
 
 def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
                        dispatch="switch"):
   """Data-parallel supernet step: (SupernetState, arc int32 [40], key, x [B, H, W, C],
-  y int32 [B]) -> (SupernetState, {'loss', 'acc'} of the main head).
+  y int32 [B], lr f32 []) -> (SupernetState, {'loss', 'acc'} of the main head).
+
+  tx: supernet_optimizer's transform (it takes the learning rate `lr`, so the step compiles
+  once for every schedule).
 
   keep_prob: dropout keep of the pooled features (ENAS's search script: 0.9); key: the
   step's PRNG key (folded with the device index inside); dtype: compute dtype
@@ -71,7 +84,7 @@ def make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="float32",
   'switch' | 'select' (supernet.forward)."""
   return parallel.data_parallel(_supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype,
                                                   dispatch), mesh,
-                                (REPLICATED,) * 3 + (BATCH, BATCH),
+                                (REPLICATED,) * 3 + (BATCH, BATCH, REPLICATED),
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
@@ -79,24 +92,24 @@ def make_device_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype="floa
                               dispatch="switch", aug=(0, False)):
   """make_supernet_step with the batch built on the devices (data.input=device): (state,
   arc, key, x_all uint8 [N,H,W,C], y_all [N], lut f32 [256, C] (augment.table) (these
-  replicated), idx, offsets, flips, centres (augment.plan, split over `data`)) -> (state,
+  replicated), idx, offsets, flips, centres (augment.plan, split over `data`), lr) -> (state,
   metrics); aug = (crop_pad, flip). Each device gathers and augments its rows
   (augment.augment: bitwise the host's batch), then runs make_supernet_step's body."""
   body = _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch)
   crop_pad, flip = aug
 
-  def step(state, arc, key, x_all, y_all, lut, idx, offsets, flips, centres):
+  def step(state, arc, key, x_all, y_all, lut, idx, offsets, flips, centres, lr):
     p = {"idx": idx, "offsets": offsets, "flips": flips, "centres": centres}
     x = augment.augment(x_all, p, lut, crop_pad=crop_pad, flip=flip, xp=jnp)
-    return body(state, arc, key, x, jnp.take(y_all, idx, axis=0))
+    return body(state, arc, key, x, jnp.take(y_all, idx, axis=0), lr)
 
-  return parallel.data_parallel(step, mesh, (REPLICATED,) * 6 + (BATCH,) * 4,
+  return parallel.data_parallel(step, mesh, (REPLICATED,) * 6 + (BATCH,) * 4 + (REPLICATED,),
                                 (REPLICATED, REPLICATED), donate_argnums=(0,))
 
 
 def _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch):
-  """The per-device supernet step body: (state, arc, key, x f32 [b,H,W,C], y [b])."""
-  def step(state, arc, key, x, y):
+  """The per-device supernet step body: (state, arc, key, x f32 [b,H,W,C], y [b], lr)."""
+  def step(state, arc, key, x, y, lr):
     def loss_fn(params):
       pc, xc = precision.compute(params, x, dtype)
       logits, aux = supernet.forward(plan, pc, arc, xc, AXIS,
@@ -105,7 +118,7 @@ def _supernet_step_fn(plan, tx, aux_weight, keep_prob, dtype, dispatch):
       return loss_lib.classification_loss(logits, aux, y, aux_weight)
 
     (_, (ce, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, lr=lr)
     params = optax.apply_updates(state.params, updates)
     return SupernetState(params, opt_state), {"loss": ce, "acc": acc}
 
@@ -148,12 +161,11 @@ def make_reward_eval(plan, criterion, mesh, dtype="float32", dispatch="switch", 
 @functools.lru_cache(maxsize=8)
 def compiled(plan, mesh, opt, aux_weight, keep_prob, criterion, dtype="float32",
              dispatch="switch", round_to=1):
-  """(tx, lr schedule, supernet step, reward evaluation), shared by every Search with the
-  same settings; opt: optimizer_settings; dispatch: resolved ('switch' | 'select');
-  round_to: search.round_to (the reward's masks)."""
-  tx, schedule = schedules.sgdr_momentum(*opt)
-  return (tx, schedule,
-          make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch),
+  """(tx, supernet step, reward evaluation), shared by every Search with the same settings
+  (any schedule: the step takes the learning rate); opt: optimizer_settings; dispatch:
+  resolved ('switch' | 'select'); round_to: search.round_to (the reward's masks)."""
+  tx = schedules.momentum_lr_arg(*opt)
+  return (tx, make_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch),
           make_reward_eval(plan, criterion, mesh, dtype, dispatch, round_to))
 
 
@@ -162,5 +174,5 @@ def compiled_device_step(plan, mesh, opt, aux_weight, keep_prob, dtype="float32"
                          dispatch="switch", aug=(0, False)):
   """make_device_supernet_step of `compiled`'s settings (data.input=device); aug: (crop_pad,
   flip)."""
-  tx, _ = schedules.sgdr_momentum(*opt)
-  return make_device_supernet_step(plan, tx, aux_weight, keep_prob, mesh, dtype, dispatch, aug)
+  return make_device_supernet_step(plan, schedules.momentum_lr_arg(*opt), aux_weight,
+                                   keep_prob, mesh, dtype, dispatch, aug)
