@@ -77,7 +77,9 @@ def _digits():
 
 
 def _recipe(epochs=2, spe=3, **kw):
-  base = dict(epochs=epochs, steps_per_epoch=spe, batch_size=16, eval_batch_size=64,
+  """configs/smoke.py's final recipe at batch 32 (_tiny_config's: the tests share its compiled
+  steps), shortened."""
+  base = dict(epochs=epochs, steps_per_epoch=spe, batch_size=32, eval_batch_size=512,
               lr_max=0.05, lr_min=0.001, lr_t0=epochs, lr_tmul=1, momentum=0.9, l2=2e-4,
               grad_clip=5.0, aux_weight=0.4, keep_prob=0.8, drop_path_keep_prob=0.6, cutout=2,
               crop_pad=0, flip=False)
