@@ -113,9 +113,11 @@ def test_bad_input_is_one_error_naming_the_field():
 
 def _search_config(input_mode):
   from tests.tiny import tiny_config
-  config = tiny_config(num_layers=1, out_filters=4, batch_size=16, eval_batch_size=16,
-                       epochs=2, steps_per_epoch=3, controller_updates=1, controller_samples=2,
-                       num_candidates=1, uniform_child_epochs=1)
+  # resume_test's search settings (one controller update): its host step, reward evaluation
+  # and controller programs are that file's, compiled once in the session's cache
+  config = tiny_config(num_layers=1, out_filters=8, batch_size=32, eval_batch_size=32,
+                       epochs=2, steps_per_epoch=4, controller_updates=1, controller_samples=4,
+                       num_candidates=2, uniform_child_epochs=1)
   config.data.input = input_mode
   config.data.crop_pad, config.data.flip = 2, True
   config_lib.validate(config)

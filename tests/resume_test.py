@@ -57,11 +57,15 @@ def digits():
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """This module's compilations also go to a persistent cache that the subprocess test reads.
+  """This module's compilations also go to a persistent cache that the subprocess test reads:
+  the session's (tests/conftest.py), shared with the other files, or else one of its own.
 
   Only a speed-up (the subprocesses would otherwise compile everything again); the previous
   settings are put back afterwards.
   """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    yield os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return
   from jax._src import compilation_cache as cc
   directory = str(tmp_path_factory.mktemp("jax_cache"))
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
