@@ -183,7 +183,7 @@ ADDED_AFTER_FIRST_ROWS = (
 # fields added after every committed row (fashion and hardware tables) was written: left out
 # of every key while at their defaults, so those rows keep today's keys; a value off the
 # default is another recipe (another key)
-ADDED_AFTER_STORED_ROWS = ("latency.micro_batch",)
+ADDED_AFTER_STORED_ROWS = ("latency.micro_batch", "latency.engine")
 
 
 def _without(recipe, fields):

@@ -73,7 +73,7 @@ def build(args):
   for name in ("fused", "fused_without_pointwise"):
     fused.sep_conv = original if name == "fused" else without_pointwise(fused)
     try:
-      c = fused.Fused(plan, params, stats, fused.Options(im2col=True)).network(xj)
+      c = fused.Fused(plan, params, stats, fused.Options(im2col=True, engine="xla")).network(xj)
     finally:
       fused.sep_conv = original
     counts[name] = op_counts(c)

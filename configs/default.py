@@ -149,6 +149,9 @@ def get_config():
   t.dots = "auto"                      # fused/per-op GEMMs on CPU: auto = xla (XLA's emitter,
                                        # on the calling thread) | ynn (YNNPACK)
   t.threads = 0                        # cores for every runtime (0: all usable; see runtimes.py)
+  t.engine = "auto"                    # fused path: native (one custom call, every op split
+                                       # over the cores; native.py) | xla (XLA's compiled
+                                       # graph) | auto: native on CPU where it runs, else xla
   t.micro_batch = 0                    # fused path, a batch larger than this runs as a loop over
                                        # chunks of at most this many images: 0 = auto (on CPU
                                        # chunks sized to the caches; batching.micro_batch_size),

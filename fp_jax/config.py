@@ -267,6 +267,7 @@ FIELDS = {
     "latency.im2col": BOOL,
     "latency.pad_channels": Int(1, 64),
     "latency.dots": Choice(fused.DOT_LIBRARIES),
+    "latency.engine": Choice(fused.ENGINES),
     "latency.micro_batch": Int(-1),
     "latency.threads": Parsed(_threads, "an integer in 0..(usable cores); 0: all"),
 }

@@ -61,6 +61,7 @@ def test_choices_come_from_the_modules_that_implement_them():
   assert f["search.final_init"].values is supernet.FINAL_INITS
   assert f["search.dispatch"].values is slot_ops.DISPATCHES
   assert f["latency.dots"].values is fused.DOT_LIBRARIES
+  assert f["latency.engine"].values is fused.ENGINES
   assert f["dtype"].values is precision.DTYPES
   assert f["data.name"].allowed is data.ALLOWED
 

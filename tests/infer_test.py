@@ -91,7 +91,7 @@ def test_fused_options_and_compact_widths():
   assert params["blocks"]["stem"]["conv"].shape[-1] < plan.stem_channels
   assert params["fc"]["w"].shape[0] < plan.cells[-1].out_channels
   ref = _reference("enas_pruned")
-  opts = fused.Options(im2col=True, depthwise="xla")
+  opts = fused.Options(im2col=True, depthwise="xla", engine="xla")
   _close(fused.Fused(plan, params, stats, opts)(X), ref, ref, str(opts))
   with pytest.raises(ValueError, match="depthwise"):
     fused.Fused(plan, params, stats, fused.Options(depthwise="fast"))
@@ -121,8 +121,8 @@ def test_channel_padding_keeps_logits(multiple):
         orig = np.asarray(params["blocks"][name][k])
         w = np.asarray(w)
         assert np.sum(np.abs(w)) == pytest.approx(np.sum(np.abs(orig)), rel=1e-6)
-  _close(fused.Fused(plan, params, stats, fused.Options(pad_channels=multiple))(X), ref,
-         ref, f"pad {multiple}")
+  opts = fused.Options(pad_channels=multiple, engine="xla")
+  _close(fused.Fused(plan, params, stats, opts)(X), ref, ref, f"pad {multiple}")
   with pytest.raises(ValueError, match="pad_channels"):
     fused.Fused(plan, params, stats, fused.Options(pad_channels=0))
 
@@ -155,7 +155,8 @@ def test_dot_library_compiler_options():
   pool off), per compilation, in the fused and per-op paths alike; ynn: XLA's defaults."""
   plan, params, stats = _net("tiny")
   assert jax.default_backend() == "cpu"
-  hlo = {d: fused.Fused(plan, params, stats, fused.Options(dots=d)).network(X[:1]).as_text()
+  hlo = {d: fused.Fused(plan, params, stats, fused.Options(dots=d, engine="xla")).network(
+      X[:1]).as_text()
          for d in ("auto", "ynn")}
   assert "ynn_fusion" not in hlo["auto"] and "ynn_fusion" in hlo["ynn"]
   assert fused.compiler_options(fused.Options(dots="ynn")) is None
@@ -187,12 +188,12 @@ def test_micro_batches_give_the_whole_batchs_logits():
   plan, params, stats = _net("enas_pruned")
   x = jnp.concatenate([X, jax.random.normal(jax.random.PRNGKey(5), (4, HW, HW, 3))])
   ref = _reference("enas_pruned")
-  whole = fused.Fused(plan, params, stats, fused.Options(micro_batch=-1))
+  whole = fused.Fused(plan, params, stats, fused.Options(micro_batch=-1, engine="xla"))
   assert whole.micro_batch is None and "while" not in whole.network(x).as_text()
   want = np.asarray(whole(x))
   _close(want[:3], ref, ref, "whole batch of 7 vs child.forward on 3")
   for mb in (1, 3):
-    f = fused.Fused(plan, params, stats, fused.Options(micro_batch=mb))
+    f = fused.Fused(plan, params, stats, fused.Options(micro_batch=mb, engine="xla"))
     assert "while" in f.network(x).as_text()
     _close(f(x), want, ref, f"micro_batch={mb} vs the whole batch")
   size = batching.largest_activation_bytes(plan)

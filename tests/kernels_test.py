@@ -88,9 +88,9 @@ def test_fused_network_with_kernel_equals_reference():
   x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
   assert any(s.reduce for s in plan.cells)
   assert fused.depthwise_impl("auto") == "kernel"          # the CPU default
-  fu = fused.Fused(plan, params, stats)
+  fu = fused.Fused(plan, params, stats, fused.Options(engine="xla"))
   assert kernels.TARGET in fu.network(x).as_text()
-  shift = fused.Fused(plan, params, stats, fused.Options(depthwise="shift"))
+  shift = fused.Fused(plan, params, stats, fused.Options(depthwise="shift", engine="xla"))
   assert kernels.TARGET not in shift.network(x).as_text()
   ref = jax.jit(lambda p, s, x: child.forward(plan, p, s, x, False, with_aux=False)[0])(
       params, stats, x)

@@ -149,8 +149,8 @@ def test_trained_networks_load(tmp_path):
 
 
 def test_latency_option_errors():
-  """latency.pad_channels, latency.dots and latency.threads are checked with one-line
-  messages."""
+  """latency.pad_channels, latency.dots, latency.engine and latency.threads are checked with
+  one-line messages."""
   import importlib.util
   import pytest
   from fp_jax import config as config_lib
@@ -161,6 +161,7 @@ def test_latency_option_errors():
   for field, value, needle in (
       ("pad_channels", 0, "latency.pad_channels=0: must be an integer in 1..64"),
       ("dots", "mkl", "latency.dots='mkl': must be one of auto, xla, ynn"),
+      ("engine", "fast", "latency.engine='fast': must be one of auto, native, xla"),
       ("threads", -1, "latency.threads=-1: must be an integer >= 0"),
       ("threads", cores + 1, f"latency.threads={cores + 1}: must be an integer in 0..{cores}")):
     config = mod.get_config()

@@ -37,10 +37,12 @@ from fp_jax.models import layers
 from fp_jax.infer import batching
 from fp_jax.infer import folding
 from fp_jax.infer import kernels
+from fp_jax.infer import native
 from fp_jax.models.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unused-import
 
 DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
+ENGINES = ("auto", "native", "xla")
 MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 CPU_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",   # XLA's own dot emitter
                    "xla_cpu_multi_thread_eigen": False}          # on the calling thread
@@ -57,6 +59,9 @@ class Options:
   micro_batch: int = 0          # a larger batch runs as a loop over chunks of at most this many
                                 # images; -1: the whole batch at once; 0 = auto (CPU: chunks
                                 # sized to the caches, else whole; batching.py)
+  engine: str = "auto"          # the whole network: native (native.py / network.cc: one custom
+                                # call, ops split over every core) | xla (`forward` compiled by
+                                # XLA) | auto: native where engine_impl allows, else xla
 
 
 def compiler_options(opts):
@@ -76,6 +81,35 @@ def compiler_options(opts):
   if jax.default_backend() == "cpu" and opts.dots in ("auto", "xla"):
     return dict(CPU_DOT_OPTIONS)
   return None
+
+
+def engine_impl(opts, plan=None, fp=None, platform=None):
+  """The engine `Fused` runs for `opts` ('native' or 'xla'), and why not native (or '').
+
+  'native' needs a CPU platform (default: JAX's backend), fp_jax's kernels (kernels.
+  available()), float32, and a network native.build takes (fp given: the folded weights;
+  channel widths padded to multiples of 8). 'auto' is 'native' when all hold, else 'xla';
+  an explicit 'native' that cannot run raises ValueError naming the reason. platform None:
+  batching.current_platform() (a `jax.default_device` CPU on a GPU host is CPU)."""
+  if opts.engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {opts.engine!r}")
+  if opts.engine == "xla":
+    return "xla", ""
+  why = ""
+  if (platform or batching.current_platform()) != "cpu":
+    why = "it runs on CPU only"
+  elif jnp.dtype(opts.dtype) != jnp.float32:
+    why = f"it computes in float32 only (dtype {opts.dtype})"
+  elif not kernels.available():
+    why = "fp_jax's kernels are not available here (kernels.available())"
+  elif fp is not None:
+    try:
+      native.build(plan, fp)
+    except native.Unsupported as e:
+      why = str(e)
+  if why and opts.engine == "native":
+    raise ValueError(f"engine 'native' cannot run this network: {why}")
+  return ("xla" if why else "native"), why
 
 
 # ---------------------------------------------------------------- operators (traced)
@@ -304,6 +338,8 @@ class Fused:
     self.dtype = jnp.dtype(opts.dtype)
     if self.dtype != jnp.float32:
       self.fp = jax.tree.map(lambda a: np.asarray(a).astype(self.dtype), self.fp)
+    self.engine, self.engine_note = engine_impl(opts, plan, self.fp)
+    self.program = native.build(plan, self.fp) if self.engine == "native" else None
     self.cache = {}
 
   def compiled(self, key, fn, *xs):
@@ -316,8 +352,12 @@ class Fused:
 
   def network(self, x):
     """The compiled whole network for x's shape: call it as c(x) (x and the logits
-    float32; the network computes in opts.dtype). A batch above micro_batch_size images
-    is one computation that loops over chunks of that size (batching.chunked)."""
+    float32; the network computes in opts.dtype). Engine 'native': one custom call
+    (native.network) that runs the images one after another, each op split over every
+    usable core. Engine 'xla': a batch above micro_batch_size images is one computation
+    that loops over chunks of that size (batching.chunked)."""
+    if self.engine == "native":
+      return self.compiled("network", functools.partial(native.network, self.program), x)
     run = functools.partial(forward, self.plan, self.fp, opts=self.opts)
     return self.compiled("network", lambda x: batching.chunked(
         lambda c: run(c.astype(self.dtype)).astype(jnp.float32), x, self.micro_batch), x)
@@ -361,7 +401,11 @@ class Fused:
 
   def memory_bytes(self, x):
     """Weights (constants) + arguments + outputs + temporaries of the whole-network
-    computation for x's shape."""
+    computation for x's shape (native: + the activation arenas of the threads it uses)."""
     m = self.network(x).memory_analysis()
-    return int(self.weight_bytes() + m.argument_size_in_bytes + m.output_size_in_bytes
+    own = 0
+    if self.engine == "native":   # its weights are packed anew; each thread's arena is its own
+      own = self.program.prog.nbytes + self.program.weights.nbytes - self.weight_bytes()
+      own += 4 * self.program.arena_floats * native.arenas(x.shape[0])
+    return int(self.weight_bytes() + own + m.argument_size_in_bytes + m.output_size_in_bytes
                + m.temp_size_in_bytes)

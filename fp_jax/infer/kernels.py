@@ -32,9 +32,10 @@ import jax
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc", "conv_train.cc"))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc", "conv_train.cc",
+                                                 "network.cc"))
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("kernel_common.h", "sep_products.h"))
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
 
 
@@ -62,6 +63,7 @@ SEP_TARGETS = {"fwd": f"fp_jax_sep_forward_{TAG[:8]}", "bwd": f"fp_jax_sep_backw
 CONV_TARGETS = {"fwd": f"fp_jax_conv_forward_{TAG[:8]}", "bwd": f"fp_jax_conv_backward_{TAG[:8]}"}
 CONV_KERNELS = (1, 3)        # kernel sizes conv_train.cc handles (3: without the input gradient)
 TRAIN_TARGETS = (*SEP_TARGETS.values(), *CONV_TARGETS.values())   # what training steps call
+NETWORK_TARGET = f"fp_jax_network_{TAG[:8]}"   # network.cc: a whole folded network (native.py)
 
 
 def _cpu_ok():
@@ -125,6 +127,7 @@ def available():
                               platform="cpu")
   jax.ffi.register_ffi_target(CONV_TARGETS["bwd"], jax.ffi.pycapsule(lib.FpJaxConvBackward),
                               platform="cpu")
+  jax.ffi.register_ffi_target(NETWORK_TARGET, jax.ffi.pycapsule(lib.FpJaxNetwork), platform="cpu")
   return True
 
 

@@ -273,6 +273,9 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "micro_batch": {"option": opts.micro_batch,          # images_per_chunk None: whole batch
                       "images_per_chunk": ex["baseline", "fused"].micro_batch},
       "compiler_options": fused.compiler_options(opts) or {},
+      "engine": {"option": opts.engine, "ran": ex["baseline", "fused"].engine,
+                 "pruned_ran": ex["pruned", "fused"].engine,
+                 "why_not_native": ex["baseline", "fused"].engine_note},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
       "network_detail": net_ms,
@@ -333,7 +336,8 @@ def _run_on_cpu(config, workdir, accel):
   else:
     nets = networks.random_networks(config, workdir)
   opts = fused.Options(im2col=bool(lat.im2col), pad_channels=int(lat.pad_channels),
-                       dots=lat.dots, dtype=config.dtype, micro_batch=int(lat.micro_batch))
+                       dots=lat.dots, dtype=config.dtype, micro_batch=int(lat.micro_batch),
+                       engine=lat.engine)
   perop_depthwise = "auto"
   if accel is not None:   # 'auto' as a CPU host resolves it, not as the accelerator
     opts = placement.for_platform(opts, "cpu")

@@ -298,12 +298,14 @@ def _broadcast(table):
 
 
 def search_options(config):
-  """fused.Options of the latency stage (latency.*, config.dtype), 'auto' resolved for CPU."""
+  """fused.Options of the latency stage (latency.*, config.dtype), 'auto' resolved for CPU;
+  engine 'xla': the table's blocks are XLA computations, so it predicts that engine."""
   from fp_jax.infer import placement   # pylint: disable=g-import-not-at-top
   lat = config.latency
   return placement.for_platform(fused.Options(im2col=bool(lat.im2col),
                                               pad_channels=int(lat.pad_channels),
-                                              dots=lat.dots, dtype=config.dtype), "cpu")
+                                              dots=lat.dots, dtype=config.dtype, engine="xla"),
+                                "cpu")
 
 
 def for_search(config, image_shape, num_classes, ratio_choices, out_dir, resume, **fns):

@@ -1,0 +1,252 @@
+"""The folded network as one program for network.cc, fp_jax's CPU network executor.
+
+`build(plan, fp)` lowers the graph (graph.py) with the folded, channel-padded weights
+(folding.folded) to instructions over one image's activation buffers, the way
+fused.forward computes it: a conv node is a GEMM (1x1, at its stride) or an im2col conv
+(the stem); a factorized reduction two GEMMs writing the two halves of its output; a
+sep_conv [DW, GEMM, DW, GEMM] (the first pointwise conv's folded bias added by its GEMM);
+pools, adds and the classifier one instruction each. A concat costs nothing where it can:
+a part that only the concat reads is written by its producer straight into the concat's
+channel slice; other parts are copied. Buffers share an arena: each gets the lowest
+offset free over its lifetime (first to last instruction touching it), so the activations
+of a 15-layer network at batch 1 stay within a few of its largest tensors.
+
+`network(prog, x, threads, min_chunk)` runs a built program inside a jitted computation:
+one custom call, x [B,H,W,C] f32 -> logits [B, classes] (network.cc's header says how
+ops are split over threads; the result is the same for any thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from fp_jax.infer import kernels
+from fp_jax.models import layers
+
+MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 1, 8, 16
+OPS = {"gemm": 1, "convk": 2, "dw": 3, "pool": 4, "add": 5, "copy": 6, "class": 7}
+F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "stride": 8,
+     "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13}
+ALIGN = 16                     # floats: every buffer and weight block starts on 64 bytes
+MIN_CHUNK = 1 << 14            # multiply-adds (or element ops) below which an op is not split
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  prog: np.ndarray             # int32: header, buffers [n, 4], instructions [m, FIELDS]
+  weights: np.ndarray          # float32
+  image: tuple                 # (H, W, C)
+  classes: int
+  arena_floats: int            # one image's activations (per thread)
+
+
+class Unsupported(ValueError):
+  """The network has a tensor the executor does not handle (a width not a multiple of 8)."""
+
+
+def _pack_gemm(w):
+  """w [K, N] -> [ceil(N/8), K, 8]: one 8-column panel after another (the last zero-padded)."""
+  k, n = w.shape
+  w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, -n % 8)))
+  return np.ascontiguousarray(w.reshape(k, -1, 8).transpose(1, 0, 2))
+
+
+class _Builder:
+  def __init__(self):
+    self.bufs = []             # [H, W, C]
+    self.instrs = []
+    self.weights = []
+    self.size = 0              # floats of weights so far
+
+  def buf(self, h, w, c):
+    self.bufs.append((int(h), int(w), int(c)))
+    return len(self.bufs) - 1
+
+  def w(self, a):
+    """Offset of weight block a (float32, flattened) in the weights array."""
+    a = np.asarray(a, np.float32).ravel()
+    off = self.size
+    pad = -len(a) % ALIGN
+    self.weights.append(np.concatenate([a, np.zeros(pad, np.float32)]) if pad else a)
+    self.size += len(a) + pad
+    return off
+
+  def emit(self, op, **fields):
+    r = [0] * FIELDS
+    r[F["op"]] = OPS[op]
+    r[F["b"]] = -1
+    for k, v in fields.items():
+      r[F[k]] = int(v)
+    self.instrs.append(r)
+
+
+def _gemm(bd, src, dst, w, b, relu=False, stride=1, start=0, coff=0):
+  k, n = np.shape(w)[-2:]
+  if bd.bufs[src][2] != k:
+    raise ValueError(f"gemm: input has {bd.bufs[src][2]} channels, weights {np.shape(w)}")
+  bd.emit("gemm", in0=src, out=dst, w=bd.w(_pack_gemm(np.reshape(w, (k, n)))),
+          b=-1 if b is None else bd.w(b), relu=relu, stride=stride, oh=start, ow=start,
+          coff=coff, n=n)
+
+
+def _pads(n, k, stride):
+  out = -(-n // stride)
+  return max((out - 1) * stride + k - n, 0) // 2
+
+
+def build(plan, fp):
+  """The Program of the folded network fp (folding.folded; float32) of `plan`."""
+  bd = _Builder()
+  h, w = plan.image_hw
+  vals = {0: (bd.buf(h, w, plan.in_channels), 0)}       # node -> (buffer, channel offset)
+  readers = {}
+  for j, n in enumerate(plan.nodes):
+    for i in n.inputs:
+      readers.setdefault(i, []).append(j)
+  widths = {0: plan.in_channels}
+  direct = {}                  # concat part node -> (concat node, channel offset)
+  for j, n in enumerate(plan.nodes):
+    fb = fp["blocks"].get(n.name)
+    if n.kind == "conv":
+      widths[j] = np.shape(fb["w"])[-1]
+    elif n.kind == "fr":
+      widths[j] = np.shape(fb["w1"])[-1] + np.shape(fb["w2"])[-1]
+    elif n.kind == "sep":
+      widths[j] = np.shape(fb["pw2"])[-1]
+    elif n.kind == "concat":
+      widths[j] = sum(widths[i] for i in n.inputs)
+      off = 0
+      for i in n.inputs:
+        if (readers[i] == [j] and plan.nodes[i].kind not in ("image", "concat")
+            and i not in direct and n.inputs.count(i) == 1):
+          direct[i] = (j, off)
+        off += widths[i]
+    elif n.kind in ("avg", "max", "add"):
+      widths[j] = widths[n.inputs[0]]
+    if j and widths[j] % 8:
+      raise Unsupported(f"node {n.name} has {widths[j]} channels (the native executor needs "
+                        "multiples of 8: latency.pad_channels=8)")
+  for j, n in enumerate(plan.nodes):
+    if n.kind == "image":
+      continue
+    fb = fp["blocks"].get(n.name)
+    ho, wo = n.hw
+    if j in direct and j not in vals:
+      c, _ = direct[j]
+      if c not in vals:
+        vals[c] = (bd.buf(*plan.nodes[c].hw, widths[c]), 0)
+      out, coff = vals[c][0], direct[j][1]
+    elif n.kind == "concat" and j in vals:
+      out, coff = vals[j]
+    else:
+      out, coff = bd.buf(ho, wo, widths[j]), 0
+    vals[j] = (out, coff)
+    ins = [vals[i][0] for i in n.inputs]
+    if n.kind == "conv" and np.shape(fb["w"])[0] > 1:
+      k = np.shape(fb["w"])[0]
+      cin, cout = np.shape(fb["w"])[2:]
+      hi, wi = bd.bufs[ins[0]][:2]
+      bd.emit("convk", in0=ins[0], out=out, w=bd.w(_pack_gemm(np.reshape(fb["w"], (k * k * cin, cout)))),
+              b=bd.w(fb["b"]), k=k, stride=n.stride, oh=_pads(hi, k, n.stride),
+              ow=_pads(wi, k, n.stride), coff=coff, n=cout)
+      if n.relu:
+        raise ValueError(f"{n.name}: a k x k conv with an input ReLU is not supported")
+    elif n.kind == "conv":
+      _gemm(bd, ins[0], out, fb["w"], fb["b"], relu=n.relu, stride=n.stride, coff=coff)
+    elif n.kind == "fr":
+      _gemm(bd, ins[0], out, fb["w1"], fb["b1"], relu=n.relu, stride=n.stride, coff=coff)
+      _gemm(bd, ins[0], out, fb["w2"], fb["b2"], relu=n.relu, stride=n.stride, start=1,
+            coff=coff + np.shape(fb["w1"])[-1])
+    elif n.kind == "sep":
+      hi, wi, c = bd.bufs[ins[0]]
+      k = np.shape(fb["dw1"])[0]
+      offs = [0, 0] if n.stride == 1 else [layers.same_offset(d, k, n.stride) for d in (hi, wi)]
+      t1 = bd.buf(ho, wo, c)
+      bd.emit("dw", in0=ins[0], out=t1, w=bd.w(np.reshape(fb["dw1"], (k * k, c))), relu=1, k=k,
+              stride=n.stride, oh=offs[0], ow=offs[1])
+      t2 = bd.buf(ho, wo, np.shape(fb["pw1"])[-1])
+      _gemm(bd, t1, t2, fb["pw1"], fb["b1"])
+      t3 = bd.buf(ho, wo, bd.bufs[t2][2])
+      bd.emit("dw", in0=t2, out=t3, w=bd.w(np.reshape(fb["dw2"], (k * k, bd.bufs[t2][2]))),
+              relu=1, k=k, stride=1)
+      _gemm(bd, t3, out, fb["pw2"], fb["b2"], coff=coff)
+    elif n.kind in ("avg", "max"):
+      hi, wi, _ = bd.bufs[ins[0]]
+      offs = [0, 0] if n.stride == 1 else [layers.same_offset(d, 3, n.stride) for d in (hi, wi)]
+      bd.emit("pool", in0=ins[0], out=out, stride=n.stride, oh=offs[0], ow=offs[1], coff=coff,
+              kind=0 if n.kind == "avg" else 1)
+    elif n.kind == "add":
+      bd.emit("add", in0=ins[0], in1=ins[1], out=out, coff=coff)
+    elif n.kind == "concat":
+      off = 0
+      for i, b in zip(n.inputs, ins):
+        if direct.get(i, (None,))[0] != j:
+          bd.emit("copy", in0=b, out=out, coff=off)
+        off += widths[i]
+    else:
+      raise ValueError(f"unknown node kind {n.kind!r}")
+  last = vals[plan.out][0]
+  classes = np.shape(fp["fc"]["w"])[-1]
+  bd.emit("class", in0=last, out=last, w=bd.w(fp["fc"]["w"]))
+  offsets, arena = _place(bd)
+  head = [MAGIC, VERSION, len(bd.bufs), len(bd.instrs), arena, 0, classes, 0]
+  table = [(o,) + b for o, b in zip(offsets, bd.bufs)]
+  prog = np.concatenate([np.asarray(head, np.int64), np.asarray(table, np.int64).ravel(),
+                         np.asarray(bd.instrs, np.int64).ravel()])
+  if prog.max() >= 2**31 or arena >= 2**31 or bd.size >= 2**31:
+    raise Unsupported("the network is too large for the native executor's int32 program")
+  return Program(prog.astype(np.int32), np.concatenate(bd.weights).astype(np.float32),
+                 (h, w, plan.in_channels), int(classes), int(arena))
+
+
+def _place(bd):
+  """Arena offsets of the buffers (buffer 0, the image, gets -1) and the arena's size:
+  each buffer the lowest aligned offset not used by a buffer whose lifetime overlaps."""
+  first, last = {}, {}
+  for t, r in enumerate(bd.instrs):
+    for f in ("in0", "in1", "out"):
+      b = r[F[f]]
+      if f == "in1" and r[F["op"]] != OPS["add"]:
+        continue
+      first.setdefault(b, t)
+      last[b] = t
+  size = lambda b: -(-int(np.prod(bd.bufs[b])) // ALIGN) * ALIGN
+  offsets, placed, top = [-1] * len(bd.bufs), [], 0
+  for b in sorted((b for b in first if b != 0), key=lambda b: first[b]):
+    busy = sorted((o, o + size(c)) for o, c in placed if last[c] >= first[b])
+    o = 0
+    for lo, hi in busy:
+      if o + size(b) <= lo:
+        break
+      o = max(o, hi)
+    offsets[b] = o
+    placed.append((o, b))
+    top = max(top, o + size(b))
+  return offsets, top
+
+
+def arenas(batch, threads=0):
+  """How many threads hold an activation arena in a call on `batch` images (network.cc:
+  whole images per thread from 2 per thread on, else the caller's arena alone)."""
+  n = len(os.sched_getaffinity(0)) if threads == 0 else min(threads, 64)
+  return n if n > 1 and batch >= 2 * n else 1
+
+
+def network(p, x, threads=0, min_chunk=MIN_CHUNK, skip=()):
+  """Logits [B, classes] f32 of Program p on x [B, H, W, C] f32 (p.image); traced. threads:
+  how many threads take part (0: one per core this thread may run on; more than the cores
+  only oversubscribes them, at most 64); skip: names of OPS whose
+  instructions are not run (for timing the others; the logits are then meaningless); needs
+  kernels.available()."""
+  if not kernels.available():
+    raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
+  if tuple(x.shape[1:]) != tuple(p.image):
+    raise ValueError(f"native network: images must be [B, {', '.join(map(str, p.image))}], "
+                     f"got {tuple(x.shape)}")
+  return jax.ffi.ffi_call(kernels.NETWORK_TARGET,
+                          jax.ShapeDtypeStruct((x.shape[0], p.classes), np.float32))(
+      x, p.prog, p.weights, threads=np.int64(threads), min_chunk=np.int64(min_chunk),
+      skip=np.int64(sum(1 << OPS[o] for o in skip)))

@@ -1,0 +1,609 @@
+// fp_jax's CPU network executor: the whole folded network in one XLA FFI custom call (built
+// and registered by kernels.py; the program comes from native.py).
+//
+// y [B, classes] = the folded network (fused.forward's graph) on x [B,H,W,Cin], NHWC f32.
+// `prog` (int32) is a list of instructions over buffers of one image's activations in an
+// arena; `weights` (f32) holds every instruction's weights, packed by native.py:
+//   prog = header [8] | buffers [n_buf, 4] (arena offset, H, W, C) | instructions [n, 16]
+// Buffer 0 is the image (the call's input). The instructions (fields: kOp ...):
+//   GEMM   out[p, coff + n] = bias[n] + sum_k u[k] * w[k, n], u = [ReLU](in at pixel
+//          (oh + s*i, ow + s*j)) or 0 outside (a 1x1 conv at stride s; the factorized
+//          reduction's shifted half starts at (1, 1)); w packed [N/8][K][8].
+//   CONVK  a k x k SAME conv (the stem) as im2col rows + the same GEMM; w [N/8][k*k*Cin][8].
+//   DW     out = depthwise_kxk([ReLU](in + bias)) at stride s from (oh, ow) (kernel_common.h's
+//          register-blocked Row); w [k*k, C].
+//   POOL   3x3 avg (padding excluded from the count) / max at stride s from (oh, ow).
+//   ADD    out[p, coff + c] = a[p, c] + b[p, c].
+//   COPY   out[p, coff + c] = a[p, c] (a concat part that other nodes also read).
+//   CLASS  logits = mean_p ReLU(in[p]) @ w, w [C, classes].
+// Every channel count is a multiple of 8 except the image's and the logits'.
+//
+// Why: at batch 1 XLA:CPU runs the network as ~650 thunks (GEMMs, fusions, the depthwise
+// custom calls) one after another on one thread, ~1-2 us of bookkeeping each, and cannot
+// split a small op over cores (waking a pool thread costs 15-25 us). Here one call runs
+// every op; each op large enough is cut into chunks of output rows that the calling thread
+// and this file's own worker threads take from a shared counter. The workers spin between
+// ops (and sleep after ~0.2 ms without work), so handing out an op costs well under a
+// microsecond. Every output element is computed by the same code in the same order
+// whichever thread takes its chunk: the result is the same for any thread count (bitwise).
+// A batch of at least 2 images per thread is split by images instead (each thread runs the
+// whole program on its images, with its own arena).
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+#include "kernel_common.h"
+#include "sep_products.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using fp_jax::Row;
+
+enum Op : int32_t { kGemm = 1, kConvK = 2, kDw = 3, kPool = 4, kAdd = 5, kCopy = 6, kClass = 7 };
+// instruction fields
+enum Field {
+  kOp = 0, kIn0 = 1, kIn1 = 2, kOut = 3, kW = 4, kB = 5, kRelu = 6, kK = 7, kStride = 8,
+  kOh = 9, kOw = 10, kCoff = 11, kN = 12, kKind = 13, kFields = 16
+};
+constexpr int kHeader = 8;
+constexpr int32_t kMagic = 0x66706e65;  // "fpne"
+constexpr int kSpins = 1 << 13;          // pause loops (~0.2 ms) before an idle worker sleeps
+constexpr int64_t kMaxTasks = (1 << 20) - 1;
+
+// ---------------------------------------------------------------- worker pool
+
+// Fork-join over chunks t in [0, total): the caller publishes (fn, ctx, total) in one atomic
+// word with a generation, the workers and the caller claim chunks with a CAS on that word
+// (generation, total and next index packed together, so a late worker can never claim a
+// chunk of a newer op), and the caller waits until every claimed chunk is done. It never
+// waits for a worker that has not claimed one, so a descheduled worker costs nothing.
+class Pool {
+ public:
+  using Fn = void (*)(const void*, int64_t);
+
+  static Pool& Get() {
+    static Pool* pool = new Pool();   // never destroyed: workers outlive static teardown
+    return *pool;
+  }
+
+  // Runs fn(ctx, t) for t < total on the caller and up to n - 1 workers.
+  void Run(Fn fn, const void* ctx, int64_t total, int n) {
+    if (n <= 1 || total <= 1) {
+      for (int64_t t = 0; t < total; ++t) fn(ctx, t);
+      return;
+    }
+    Ensure(n - 1);
+    std::lock_guard<std::mutex> one(run_mu_);   // one op at a time through the pool
+    fn_ = fn;
+    ctx_ = ctx;
+    active_ = n - 1;
+    done_.store(0, std::memory_order_relaxed);
+    gen_ = (gen_ + 1) & 0xFFFFFF;
+    word_.store(Pack(gen_, total, 0), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    Claim(gen_, -1);
+    for (int spin = 0; done_.load(std::memory_order_acquire) != total; ++spin) {
+      if (spin < kSpins) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static uint64_t Pack(uint64_t gen, int64_t total, int64_t next) {
+    return (gen << 40) | (static_cast<uint64_t>(total) << 20) | static_cast<uint64_t>(next);
+  }
+
+  // Claims and runs chunks of generation g while any is left; worker index i (-1: caller).
+  void Claim(uint64_t g, int i) {
+    uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w >> 40) != g) return;
+      const int64_t total = (w >> 20) & 0xFFFFF, next = w & 0xFFFFF;
+      if (next >= total) return;
+      if (i >= 0 && i >= active_.load(std::memory_order_relaxed)) return;
+      if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+      fn_(ctx_, next);   // fn_, ctx_ are this generation's: the caller waits for this chunk
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      w = word_.load(std::memory_order_acquire);
+    }
+  }
+
+  void Ensure(int workers) {
+    std::lock_guard<std::mutex> lock(start_mu_);
+    while (static_cast<int>(threads_.size()) < workers) {
+      const int i = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, i] { Work(i); });
+      threads_.back().detach();
+    }
+  }
+
+  void Work(int i) {
+    uint64_t seen = word_.load(std::memory_order_acquire) >> 40;
+    for (;;) {
+      uint64_t g;
+      for (int spin = 0; (g = word_.load(std::memory_order_acquire) >> 40) == seen; ++spin) {
+        if (spin < kSpins) {
+          _mm_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lock, [&] { return (word_.load(std::memory_order_seq_cst) >> 40) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        spin = 0;
+      }
+      seen = g;
+      Claim(g, i);
+    }
+  }
+
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> active_{0};
+  std::atomic<int> sleepers_{0};
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  uint64_t gen_ = 0;
+  std::mutex run_mu_, start_mu_, mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+};
+
+int UsableCores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+float* Scratch(int i, int64_t n) { return fp_jax::Scratch(i, n); }
+
+// ---------------------------------------------------------------- the program
+
+struct Buf {
+  int64_t off, H, W, C;
+};
+
+struct Net {
+  const int32_t* prog;
+  const float* wts;
+  std::vector<Buf> bufs;
+  int64_t n_instr, arena, classes;
+  int64_t skip;         // bit op set: instructions of that op are skipped (bench/native_parts.py)
+  const int32_t* Instr(int64_t i) const {
+    return prog + kHeader + 4 * static_cast<int64_t>(bufs.size()) + kFields * i;
+  }
+};
+
+// Where one image's buffers live: the arena, and the image itself as buffer 0.
+struct Frame {
+  float* arena;
+  const float* image;
+  float* P(const Net& n, int64_t b) const {
+    return b == 0 ? const_cast<float*>(image) : arena + n.bufs[b].off;
+  }
+};
+
+// ---------------------------------------------------------------- GEMM
+
+#define FP_INLINE inline __attribute__((always_inline))
+
+// out[r, 0:8*NV] for R rows = bias + sum_k a[r, k] * wp[v][k][:] for the panel's vectors v;
+// a rows lda apart, out rows ldo apart; with Tail only the lanes `mask` selects of the last
+// vector are loaded (bias) and stored. An element's k-order and FMA chain do not depend on
+// R, so any row blocking gives the same bits.
+template <int R, int NV, bool Tail>
+FP_INLINE void Micro(const float* a, int64_t lda, int64_t K, const float* wp, int64_t kstride,
+                     const float* bias, float* out, int64_t ldo, __m256i mask) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const __m256 b = !bias ? _mm256_setzero_ps()
+                     : (Tail && v == NV - 1) ? _mm256_maskload_ps(bias + 8 * v, mask)
+                                             : _mm256_loadu_ps(bias + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][v] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wp + v * kstride + 8 * k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (Tail && v == NV - 1) {
+        _mm256_maskstore_ps(out + r * ldo + 8 * v, mask, acc[r][v]);
+      } else {
+        _mm256_storeu_ps(out + r * ldo + 8 * v, acc[r][v]);
+      }
+    }
+}
+
+// Rows [m, m + rows) with rows < MR: one at a time (the same FMA chain per element).
+template <int NV, bool Tail>
+void MicroRows(const float* a, int64_t lda, int64_t K, const float* wp, int64_t kstride,
+               const float* bias, float* out, int64_t ldo, int rows, __m256i mask) {
+  for (int r = 0; r < rows; ++r)
+    Micro<1, NV, Tail>(a + r * lda, lda, K, wp, kstride, bias, out + r * ldo, ldo, mask);
+}
+
+template <int MR, int NV, bool Tail = false>
+void Panel(const float* a, int64_t lda, int64_t M, int64_t K, const float* wp,
+           const float* bias, float* out, int64_t ldo, __m256i mask = __m256i{}) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    Micro<MR, NV, Tail>(a + m * lda, lda, K, wp, 8 * K, bias, out + m * ldo, ldo, mask);
+  if (m < M)
+    MicroRows<NV, Tail>(a + m * lda, lda, K, wp, 8 * K, bias, out + m * ldo, ldo,
+                        static_cast<int>(M - m), mask);
+}
+
+// out [M, N] (rows ldo apart) = a [M, K] (rows lda apart) @ w + bias; w packed [ceil(N/8)][K][8].
+void Gemm(const float* a, int64_t lda, int64_t M, int64_t K, int64_t N, const float* wp,
+          const float* bias, float* out, int64_t ldo) {
+  const int64_t nv = N / 8;
+  int64_t v = 0;
+  for (; v + 3 <= nv; v += 3)
+    Panel<4, 3>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
+  if (nv - v == 2)
+    Panel<6, 2>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
+  else if (nv - v == 1)
+    Panel<8, 1>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
+  if (N % 8)     // a last panel of N % 8 columns (packed zero-padded to 8)
+    Panel<8, 1, true>(a, lda, M, K, wp + nv * 8 * K, bias ? bias + 8 * nv : nullptr,
+                      out + 8 * nv, ldo, fp_jax::TailMask(N % 8));
+}
+
+constexpr int64_t kRowBlock = 24;        // GEMM rows a chunk gathers at a time (L1-sized)
+
+struct Task {
+  const Net* net;
+  Frame f;
+  const int32_t* in;
+  int64_t rows_per_chunk, units;         // output rows (or pixel rows) per chunk, all rows
+};
+
+// Output pixels [p0, p1) of a GEMM instruction.
+void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int64_t p1) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  const float* xp = f.P(net, in[kIn0]);
+  float* yp = f.P(net, in[kOut]) + in[kCoff];
+  const float* w = net.wts + in[kW];
+  const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
+  const int64_t K = x.C, N = in[kN], s = in[kStride], oh = in[kOh], ow = in[kOw];
+  const bool relu = in[kRelu] != 0;
+  if (!relu && s == 1 && oh == 0 && ow == 0) {     // the rows as they are
+    Gemm(xp + p0 * K, K, p1 - p0, K, N, w, bias, yp + p0 * y.C, y.C);
+    return;
+  }
+  float* a = Scratch(0, kRowBlock * K);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t q0 = p0; q0 < p1; q0 += kRowBlock) {
+    const int64_t q1 = std::min(p1, q0 + kRowBlock);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t h = oh + s * (q / y.W), wc = ow + s * (q % y.W);
+      float* d = a + (q - q0) * K;
+      if (h >= x.H || wc >= x.W) {
+        std::memset(d, 0, sizeof(float) * K);
+        continue;
+      }
+      const float* src = xp + (h * x.W + wc) * K;
+      for (int64_t c = 0; c < K; c += 8) {
+        const __m256 u = _mm256_loadu_ps(src + c);
+        _mm256_storeu_ps(d + c, relu ? _mm256_max_ps(zero, u) : u);
+      }
+    }
+    Gemm(a, K, q1 - q0, K, N, w, bias, yp + q0 * y.C, y.C);
+  }
+}
+
+// Output pixels [p0, p1) of a k x k SAME conv (oh, ow: the top and left padding).
+void ConvKRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int64_t p1) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  const float* xp = f.P(net, in[kIn0]);
+  float* yp = f.P(net, in[kOut]) + in[kCoff];
+  const int64_t k = in[kK], s = in[kStride], pt = in[kOh], pl = in[kOw], C = x.C;
+  const int64_t K = k * k * C, N = in[kN];
+  float* a = Scratch(0, kRowBlock * K);
+  for (int64_t q0 = p0; q0 < p1; q0 += kRowBlock) {
+    const int64_t q1 = std::min(p1, q0 + kRowBlock);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t h0 = s * (q / y.W) - pt, w0 = s * (q % y.W) - pl;
+      float* d = a + (q - q0) * K;
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j, d += C) {
+          const int64_t h = h0 + i, wc = w0 + j;
+          if (h < 0 || h >= x.H || wc < 0 || wc >= x.W)
+            std::memset(d, 0, sizeof(float) * C);
+          else
+            std::memcpy(d, xp + (h * x.W + wc) * C, sizeof(float) * C);
+        }
+    }
+    Gemm(a, K, q1 - q0, K, N, net.wts + in[kW], in[kB] >= 0 ? net.wts + in[kB] : nullptr,
+         yp + q0 * y.C, y.C);
+  }
+}
+
+// ---------------------------------------------------------------- depthwise
+
+template <int K, int S>
+void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
+  constexpr int P = K / 2;
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  const float* xp = f.P(net, in[kIn0]);
+  float* yp = f.P(net, in[kOut]);
+  const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
+  const bool relu = in[kRelu] != 0;
+  const int64_t C = x.C, Wp = x.W + 2 * P, oh = in[kOh], ow = in[kOw];
+  // padded row r holds input row r - P; output row o reads padded rows oh + S*o .. + K-1
+  const int64_t r0 = oh + S * o0, r1 = oh + S * (o1 - 1) + K;
+  float* slab = Scratch(1, (r1 - r0) * Wp * C);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = slab + (r - r0) * Wp * C;
+    const int64_t h = r - P;
+    if (h < 0 || h >= x.H) {
+      std::memset(dst, 0, sizeof(float) * Wp * C);
+      continue;
+    }
+    std::memset(dst, 0, sizeof(float) * P * C);
+    std::memset(dst + (P + x.W) * C, 0, sizeof(float) * P * C);
+    const float* src = xp + h * x.W * C;
+    float* d = dst + P * C;
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 b = bias ? _mm256_loadu_ps(bias + c) : zero;
+      for (int64_t w = 0; w < x.W; ++w) {
+        const __m256 u = _mm256_add_ps(_mm256_loadu_ps(src + w * C + c), b);
+        _mm256_storeu_ps(d + w * C + c, relu ? _mm256_max_ps(zero, u) : u);
+      }
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o)
+    Row<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
+              yp + o * y.W * C);
+}
+
+void DwRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
+  const int k = in[kK], s = in[kStride];
+  if (k == 3) {
+    (s == 1 ? DwRowsT<3, 1> : DwRowsT<3, 2>)(net, f, in, o0, o1);
+  } else {
+    (s == 1 ? DwRowsT<5, 1> : DwRowsT<5, 2>)(net, f, in, o0, o1);
+  }
+}
+
+// ---------------------------------------------------------------- pools, add, copy
+
+// Output rows [o0, o1): per output row, the 3 window rows combined at every input column
+// (padded by one column each side), then 3 of those columns; avg then scales by 1 / (the
+// window's real pixels). The combination order is pools.py's (rows, then columns).
+void PoolRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  const float* xp = f.P(net, in[kIn0]);
+  float* yp = f.P(net, in[kOut]) + in[kCoff];
+  const int64_t C = x.C, s = in[kStride], oh = in[kOh], ow = in[kOw];
+  const bool avg = in[kKind] == 0;
+  const __m256 pad = avg ? _mm256_setzero_ps()
+                         : _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  float* col = Scratch(3, (x.W + 2) * C);
+  for (int64_t c = 0; c < C; c += 8) {
+    _mm256_storeu_ps(col + c, pad);
+    _mm256_storeu_ps(col + (x.W + 1) * C + c, pad);
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    const int64_t h = oh + s * o;
+    const float* r[3];
+    int rows = 0;
+    for (int i = 0; i < 3; ++i) {
+      const int64_t hh = h + i - 1;
+      r[i] = hh >= 0 && hh < x.H ? xp + hh * x.W * C : nullptr;
+      rows += r[i] != nullptr;
+    }
+    for (int64_t w = 0; w < x.W; ++w)
+      for (int64_t c = 0; c < C; c += 8) {
+        __m256 v[3];
+        for (int i = 0; i < 3; ++i) v[i] = r[i] ? _mm256_loadu_ps(r[i] + w * C + c) : pad;
+        _mm256_storeu_ps(col + (w + 1) * C + c,
+                         avg ? _mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2])
+                             : _mm256_max_ps(_mm256_max_ps(v[0], v[1]), v[2]));
+      }
+    for (int64_t q = 0; q < y.W; ++q) {
+      const int64_t wc = ow + s * q;            // input column; padded columns wc .. wc + 2
+      const int cols = 1 + (wc > 0) + (wc + 1 < x.W);
+      const __m256 inv = _mm256_set1_ps(1.0f / static_cast<float>(rows * cols));
+      const float* cp = col + wc * C;
+      float* d = yp + (o * y.W + q) * y.C;
+      for (int64_t c = 0; c < C; c += 8) {
+        const __m256 a = _mm256_loadu_ps(cp + c), b = _mm256_loadu_ps(cp + C + c),
+                     e = _mm256_loadu_ps(cp + 2 * C + c);
+        _mm256_storeu_ps(d + c, avg ? _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a, b), e), inv)
+                                    : _mm256_max_ps(_mm256_max_ps(a, b), e));
+      }
+    }
+  }
+}
+
+// Pixel rows [o0, o1) of ADD (two inputs) or COPY (one).
+void AddRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  const float* a = f.P(net, in[kIn0]);
+  const float* b = in[kOp] == kAdd ? f.P(net, in[kIn1]) : nullptr;
+  float* yp = f.P(net, in[kOut]) + in[kCoff];
+  const int64_t C = x.C;
+  for (int64_t p = o0 * y.W; p < o1 * y.W; ++p)
+    for (int64_t c = 0; c < C; c += 8) {
+      __m256 v = _mm256_loadu_ps(a + p * C + c);
+      if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + p * C + c));
+      _mm256_storeu_ps(yp + p * y.C + c, v);
+    }
+}
+
+void Classify(const Net& net, const Frame& f, const int32_t* in, float* logits) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const float* xp = f.P(net, in[kIn0]);
+  const int64_t C = x.C, P = x.H * x.W;
+  float* mean = Scratch(2, C);
+  std::fill(mean, mean + C, 0.f);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < C; ++c) mean[c] += std::max(0.f, xp[p * C + c]);
+  for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<float>(P);
+  const float* w = net.wts + in[kW];
+  for (int64_t n = 0; n < net.classes; ++n) logits[n] = 0.f;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t n = 0; n < net.classes; ++n) logits[n] += mean[c] * w[c * net.classes + n];
+}
+
+// ---------------------------------------------------------------- running it
+
+// Output rows of instruction `in` and the multiply-adds (or element operations) of one.
+void RowWork(const Net& net, const int32_t* in, int64_t* rows, int64_t* row_work) {
+  const Buf& x = net.bufs[in[kIn0]];
+  const Buf& y = net.bufs[in[kOut]];
+  *rows = y.H;
+  switch (in[kOp]) {
+    case kGemm: *row_work = y.W * x.C * in[kN]; break;
+    case kConvK: *row_work = y.W * in[kK] * in[kK] * x.C * in[kN]; break;
+    case kDw: *row_work = y.W * x.C * in[kK] * in[kK]; break;
+    case kPool: *row_work = y.W * x.C * 9; break;
+    default: *row_work = y.W * x.C; break;
+  }
+}
+
+void RunRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
+  const Buf& y = net.bufs[in[kOut]];
+  switch (in[kOp]) {
+    case kGemm: GemmRows(net, f, in, o0 * y.W, o1 * y.W); break;
+    case kConvK: ConvKRows(net, f, in, o0 * y.W, o1 * y.W); break;
+    case kDw: DwRows(net, f, in, o0, o1); break;
+    case kPool: PoolRows(net, f, in, o0, o1); break;
+    default: AddRows(net, f, in, o0, o1); break;
+  }
+}
+
+void RowChunk(const void* ctx, int64_t t) {
+  const Task& k = *static_cast<const Task*>(ctx);
+  const int64_t o0 = t * k.rows_per_chunk;
+  RunRows(*k.net, k.f, k.in, o0, std::min(k.units, o0 + k.rows_per_chunk));
+}
+
+// One image through the whole program, each large op split over n threads.
+void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_chunk) {
+  Pool& pool = Pool::Get();
+  for (int64_t i = 0; i < net.n_instr; ++i) {
+    const int32_t* in = net.Instr(i);
+    if (net.skip >> in[kOp] & 1) continue;
+    if (in[kOp] == kClass) {
+      Classify(net, f, in, logits);
+      continue;
+    }
+    int64_t rows, row_work;
+    RowWork(net, in, &rows, &row_work);
+    const int64_t chunks = n <= 1 ? 1 : std::min<int64_t>(
+        std::min<int64_t>(rows, 2 * n), std::max<int64_t>(1, rows * row_work / min_chunk));
+    if (chunks <= 1) {
+      RunRows(net, f, in, 0, rows);
+      continue;
+    }
+    Task task{&net, f, in, (rows + chunks - 1) / chunks, rows};
+    pool.Run(RowChunk, &task, (rows + task.rows_per_chunk - 1) / task.rows_per_chunk, n);
+  }
+}
+
+float* Arena(int64_t floats) {
+  thread_local std::vector<float> arena;
+  if (static_cast<int64_t>(arena.size()) < floats) arena.resize(floats);
+  return arena.data();
+}
+
+struct Batch {
+  const Net* net;
+  const float* x;
+  float* y;
+  int64_t image_floats;
+};
+
+void ImageChunk(const void* ctx, int64_t t) {
+  const Batch& b = *static_cast<const Batch*>(ctx);
+  Frame f{Arena(b.net->arena), b.x + t * b.image_floats};
+  RunImage(*b.net, f, b.y + t * b.net->classes, 1, 1);
+}
+
+ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer<ffi::F32> wts,
+                ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t min_chunk, int64_t skip) {
+  const int32_t* p = prog.typed_data();
+  const int64_t plen = static_cast<int64_t>(prog.element_count());
+  if (plen < kHeader || p[0] != kMagic || p[1] != 1)
+    return ffi::Error::InvalidArgument("network: not a native.py program (version 1)");
+  Net net{p, wts.typed_data(), {}, p[3], p[4], p[6], skip};
+  const int64_t nb = p[2];
+  if (plen != kHeader + 4 * nb + kFields * net.n_instr || nb < 1)
+    return ffi::Error::InvalidArgument("network: program length does not match its header");
+  for (int64_t b = 0; b < nb; ++b) {
+    const int32_t* r = p + kHeader + 4 * b;
+    net.bufs.push_back(Buf{r[0], r[1], r[2], r[3]});
+  }
+  auto d = x.dimensions();
+  auto o = y->dimensions();
+  const Buf& img = net.bufs[0];
+  if (d.size() != 4 || d[1] != img.H || d[2] != img.W || d[3] != img.C || o.size() != 2 ||
+      o[0] != d[0] || o[1] != net.classes)
+    return ffi::Error::InvalidArgument("network: x [B,H,W,C] of the program's image, y [B,classes]");
+  const int64_t B = d[0];
+  // threads > 0 is taken as given (more than the usable cores only oversubscribes them)
+  const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, 64)) : UsableCores();
+  min_chunk = std::max<int64_t>(1, min_chunk);
+  if (n > 1 && B >= 2 * n) {                          // whole images per thread
+    Batch batch{&net, x.typed_data(), y->typed_data(), img.H * img.W * img.C};
+    Pool::Get().Run(ImageChunk, &batch, std::min<int64_t>(B, kMaxTasks), n);
+    return ffi::Error::Success();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    Frame f{Arena(net.arena), x.typed_data() + b * img.H * img.W * img.C};
+    RunImage(net, f, y->typed_data() + b * net.classes, n, min_chunk);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxNetwork, Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("min_chunk")
+                                  .Attr<int64_t>("skip"));
