@@ -15,9 +15,10 @@ export, torch.compile, eager; --no_peers skips them; they need
 bench/requirements.txt). Runs fp_jax.infer.latency.measure (batch-1 latency per
 image, every variant for both networks interleaved on the same images;
 throughput at --batch; stem and first-cell breakdown; memory; matmul peak) with
-the fused options given (default: im2col stem, channels padded to 8, XLA's own
-dots), then times the pruned fused network with each option switched back (the
-ablation table). The peer table compares the fused path with the fastest peer of
+the fused options given (default: engine auto, the native engine on CPU; for the XLA
+engine: im2col stem, channels padded to 8, XLA's own dots), then times the pruned fused
+network on the XLA engine and with each of its options switched back (the ablation
+table). The peer table compares the fused path with the fastest peer of
 each network (each peer's own figure shown beside it).
 Targets (reported, not asserted): pruned fused >= 2x pruned per-op, >= 4x
 unpruned per-op, and <= 3x the multiply-add floor 2 * macs / fp32 matmul peak;
@@ -55,7 +56,9 @@ def parse():
   p.add_argument("--pad_channels", type=int, default=8, help="fused channel padding multiple")
   p.add_argument("--dots", default="auto", help="XLA:CPU GEMMs: auto | xla | ynn")
   p.add_argument("--micro_batch", type=int, default=0,
-                 help="fused batch chunks: 0 auto, -1 the whole batch, n images")
+                 help="fused batch chunks (engine xla): 0 auto, -1 the whole batch, n images")
+  p.add_argument("--engine", default="auto", choices=("auto", "native", "xla"),
+                 help="fused engine (latency.engine): auto is native on CPU where it runs")
   p.add_argument("--cpus", type=int, default=0, help="pin to this many cores (0: all)")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--no_runtimes", action="store_true",
@@ -70,8 +73,8 @@ def parse():
 
 
 def batch_chunks(nets, opts, batch, seed, reps):
-  """Fused throughput (median img/s over `reps` interleaved batches) of both networks at
-  `batch` with micro_batch=-1 (the whole batch as one computation) and as `opts` resolves
+  """XLA-engine fused throughput (median img/s over `reps` interleaved batches) of both networks
+  at `batch` with micro_batch=-1 (the whole batch as one computation) and as `opts` resolves
   it (batching.micro_batch_size: the whole batch too when it is no larger), after one batch
   each to compile and warm up."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -176,7 +179,7 @@ def main():
   t0 = time.perf_counter()
   opts = fused.Options(im2col=not args.no_im2col, depthwise=args.depthwise,
                        pad_channels=args.pad_channels, dots=args.dots, dtype=args.dtype,
-                       micro_batch=args.micro_batch)
+                       micro_batch=args.micro_batch, engine=args.engine)
   res = latency.measure(nets, args.images, args.batch, args.warmup, opts, depthwise=args.depthwise,
                         seed=args.seed, check_child=True, log=common.log, others=others)
   res["threads"] = threads
@@ -184,14 +187,14 @@ def main():
   rng = np.random.default_rng(args.seed + 1)
   singles = [jax.numpy.asarray(rng.standard_normal((1, args.image, args.image, 3)), np.float32)
              for _ in range(args.images)]
-  base = dataclasses.asdict(opts)
-  ablation = {"as measured": opts,
-              f"im2col={not opts.im2col}": fused.Options(**dict(base, im2col=not opts.im2col)),
-              "pad_channels=1": fused.Options(**dict(base, pad_channels=1)),
-              "dots=ynn": fused.Options(**dict(base, dots="ynn")),
-              "depthwise=shift": fused.Options(**dict(base, depthwise="shift")),
-              "none (im2col off, pad 1, ynn)": fused.Options(**dict(base, im2col=False,
-                                                                     pad_channels=1, dots="ynn"))}
+  base = dict(dataclasses.asdict(opts), engine="xla")     # the XLA engine's own options
+  ablation = {"as measured": opts, "engine=xla": fused.Options(**base),
+              f"xla, im2col={not opts.im2col}": fused.Options(**dict(base, im2col=not opts.im2col)),
+              "xla, pad_channels=1": fused.Options(**dict(base, pad_channels=1)),
+              "xla, dots=ynn": fused.Options(**dict(base, dots="ynn")),
+              "xla, depthwise=shift": fused.Options(**dict(base, depthwise="shift")),
+              "xla, none (im2col off, pad 1, ynn)": fused.Options(**dict(
+                  base, im2col=False, pad_channels=1, dots="ynn"))}
   fns = {}
   n = nets["pruned"]
   for name, o in ablation.items():
@@ -205,7 +208,8 @@ def main():
                             for k, f in fns.items()}, args.images, block=latency.LATENCY_BLOCK)
   ablation_ms = {k: float(1e3 * np.mean(v)) for k, v in lat.items()}
   common.log("ablation timed")
-  chunks = batch_chunks(nets, opts, args.batch, args.seed + 2, reps=8)
+  chunks = batch_chunks(nets, dataclasses.replace(opts, engine="xla"), args.batch,
+                        args.seed + 2, reps=8)
   common.log("batch chunks timed")
 
   net, floor = res["network"], res["floor_ms"]["pruned"]

@@ -1,6 +1,4 @@
 """The native engine (native.py, network.cc): one custom call for the whole folded network."""
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -108,8 +106,9 @@ def test_engine_choice_and_errors():
     fused.Fused(plan, params, stats, fused.Options(pad_channels=1, engine="native"))
   with pytest.raises(ValueError, match="engine must be one of"):
     fused.Fused(plan, params, stats, fused.Options(engine="fast"))
-  opts = fused.Options()
-  assert fused.engine_impl(opts, platform="gpu")[0] == "xla"
-  assert fused.engine_impl(dataclasses.replace(opts, dtype="bfloat16"))[0] == "xla"
+  assert native.resolve("auto", platform="gpu") == ("xla", "it runs on CPU only")
+  assert native.resolve("auto", "bfloat16")[0] == "xla" and native.resolve("auto")[0] == "native"
+  with pytest.raises(ValueError, match="CPU only"):
+    native.resolve("native", platform="tpu")
   with pytest.raises(ValueError, match="images must be"):
     native.network(native.build(plan, xla.fp), np.zeros((1, HW + 1, HW, 3), np.float32))

@@ -19,7 +19,14 @@ kernel, an XLA custom call inside the same computation (`depthwise` 'kernel':
 kernels.py, depthwise.cc) that also absorbs the ReLU, the zero padding and the
 bias of the pointwise conv before it; XLA's loop fusion for them was a third of
 the network's time at ~15 GMAC/s. Exported artifacts use 'shift' (export.py). The aux
-head is training-only and not part of inference. Logits equal
+head is training-only and not part of inference.
+
+`Options.engine` picks what runs the whole network (`Fused.__call__` / `network`): 'xla'
+compiles `forward` as above; 'native' (the CPU default where it runs: native.resolve) runs
+the same graph with the same folded, padded weights as one custom call, fp_jax's own
+executor (native.py, network.cc), whose ops are split over every usable core at batch 1.
+The options above (im2col, depthwise, dots, micro_batch) are the XLA engine's; `run_cells`
+and `cell_by_parts` (the latency breakdown) always compile XLA pieces. Logits equal
 `child.forward(plan, params, stats, x, train=False, with_aux=False)[0]`
 up to float rounding, for full and compact (compaction.py) networks alike.
 """
@@ -42,7 +49,7 @@ from fp_jax.models.pools import avg_pool3x3, max_pool3x3  # pylint: disable=unus
 
 DEPTHWISE_IMPLS = ("auto", "kernel", "flat", "shift", "xla")
 DOT_LIBRARIES = ("auto", "xla", "ynn")
-ENGINES = ("auto", "native", "xla")
+ENGINES = native.ENGINES
 MAX_PAD = 2                     # k // 2 of the largest depthwise kernel (5x5)
 CPU_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",   # XLA's own dot emitter
                    "xla_cpu_multi_thread_eigen": False}          # on the calling thread
@@ -61,7 +68,7 @@ class Options:
                                 # sized to the caches, else whole; batching.py)
   engine: str = "auto"          # the whole network: native (native.py / network.cc: one custom
                                 # call, ops split over every core) | xla (`forward` compiled by
-                                # XLA) | auto: native where engine_impl allows, else xla
+                                # XLA) | auto: native where native.resolve allows, else xla
 
 
 def compiler_options(opts):
@@ -81,35 +88,6 @@ def compiler_options(opts):
   if jax.default_backend() == "cpu" and opts.dots in ("auto", "xla"):
     return dict(CPU_DOT_OPTIONS)
   return None
-
-
-def engine_impl(opts, plan=None, fp=None, platform=None):
-  """The engine `Fused` runs for `opts` ('native' or 'xla'), and why not native (or '').
-
-  'native' needs a CPU platform (default: JAX's backend), fp_jax's kernels (kernels.
-  available()), float32, and a network native.build takes (fp given: the folded weights;
-  channel widths padded to multiples of 8). 'auto' is 'native' when all hold, else 'xla';
-  an explicit 'native' that cannot run raises ValueError naming the reason. platform None:
-  batching.current_platform() (a `jax.default_device` CPU on a GPU host is CPU)."""
-  if opts.engine not in ENGINES:
-    raise ValueError(f"engine must be one of {ENGINES}, got {opts.engine!r}")
-  if opts.engine == "xla":
-    return "xla", ""
-  why = ""
-  if (platform or batching.current_platform()) != "cpu":
-    why = "it runs on CPU only"
-  elif jnp.dtype(opts.dtype) != jnp.float32:
-    why = f"it computes in float32 only (dtype {opts.dtype})"
-  elif not kernels.available():
-    why = "fp_jax's kernels are not available here (kernels.available())"
-  elif fp is not None:
-    try:
-      native.build(plan, fp)
-    except native.Unsupported as e:
-      why = str(e)
-  if why and opts.engine == "native":
-    raise ValueError(f"engine 'native' cannot run this network: {why}")
-  return ("xla" if why else "native"), why
 
 
 # ---------------------------------------------------------------- operators (traced)
@@ -338,7 +316,7 @@ class Fused:
     self.dtype = jnp.dtype(opts.dtype)
     if self.dtype != jnp.float32:
       self.fp = jax.tree.map(lambda a: np.asarray(a).astype(self.dtype), self.fp)
-    self.engine, self.engine_note = engine_impl(opts, plan, self.fp)
+    self.engine, self.engine_note = native.resolve(opts.engine, opts.dtype, plan, self.fp)
     self.program = native.build(plan, self.fp) if self.engine == "native" else None
     self.cache = {}
 

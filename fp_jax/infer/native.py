@@ -23,9 +23,11 @@ import os
 import jax
 import numpy as np
 
+from fp_jax.infer import batching
 from fp_jax.infer import kernels
 from fp_jax.models import layers
 
+ENGINES = ("auto", "native", "xla")       # fused.Options.engine
 MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 1, 8, 16
 OPS = {"gemm": 1, "convk": 2, "dw": 3, "pool": 4, "add": 5, "copy": 6, "class": 7}
 F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "stride": 8,
@@ -45,6 +47,35 @@ class Program:
 
 class Unsupported(ValueError):
   """The network has a tensor the executor does not handle (a width not a multiple of 8)."""
+
+
+def resolve(engine, dtype="float32", plan=None, fp=None, platform=None):
+  """(the engine fused.Fused runs for `engine`: 'native' or 'xla', why not native or '').
+
+  'native' needs a CPU platform (None: batching.current_platform(); a `jax.default_device`
+  CPU on a GPU host is CPU), fp_jax's kernels (kernels.available()), float32, and a network
+  `build` takes (fp given: the folded weights, with channel widths padded to multiples of
+  8). 'auto' is 'native' when all hold, else 'xla'; an explicit 'native' that cannot run
+  raises ValueError naming the reason."""
+  if engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+  if engine == "xla":
+    return "xla", ""
+  why = ""
+  if (platform or batching.current_platform()) != "cpu":
+    why = "it runs on CPU only"
+  elif np.dtype(jax.numpy.dtype(dtype)) != np.float32:
+    why = f"it computes in float32 only (dtype {dtype})"
+  elif not kernels.available():
+    why = "fp_jax's kernels are not available here (kernels.available())"
+  elif fp is not None:
+    try:
+      build(plan, fp)
+    except Unsupported as e:
+      why = str(e)
+  if why and engine == "native":
+    raise ValueError(f"engine 'native' cannot run this network: {why}")
+  return ("xla" if why else "native"), why
 
 
 def _pack_gemm(w):

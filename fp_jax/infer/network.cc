@@ -22,35 +22,33 @@
 // custom calls) one after another on one thread, ~1-2 us of bookkeeping each, and cannot
 // split a small op over cores (waking a pool thread costs 15-25 us). Here one call runs
 // every op; each op large enough is cut into chunks of output rows that the calling thread
-// and this file's own worker threads take from a shared counter. The workers spin between
-// ops (and sleep after ~0.2 ms without work), so handing out an op costs well under a
-// microsecond. Every output element is computed by the same code in the same order
+// and fp_jax's own worker threads (worker_pool.h) take from a shared counter. The workers
+// spin between ops (and sleep after ~0.2 ms without work), so handing out an op costs well
+// under a microsecond. GEMMs run gemm.h's register-blocked micro-kernels. Every output element is computed by the same code in the same order
 // whichever thread takes its chunk: the result is the same for any thread count (bitwise).
 // A batch of at least 2 images per thread is split by images instead (each thread runs the
 // whole program on its images, with its own arena).
 #include <immintrin.h>
-#include <sched.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "gemm.h"
 #include "kernel_common.h"
-#include "sep_products.h"
+#include "worker_pool.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using fp_jax::Gemm;
+using fp_jax::Pool;
 using fp_jax::Row;
+using fp_jax::UsableCores;
 
 enum Op : int32_t { kGemm = 1, kConvK = 2, kDw = 3, kPool = 4, kAdd = 5, kCopy = 6, kClass = 7 };
 // instruction fields
@@ -60,120 +58,7 @@ enum Field {
 };
 constexpr int kHeader = 8;
 constexpr int32_t kMagic = 0x66706e65;  // "fpne"
-constexpr int kSpins = 1 << 13;          // pause loops (~0.2 ms) before an idle worker sleeps
 constexpr int64_t kMaxTasks = (1 << 20) - 1;
-
-// ---------------------------------------------------------------- worker pool
-
-// Fork-join over chunks t in [0, total): the caller publishes (fn, ctx, total) in one atomic
-// word with a generation, the workers and the caller claim chunks with a CAS on that word
-// (generation, total and next index packed together, so a late worker can never claim a
-// chunk of a newer op), and the caller waits until every claimed chunk is done. It never
-// waits for a worker that has not claimed one, so a descheduled worker costs nothing.
-class Pool {
- public:
-  using Fn = void (*)(const void*, int64_t);
-
-  static Pool& Get() {
-    static Pool* pool = new Pool();   // never destroyed: workers outlive static teardown
-    return *pool;
-  }
-
-  // Runs fn(ctx, t) for t < total on the caller and up to n - 1 workers.
-  void Run(Fn fn, const void* ctx, int64_t total, int n) {
-    if (n <= 1 || total <= 1) {
-      for (int64_t t = 0; t < total; ++t) fn(ctx, t);
-      return;
-    }
-    Ensure(n - 1);
-    std::lock_guard<std::mutex> one(run_mu_);   // one op at a time through the pool
-    fn_ = fn;
-    ctx_ = ctx;
-    active_ = n - 1;
-    done_.store(0, std::memory_order_relaxed);
-    gen_ = (gen_ + 1) & 0xFFFFFF;
-    word_.store(Pack(gen_, total, 0), std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      cv_.notify_all();
-    }
-    Claim(gen_, -1);
-    for (int spin = 0; done_.load(std::memory_order_acquire) != total; ++spin) {
-      if (spin < kSpins) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static uint64_t Pack(uint64_t gen, int64_t total, int64_t next) {
-    return (gen << 40) | (static_cast<uint64_t>(total) << 20) | static_cast<uint64_t>(next);
-  }
-
-  // Claims and runs chunks of generation g while any is left; worker index i (-1: caller).
-  void Claim(uint64_t g, int i) {
-    uint64_t w = word_.load(std::memory_order_acquire);
-    for (;;) {
-      if ((w >> 40) != g) return;
-      const int64_t total = (w >> 20) & 0xFFFFF, next = w & 0xFFFFF;
-      if (next >= total) return;
-      if (i >= 0 && i >= active_.load(std::memory_order_relaxed)) return;
-      if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
-      fn_(ctx_, next);   // fn_, ctx_ are this generation's: the caller waits for this chunk
-      done_.fetch_add(1, std::memory_order_acq_rel);
-      w = word_.load(std::memory_order_acquire);
-    }
-  }
-
-  void Ensure(int workers) {
-    std::lock_guard<std::mutex> lock(start_mu_);
-    while (static_cast<int>(threads_.size()) < workers) {
-      const int i = static_cast<int>(threads_.size());
-      threads_.emplace_back([this, i] { Work(i); });
-      threads_.back().detach();
-    }
-  }
-
-  void Work(int i) {
-    uint64_t seen = word_.load(std::memory_order_acquire) >> 40;
-    for (;;) {
-      uint64_t g;
-      for (int spin = 0; (g = word_.load(std::memory_order_acquire) >> 40) == seen; ++spin) {
-        if (spin < kSpins) {
-          _mm_pause();
-          continue;
-        }
-        std::unique_lock<std::mutex> lock(mu_);
-        sleepers_.fetch_add(1, std::memory_order_seq_cst);
-        cv_.wait(lock, [&] { return (word_.load(std::memory_order_seq_cst) >> 40) != seen; });
-        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-        spin = 0;
-      }
-      seen = g;
-      Claim(g, i);
-    }
-  }
-
-  std::atomic<uint64_t> word_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> active_{0};
-  std::atomic<int> sleepers_{0};
-  Fn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  uint64_t gen_ = 0;
-  std::mutex run_mu_, start_mu_, mu_;
-  std::condition_variable cv_;
-  std::vector<std::thread> threads_;
-};
-
-int UsableCores() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
-  return std::max(1, CPU_COUNT(&set));
-}
 
 float* Scratch(int i, int64_t n) { return fp_jax::Scratch(i, n); }
 
@@ -202,84 +87,6 @@ struct Frame {
     return b == 0 ? const_cast<float*>(image) : arena + n.bufs[b].off;
   }
 };
-
-// ---------------------------------------------------------------- GEMM
-
-#define FP_INLINE inline __attribute__((always_inline))
-
-// out[r, 0:8*NV] for R rows = bias + sum_k a[r, k] * wp[v][k][:] for the panel's vectors v;
-// a rows lda apart, out rows ldo apart; with Tail only the lanes `mask` selects of the last
-// vector are loaded (bias) and stored. An element's k-order and FMA chain do not depend on
-// R, so any row blocking gives the same bits.
-template <int R, int NV, bool Tail>
-FP_INLINE void Micro(const float* a, int64_t lda, int64_t K, const float* wp, int64_t kstride,
-                     const float* bias, float* out, int64_t ldo, __m256i mask) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const __m256 b = !bias ? _mm256_setzero_ps()
-                     : (Tail && v == NV - 1) ? _mm256_maskload_ps(bias + 8 * v, mask)
-                                             : _mm256_loadu_ps(bias + 8 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][v] = b;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 w[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wp + v * kstride + 8 * k);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, w[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      if (Tail && v == NV - 1) {
-        _mm256_maskstore_ps(out + r * ldo + 8 * v, mask, acc[r][v]);
-      } else {
-        _mm256_storeu_ps(out + r * ldo + 8 * v, acc[r][v]);
-      }
-    }
-}
-
-// Rows [m, m + rows) with rows < MR: one at a time (the same FMA chain per element).
-template <int NV, bool Tail>
-void MicroRows(const float* a, int64_t lda, int64_t K, const float* wp, int64_t kstride,
-               const float* bias, float* out, int64_t ldo, int rows, __m256i mask) {
-  for (int r = 0; r < rows; ++r)
-    Micro<1, NV, Tail>(a + r * lda, lda, K, wp, kstride, bias, out + r * ldo, ldo, mask);
-}
-
-template <int MR, int NV, bool Tail = false>
-void Panel(const float* a, int64_t lda, int64_t M, int64_t K, const float* wp,
-           const float* bias, float* out, int64_t ldo, __m256i mask = __m256i{}) {
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR)
-    Micro<MR, NV, Tail>(a + m * lda, lda, K, wp, 8 * K, bias, out + m * ldo, ldo, mask);
-  if (m < M)
-    MicroRows<NV, Tail>(a + m * lda, lda, K, wp, 8 * K, bias, out + m * ldo, ldo,
-                        static_cast<int>(M - m), mask);
-}
-
-// out [M, N] (rows ldo apart) = a [M, K] (rows lda apart) @ w + bias; w packed [ceil(N/8)][K][8].
-void Gemm(const float* a, int64_t lda, int64_t M, int64_t K, int64_t N, const float* wp,
-          const float* bias, float* out, int64_t ldo) {
-  const int64_t nv = N / 8;
-  int64_t v = 0;
-  for (; v + 3 <= nv; v += 3)
-    Panel<4, 3>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
-  if (nv - v == 2)
-    Panel<6, 2>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
-  else if (nv - v == 1)
-    Panel<8, 1>(a, lda, M, K, wp + v * 8 * K, bias ? bias + 8 * v : nullptr, out + 8 * v, ldo);
-  if (N % 8)     // a last panel of N % 8 columns (packed zero-padded to 8)
-    Panel<8, 1, true>(a, lda, M, K, wp + nv * 8 * K, bias ? bias + 8 * nv : nullptr,
-                      out + 8 * nv, ldo, fp_jax::TailMask(N % 8));
-}
 
 constexpr int64_t kRowBlock = 24;        // GEMM rows a chunk gathers at a time (L1-sized)
 
@@ -355,6 +162,38 @@ void ConvKRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, in
 
 // ---------------------------------------------------------------- depthwise
 
+// One output row, 8 output pixels x 8 channels per block: per tap (i, j) one weight vector
+// and 8 input loads for 8 FMAs into 8 independent accumulators (kernel_common.h's Row keeps
+// 4 chains, which leaves half of the FMA units idle at 4 cycles of FMA latency). The sum
+// order over taps is Row's, row-major (i, j).
+template <int K, int S>
+void DwRow8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+            float* y) {
+  constexpr int B = 8;
+  int64_t q0 = 0;
+  for (; q0 + B <= Wo; q0 += B)
+    for (int64_t c = 0; c < C; c += 8) {
+      __m256 acc[B];
+#pragma GCC unroll 8
+      for (int q = 0; q < B; ++q) acc[q] = _mm256_setzero_ps();
+#pragma GCC unroll 5
+      for (int i = 0; i < K; ++i) {
+        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
+#pragma GCC unroll 5
+        for (int j = 0; j < K; ++j) {
+          const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
+#pragma GCC unroll 8
+          for (int q = 0; q < B; ++q)
+            acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(r + (S * q + j) * C), wv, acc[q]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int q = 0; q < B; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
+    }
+  if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
+    Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
+}
+
 template <int K, int S>
 void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
   constexpr int P = K / 2;
@@ -389,8 +228,8 @@ void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int6
     }
   }
   for (int64_t o = o0; o < o1; ++o)
-    Row<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
-              yp + o * y.W * C);
+    DwRow8<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
+                 yp + o * y.W * C);
 }
 
 void DwRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
