@@ -170,7 +170,8 @@ def test_resume_skips_finished_stages_and_restores_from_keep(tmp_path, fake_runn
   _write(work, "bench_times.json", {"search": 10.0, "final": 5.0})
   row = hw.run_one(args, "latency", 0, [])
   assert [c[1] for c in fake_runner] == ["compress", "latency"]
-  assert fake_runner[0][2] == ["--config.search.ratio_measure=latency"]
+  assert fake_runner[0][2] == ["--config.latency.engine=xla",     # the table's engine
+                               "--config.search.ratio_measure=latency"]
   assert row["seconds"]["search"] == 10.0 and row["predicted_latency_ms"] == 2.0
   hw.run_one(args, "latency", 0, [])            # all done: nothing runs
   assert len(fake_runner) == 2
@@ -195,6 +196,7 @@ def test_best_distill_waits_for_the_whole_pipelines(tmp_path, fake_runner):
   row = hw.run_one(args, "best+distill", 0, rows)
   assert row["base"] == "macs_r8" and row["distill"]
   assert fake_runner[0][2] == ["--config.compress.distill=True", "--config.compress.round_to=8",
+                               "--config.latency.engine=xla",
                                "--config.search.ratio_measure=macs",
                                "--config.search.round_to=8"]
 

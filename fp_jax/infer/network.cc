@@ -47,7 +47,7 @@ namespace {
 
 using fp_jax::Gemm;
 using fp_jax::Pool;
-using fp_jax::Row;
+using fp_jax::Row8;
 using fp_jax::UsableCores;
 
 enum Op : int32_t { kGemm = 1, kConvK = 2, kDw = 3, kPool = 4, kAdd = 5, kCopy = 6, kClass = 7 };
@@ -162,38 +162,6 @@ void ConvKRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, in
 
 // ---------------------------------------------------------------- depthwise
 
-// One output row, 8 output pixels x 8 channels per block: per tap (i, j) one weight vector
-// and 8 input loads for 8 FMAs into 8 independent accumulators (kernel_common.h's Row keeps
-// 4 chains, which leaves half of the FMA units idle at 4 cycles of FMA latency). The sum
-// order over taps is Row's, row-major (i, j).
-template <int K, int S>
-void DwRow8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
-            float* y) {
-  constexpr int B = 8;
-  int64_t q0 = 0;
-  for (; q0 + B <= Wo; q0 += B)
-    for (int64_t c = 0; c < C; c += 8) {
-      __m256 acc[B];
-#pragma GCC unroll 8
-      for (int q = 0; q < B; ++q) acc[q] = _mm256_setzero_ps();
-#pragma GCC unroll 5
-      for (int i = 0; i < K; ++i) {
-        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
-#pragma GCC unroll 5
-        for (int j = 0; j < K; ++j) {
-          const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
-#pragma GCC unroll 8
-          for (int q = 0; q < B; ++q)
-            acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(r + (S * q + j) * C), wv, acc[q]);
-        }
-      }
-#pragma GCC unroll 8
-      for (int q = 0; q < B; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
-    }
-  if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
-    Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
-}
-
 template <int K, int S>
 void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
   constexpr int P = K / 2;
@@ -228,8 +196,8 @@ void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int6
     }
   }
   for (int64_t o = o0; o < o1; ++o)
-    DwRow8<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
-                 yp + o * y.W * C);
+    Row8<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
+               yp + o * y.W * C);
 }
 
 void DwRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
