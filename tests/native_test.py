@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from bench import native_parts
 from fp_jax.infer import fused
 from fp_jax.infer import kernels
 from fp_jax.infer import native
@@ -92,6 +93,12 @@ def test_program_shares_the_arena_and_writes_concat_parts_in_place():
   copies = int(np.sum(ins[:, 0] == native.OPS["copy"]))
   assert parts > 0 and copies < parts
   assert ins[-1, 0] == native.OPS["class"] and p.classes == 10
+  # its instructions do exactly the padded network's multiply-adds (bench/native_parts.py)
+  macs, counts = native_parts.macs_by_kind(p)
+  fc = int(np.size(xla.fp["fc"]["w"]))
+  net = networks.Net(plan, None, *_net("uniform4_pruned")[1:3])
+  assert macs["gemm"] + macs["dw"] + macs["convk"] + fc == networks.padded_macs(net, 8)
+  assert counts["copy"] == copies and counts["dw"] == 2 * sum(n.kind == "sep" for n in plan.nodes)
 
 
 def test_engine_choice_and_errors():

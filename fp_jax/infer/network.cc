@@ -73,7 +73,7 @@ struct Net {
   const float* wts;
   std::vector<Buf> bufs;
   int64_t n_instr, arena, classes;
-  int64_t skip;         // bit op set: instructions of that op are skipped (bench/native_parts.py)
+  int64_t skip;         // bit op set: that op's instructions are skipped (bench/native_parts.py)
   const int32_t* Instr(int64_t i) const {
     return prog + kHeader + 4 * static_cast<int64_t>(bufs.size()) + kFields * i;
   }

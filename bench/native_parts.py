@@ -1,0 +1,135 @@
+"""Where the native engine's batch-1 time goes: each kind of instruction timed alone.
+
+  python -m bench.native_parts [--num_layers 15 --out_filters 36 --image 32 --channels 3]
+                               [--ratio 0] [--cpus 1] [--threads 0] [--calls 300]
+
+The published ENAS arc at the given size, random weights (networks.random_init; --ratio r
+compacts every stage by r), folded as the fused path folds it (fused.Fused, engine xla) and
+built into one native program (native.build). Compiles the program as it is, with only one
+kind of instruction run (`native.network(..., skip=...)` skips the others: the values are
+then meaningless, the work per instruction is the same) and with none run (the call's own
+cost), and times them interleaved (latency.interleave, medians). Multiply-adds per kind come
+from the program's own instructions. Writes bench/results/<name>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--num_layers", type=int, default=15)
+  p.add_argument("--out_filters", type=int, default=36)
+  p.add_argument("--image", type=int, default=32, help="height = width")
+  p.add_argument("--channels", type=int, default=3)
+  p.add_argument("--ratio", type=float, default=0.0, help="prune every stage by this ratio")
+  p.add_argument("--calls", type=int, default=300, help="batch-1 calls timed per variant")
+  p.add_argument("--cpus", type=int, default=1, help="pin to this many cores (0: all)")
+  p.add_argument("--threads", type=int, default=0, help="native.network threads (0: all)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--name", default="native_parts")
+  return p.parse_args(argv)
+
+
+def macs_by_kind(prog):
+  """{op name: multiply-adds (gemm, convk, dw) or elements written (the others)} of a Program."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import native  # pylint: disable=g-import-not-at-top
+  p, f = prog.prog, native.F
+  nb = int(p[2])
+  bufs = p[native.HEADER:native.HEADER + 4 * nb].reshape(nb, 4)
+  ins = p[native.HEADER + 4 * nb:].reshape(-1, native.FIELDS)
+  names = {v: k for k, v in native.OPS.items()}
+  out = {}
+  for r in ins:
+    op, x, y = names[int(r[f["op"]])], bufs[r[f["in0"]]], bufs[r[f["out"]]]
+    pixels, c = int(y[1] * y[2]), int(x[3])
+    n = {"gemm": pixels * c * int(r[f["n"]]), "dw": pixels * c * int(r[f["k"]]) ** 2,
+         "convk": pixels * c * int(r[f["k"]]) ** 2 * int(r[f["n"]])}.get(op, pixels * c)
+    out[op] = out.get(op, 0) + n
+  return {k: int(v) for k, v in out.items()}, {k: int(np.sum(ins[:, 0] == v))
+                                              for k, v in native.OPS.items()}
+
+
+def run(args):
+  if args.cpus:          # before JAX creates its CPU client and thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency, machine, native, networks  # pylint: disable=g-import-not-at-top
+  from fp_jax.models import child, space  # pylint: disable=g-import-not-at-top
+
+  load_start = os.getloadavg()
+  shape = (args.image, args.image, args.channels)
+  plan = child.make_plan(space.parse_arc(space.ENAS_ARC), args.num_layers, args.out_filters,
+                         shape, 10)
+  params, stats = networks.random_init(plan, args.seed)
+  if args.ratio:
+    params, stats = networks.prune(plan, params, stats, (args.ratio,) * 5)
+  prog = native.build(plan, fused.Fused(plan, params, stats, fused.Options(engine="xla")).fp)
+  macs, counts = macs_by_kind(prog)
+  x = jax.numpy.asarray(np.random.default_rng(args.seed).standard_normal((1,) + shape),
+                        np.float32)
+  kinds = [k for k in native.OPS if k != "class" and counts[k]]
+  variants = {"all": ()} | {f"only {k}": tuple(o for o in kinds if o != k) for k in kinds}
+  variants["none"] = tuple(kinds)
+  fns = {}
+  for name, skip in variants.items():
+    c = jax.jit(lambda x, s=skip: native.network(prog, x, threads=args.threads, skip=s))
+    fns[name] = (lambda c: lambda: c(x))(c.lower(x).compile())
+  for f in fns.values():         # warm up
+    for _ in range(20):
+      jax.block_until_ready(f())
+  ms = latency.interleave({k: (lambda f: lambda i: 1e3 * latency.timed(f))(f)
+                           for k, f in fns.items()}, args.calls, block=10)
+  median = {k: statistics.median(v) for k, v in ms.items()}
+  peak = machine.matmul_peak_gflops(2048)
+  gmacs = {k: macs[k] / ((median[f"only {k}"] - median["none"]) * 1e6)
+           for k in ("gemm", "dw", "convk") if f"only {k}" in median
+           and median[f"only {k}"] > median["none"]}
+  return {"args": vars(args), "cpu": machine.cpu_info(), "load_start": load_start,
+          "load_end": os.getloadavg(), "instructions": counts, "work": macs,
+          "median_ms": median, "gmacs_per_s": gmacs, "matmul_peak_gflops": peak,
+          "arena_floats": prog.arena_floats}
+
+
+def markdown(r):
+  a = r["args"]
+  lines = [f"# Native engine: each kind of instruction alone ({a['num_layers']} layers, "
+           f"F {a['out_filters']}, {a['image']}x{a['image']}x{a['channels']}, ratio "
+           f"{a['ratio']}, batch 1)", "",
+           f"cpu: {r['cpu']['model']} ({', '.join(r['cpu']['isa'])}); {a['cpus'] or 'all'} "
+           f"core(s), threads={a['threads']}; medians over {a['calls']} interleaved calls; load "
+           f"average {r['load_start'][0]:.2f} -> {r['load_end'][0]:.2f}; fp32 matmul peak "
+           f"{r['matmul_peak_gflops']:.1f} GFLOP/s", "",
+           "| variant | median ms | instructions | multiply-adds (elements) | GMAC/s |",
+           "|---|---|---|---|---|"]
+  for k, v in r["median_ms"].items():
+    kind = k[5:] if k.startswith("only ") else ""
+    g = r["gmacs_per_s"].get(kind)
+    lines.append(f"| {k} | {v:.4f} | {r['instructions'].get(kind, '')} | "
+                 f"{r['work'].get(kind, '')} | {'' if g is None else f'{g:.1f}'} |")
+  lines += ["", "GMAC/s: the kind's multiply-adds over its time less the empty call's ('none')."]
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  args = parse()
+  r = run(args)
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.name)
+  with open(out + ".json", "w") as fh:
+    json.dump(r, fh, indent=1)
+  with open(out + ".md", "w") as fh:
+    fh.write(markdown(r))
+  print(markdown(r))
+  print(f"wrote {out}.json, {out}.md")
+
+
+if __name__ == "__main__":
+  main()
