@@ -111,6 +111,17 @@ def write_json(name, path, result):
   return path
 
 
+def write_outputs(name, result, md):
+  """bench/results/<name>.json (result) and .md (md), md printed."""
+  out = os.path.join(RESULTS, name)
+  with open(out + ".json", "w") as fh:
+    json.dump(result, fh, indent=1)
+  with open(out + ".md", "w") as fh:
+    fh.write(md)
+  print(md)
+  print(f"wrote {out}.json, {out}.md")
+
+
 def table(headers, rows):
   """Markdown table; floats printed with 4 significant digits."""
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

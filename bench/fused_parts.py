@@ -17,7 +17,6 @@ bench/results/<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -130,13 +129,8 @@ def markdown(r):
 def main():
   args = parse()
   r = run(args)
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.name)
-  with open(out + ".json", "w") as fh:
-    json.dump(r, fh, indent=1)
-  with open(out + ".md", "w") as fh:
-    fh.write(markdown(r))
-  print(markdown(r))
-  print(f"wrote {out}.json, {out}.md")
+  from bench import common  # pylint: disable=g-import-not-at-top
+  common.write_outputs(args.name, r, markdown(r))
 
 
 if __name__ == "__main__":

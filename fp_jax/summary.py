@@ -83,8 +83,10 @@ def latency_rows(latency):
             f"On {latency['device']}; details in latency/latency.md.", ""]
   names = [r for r in ("perop", "fused", "onnxruntime", "litert") if r in rts]
   low = latency.get("dtype", "float32") != "float32"   # fp_jax's executors in bfloat16
+  fused = [e for e in (latency.get("engine", {}).get("ran"),) if e] + ([latency["dtype"]] if low
+                                                                      else [])
   labels = {"perop": f"per-op ({latency.get('dtype')})" if low else "per-op",
-            "fused": f"fused ({latency.get('dtype')})" if low else "fused",
+            "fused": f"fused ({', '.join(fused)})" if fused else "fused",
             "onnxruntime": "ONNX Runtime", "litert": "LiteRT"}
   lines = ["## Latency (batch 1, ms per image, mean / median)", "",
            "| network | " + " | ".join(labels[r] for r in names) + " |",

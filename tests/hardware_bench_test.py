@@ -57,6 +57,8 @@ def _fill(root, stages, **kw):
     for rel, obj in _stage_outputs(st, **kw).items():
       _write(root, rel, obj)
 
+XLA = "--config.latency.engine=xla"   # every run's latency stage: the engine the table models
+
 
 @pytest.fixture
 def fake_runner(monkeypatch):
@@ -129,7 +131,7 @@ def test_layers_reused_then_compress_only_runs_from_its_final(tmp_path, fake_run
   src, run = _fashion_run(tmp_path)
   args = _args(tmp_path, src)
   layers = hw.run_one(args, "layers", 0, [])
-  assert fake_runner == [("layers", "latency", [])]           # search/final/compress copied
+  assert fake_runner == [("layers", "latency", [XLA])]        # search/final/compress copied
   assert layers["test_error_finetuned"] == 15.0 and layers["seconds"]["final"] == 1000.0
   assert layers["latency_load"]["n"] >= 2 and layers["seconds"]["latency"] >= 0
   _, _, work = hw.workdir_of(args, "layers", 0)
@@ -140,8 +142,8 @@ def test_layers_reused_then_compress_only_runs_from_its_final(tmp_path, fake_run
   assert "latency_load" in json.load(open(os.path.join(keep, "bench_times.json")))
 
   c8 = hw.run_one(args, "layers+c8", 0, [layers])
-  assert fake_runner[1:] == [("layers+c8", "compress", ["--config.compress.round_to=8"]),
-                             ("layers+c8", "latency", ["--config.compress.round_to=8"])]
+  assert fake_runner[1:] == [("layers+c8", "compress", ["--config.compress.round_to=8", XLA]),
+                             ("layers+c8", "latency", ["--config.compress.round_to=8", XLA])]
   assert c8["compress_round_to"] == 8 and c8["base"] == "layers"
   _, _, w8 = hw.workdir_of(args, "layers+c8", 0)
   with open(os.path.join(w8, hw.FINAL_W)) as f:
@@ -153,7 +155,7 @@ def test_layers_reused_then_compress_only_runs_from_its_final(tmp_path, fake_run
     assert os.path.exists(os.path.join(k8, rel)), rel          # the row from the keep alone
   assert not os.path.exists(os.path.join(k8, hw.COMPRESS_W))
   dist = hw.run_one(args, "layers+distill", 0, [layers, c8])
-  assert dist["distill"] and fake_runner[-1][2] == ["--config.compress.distill=True"]
+  assert dist["distill"] and fake_runner[-1][2] == ["--config.compress.distill=True", XLA]
 
 
 def test_layers_without_compress_weights_compresses_again(tmp_path, fake_runner):
@@ -170,8 +172,7 @@ def test_resume_skips_finished_stages_and_restores_from_keep(tmp_path, fake_runn
   _write(work, "bench_times.json", {"search": 10.0, "final": 5.0})
   row = hw.run_one(args, "latency", 0, [])
   assert [c[1] for c in fake_runner] == ["compress", "latency"]
-  assert fake_runner[0][2] == ["--config.latency.engine=xla",     # the table's engine
-                               "--config.search.ratio_measure=latency"]
+  assert fake_runner[0][2] == [XLA, "--config.search.ratio_measure=latency"]
   assert row["seconds"]["search"] == 10.0 and row["predicted_latency_ms"] == 2.0
   hw.run_one(args, "latency", 0, [])            # all done: nothing runs
   assert len(fake_runner) == 2
@@ -196,8 +197,7 @@ def test_best_distill_waits_for_the_whole_pipelines(tmp_path, fake_runner):
   row = hw.run_one(args, "best+distill", 0, rows)
   assert row["base"] == "macs_r8" and row["distill"]
   assert fake_runner[0][2] == ["--config.compress.distill=True", "--config.compress.round_to=8",
-                               "--config.latency.engine=xla",
-                               "--config.search.ratio_measure=macs",
+                               XLA, "--config.search.ratio_measure=macs",
                                "--config.search.round_to=8"]
 
 

@@ -119,3 +119,9 @@ def test_summary_latency_runtimes(tmp_path):
   assert "ONNX Runtime 1.20x unpruned, 1.50x pruned" in text
   assert "LiteRT 1.10x unpruned, 1.20x pruned" in text
   assert "1 thread(s)" in text and "![latency/runtimes.png](latency/runtimes.png)" in text
+  # the fused column names the engine that ran (latency.json's `engine`, since it exists)
+  data = json.loads((tmp_path / "latency" / "latency.json").read_text())
+  data["engine"] = {"option": "auto", "ran": "native", "why_not_native": ""}
+  (tmp_path / "latency" / "latency.json").write_text(json.dumps(data))
+  assert "| network | per-op | fused (native) | ONNX Runtime | LiteRT |" in summary.write(
+      str(tmp_path))

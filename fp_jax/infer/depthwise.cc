@@ -71,24 +71,7 @@ void Chunk(const Problem& p, int64_t t) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < (r1 - r0) * Wp * C) buf.resize((r1 - r0) * Wp * C);
   float* slab = buf.data();
-  const float* xb = p.x + b * p.H * p.W * C;
-  for (int64_t r = r0; r < r1; ++r) {
-    float* dst = slab + (r - r0) * Wp * C;
-    const int64_t h = r - P;
-    if (h < 0 || h >= p.H) {
-      std::memset(dst, 0, sizeof(float) * Wp * C);
-      continue;
-    }
-    std::memset(dst, 0, sizeof(float) * P * C);
-    std::memset(dst + (P + p.W) * C, 0, sizeof(float) * P * C);
-    const float* src = xb + h * p.W * C;
-    float* d = dst + P * C;
-    for (int64_t w = 0; w < p.W; ++w, d += C, src += C)
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = src[c] + p.bias[c];
-        d[c] = p.relu && v < 0.f ? 0.f : v;
-      }
-  }
+  fp_jax::PaddedRows<P>(p.x + b * p.H * p.W * C, p.H, p.W, C, p.bias, p.relu, r0, r1, slab);
   float* yb = p.y + b * p.Ho * p.Wo * C;
   for (int64_t o = o0; o < o1; ++o)
     Row<K, S>(slab + (p.oh + S * o - r0) * Wp * C, Wp, p.ow, p.Wo, C, p.wt, yb + o * p.Wo * C);

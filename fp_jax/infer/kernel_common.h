@@ -10,6 +10,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -67,6 +68,32 @@ void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const f
           acc += xp[(i * Wp + ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
       y[q * C + c] = acc;
     }
+}
+
+// Rows [r0, r1) of x_b [H, W, C] + bias [C] (null: none), ReLU'd when relu, inside a zero
+// border of P pixels: slab row r - r0 holds input row r - P (zeros above and below the
+// image), W + 2P pixels of C floats each (the depthwise kernels' input).
+template <int P>
+inline void PaddedRows(const float* xb, int64_t H, int64_t W, int64_t C, const float* bias,
+                       bool relu, int64_t r0, int64_t r1, float* slab) {
+  const int64_t Wp = W + 2 * P;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = slab + (r - r0) * Wp * C;
+    const int64_t h = r - P;
+    if (h < 0 || h >= H) {
+      std::memset(dst, 0, sizeof(float) * Wp * C);
+      continue;
+    }
+    std::memset(dst, 0, sizeof(float) * P * C);
+    std::memset(dst + (P + W) * C, 0, sizeof(float) * P * C);
+    const float* src = xb + h * W * C;
+    float* d = dst + P * C;
+    for (int64_t w = 0; w < W; ++w, d += C, src += C)
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = bias ? src[c] + bias[c] : src[c];
+        d[c] = relu && v < 0.f ? 0.f : v;
+      }
+  }
 }
 
 // Row with blocks of 8 output pixels x 8 channels (C a multiple of 8): per tap (i, j) one

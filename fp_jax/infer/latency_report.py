@@ -25,7 +25,10 @@ def to_markdown(r):
          f"im2col={r['im2col']}; depthwise per-op={r['depthwise']['perop']}, "
          f"fused={r['depthwise']['fused']} (ran {r.get('depthwise_impl', {}).get('perop', '?')} / "
          f"{r.get('depthwise_impl', {}).get('fused', '?')}); fused channels padded to a multiple of "
-         f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']}).\n",
+         f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']})"
+         + (f"; fused engine {r['engine']['ran']} (latency.engine={r['engine']['option']}"
+            f"{'; ' + r['engine']['why_not_native'] if r['engine']['why_not_native'] else ''})"
+            if "engine" in r else "") + ".\n",
          "## Network\n",
          _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",
                  "per-op img/s", "fused img/s", "fused GFLOP/s", "floor ms"], rows),
@@ -34,7 +37,8 @@ def to_markdown(r):
          f"({r['max_rel_diff']:.2g} of the largest logit).\n",
          _table(["speed-up", "x"], [[k, v] for k, v in sp.items()]
                 + [["pruned fused / floor", r["fused_over_floor"]["pruned"]]]),
-         "\n## Breakdown (pruned network, ms; parts with a wait at each boundary)\n",
+         "\n## Breakdown (pruned network, ms; parts with a wait at each boundary; the fused "
+         "parts are XLA-engine computations whatever the engine)\n",
          _table(["stem_conv part", "per-op ms", "fused ms"],
                 [["conv", r["stages"]["stem_conv"]["perop_ms"]["conv"], ""],
                  ["bn", r["stages"]["stem_conv"]["perop_ms"]["bn"], ""],

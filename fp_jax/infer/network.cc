@@ -175,26 +175,7 @@ void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int6
   // padded row r holds input row r - P; output row o reads padded rows oh + S*o .. + K-1
   const int64_t r0 = oh + S * o0, r1 = oh + S * (o1 - 1) + K;
   float* slab = Scratch(1, (r1 - r0) * Wp * C);
-  const __m256 zero = _mm256_setzero_ps();
-  for (int64_t r = r0; r < r1; ++r) {
-    float* dst = slab + (r - r0) * Wp * C;
-    const int64_t h = r - P;
-    if (h < 0 || h >= x.H) {
-      std::memset(dst, 0, sizeof(float) * Wp * C);
-      continue;
-    }
-    std::memset(dst, 0, sizeof(float) * P * C);
-    std::memset(dst + (P + x.W) * C, 0, sizeof(float) * P * C);
-    const float* src = xp + h * x.W * C;
-    float* d = dst + P * C;
-    for (int64_t c = 0; c < C; c += 8) {
-      const __m256 b = bias ? _mm256_loadu_ps(bias + c) : zero;
-      for (int64_t w = 0; w < x.W; ++w) {
-        const __m256 u = _mm256_add_ps(_mm256_loadu_ps(src + w * C + c), b);
-        _mm256_storeu_ps(d + w * C + c, relu ? _mm256_max_ps(zero, u) : u);
-      }
-    }
-  }
+  fp_jax::PaddedRows<P>(xp, x.H, x.W, C, bias, relu, r0, r1, slab);
   for (int64_t o = o0; o < o1; ++o)
     Row8<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
                yp + o * y.W * C);
