@@ -113,7 +113,7 @@ def test_engine_choice_and_errors():
     fused.Fused(plan, params, stats, fused.Options(pad_channels=1, engine="native"))
   with pytest.raises(ValueError, match="engine must be one of"):
     fused.Fused(plan, params, stats, fused.Options(engine="fast"))
-  assert native.resolve("auto", platform="gpu") == ("xla", "it runs on CPU only")
+  assert native.resolve("auto", platform="gpu") == ("xla", "it runs on CPU only", None)
   assert native.resolve("auto", "bfloat16")[0] == "xla" and native.resolve("auto")[0] == "native"
   with pytest.raises(ValueError, match="CPU only"):
     native.resolve("native", platform="tpu")

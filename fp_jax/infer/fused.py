@@ -316,8 +316,8 @@ class Fused:
     self.dtype = jnp.dtype(opts.dtype)
     if self.dtype != jnp.float32:
       self.fp = jax.tree.map(lambda a: np.asarray(a).astype(self.dtype), self.fp)
-    self.engine, self.engine_note = native.resolve(opts.engine, opts.dtype, plan, self.fp)
-    self.program = native.build(plan, self.fp) if self.engine == "native" else None
+    self.engine, self.engine_note, self.program = native.resolve(opts.engine, opts.dtype, plan,
+                                                                 self.fp)
     self.cache = {}
 
   def compiled(self, key, fn, *xs):

@@ -50,7 +50,8 @@ class Unsupported(ValueError):
 
 
 def resolve(engine, dtype="float32", plan=None, fp=None, platform=None):
-  """(the engine fused.Fused runs for `engine`: 'native' or 'xla', why not native or '').
+  """(the engine fused.Fused runs for `engine`: 'native' or 'xla', why not native or '',
+  the built Program when native and fp is given, else None).
 
   'native' needs a CPU platform (None: batching.current_platform(); a `jax.default_device`
   CPU on a GPU host is CPU), fp_jax's kernels (kernels.available()), float32, and a network
@@ -60,8 +61,8 @@ def resolve(engine, dtype="float32", plan=None, fp=None, platform=None):
   if engine not in ENGINES:
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
   if engine == "xla":
-    return "xla", ""
-  why = ""
+    return "xla", "", None
+  why, program = "", None
   if (platform or batching.current_platform()) != "cpu":
     why = "it runs on CPU only"
   elif np.dtype(jax.numpy.dtype(dtype)) != np.float32:
@@ -70,12 +71,12 @@ def resolve(engine, dtype="float32", plan=None, fp=None, platform=None):
     why = "fp_jax's kernels are not available here (kernels.available())"
   elif fp is not None:
     try:
-      build(plan, fp)
+      program = build(plan, fp)
     except Unsupported as e:
       why = str(e)
   if why and engine == "native":
     raise ValueError(f"engine 'native' cannot run this network: {why}")
-  return ("xla" if why else "native"), why
+  return ("xla" if why else "native"), why, program
 
 
 def _pack_gemm(w):

@@ -48,6 +48,7 @@ namespace {
 using fp_jax::Gemm;
 using fp_jax::Pool;
 using fp_jax::Row8;
+using fp_jax::Scratch;
 using fp_jax::UsableCores;
 
 enum Op : int32_t { kGemm = 1, kConvK = 2, kDw = 3, kPool = 4, kAdd = 5, kCopy = 6, kClass = 7 };
@@ -60,7 +61,6 @@ constexpr int kHeader = 8;
 constexpr int32_t kMagic = 0x66706e65;  // "fpne"
 constexpr int64_t kMaxTasks = (1 << 20) - 1;
 
-float* Scratch(int i, int64_t n) { return fp_jax::Scratch(i, n); }
 
 // ---------------------------------------------------------------- the program
 
