@@ -8,8 +8,9 @@ compacts every stage by r), folded as the fused path folds it (fused.Fused, engi
 built into one native program (native.build). Compiles the program as it is, with only one
 kind of instruction run (`native.network(..., skip=...)` skips the others: the values are
 then meaningless, the work per instruction is the same) and with none run (the call's own
-cost), and times them interleaved (latency.interleave, medians). Multiply-adds per kind come
-from the program's own instructions. Writes bench/results/<name>.{json,md}.
+cost), and times them interleaved (latency.interleave, medians). On a CPU with AVX-512 the
+whole program, its GEMMs alone and its depthwise alone also run on the AVX2 kernels
+('[avx2]' rows). Multiply-adds per kind come from the program's own instructions. Writes bench/results/<name>.{json,md}.
 """
 from __future__ import annotations
 
@@ -78,9 +79,14 @@ def run(args):
   kinds = [k for k in native.OPS if k != "class" and counts[k]]
   variants = {"all": ()} | {f"only {k}": tuple(o for o in kinds if o != k) for k in kinds}
   variants["none"] = tuple(kinds)
+  isa = {k: "auto" for k in variants}
+  if native.vector_isa() == "avx512":      # the same program on the AVX2 kernels, side by side
+    for k in ("all", "only gemm", "only dw"):
+      variants[f"{k} [avx2]"], isa[f"{k} [avx2]"] = variants[k], "avx2"
   fns = {}
   for name, skip in variants.items():
-    c = jax.jit(lambda x, s=skip: native.network(prog, x, threads=args.threads, skip=s))
+    c = jax.jit(lambda x, s=skip, i=isa[name]: native.network(prog, x, threads=args.threads,
+                                                              skip=s, isa=i))
     fns[name] = (lambda c: lambda: c(x))(c.lower(x).compile())
   for f in fns.values():         # warm up
     for _ in range(20):
@@ -89,12 +95,13 @@ def run(args):
                            for k, f in fns.items()}, args.calls, block=10)
   median = {k: statistics.median(v) for k, v in ms.items()}
   peak = machine.matmul_peak_gflops(2048)
-  gmacs = {k: macs[k] / ((median[f"only {k}"] - median["none"]) * 1e6)
-           for k in ("gemm", "dw", "convk") if f"only {k}" in median
+  gmacs = {k: macs[k.split()[0]] / ((median[f"only {k}"] - median["none"]) * 1e6)
+           for k in ("gemm", "dw", "convk", "gemm [avx2]", "dw [avx2]") if f"only {k}" in median
            and median[f"only {k}"] > median["none"]}
   return {"args": vars(args), "cpu": machine.cpu_info(), "load_start": load_start,
           "load_end": os.getloadavg(), "instructions": counts, "work": macs,
           "median_ms": median, "gmacs_per_s": gmacs, "matmul_peak_gflops": peak,
+          "vector_isa": native.vector_isa(),
           "arena_floats": prog.arena_floats}
 
 
@@ -106,14 +113,15 @@ def markdown(r):
            f"cpu: {r['cpu']['model']} ({', '.join(r['cpu']['isa'])}); {a['cpus'] or 'all'} "
            f"core(s), threads={a['threads']}; medians over {a['calls']} interleaved calls; load "
            f"average {r['load_start'][0]:.2f} -> {r['load_end'][0]:.2f}; fp32 matmul peak "
-           f"{r['matmul_peak_gflops']:.1f} GFLOP/s", "",
+           f"{r['matmul_peak_gflops']:.1f} GFLOP/s; kernels {r.get('vector_isa', 'avx2')}", "",
            "| variant | median ms | instructions | multiply-adds (elements) | GMAC/s |",
            "|---|---|---|---|---|"]
   for k, v in r["median_ms"].items():
     kind = k[5:] if k.startswith("only ") else ""
     g = r["gmacs_per_s"].get(kind)
-    lines.append(f"| {k} | {v:.4f} | {r['instructions'].get(kind, '')} | "
-                 f"{r['work'].get(kind, '')} | {'' if g is None else f'{g:.1f}'} |")
+    base = kind.split()[0] if kind else ""
+    lines.append(f"| {k} | {v:.4f} | {r['instructions'].get(base, '')} | "
+                 f"{r['work'].get(base, '')} | {'' if g is None else f'{g:.1f}'} |")
   lines += ["", "GMAC/s: the kind's multiply-adds over its time less the empty call's ('none')."]
   return "\n".join(lines) + "\n"
 

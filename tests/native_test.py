@@ -101,6 +101,24 @@ def test_program_shares_the_arena_and_writes_concat_parts_in_place():
   assert counts["copy"] == copies and counts["dw"] == 2 * sum(n.kind == "sep" for n in plan.nodes)
 
 
+def test_fused_adds_give_the_same_bits():
+  """An ADD fused into its later input's last GEMM (build's fuse_adds) gives the unfused
+  program's logits bit for bit, on 1 and 2 threads, at batch 1 and 5."""
+  for name in CASES:
+    plan, _, _, xla, _ = _net(name)
+    fused_p, plain = native.build(plan, xla.fp), native.build(plan, xla.fp, fuse_adds=False)
+    ops = lambda p: p.prog[native.HEADER + 4 * p.prog[2]:].reshape(-1, native.FIELDS)
+    adds = lambda p: int(np.sum(ops(p)[:, 0] == native.OPS["add"]))
+    res = int(np.sum((ops(fused_p)[:, 0] == native.OPS["gemm"]) & (ops(fused_p)[:, native.F["kind"]] == 1)))
+    assert res > 0 and adds(fused_p) == adds(plain) - res
+    assert adds(plain) == sum(n.kind == "add" for n in plan.nodes)
+    for threads in (1, 2):
+      np.testing.assert_array_equal(_run(fused_p, X, threads=threads, min_chunk=1),
+                                    _run(plain, X, threads=threads, min_chunk=1))
+      np.testing.assert_array_equal(_run(fused_p, X[:1], threads=threads, min_chunk=1),
+                                    _run(plain, X[:1], threads=threads, min_chunk=1))
+
+
 def test_engine_choice_and_errors():
   """'auto' falls back to xla (with the reason) where native cannot run; 'native' there is a
   ValueError; unknown engines and wrong image shapes are refused."""
@@ -119,3 +137,67 @@ def test_engine_choice_and_errors():
     native.resolve("native", platform="tpu")
   with pytest.raises(ValueError, match="images must be"):
     native.network(native.build(plan, xla.fp), np.zeros((1, HW + 1, HW, 3), np.float32))
+
+
+_WIDE = "avx512f" in native._cpu()["flags"] and "avx512vl" in native._cpu()["flags"]
+needs_avx512 = pytest.mark.skipif(not _WIDE, reason="this CPU has no AVX-512 (gemm.h's Gemm16)")
+
+
+def _gemm_program(w, b, hw, relu=False, stride=1, start=0):
+  """A program of one GEMM on the image (hw + (K,)) and the classifier (identity)."""
+  bd = native._Builder()
+  k, n = w.shape
+  img = bd.buf(*hw, k)
+  h, wd = [-(-d // stride) for d in hw]
+  out = bd.buf(h, wd, n)
+  native._gemm(bd, img, out, w, b, relu=relu, stride=stride, start=start)
+  return native._finish(bd, out, np.eye(n, dtype=np.float32))
+
+
+@needs_avx512
+@pytest.mark.parametrize("n", [4, 8, 12, 16, 24, 28, 40, 56, 64, 72, 88, 120, 136])
+def test_avx512_gemm_equals_avx2_bitwise(n):
+  """Every column blocking of gemm.h's AVX-512 GEMM (4/3/2/1 16-column vectors, a masked one,
+  an 8-column tail, masked or not) and every row remainder (35 pixels) gives the AVX2 GEMM's
+  bits, on the rows as they are and on gathered ReLU'd strided rows, with and without bias;
+  both equal numpy's mean of ReLU(x @ w + b) to rounding."""
+  rng = np.random.default_rng(n)
+  for k, relu, stride, start, bias in ((40, False, 1, 0, True), (24, True, 2, 1, False)):
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    prog = _gemm_program(w, b, (5 * stride, 7 * stride), relu, stride, start)
+    x = rng.standard_normal((2, 5 * stride, 7 * stride, k)).astype(np.float32)
+    got = {isa: _run(prog, x, threads=1, isa=isa) for isa in ("avx2", "avx512")}
+    np.testing.assert_array_equal(got["avx512"], got["avx2"])
+    np.testing.assert_array_equal(_run(prog, x, threads=2, min_chunk=1), got["avx2"])
+    u = x[:, start::stride, start::stride]
+    u = np.maximum(u, 0) if relu else u
+    want = np.maximum(u @ w + (0 if b is None else b), 0).mean(axis=(1, 2))
+    np.testing.assert_allclose(got["avx512"], want, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+def test_avx512_network_equals_avx2_bitwise():
+  """Whole networks (stem, pointwise convs, factorized reductions, depthwise) on either set of
+  kernels: the same logits bit for bit, at batch 1 and 5, and with 'auto'."""
+  for name in CASES:
+    plan, _, _, xla, _ = _net(name)
+    prog = native.build(plan, xla.fp)
+    for x in (X[:1], X):
+      want = _run(prog, x, isa="avx2")
+      np.testing.assert_array_equal(_run(prog, x, isa="avx512"), want)
+      np.testing.assert_array_equal(_run(prog, x), want)
+
+
+def test_vector_isa_choice():
+  """vector_isa: 'auto' is AVX-512 where the CPU has it at full width (not on Zen 4); an
+  unknown isa, or 'avx512' where the CPU lacks it, is a ValueError."""
+  assert native.vector_isa("avx2") == "avx2"
+  info = native._cpu()
+  zen4 = info["vendor_id"] == "AuthenticAMD" and info["cpu family"] == "25"
+  assert native.vector_isa() == ("avx512" if _WIDE and not zen4 else "avx2")
+  with pytest.raises(ValueError, match="isa must be one of"):
+    native.vector_isa("sse")
+  if not _WIDE:
+    with pytest.raises(ValueError, match="does not report AVX-512"):
+      native.vector_isa("avx512")

@@ -20,6 +20,8 @@
 
 namespace fp_jax {
 
+#define FP_KC_INLINE inline __attribute__((always_inline))
+
 constexpr int kWB = 4;          // output pixels along W per register block
 constexpr int kSpins = 1 << 16; // pause loops (~1 ms) before the caller sleeps
 // Handing chunks to the pool costs ~15-25 us a call (waking a worker), so only calls of at
@@ -127,6 +129,70 @@ void Row8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const 
   if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
     Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
 }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw")
+
+// Vectors of 16 (AVX-512) and 8 (AVX2 instructions, 32 registers) floats for Row8Wide.
+struct V16 {
+  using T = __m512;
+  static constexpr int L = 16;
+  static FP_KC_INLINE T Zero() { return _mm512_setzero_ps(); }
+  static FP_KC_INLINE T Load(const float* p) { return _mm512_loadu_ps(p); }
+  static FP_KC_INLINE T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static FP_KC_INLINE void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+struct V8 {
+  using T = __m256;
+  static constexpr int L = 8;
+  static FP_KC_INLINE T Zero() { return _mm256_setzero_ps(); }
+  static FP_KC_INLINE T Load(const float* p) { return _mm256_loadu_ps(p); }
+  static FP_KC_INLINE T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static FP_KC_INLINE void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
+
+// 8 output pixels x V::L channels from c: per kernel row i the (8 - 1) * S + K input vectors
+// it reads are loaded once and shared by the K taps (Row8 loads one per FMA; AVX-512's 32
+// registers hold them). Taps are summed in Row8's order: the same bits.
+template <class V, int K, int S>
+FP_KC_INLINE void Block8(const float* xp, int64_t Wp, int64_t C, const float* wt, float* y) {
+  constexpr int B = 8, NX = (B - 1) * S + K;
+  typename V::T acc[B];
+#pragma GCC unroll 8
+  for (int q = 0; q < B; ++q) acc[q] = V::Zero();
+#pragma GCC unroll 5
+  for (int i = 0; i < K; ++i) {
+    const float* r = xp + i * Wp * C;
+    typename V::T xv[NX];
+#pragma GCC unroll 19
+    for (int v = 0; v < NX; ++v) xv[v] = V::Load(r + v * C);
+#pragma GCC unroll 5
+    for (int j = 0; j < K; ++j) {
+      const typename V::T wv = V::Load(wt + (i * K + j) * C);
+#pragma GCC unroll 8
+      for (int q = 0; q < B; ++q) acc[q] = V::Fma(xv[S * q + j], wv, acc[q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < B; ++q) V::Store(y + q * C, acc[q]);
+}
+
+// Row8 on AVX-512 (C a multiple of 8): blocks of 16 channels, then one of 8.
+template <int K, int S>
+void Row8Wide(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+              float* y) {
+  int64_t q0 = 0;
+  for (; q0 + 8 <= Wo; q0 += 8) {
+    const float* x0 = xp + (ow + S * q0) * C;
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) Block8<V16, K, S>(x0 + c, Wp, C, wt + c, y + q0 * C + c);
+    if (c < C) Block8<V8, K, S>(x0 + c, Wp, C, wt + c, y + q0 * C + c);
+  }
+  if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
+    Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
+}
+
+#pragma GCC pop_options
 
 // Runs fn(t) for t in [0, total) on the calling thread and up to n - 1 threads of XLA's
 // intra-op pool, which take chunks from a shared counter. The caller waits only for chunks

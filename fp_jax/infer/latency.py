@@ -73,6 +73,7 @@ from fp_jax.infer import export
 from fp_jax.infer import onnx_export
 from fp_jax.infer import fused
 from fp_jax.infer import machine
+from fp_jax.infer import native
 from fp_jax.infer import networks
 from fp_jax.infer import perop
 from fp_jax.infer import placement
@@ -275,7 +276,11 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
       "compiler_options": fused.compiler_options(opts) or {},
       "engine": {"option": opts.engine, "ran": ex["baseline", "fused"].engine,
                  "pruned_ran": ex["pruned", "fused"].engine,
-                 "why_not_native": ex["baseline", "fused"].engine_note},
+                 "why_not_native": ex["baseline", "fused"].engine_note,
+                 # the native engine's kernels here (native.vector_isa: AVX-512 or AVX2)
+                 "vector_isa": native.vector_isa() if "native" in (ex["baseline", "fused"].engine,
+                                                               ex["pruned", "fused"].engine)
+                             else None},
       "executed_macs_pruned_fused": networks.padded_macs(nets["pruned"], opts.pad_channels),
       "network": {f"{k}_ms": v for k, v in mean.items()},
       "network_detail": net_ms,

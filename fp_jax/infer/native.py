@@ -34,6 +34,42 @@ F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "
      "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13}
 ALIGN = 16                     # floats: every buffer and weight block starts on 64 bytes
 MIN_CHUNK = 1 << 14            # multiply-adds (or element ops) below which an op is not split
+PANEL = 16                     # columns of a packed GEMM weight panel (gemm.h's kPanel)
+ISAS = {"auto": 0, "avx2": 1, "avx512": 2}   # network.cc's kernels (auto: vector_isa decides)
+
+
+def vector_isa(isa="auto"):
+  """Which kernels (GEMM, depthwise) a call with `isa` runs here: 'avx512' or 'avx2'.
+  'auto' is 'avx512' where the CPU reports AVX-512F and VL and executes 512-bit FMAs at full
+  width, i.e. not on AMD family 25 (Zen 4 splits each into two 256-bit halves: the AVX-512
+  kernels measured 2-3 % slower than the AVX2 ones there); ValueError for an unknown isa or
+  'avx512' on a CPU without it."""
+  if isa not in ISAS:
+    raise ValueError(f"isa must be one of {tuple(ISAS)}, got {isa!r}")
+  info = _cpu()
+  has = {"avx512f", "avx512vl"} <= info["flags"]
+  if isa == "avx512" and not has:
+    raise ValueError("isa 'avx512': this CPU does not report AVX-512F and AVX-512VL")
+  half_width = info["vendor_id"] == "AuthenticAMD" and info["cpu family"] == "25"
+  return "avx512" if isa == "avx512" or (isa == "auto" and has and not half_width) else "avx2"
+
+
+def _cpu():
+  """/proc/cpuinfo's first processor: {'flags': set, 'vendor_id': str, 'cpu family': str}."""
+  info = {"flags": set(), "vendor_id": "", "cpu family": ""}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "cpu family"):
+          info[key] = value.strip()
+        elif key == "flags":
+          info["flags"] = set(value.split())
+          break
+  except OSError:
+    pass
+  return info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +116,11 @@ def resolve(engine, dtype="float32", plan=None, fp=None, platform=None):
 
 
 def _pack_gemm(w):
-  """w [K, N] -> [ceil(N/8), K, 8]: one 8-column panel after another (the last zero-padded)."""
+  """w [K, N] -> [ceil(N/16), K, 16]: one 16-column panel after another (the last
+  zero-padded; gemm.h reads a panel as one AVX-512 vector or two AVX2 ones)."""
   k, n = w.shape
-  w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, -n % 8)))
-  return np.ascontiguousarray(w.reshape(k, -1, 8).transpose(1, 0, 2))
+  w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, -n % PANEL)))
+  return np.ascontiguousarray(w.reshape(k, -1, PANEL).transpose(1, 0, 2))
 
 
 class _Builder:
@@ -115,13 +152,16 @@ class _Builder:
     self.instrs.append(r)
 
 
-def _gemm(bd, src, dst, w, b, relu=False, stride=1, start=0, coff=0):
+def _gemm(bd, src, dst, w, b, relu=False, stride=1, start=0, coff=0, res=None):
+  """A GEMM instruction; res: a buffer [H, W, n] added to its result (a fused ADD)."""
   k, n = np.shape(w)[-2:]
   if bd.bufs[src][2] != k:
     raise ValueError(f"gemm: input has {bd.bufs[src][2]} channels, weights {np.shape(w)}")
+  if res is not None and (bd.bufs[res][2] != n or n % 8 or bd.bufs[res][:2] != bd.bufs[dst][:2]):
+    raise ValueError(f"gemm: residual {bd.bufs[res]} does not match the output's {n} channels")
   bd.emit("gemm", in0=src, out=dst, w=bd.w(_pack_gemm(np.reshape(w, (k, n)))),
           b=-1 if b is None else bd.w(b), relu=relu, stride=stride, oh=start, ow=start,
-          coff=coff, n=n)
+          coff=coff, n=n, in1=0 if res is None else res, kind=int(res is not None))
 
 
 def _pads(n, k, stride):
@@ -129,8 +169,10 @@ def _pads(n, k, stride):
   return max((out - 1) * stride + k - n, 0) // 2
 
 
-def build(plan, fp):
-  """The Program of the folded network fp (folding.folded; float32) of `plan`."""
+def build(plan, fp, fuse_adds=True):
+  """The Program of the folded network fp (folding.folded; float32) of `plan`. fuse_adds: an
+  ADD whose later input is a sep_conv or 1x1 conv read by the ADD alone is that input's last
+  GEMM adding the other input to its result (the same bits; no ADD instruction)."""
   bd = _Builder()
   h, w = plan.image_hw
   vals = {0: (bd.buf(h, w, plan.in_channels), 0)}       # node -> (buffer, channel offset)
@@ -161,21 +203,35 @@ def build(plan, fp):
     if j and widths[j] % 8:
       raise Unsupported(f"node {n.name} has {widths[j]} channels (the native executor needs "
                         "multiples of 8: latency.pad_channels=8)")
+  into = {}                    # producer node -> the ADD node its last GEMM computes
   for j, n in enumerate(plan.nodes):
-    if n.kind == "image":
+    p = max(n.inputs) if n.kind == "add" and len(set(n.inputs)) == 2 else None
+    if (fuse_adds and p is not None and readers[p] == [j]
+        and (plan.nodes[p].kind == "sep" or (plan.nodes[p].kind == "conv"
+                                             and np.shape(fp["blocks"][plan.nodes[p].name]["w"])[0] == 1))):
+      into[p] = j
+
+  def out_of(j):               # (buffer, channel offset) node j writes, allocated on first use
+    if j not in vals:
+      if j in direct:
+        c, off = direct[j]
+        vals[j] = (out_of(c)[0], off)
+      else:
+        vals[j] = (bd.buf(*plan.nodes[j].hw, widths[j]), 0)
+    return vals[j]
+
+  for j, n in enumerate(plan.nodes):
+    if n.kind == "image" or j in into.values():      # a fused ADD: computed by its GEMM
       continue
     fb = fp["blocks"].get(n.name)
     ho, wo = n.hw
-    if j in direct and j not in vals:
-      c, _ = direct[j]
-      if c not in vals:
-        vals[c] = (bd.buf(*plan.nodes[c].hw, widths[c]), 0)
-      out, coff = vals[c][0], direct[j][1]
-    elif n.kind == "concat" and j in vals:
-      out, coff = vals[j]
+    res = None
+    if j in into:
+      add = plan.nodes[into[j]]
+      out, coff = out_of(into[j])
+      res = vals[add.inputs[0] if add.inputs[1] == j else add.inputs[1]][0]
     else:
-      out, coff = bd.buf(ho, wo, widths[j]), 0
-    vals[j] = (out, coff)
+      out, coff = out_of(j)
     ins = [vals[i][0] for i in n.inputs]
     if n.kind == "conv" and np.shape(fb["w"])[0] > 1:
       k = np.shape(fb["w"])[0]
@@ -187,7 +243,7 @@ def build(plan, fp):
       if n.relu:
         raise ValueError(f"{n.name}: a k x k conv with an input ReLU is not supported")
     elif n.kind == "conv":
-      _gemm(bd, ins[0], out, fb["w"], fb["b"], relu=n.relu, stride=n.stride, coff=coff)
+      _gemm(bd, ins[0], out, fb["w"], fb["b"], relu=n.relu, stride=n.stride, coff=coff, res=res)
     elif n.kind == "fr":
       _gemm(bd, ins[0], out, fb["w1"], fb["b1"], relu=n.relu, stride=n.stride, coff=coff)
       _gemm(bd, ins[0], out, fb["w2"], fb["b2"], relu=n.relu, stride=n.stride, start=1,
@@ -204,7 +260,7 @@ def build(plan, fp):
       t3 = bd.buf(ho, wo, bd.bufs[t2][2])
       bd.emit("dw", in0=t2, out=t3, w=bd.w(np.reshape(fb["dw2"], (k * k, bd.bufs[t2][2]))),
               relu=1, k=k, stride=1)
-      _gemm(bd, t3, out, fb["pw2"], fb["b2"], coff=coff)
+      _gemm(bd, t3, out, fb["pw2"], fb["b2"], coff=coff, res=res)
     elif n.kind in ("avg", "max"):
       hi, wi, _ = bd.bufs[ins[0]]
       offs = [0, 0] if n.stride == 1 else [layers.same_offset(d, 3, n.stride) for d in (hi, wi)]
@@ -220,9 +276,14 @@ def build(plan, fp):
         off += widths[i]
     else:
       raise ValueError(f"unknown node kind {n.kind!r}")
-  last = vals[plan.out][0]
-  classes = np.shape(fp["fc"]["w"])[-1]
-  bd.emit("class", in0=last, out=last, w=bd.w(fp["fc"]["w"]))
+  return _finish(bd, vals[plan.out][0], fp["fc"]["w"])
+
+
+def _finish(bd, last, fc):
+  """The Program of builder bd's instructions, ended by the classifier fc [C, classes] on
+  buffer `last` (buffer 0 is the image)."""
+  classes = np.shape(fc)[-1]
+  bd.emit("class", in0=last, out=last, w=bd.w(fc))
   offsets, arena = _place(bd)
   head = [MAGIC, VERSION, len(bd.bufs), len(bd.instrs), arena, 0, classes, 0]
   table = [(o,) + b for o, b in zip(offsets, bd.bufs)]
@@ -231,7 +292,7 @@ def build(plan, fp):
   if prog.max() >= 2**31 or arena >= 2**31 or bd.size >= 2**31:
     raise Unsupported("the network is too large for the native executor's int32 program")
   return Program(prog.astype(np.int32), np.concatenate(bd.weights).astype(np.float32),
-                 (h, w, plan.in_channels), int(classes), int(arena))
+                 bd.bufs[0], int(classes), int(arena))
 
 
 def _place(bd):
@@ -241,7 +302,8 @@ def _place(bd):
   for t, r in enumerate(bd.instrs):
     for f in ("in0", "in1", "out"):
       b = r[F[f]]
-      if f == "in1" and r[F["op"]] != OPS["add"]:
+      if f == "in1" and r[F["op"]] != OPS["add"] and not (r[F["op"]] == OPS["gemm"]
+                                                           and r[F["kind"]] == 1):
         continue
       first.setdefault(b, t)
       last[b] = t
@@ -267,11 +329,12 @@ def arenas(batch, threads=0):
   return n if n > 1 and batch >= 2 * n else 1
 
 
-def network(p, x, threads=0, min_chunk=MIN_CHUNK, skip=()):
+def network(p, x, threads=0, min_chunk=MIN_CHUNK, skip=(), isa="auto"):
   """Logits [B, classes] f32 of Program p on x [B, H, W, C] f32 (p.image); traced. threads:
   how many threads take part (0: one per core this thread may run on; more than the cores
   only oversubscribes them, at most 64); skip: names of OPS whose
-  instructions are not run (for timing the others; the logits are then meaningless); needs
+  instructions are not run (for timing the others; the logits are then meaningless); isa:
+  the GEMM and depthwise kernels (ISAS, vector_isa: every choice gives the same bits); needs
   kernels.available()."""
   if not kernels.available():
     raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
@@ -281,4 +344,4 @@ def network(p, x, threads=0, min_chunk=MIN_CHUNK, skip=()):
   return jax.ffi.ffi_call(kernels.NETWORK_TARGET,
                           jax.ShapeDtypeStruct((x.shape[0], p.classes), np.float32))(
       x, p.prog, p.weights, threads=np.int64(threads), min_chunk=np.int64(min_chunk),
-      skip=np.int64(sum(1 << OPS[o] for o in skip)))
+      skip=np.int64(sum(1 << OPS[o] for o in skip)), isa=np.int64(ISAS[vector_isa(isa)]))

@@ -6,10 +6,11 @@
 // arena; `weights` (f32) holds every instruction's weights, packed by native.py:
 //   prog = header [8] | buffers [n_buf, 4] (arena offset, H, W, C) | instructions [n, 16]
 // Buffer 0 is the image (the call's input). The instructions (fields: kOp ...):
-//   GEMM   out[p, coff + n] = bias[n] + sum_k u[k] * w[k, n], u = [ReLU](in at pixel
-//          (oh + s*i, ow + s*j)) or 0 outside (a 1x1 conv at stride s; the factorized
-//          reduction's shifted half starts at (1, 1)); w packed [N/8][K][8].
-//   CONVK  a k x k SAME conv (the stem) as im2col rows + the same GEMM; w [N/8][k*k*Cin][8].
+//   GEMM   out[p, coff + n] = bias[n] + sum_k u[k] * w[k, n] [+ in1[p, n] when kind 1: a
+//          fused ADD], u = [ReLU](in at pixel (oh + s*i, ow + s*j)) or 0 outside (a 1x1
+//          conv at stride s; the factorized reduction's shifted half starts at (1, 1));
+//          w packed [ceil(N/16)][K][16].
+//   CONVK  a k x k SAME conv (the stem) as im2col rows + the same GEMM; w [ceil(N/16)][k*k*Cin][16].
 //   DW     out = depthwise_kxk([ReLU](in + bias)) at stride s from (oh, ow) (kernel_common.h's
 //          register-blocked Row); w [k*k, C].
 //   POOL   3x3 avg (padding excluded from the count) / max at stride s from (oh, ow).
@@ -24,8 +25,11 @@
 // every op; each op large enough is cut into chunks of output rows that the calling thread
 // and fp_jax's own worker threads (worker_pool.h) take from a shared counter. The workers
 // spin between ops (and sleep after ~0.2 ms without work), so handing out an op costs well
-// under a microsecond. GEMMs run gemm.h's register-blocked micro-kernels. Every output element is computed by the same code in the same order
-// whichever thread takes its chunk: the result is the same for any thread count (bitwise).
+// under a microsecond. GEMMs run gemm.h's register-blocked micro-kernels, the depthwise
+// kernel_common.h's Row8, both on AVX-512 where the CPU has it at full width (the call's
+// `isa`, from native.vector_isa; both give the same bits). Every output element is computed
+// by the same code in the same order whichever thread takes its chunk: the result is the
+// same for any thread count (bitwise).
 // A batch of at least 2 images per thread is split by images instead (each thread runs the
 // whole program on its images, with its own arena).
 #include <immintrin.h>
@@ -74,6 +78,7 @@ struct Net {
   std::vector<Buf> bufs;
   int64_t n_instr, arena, classes;
   int64_t skip;         // bit op set: that op's instructions are skipped (bench/native_parts.py)
+  bool wide;            // AVX-512: gemm.h's Gemm16, kernel_common.h's Row8Wide
   const int32_t* Instr(int64_t i) const {
     return prog + kHeader + 4 * static_cast<int64_t>(bufs.size()) + kFields * i;
   }
@@ -97,6 +102,15 @@ struct Task {
   int64_t rows_per_chunk, units;         // output rows (or pixel rows) per chunk, all rows
 };
 
+// y[p, c] += r[p, c] for pixels [p0, p1), c < N (a multiple of 8): a GEMM's fused ADD, the
+// same bits as ADD's r + y.
+void AddResidual(const float* r, int64_t N, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < N; c += 8)
+      _mm256_storeu_ps(y + p * ldy + c, _mm256_add_ps(_mm256_loadu_ps(r + p * N + c),
+                                                      _mm256_loadu_ps(y + p * ldy + c)));
+}
+
 // Output pixels [p0, p1) of a GEMM instruction.
 void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int64_t p1) {
   const Buf& x = net.bufs[in[kIn0]];
@@ -107,8 +121,10 @@ void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int
   const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
   const int64_t K = x.C, N = in[kN], s = in[kStride], oh = in[kOh], ow = in[kOw];
   const bool relu = in[kRelu] != 0;
+  const float* res = in[kKind] == 1 ? f.P(net, in[kIn1]) : nullptr;
   if (!relu && s == 1 && oh == 0 && ow == 0) {     // the rows as they are
-    Gemm(xp + p0 * K, K, p1 - p0, K, N, w, bias, yp + p0 * y.C, y.C);
+    Gemm(xp + p0 * K, K, p1 - p0, K, N, w, bias, yp + p0 * y.C, y.C, net.wide);
+    if (res) AddResidual(res, N, yp, y.C, p0, p1);
     return;
   }
   float* a = Scratch(0, kRowBlock * K);
@@ -128,7 +144,8 @@ void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int
         _mm256_storeu_ps(d + c, relu ? _mm256_max_ps(zero, u) : u);
       }
     }
-    Gemm(a, K, q1 - q0, K, N, w, bias, yp + q0 * y.C, y.C);
+    Gemm(a, K, q1 - q0, K, N, w, bias, yp + q0 * y.C, y.C, net.wide);
+    if (res) AddResidual(res, N, yp, y.C, q0, q1);
   }
 }
 
@@ -156,7 +173,7 @@ void ConvKRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, in
         }
     }
     Gemm(a, K, q1 - q0, K, N, net.wts + in[kW], in[kB] >= 0 ? net.wts + in[kB] : nullptr,
-         yp + q0 * y.C, y.C);
+         yp + q0 * y.C, y.C, net.wide);
   }
 }
 
@@ -177,8 +194,8 @@ void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int6
   float* slab = Scratch(1, (r1 - r0) * Wp * C);
   fp_jax::PaddedRows<P>(xp, x.H, x.W, C, bias, relu, r0, r1, slab);
   for (int64_t o = o0; o < o1; ++o)
-    Row8<K, S>(slab + (oh + S * o - r0) * Wp * C, Wp, ow, y.W, C, net.wts + in[kW],
-               yp + o * y.W * C);
+    (net.wide ? fp_jax::Row8Wide<K, S> : Row8<K, S>)(slab + (oh + S * o - r0) * Wp * C, Wp, ow,
+                                                      y.W, C, net.wts + in[kW], yp + o * y.W * C);
 }
 
 void DwRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
@@ -349,12 +366,16 @@ void ImageChunk(const void* ctx, int64_t t) {
 }
 
 ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer<ffi::F32> wts,
-                ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t min_chunk, int64_t skip) {
+                ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t min_chunk, int64_t skip,
+                int64_t isa) {
   const int32_t* p = prog.typed_data();
   const int64_t plen = static_cast<int64_t>(prog.element_count());
   if (plen < kHeader || p[0] != kMagic || p[1] != 1)
     return ffi::Error::InvalidArgument("network: not a native.py program (version 1)");
-  Net net{p, wts.typed_data(), {}, p[3], p[4], p[6], skip};
+  if (isa < 1 || isa > 2 || (isa == 2 && !fp_jax::HasAvx512()))
+    return ffi::Error::InvalidArgument(
+        "network: isa 1 (AVX2) or 2 (AVX-512, where the CPU has it; native.vector_isa)");
+  Net net{p, wts.typed_data(), {}, p[3], p[4], p[6], skip, isa == 2};
   const int64_t nb = p[2];
   if (plen != kHeader + 4 * nb + kFields * net.n_instr || nb < 1)
     return ffi::Error::InvalidArgument("network: program length does not match its header");
@@ -394,4 +415,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxNetwork, Impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("min_chunk")
-                                  .Attr<int64_t>("skip"));
+                                  .Attr<int64_t>("skip")
+                                  .Attr<int64_t>("isa"));
