@@ -41,10 +41,8 @@ def macs_by_kind(prog):
   """{op name: multiply-adds (gemm, convk, dw) or elements written (the others)} of a Program."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import native  # pylint: disable=g-import-not-at-top
-  p, f = prog.prog, native.F
-  nb = int(p[2])
-  bufs = p[native.HEADER:native.HEADER + 4 * nb].reshape(nb, 4)
-  ins = p[native.HEADER + 4 * nb:].reshape(-1, native.FIELDS)
+  f = native.F
+  _, bufs, ins, _ = native.parse(prog.prog)
   names = {v: k for k, v in native.OPS.items()}
   out = {}
   for r in ins:

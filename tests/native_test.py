@@ -80,11 +80,27 @@ def test_program_shares_the_arena_and_writes_concat_parts_in_place():
   concat alone is written into its slice (no copy); the program's layout is its header's."""
   plan, _, _, xla, _ = _net("uniform4_pruned")
   p = native.build(plan, xla.fp)
-  head = p.prog[:native.HEADER]
+  head, bufs, ins, waves = native.parse(p.prog)
   nb, ni = head[2], head[3]
-  assert head[0] == native.MAGIC and len(p.prog) == native.HEADER + 4 * nb + native.FIELDS * ni
-  bufs = p.prog[native.HEADER:native.HEADER + 4 * nb].reshape(nb, 4)
-  ins = p.prog[native.HEADER + 4 * nb:].reshape(ni, native.FIELDS)
+  assert head[0] == native.MAGIC and len(p.prog) == native.HEADER + 4 * nb + native.FIELDS * ni + head[5]
+  # waves: no instruction reads what its own or a later wave writes; buffers whose wave
+  # lifetimes overlap get disjoint arena ranges
+  wave = np.searchsorted(waves, np.arange(ni), side="right")
+  assert waves[-1] == ni and len(waves) < ni / 2 and np.all(np.diff(wave) >= 0)
+  reads = lambda r: ([r[1], r[2]] if r[0] == native.OPS["add"] or (
+      r[0] == native.OPS["gemm"] and r[native.F["kind"]] == 1) else [r[1]])
+  writes = lambda r: [] if r[0] == native.OPS["class"] else [r[3]]
+  life = {}
+  for t, r in enumerate(ins):
+    for b in reads(r) + writes(r):
+      lo, hi = life.get(b, (wave[t], wave[t]))
+      life[b] = (min(lo, wave[t]), max(hi, wave[t]))
+    assert all(wave[u] < wave[t] for u, q in enumerate(ins) if set(writes(q)) & set(reads(r)))
+  span = lambda b: (bufs[b][0], bufs[b][0] + int(np.prod(bufs[b][1:])))
+  for a in life:
+    for b in life:
+      if 0 < a < b and life[a][0] <= life[b][1] and life[b][0] <= life[a][1]:
+        assert span(a)[1] <= span(b)[0] or span(b)[1] <= span(a)[0], (a, b)
   sizes = [int(np.prod(b[1:])) for b in bufs[1:]]
   assert p.arena_floats < sum(sizes) / 2 and p.arena_floats >= max(sizes)
   assert bufs[0][0] == -1 and tuple(bufs[0][1:]) == (HW, HW, 3)
@@ -107,7 +123,7 @@ def test_fused_adds_give_the_same_bits():
   for name in CASES:
     plan, _, _, xla, _ = _net(name)
     fused_p, plain = native.build(plan, xla.fp), native.build(plan, xla.fp, fuse_adds=False)
-    ops = lambda p: p.prog[native.HEADER + 4 * p.prog[2]:].reshape(-1, native.FIELDS)
+    ops = lambda p: native.parse(p.prog)[2]
     adds = lambda p: int(np.sum(ops(p)[:, 0] == native.OPS["add"]))
     res = int(np.sum((ops(fused_p)[:, 0] == native.OPS["gemm"]) & (ops(fused_p)[:, native.F["kind"]] == 1)))
     assert res > 0 and adds(fused_p) == adds(plain) - res

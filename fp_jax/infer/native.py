@@ -28,12 +28,13 @@ from fp_jax.infer import kernels
 from fp_jax.models import layers
 
 ENGINES = ("auto", "native", "xla")       # fused.Options.engine
-MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 1, 8, 16
+MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 2, 8, 16
 OPS = {"gemm": 1, "convk": 2, "dw": 3, "pool": 4, "add": 5, "copy": 6, "class": 7}
 F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "stride": 8,
      "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13}
 ALIGN = 16                     # floats: every buffer and weight block starts on 64 bytes
 MIN_CHUNK = 1 << 14            # multiply-adds (or element ops) below which an op is not split
+WINDOW = 16                    # instructions a wave may reach ahead (_levels)
 PANEL = 16                     # columns of a packed GEMM weight panel (gemm.h's kPanel)
 ISAS = {"auto": 0, "avx2": 1, "avx512": 2}   # network.cc's kernels (auto: vector_isa decides)
 
@@ -74,7 +75,9 @@ def _cpu():
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  prog: np.ndarray             # int32: header, buffers [n, 4], instructions [m, FIELDS]
+  prog: np.ndarray             # int32: header, buffers [n, 4], instructions [m, FIELDS],
+                               # waves [w] (each wave's end: instructions that read nothing
+                               # an instruction of their own wave writes; `parse`)
   weights: np.ndarray          # float32
   image: tuple                 # (H, W, C)
   classes: int
@@ -284,29 +287,68 @@ def _finish(bd, last, fc):
   buffer `last` (buffer 0 is the image)."""
   classes = np.shape(fc)[-1]
   bd.emit("class", in0=last, out=last, w=bd.w(fc))
-  offsets, arena = _place(bd)
-  head = [MAGIC, VERSION, len(bd.bufs), len(bd.instrs), arena, 0, classes, 0]
+  level = _levels(bd.instrs)
+  bd.instrs = [bd.instrs[t] for t in sorted(range(len(level)), key=lambda t: (level[t], t))]
+  level = sorted(level)
+  ends = [t + 1 for t in range(len(level)) if t + 1 == len(level) or level[t + 1] != level[t]]
+  offsets, arena = _place(bd, level)
+  head = [MAGIC, VERSION, len(bd.bufs), len(bd.instrs), arena, len(ends), classes, 0]
   table = [(o,) + b for o, b in zip(offsets, bd.bufs)]
   prog = np.concatenate([np.asarray(head, np.int64), np.asarray(table, np.int64).ravel(),
-                         np.asarray(bd.instrs, np.int64).ravel()])
+                         np.asarray(bd.instrs, np.int64).ravel(), np.asarray(ends, np.int64)])
   if prog.max() >= 2**31 or arena >= 2**31 or bd.size >= 2**31:
     raise Unsupported("the network is too large for the native executor's int32 program")
   return Program(prog.astype(np.int32), np.concatenate(bd.weights).astype(np.float32),
                  bd.bufs[0], int(classes), int(arena))
 
 
-def _place(bd):
+def _reads(r):
+  """Buffers instruction r reads: in0, and in1 for an ADD or a GEMM with a fused ADD."""
+  two = r[F["op"]] == OPS["add"] or (r[F["op"]] == OPS["gemm"] and r[F["kind"]] == 1)
+  return (r[F["in0"]], r[F["in1"]]) if two else (r[F["in0"]],)
+
+
+def _levels(instrs, window=WINDOW):
+  """Wave of each instruction: list scheduling in build's order, each wave the instructions
+  among the first `window` not yet scheduled whose inputs earlier waves wrote (the first is
+  always ready: every writer of a buffer comes before its readers in build's order). The
+  window keeps the order, and so the buffers' lifetimes, close to build's; concat parts
+  write disjoint slices of one buffer, so writers of one wave never collide."""
+  writers, deps = {}, []
+  for t, r in enumerate(instrs):
+    deps.append({u for b in _reads(r) for u in writers.get(b, ())})
+    if r[F["op"]] != OPS["class"]:
+      writers.setdefault(r[F["out"]], []).append(t)
+  level, pending, wave = [None] * len(instrs), list(range(len(instrs))), 0
+  while pending:
+    take = [t for t in pending[:window]
+            if all(level[u] is not None and level[u] < wave for u in deps[t])]
+    for t in take:
+      level[t] = wave
+    pending = [t for t in pending if level[t] is None]
+    wave += 1
+  return level
+
+
+def parse(prog):
+  """(header [8], buffers [n, 4] (arena offset, H, W, C), instructions [m, FIELDS], wave ends
+  [w]) of a Program's int32 array."""
+  p = np.asarray(prog)
+  nb, ni, nw = int(p[2]), int(p[3]), int(p[5])
+  i = HEADER + 4 * nb
+  return (p[:HEADER], p[HEADER:i].reshape(nb, 4), p[i:i + FIELDS * ni].reshape(ni, FIELDS),
+          p[i + FIELDS * ni:i + FIELDS * ni + nw])
+
+
+def _place(bd, level):
   """Arena offsets of the buffers (buffer 0, the image, gets -1) and the arena's size:
-  each buffer the lowest aligned offset not used by a buffer whose lifetime overlaps."""
+  each buffer the lowest aligned offset not used by a buffer whose lifetime (first to last
+  wave touching it) overlaps."""
   first, last = {}, {}
-  for t, r in enumerate(bd.instrs):
-    for f in ("in0", "in1", "out"):
-      b = r[F[f]]
-      if f == "in1" and r[F["op"]] != OPS["add"] and not (r[F["op"]] == OPS["gemm"]
-                                                           and r[F["kind"]] == 1):
-        continue
-      first.setdefault(b, t)
-      last[b] = t
+  for t, r in zip(level, bd.instrs):
+    for b in _reads(r) + (r[F["out"]],):
+      first[b] = min(first.get(b, t), t)
+      last[b] = max(last.get(b, t), t)
   size = lambda b: -(-int(np.prod(bd.bufs[b])) // ALIGN) * ALIGN
   offsets, placed, top = [-1] * len(bd.bufs), [], 0
   for b in sorted((b for b in first if b != 0), key=lambda b: first[b]):

@@ -5,6 +5,9 @@
 // `prog` (int32) is a list of instructions over buffers of one image's activations in an
 // arena; `weights` (f32) holds every instruction's weights, packed by native.py:
 //   prog = header [8] | buffers [n_buf, 4] (arena offset, H, W, C) | instructions [n, 16]
+//          | waves [w] (the end of each wave: instructions that read nothing their own wave
+//          writes, whose chunks the threads take from one pool; the arena keeps a wave's
+//          buffers apart)
 // Buffer 0 is the image (the call's input). The instructions (fields: kOp ...):
 //   GEMM   out[p, coff + n] = bias[n] + sum_k u[k] * w[k, n] [+ in1[p, n] when kind 1: a
 //          fused ADD], u = [ReLU](in at pixel (oh + s*i, ow + s*j)) or 0 outside (a 1x1
@@ -77,6 +80,8 @@ struct Net {
   const float* wts;
   std::vector<Buf> bufs;
   int64_t n_instr, arena, classes;
+  const int32_t* waves;  // [n_waves] ends
+  int64_t n_waves;
   int64_t skip;         // bit op set: that op's instructions are skipped (bench/native_parts.py)
   bool wide;            // AVX-512: gemm.h's Gemm16, kernel_common.h's Row8Wide
   const int32_t* Instr(int64_t i) const {
@@ -323,26 +328,60 @@ void RowChunk(const void* ctx, int64_t t) {
   RunRows(*k.net, k.f, k.in, o0, std::min(k.units, o0 + k.rows_per_chunk));
 }
 
-// One image through the whole program, each large op split over n threads.
+constexpr int kMaxWave = 64;             // instructions of one wave run together (more: apart)
+
+// The instructions of one wave and the first chunk of each (chunk t belongs to the last
+// instruction whose first chunk is <= t).
+struct Wave {
+  Task task[kMaxWave];
+  int64_t first[kMaxWave + 1];
+  int n;
+};
+
+void WaveChunk(const void* ctx, int64_t t) {
+  const Wave& w = *static_cast<const Wave*>(ctx);
+  int i = 0;
+  while (w.first[i + 1] <= t) ++i;
+  RowChunk(&w.task[i], t - w.first[i]);
+}
+
+// One image through the whole program. On n > 1 threads each wave's instructions are cut
+// into chunks of rows (ops of at least min_chunk multiply-adds: up to 2 per thread), and
+// the threads take the chunks of the whole wave from one counter.
 void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_chunk) {
   Pool& pool = Pool::Get();
-  for (int64_t i = 0; i < net.n_instr; ++i) {
-    const int32_t* in = net.Instr(i);
-    if (net.skip >> in[kOp] & 1) continue;
-    if (in[kOp] == kClass) {
-      Classify(net, f, in, logits);
-      continue;
+  Wave wave;
+  int64_t start = 0;
+  for (int64_t e = 0; e < net.n_waves; ++e) {
+    const int64_t end = net.waves[e];
+    wave.n = 0;
+    wave.first[0] = 0;
+    for (int64_t i = start; i < end; ++i) {
+      const int32_t* in = net.Instr(i);
+      if (net.skip >> in[kOp] & 1) continue;
+      if (in[kOp] == kClass) {
+        Classify(net, f, in, logits);
+        continue;
+      }
+      int64_t rows, row_work;
+      RowWork(net, in, &rows, &row_work);
+      const int64_t chunks = n <= 1 ? 1 : std::min<int64_t>(
+          std::min<int64_t>(rows, 2 * n), std::max<int64_t>(1, rows * row_work / min_chunk));
+      if (n <= 1 || wave.n == kMaxWave) {
+        RunRows(net, f, in, 0, rows);
+        continue;
+      }
+      const int64_t per = (rows + chunks - 1) / chunks;
+      wave.task[wave.n] = Task{&net, f, in, per, rows};
+      wave.first[wave.n + 1] = wave.first[wave.n] + (rows + per - 1) / per;
+      ++wave.n;
     }
-    int64_t rows, row_work;
-    RowWork(net, in, &rows, &row_work);
-    const int64_t chunks = n <= 1 ? 1 : std::min<int64_t>(
-        std::min<int64_t>(rows, 2 * n), std::max<int64_t>(1, rows * row_work / min_chunk));
-    if (chunks <= 1) {
-      RunRows(net, f, in, 0, rows);
-      continue;
+    if (wave.n == 1) {
+      pool.Run(RowChunk, &wave.task[0], wave.first[1], n);
+    } else if (wave.n > 1) {
+      pool.Run(WaveChunk, &wave, wave.first[wave.n], n);
     }
-    Task task{&net, f, in, (rows + chunks - 1) / chunks, rows};
-    pool.Run(RowChunk, &task, (rows + task.rows_per_chunk - 1) / task.rows_per_chunk, n);
+    start = end;
   }
 }
 
@@ -370,15 +409,20 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
                 int64_t isa) {
   const int32_t* p = prog.typed_data();
   const int64_t plen = static_cast<int64_t>(prog.element_count());
-  if (plen < kHeader || p[0] != kMagic || p[1] != 1)
-    return ffi::Error::InvalidArgument("network: not a native.py program (version 1)");
+  if (plen < kHeader || p[0] != kMagic || p[1] != 2)
+    return ffi::Error::InvalidArgument("network: not a native.py program (version 2)");
   if (isa < 1 || isa > 2 || (isa == 2 && !fp_jax::HasAvx512()))
     return ffi::Error::InvalidArgument(
         "network: isa 1 (AVX2) or 2 (AVX-512, where the CPU has it; native.vector_isa)");
-  Net net{p, wts.typed_data(), {}, p[3], p[4], p[6], skip, isa == 2};
   const int64_t nb = p[2];
-  if (plen != kHeader + 4 * nb + kFields * net.n_instr || nb < 1)
+  Net net{p, wts.typed_data(), {}, p[3], p[4], p[6],
+          p + kHeader + 4 * nb + kFields * static_cast<int64_t>(p[3]), p[5], skip, isa == 2};
+  if (plen != kHeader + 4 * nb + kFields * net.n_instr + net.n_waves || nb < 1 ||
+      net.n_waves < 1 || net.waves[net.n_waves - 1] != net.n_instr)
     return ffi::Error::InvalidArgument("network: program length does not match its header");
+  for (int64_t e = 0; e < net.n_waves; ++e)
+    if (net.waves[e] <= (e ? net.waves[e - 1] : 0))
+      return ffi::Error::InvalidArgument("network: wave ends must increase");
   for (int64_t b = 0; b < nb; ++b) {
     const int32_t* r = p + kHeader + 4 * b;
     net.bufs.push_back(Buf{r[0], r[1], r[2], r[3]});
