@@ -35,7 +35,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc", "conv_train.cc",
                                                  "network.cc"))
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("kernel_common.h", "sep_products.h", "gemm.h",
-                                                 "worker_pool.h"))
+                                                 "network_ops.h", "worker_pool.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 KERNELS = (3, 5)             # kernel sizes depthwise.cc handles
 

@@ -5,15 +5,19 @@
 fused.forward computes it: a conv node is a GEMM (1x1, at its stride) or an im2col conv
 (the stem); a factorized reduction two GEMMs writing the two halves of its output; a
 sep_conv [DW, GEMM, DW, GEMM] (the first pointwise conv's folded bias added by its GEMM);
-pools, adds and the classifier one instruction each. A concat costs nothing where it can:
-a part that only the concat reads is written by its producer straight into the concat's
-channel slice; other parts are copied. Buffers share an arena: each gets the lowest
-offset free over its lifetime (first to last instruction touching it), so the activations
-of a 15-layer network at batch 1 stay within a few of its largest tensors.
+pools and the classifier one instruction each; an add is the last GEMM of its later input
+adding the other input (where that input is a sep_conv or 1x1 conv read by the add alone),
+else an instruction. A concat costs nothing where it can: a part that only the concat
+reads is written by its producer straight into the concat's channel slice; other parts
+are copied. Instructions are grouped in waves that read nothing their own wave writes
+(`_levels`), whose chunks threads share. Buffers share an arena: each gets the lowest
+offset free over its lifetime (first to last wave touching it), so the activations of a
+15-layer network at batch 1 stay within a few of its largest tensors.
 
-`network(prog, x, threads, min_chunk)` runs a built program inside a jitted computation:
-one custom call, x [B,H,W,C] f32 -> logits [B, classes] (network.cc's header says how
-ops are split over threads; the result is the same for any thread count).
+`network(prog, x, threads, min_chunk, isa)` runs a built program inside a jitted
+computation: one custom call, x [B,H,W,C] f32 -> logits [B, classes] (network.cc's header
+says how ops are split over threads; the result is the same for any thread count and
+either set of kernels, AVX2 or AVX-512: `vector_isa`).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def vector_isa(isa="auto"):
   """Which kernels (GEMM, depthwise) a call with `isa` runs here: 'avx512' or 'avx2'.
   'auto' is 'avx512' where the CPU reports AVX-512F and VL and executes 512-bit FMAs at full
   width, i.e. not on AMD family 25 (Zen 4 splits each into two 256-bit halves: the AVX-512
-  kernels measured 2-3 % slower than the AVX2 ones there); ValueError for an unknown isa or
+  kernels were no faster than the AVX2 ones there); ValueError for an unknown isa or
   'avx512' on a CPU without it."""
   if isa not in ISAS:
     raise ValueError(f"isa must be one of {tuple(ISAS)}, got {isa!r}")
