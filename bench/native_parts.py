@@ -9,8 +9,8 @@ built into one native program (native.build). Compiles the program as it is, wit
 kind of instruction run (`native.network(..., skip=...)` skips the others: the values are
 then meaningless, the work per instruction is the same) and with none run (the call's own
 cost), and times them interleaved (latency.interleave, medians). On a CPU with AVX-512 the
-whole program, its GEMMs alone and its depthwise alone also run on the AVX2 kernels
-('[avx2]' rows). Multiply-adds per kind come from the program's own instructions. Writes bench/results/<name>.{json,md}.
+whole program, its GEMMs alone and its depthwise alone also run on the kernels
+native.vector_isa did not pick ('[avx2]' or '[avx512]' rows). Multiply-adds per kind come from the program's own instructions. Writes bench/results/<name>.{json,md}.
 """
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def run(args):
   variants = {"all": ()} | {f"only {k}": tuple(o for o in kinds if o != k) for k in kinds}
   variants["none"] = tuple(kinds)
   isa = {k: "auto" for k in variants}
-  if native.vector_isa() == "avx512":      # the same program on the AVX2 kernels, side by side
-    for k in ("all", "only gemm", "only dw"):
-      variants[f"{k} [avx2]"], isa[f"{k} [avx2]"] = variants[k], "avx2"
+  other = {"avx2": "avx512", "avx512": "avx2"}[native.vector_isa()]
+  if other == "avx2" or {"avx512f", "avx512vl"} <= native._cpu()["flags"]:
+    for k in ("all", "only gemm", "only dw"):   # the other kernels, side by side
+      variants[f"{k} [{other}]"], isa[f"{k} [{other}]"] = variants[k], other
   fns = {}
   for name, skip in variants.items():
     c = jax.jit(lambda x, s=skip, i=isa[name]: native.network(prog, x, threads=args.threads,
@@ -94,7 +95,8 @@ def run(args):
   median = {k: statistics.median(v) for k, v in ms.items()}
   peak = machine.matmul_peak_gflops(2048)
   gmacs = {k: macs[k.split()[0]] / ((median[f"only {k}"] - median["none"]) * 1e6)
-           for k in ("gemm", "dw", "convk", "gemm [avx2]", "dw [avx2]") if f"only {k}" in median
+           for k in ("gemm", "dw", "convk", "gemm [avx2]", "dw [avx2]", "gemm [avx512]",
+                     "dw [avx512]") if f"only {k}" in median
            and median[f"only {k}"] > median["none"]}
   return {"args": vars(args), "cpu": machine.cpu_info(), "load_start": load_start,
           "load_end": os.getloadavg(), "instructions": counts, "work": macs,

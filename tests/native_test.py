@@ -75,6 +75,18 @@ def test_any_thread_count_and_chunking_gives_the_same_bits():
   assert native.arenas(5, 2) == 2 and native.arenas(3, 2) == 1 and native.arenas(64, 1) == 1
 
 
+def test_batches_beyond_the_pools_task_limit():
+  """A batch of more images than the pool has task slots (2^20 - 1) split by images: every
+  image computed, the same bits as one thread."""
+  rng = np.random.default_rng(7)
+  w = rng.standard_normal((8, 8)).astype(np.float32)
+  prog = _gemm_program(w, None, (1, 1))
+  x = rng.standard_normal(((1 << 20) + 3, 1, 1, 8)).astype(np.float32)
+  got = _run(prog, x, threads=2)
+  np.testing.assert_array_equal(got[-5:], _run(prog, x[-5:], threads=1))
+  np.testing.assert_allclose(got, np.maximum(x[:, 0, 0] @ w, 0), rtol=1e-5, atol=1e-5)
+
+
 def test_program_shares_the_arena_and_writes_concat_parts_in_place():
   """Buffers whose lifetimes do not overlap share arena space; a concat part read by the
   concat alone is written into its slice (no copy); the program's layout is its header's."""

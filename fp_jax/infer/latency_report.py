@@ -26,10 +26,9 @@ def to_markdown(r):
          f"fused={r['depthwise']['fused']} (ran {r.get('depthwise_impl', {}).get('perop', '?')} / "
          f"{r.get('depthwise_impl', {}).get('fused', '?')}); fused channels padded to a multiple of "
          f"{r['pad_channels']}; dots={r['dots']} (XLA options {r['compiler_options']})"
-         + (f"; fused engine {r['engine']['ran']}"
-            + (f" ({r['engine']['vector_isa']} kernels)" if r["engine"].get("vector_isa") else "")
-            + f" (latency.engine={r['engine']['option']}"
-            f"{'; ' + r['engine']['why_not_native'] if r['engine']['why_not_native'] else ''})"
+         + (f"; fused engine {r['engine']['ran']} (latency.engine={r['engine']['option']}"
+            + (f"; {r['engine']['vector_isa']} kernels" if r["engine"].get("vector_isa") else "")
+            + f"{'; ' + r['engine']['why_not_native'] if r['engine']['why_not_native'] else ''})"
             if "engine" in r else "") + ".\n",
          "## Network\n",
          _table(["network", "M mult-adds", "M params", "per-op ms", "fused ms",

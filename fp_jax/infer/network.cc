@@ -135,13 +135,16 @@ struct Batch {
   const Net* net;
   const float* x;
   float* y;
-  int64_t image_floats;
+  int64_t image_floats, images, per_task;   // task t: images [t * per_task, + per_task)
 };
 
 void ImageChunk(const void* ctx, int64_t t) {
   const Batch& b = *static_cast<const Batch*>(ctx);
-  Frame f{Arena(b.net->arena), b.x + t * b.image_floats};
-  RunImage(*b.net, f, b.y + t * b.net->classes, 1, 1);
+  Frame f{Arena(b.net->arena), nullptr};
+  for (int64_t i = t * b.per_task; i < std::min(b.images, (t + 1) * b.per_task); ++i) {
+    f.image = b.x + i * b.image_floats;
+    RunImage(*b.net, f, b.y + i * b.net->classes, 1, 1);
+  }
 }
 
 ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer<ffi::F32> wts,
@@ -178,8 +181,9 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
   const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, 64)) : UsableCores();
   min_chunk = std::max<int64_t>(1, min_chunk);
   if (n > 1 && B >= 2 * n) {                          // whole images per thread
-    Batch batch{&net, x.typed_data(), y->typed_data(), img.H * img.W * img.C};
-    Pool::Get().Run(ImageChunk, &batch, std::min<int64_t>(B, kMaxTasks), n);
+    const int64_t per = (B + kMaxTasks - 1) / kMaxTasks;   // more images than tasks: runs
+    Batch batch{&net, x.typed_data(), y->typed_data(), img.H * img.W * img.C, B, per};
+    Pool::Get().Run(ImageChunk, &batch, (B + per - 1) / per, n);
     return ffi::Error::Success();
   }
   for (int64_t b = 0; b < B; ++b) {
