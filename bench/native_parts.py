@@ -79,7 +79,7 @@ def run(args):
   variants["none"] = tuple(kinds)
   isa = {k: "auto" for k in variants}
   other = {"avx2": "avx512", "avx512": "avx2"}[native.vector_isa()]
-  if other == "avx2" or {"avx512f", "avx512vl"} <= native._cpu()["flags"]:
+  if other == "avx2" or {"avx512f", "avx512vl"} <= machine.proc_cpuinfo()["flags"]:
     for k in ("all", "only gemm", "only dw"):   # the other kernels, side by side
       variants[f"{k} [{other}]"], isa[f"{k} [{other}]"] = variants[k], other
   fns = {}

@@ -6,6 +6,7 @@ import pytest
 from bench import native_parts
 from fp_jax.infer import fused
 from fp_jax.infer import kernels
+from fp_jax.infer import machine
 from fp_jax.infer import native
 from fp_jax.infer import networks
 from fp_jax.models import child
@@ -167,7 +168,7 @@ def test_engine_choice_and_errors():
     native.network(native.build(plan, xla.fp), np.zeros((1, HW + 1, HW, 3), np.float32))
 
 
-_WIDE = "avx512f" in native._cpu()["flags"] and "avx512vl" in native._cpu()["flags"]
+_WIDE = {"avx512f", "avx512vl"} <= machine.proc_cpuinfo()["flags"]
 needs_avx512 = pytest.mark.skipif(not _WIDE, reason="this CPU has no AVX-512 (gemm.h's Gemm16)")
 
 
@@ -221,8 +222,8 @@ def test_vector_isa_choice():
   """vector_isa: 'auto' is AVX-512 where the CPU has it at full width (not on Zen 4); an
   unknown isa, or 'avx512' where the CPU lacks it, is a ValueError."""
   assert native.vector_isa("avx2") == "avx2"
-  info = native._cpu()
-  zen4 = info["vendor_id"] == "AuthenticAMD" and info["cpu family"] == "25"
+  info = machine.proc_cpuinfo()
+  zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
   assert native.vector_isa() == ("avx512" if _WIDE and not zen4 else "avx2")
   with pytest.raises(ValueError, match="isa must be one of"):
     native.vector_isa("sse")

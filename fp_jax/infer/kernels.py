@@ -31,6 +31,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from fp_jax.infer import machine
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("depthwise.cc", "sep_train.cc", "conv_train.cc",
                                                  "network.cc"))
@@ -70,12 +72,7 @@ NETWORK_TARGET = f"fp_jax_network_{TAG[:8]}"   # network.cc: a whole folded netw
 def _cpu_ok():
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return False
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next((l for l in f if l.startswith("flags")), "").split()
-  except OSError:
-    return False
-  return "avx2" in flags and "fma" in flags
+  return {"avx2", "fma"} <= machine.proc_cpuinfo()["flags"]
 
 
 def _build():

@@ -29,21 +29,29 @@ ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": 
              "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
 
 
-def cpu_info():
-  """{'model': the CPU's model name, 'isa': the vector extensions it reports (ISA_FLAGS,
-  from /proc/cpuinfo), 'cores_usable', 'cores'}: recorded beside every latency figure."""
-  model, flags = platform.processor() or platform.machine(), set()
+def proc_cpuinfo():
+  """/proc/cpuinfo's first processor: {field: value} ('vendor_id', 'cpu family', 'model
+  name', ...), with 'flags' a set; {'flags': set()} where it cannot be read."""
+  info = {"flags": set()}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+          info["flags"] = set(value.split())
           break
+        info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return {"model": model, "isa": [v for k, v in ISA_FLAGS.items() if k in flags],
+  return info
+
+
+def cpu_info():
+  """{'model': the CPU's model name, 'isa': the vector extensions it reports (ISA_FLAGS,
+  from /proc/cpuinfo), 'cores_usable', 'cores'}: recorded beside every latency figure."""
+  info = proc_cpuinfo()
+  model = info.get("model name") or platform.processor() or platform.machine()
+  return {"model": model, "isa": [v for k, v in ISA_FLAGS.items() if k in info["flags"]],
           "cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count()}
 
 

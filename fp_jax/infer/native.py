@@ -29,6 +29,7 @@ import numpy as np
 
 from fp_jax.infer import batching
 from fp_jax.infer import kernels
+from fp_jax.infer import machine
 from fp_jax.models import layers
 
 ENGINES = ("auto", "native", "xla")       # fused.Options.engine
@@ -51,30 +52,12 @@ def vector_isa(isa="auto"):
   'avx512' on a CPU without it."""
   if isa not in ISAS:
     raise ValueError(f"isa must be one of {tuple(ISAS)}, got {isa!r}")
-  info = _cpu()
+  info = machine.proc_cpuinfo()
   has = {"avx512f", "avx512vl"} <= info["flags"]
   if isa == "avx512" and not has:
     raise ValueError("isa 'avx512': this CPU does not report AVX-512F and AVX-512VL")
-  half_width = info["vendor_id"] == "AuthenticAMD" and info["cpu family"] == "25"
+  half_width = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
   return "avx512" if isa == "avx512" or (isa == "auto" and has and not half_width) else "avx2"
-
-
-def _cpu():
-  """/proc/cpuinfo's first processor: {'flags': set, 'vendor_id': str, 'cpu family': str}."""
-  info = {"flags": set(), "vendor_id": "", "cpu family": ""}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("vendor_id", "cpu family"):
-          info[key] = value.strip()
-        elif key == "flags":
-          info["flags"] = set(value.split())
-          break
-  except OSError:
-    pass
-  return info
 
 
 @dataclasses.dataclass(frozen=True)
