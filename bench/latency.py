@@ -102,6 +102,18 @@ def batch_chunks(nets, opts, batch, seed, reps):
                                for (net, lab) in fns if net == n} for n in ("baseline", "pruned")}}
 
 
+def round_trip_line(start, end):
+  """The md sentence on the first two CPUs' cache-line round trip (machine.core_round_trip)
+  at the start and the end of the run: where they share no cache, multi-core figures are
+  slower (on a VM the vCPUs can move between the two within a run)."""
+  if not start or not end:
+    return ""
+  return (f" Cache-line round trip between CPUs {start['cpus'][0]} and {start['cpus'][1]}: "
+          f"{start['ns']:.0f} ns at the start, {end['ns']:.0f} ns at the end (tens of ns: "
+          f"they share an L3; hundreds: they do not, and data handed between threads costs "
+          f"more).")
+
+
 def fastest_peer(rts):
   """Per network: the fused path against the fastest peer at batch 1 (every runtime that is
   not fp_jax's own executor), each peer's median, and batch throughput against the best
@@ -137,9 +149,10 @@ def main():
 
   from bench import common  # pylint: disable=g-import-not-at-top
   from fp_jax.models import child, flops, space  # pylint: disable=g-import-not-at-top
-  from fp_jax.infer import fused, latency, networks, runtimes  # pylint: disable=g-import-not-at-top
+  from fp_jax.infer import fused, latency, machine, networks, runtimes  # pylint: disable=g-import-not-at-top
   from fp_jax.pruning import compaction  # pylint: disable=g-import-not-at-top
 
+  round_trip_start = machine.core_round_trip()
   arc = space.parse_arc(space.ENAS_ARC)
   plan = child.make_plan(arc, args.num_layers, args.out_filters, (args.image, args.image, 3),
                          args.classes)
@@ -222,8 +235,11 @@ def main():
                      "vs_baseline_perop_ge_4": net["baseline_perop_ms"] / pf >= 4,
                      "within_3x_floor": pf / floor <= 3}}
   vs_peer = fastest_peer(res["runtimes"])
+  round_trip_end = machine.core_round_trip()
   result = {"args": vars(args), "env": dict(common.environment(), loadavg_start=load_start,
-                                             loadavg_end=os.getloadavg()),
+                                             loadavg_end=os.getloadavg(),
+                                             core_round_trip_start=round_trip_start,
+                                             core_round_trip_end=round_trip_end),
             "depthwise_resolved": {"perop": fused.depthwise_impl(args.depthwise, dtype=args.dtype),
                                    "fused": fused.depthwise_impl(opts.depthwise,
                                                                  dtype=args.dtype)},
@@ -275,7 +291,8 @@ def main():
                       [[n] + list(v.values()) for n, v in chunks["images_per_s"].items()]),
          f"\nLoad average (1/5/15 min) at the start {tuple(round(v, 2) for v in load_start)}, "
          f"at the end {tuple(round(v, 2) for v in os.getloadavg())}; {threads} core(s) "
-         f"{sorted(os.sched_getaffinity(0))}; threads: {result['runtime_threads']}."]
+         f"{sorted(os.sched_getaffinity(0))}; threads: {result['runtime_threads']}."
+         + round_trip_line(round_trip_start, round_trip_end)]
   stem = os.path.splitext(path)[0]
   with open(stem + ".md", "w") as f:
     f.write("\n".join(md) + "\n")

@@ -64,12 +64,13 @@ def test_native_equals_xla_fused_and_child(name):
 
 
 def test_any_thread_count_and_chunking_gives_the_same_bits():
-  """Ops cut into chunks of rows over 1-3 threads (every op split: min_chunk 1), or the
-  batch split by images: the same logits bit for bit."""
+  """Ops cut into chunks of rows over 1-7 threads (every op split: min_chunk 1; 5 and 7
+  threads on fewer cores own uneven parts of the rows and take each other's), or the batch
+  split by images: the same logits bit for bit."""
   plan, params, stats, xla, _ = _net("enas_pruned")
   prog = native.build(plan, xla.fp)
   want = _run(prog, X, threads=1)
-  for threads, min_chunk in ((2, 1), (3, 1), (2, 10 ** 9)):
+  for threads, min_chunk in ((2, 1), (3, 1), (5, 1), (7, 1), (2, 10 ** 9)):
     np.testing.assert_array_equal(_run(prog, X, threads=threads, min_chunk=min_chunk), want)
     np.testing.assert_array_equal(_run(prog, X[:1], threads=threads, min_chunk=min_chunk),
                                   want[:1])

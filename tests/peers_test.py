@@ -1,6 +1,8 @@
 """bench/latency's comparison with the strongest peers: the fastest-peer arithmetic, the CPU
 record, and (where the bench-only torch is installed) the PyTorch peers computing fp_jax's
 network."""
+import os
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,23 @@ def test_cpu_info_names_the_model_and_its_vector_extensions():
   assert ("AVX2" in info["isa"]) == ("avx2" in flags)
   assert ("AVX-512" in info["isa"]) == ("avx512f" in flags)
   assert ("AMX" in info["isa"]) == ("amx_tile" in flags)
+
+
+def test_core_round_trip_between_two_usable_cpus():
+  """A cache line's round trip between the first two usable CPUs: positive and finite (the
+  CI machines have two); a CPU outside the affinity set cannot be pinned (None); the same
+  CPU twice is refused."""
+  from fp_jax.infer import kernels  # pylint: disable=g-import-not-at-top
+  cpus = sorted(os.sched_getaffinity(0))
+  rt = machine.core_round_trip()
+  if len(cpus) < 2:
+    assert rt is None
+    return
+  assert rt["cpus"] == cpus[:2] and 0 < rt["ns"] < 1e5
+  outside = max(os.cpu_count(), max(cpus)) + 1
+  assert kernels.core_round_trip_ns(cpus[0], outside, 100) is None
+  with pytest.raises(ValueError, match="two different CPUs"):
+    kernels.core_round_trip_ns(cpus[0], cpus[0])
 
 
 def test_torch_peers_compute_the_fused_network():

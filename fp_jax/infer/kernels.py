@@ -100,6 +100,9 @@ def _build():
   return path
 
 
+_LIBRARY = []          # the loaded library, once available() has loaded it
+
+
 @functools.cache
 def available():
   """True when the kernels are built and registered with XLA:CPU (see the docstring)."""
@@ -113,6 +116,7 @@ def available():
     if path is None:
       return False
     lib = ctypes.cdll.LoadLibrary(path)
+    _LIBRARY.append(lib)
   except OSError as e:                 # unwritable cache directory, unloadable library
     logging.warning("fp_jax kernels: not available: %s", e)
     return False
@@ -127,6 +131,19 @@ def available():
                               platform="cpu")
   jax.ffi.register_ffi_target(NETWORK_TARGET, jax.ffi.pycapsule(lib.FpJaxNetwork), platform="cpu")
   return True
+
+
+def core_round_trip_ns(a, b, iters=20000):
+  """Nanoseconds per round trip of a cache line between CPUs a and b (network.cc's
+  FpJaxCoreRoundTripNs), or None when a thread cannot be pinned to one of them."""
+  if a == b:
+    raise ValueError(f"core_round_trip_ns: two different CPUs, not {a} and {b}")
+  if not available():
+    raise RuntimeError("fp_jax kernels are not available on this machine (kernels.available())")
+  f = _LIBRARY[0].FpJaxCoreRoundTripNs
+  f.restype, f.argtypes = ctypes.c_double, (ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+  ns = f(a, b, iters)
+  return None if ns < 0 else float(ns)
 
 
 def depthwise(x, w, relu=False, bias=None, stride=1, offset=(0, 0), threads=0):

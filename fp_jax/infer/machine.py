@@ -55,6 +55,21 @@ def cpu_info():
           "cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count()}
 
 
+def core_round_trip():
+  """{'cpus': [a, b], 'ns': median of 3} for the first two usable CPUs: a cache line's round
+  trip between them, ~50 ns where they share an L3 and ~300 ns where they do not (a VM's
+  vCPUs can move between the two within a run), or None with fewer than two usable CPUs or
+  without fp_jax's kernels. Recorded beside multi-core latency figures."""
+  from fp_jax.infer import kernels  # pylint: disable=g-import-not-at-top  (imports this module)
+  cpus = sorted(os.sched_getaffinity(0))[:2]
+  if len(cpus) < 2 or not kernels.available():
+    return None
+  ns = [kernels.core_round_trip_ns(*cpus) for _ in range(3)]
+  if None in ns:
+    return None
+  return {"cpus": cpus, "ns": round(float(np.median(ns)), 1)}
+
+
 def device_description():
   """e.g. 'cpu: AMD EPYC (AVX2, FMA), 2 of 2 cores usable, 1 local device(s)': the CPU
   model and its ISA (DESIGN §3's latency.json `device`)."""

@@ -37,8 +37,15 @@
 // same for any thread count (bitwise).
 // A batch of at least 2 images per thread is split by images instead (each thread runs the
 // whole program on its images, with its own arena).
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -70,32 +77,50 @@ void RowChunk(const void* ctx, int64_t t) {
 
 constexpr int kMaxWave = 64;             // instructions of one wave run together (more: apart)
 
-// The instructions of one wave and the first chunk of each (chunk t belongs to the last
-// instruction whose first chunk is <= t).
+// The instructions of one wave, each cut into chunks of rows, and the order the pool hands
+// them out in: thread s owns the s-th n-th of every instruction's rows (chunk k of c goes
+// to thread k * n / c), so a thread computes the same part of the image in every op.
 struct Wave {
   Task task[kMaxWave];
-  int64_t first[kMaxWave + 1];
+  int64_t chunks[kMaxWave];
   int n;
+  std::vector<int32_t> item_task, item_chunk;   // pool index -> (task, chunk)
+  int64_t bounds[fp_jax::kPoolSlots + 1];       // thread s owns [bounds[s], bounds[s + 1])
+
+  // The first chunk thread s of `threads` owns in an instruction of c chunks.
+  static int64_t Owned(int64_t c, int s, int threads) { return (s * c + threads - 1) / threads; }
+
+  void Order(int threads) {
+    item_task.clear();
+    item_chunk.clear();
+    for (int s = 0; s < threads; ++s) {
+      bounds[s] = static_cast<int64_t>(item_task.size());
+      for (int i = 0; i < n; ++i)
+        for (int64_t k = Owned(chunks[i], s, threads); k < Owned(chunks[i], s + 1, threads); ++k) {
+          item_task.push_back(i);
+          item_chunk.push_back(static_cast<int32_t>(k));
+        }
+    }
+    bounds[threads] = static_cast<int64_t>(item_task.size());
+  }
 };
 
 void WaveChunk(const void* ctx, int64_t t) {
   const Wave& w = *static_cast<const Wave*>(ctx);
-  int i = 0;
-  while (w.first[i + 1] <= t) ++i;
-  RowChunk(&w.task[i], t - w.first[i]);
+  RowChunk(&w.task[w.item_task[t]], w.item_chunk[t]);
 }
 
 // One image through the whole program. On n > 1 threads each wave's instructions are cut
 // into chunks of rows (ops of at least min_chunk multiply-adds: up to 2 per thread), and
-// the threads take the chunks of the whole wave from one counter.
+// the threads take the chunks of the whole wave from the pool, each its own rows first.
 void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_chunk) {
   Pool& pool = Pool::Get();
+  n = std::min(n, fp_jax::kPoolSlots);
   Wave wave;
   int64_t start = 0;
   for (int64_t e = 0; e < net.n_waves; ++e) {
     const int64_t end = net.waves[e];
     wave.n = 0;
-    wave.first[0] = 0;
     for (int64_t i = start; i < end; ++i) {
       const int32_t* in = net.Instr(i);
       if (net.skip >> in[kOp] & 1) continue;
@@ -113,13 +138,15 @@ void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_
       }
       const int64_t per = (rows + chunks - 1) / chunks;
       wave.task[wave.n] = Task{&net, f, in, per, rows};
-      wave.first[wave.n + 1] = wave.first[wave.n] + (rows + per - 1) / per;
+      wave.chunks[wave.n] = (rows + per - 1) / per;
       ++wave.n;
     }
-    if (wave.n == 1) {
-      pool.Run(RowChunk, &wave.task[0], wave.first[1], n);
+    if (wave.n == 1) {         // chunk k of c is already thread k * n / c's
+      for (int s = 0; s <= n; ++s) wave.bounds[s] = Wave::Owned(wave.chunks[0], s, n);
+      pool.Run(RowChunk, &wave.task[0], wave.chunks[0], n, wave.bounds);
     } else if (wave.n > 1) {
-      pool.Run(WaveChunk, &wave, wave.first[wave.n], n);
+      wave.Order(n);
+      pool.Run(WaveChunk, &wave, wave.bounds[n], n, wave.bounds);
     }
     start = end;
   }
@@ -178,7 +205,7 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
     return ffi::Error::InvalidArgument("network: x [B,H,W,C] of the program's image, y [B,classes]");
   const int64_t B = d[0];
   // threads > 0 is taken as given (more than the usable cores only oversubscribes them)
-  const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, 64)) : UsableCores();
+  const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, fp_jax::kPoolSlots)) : UsableCores();
   min_chunk = std::max<int64_t>(1, min_chunk);
   if (n > 1 && B >= 2 * n) {                          // whole images per thread
     const int64_t per = (B + kMaxTasks - 1) / kMaxTasks;   // more images than tasks: runs
@@ -194,6 +221,53 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
 }
 
 }  // namespace
+
+namespace {
+
+bool PinTo(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+}
+
+}  // namespace
+
+// Nanoseconds per round trip of one cache line between CPUs a and b (two threads pinned to
+// them pass a flag back and forth `iters` times after as many warm-up trips), or -1 when a
+// thread cannot run on its CPU. Tens of ns: the CPUs share a cache (one L3); hundreds:
+// they do not (other Zen CCDs or sockets), where the pool's owned rows matter most.
+extern "C" double FpJaxCoreRoundTripNs(int a, int b, int64_t iters) {
+  static std::mutex one;                  // one measurement at a time
+  std::lock_guard<std::mutex> lock(one);
+  alignas(64) static std::atomic<int> flag;
+  std::atomic<int> ok{1};
+  double ns = -1;
+  flag.store(0);
+  std::thread pong([&] {
+    if (!PinTo(b)) ok.store(0);
+    for (int64_t i = 0; i < 2 * iters && ok.load(std::memory_order_relaxed); ++i) {
+      while (flag.load(std::memory_order_acquire) != 1)
+        if (!ok.load(std::memory_order_relaxed)) return;
+      flag.store(0, std::memory_order_release);
+    }
+  });
+  std::thread ping([&] {
+    if (!PinTo(a)) ok.store(0);
+    std::chrono::steady_clock::time_point t0;
+    for (int64_t i = 0; i < 2 * iters && ok.load(std::memory_order_relaxed); ++i) {
+      if (i == iters) t0 = std::chrono::steady_clock::now();
+      flag.store(1, std::memory_order_release);
+      while (flag.load(std::memory_order_acquire) != 0)
+        if (!ok.load(std::memory_order_relaxed)) return;
+    }
+    if (ok.load()) ns = std::chrono::duration<double, std::nano>(
+                             std::chrono::steady_clock::now() - t0).count() / iters;
+  });
+  ping.join();
+  pong.join();
+  return ok.load() ? ns : -1;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpJaxNetwork, Impl,
                               ffi::Ffi::Bind()
