@@ -71,6 +71,10 @@ def test_latency_stage_random(tmp_path):
     assert (tmp_path / "latency" / name).stat().st_size > 0, name
   assert "| ONNX Runtime (fp_jax's ONNX) |" in md and "| LiteRT (fp_jax's) |" in md
   assert r["cpu"]["model"] in r["device"] and all(i in r["device"] for i in r["cpu"]["isa"])
+  rt = r["core_round_trip"]     # the first two usable CPUs' cache-line round trip
+  assert rt is None or (len(rt["cpus"]) == 2 and rt["ns"] > 0)
+  if r["engine"]["ran"] == "native":   # the kernels are built: measured wherever 2 CPUs are usable
+    assert (rt is None) == (r["cpu"]["cores_usable"] < 2)
   assert "onnx_export" in r and r["onnx_export"]["batch"] == "symbolic"
   # a CPU host: no accelerator section; the artifacts are lowered for CPU
   assert "accelerator" not in r and "## Accelerator" not in md

@@ -263,6 +263,7 @@ def measure(nets, images, batch_size, warmup, opts=fused.Options(), depthwise="a
   floor_ms = {n: 1e3 * flop[n] / (peak * 1e9) for n in NETS}
   return {
       "device": machine.device_description(), "cpu": machine.cpu_info(),
+      "core_round_trip": machine.core_round_trip(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "batch_size": batch_size, "images": images,
       "warmup": warmup, "im2col": opts.im2col,
