@@ -28,7 +28,8 @@
 // custom calls) one after another on one thread, ~1-2 us of bookkeeping each, and cannot
 // split a small op over cores (waking a pool thread costs 15-25 us). Here one call runs
 // every op; each op large enough is cut into chunks of output rows that the calling thread
-// and fp_jax's own worker threads (worker_pool.h) take from a shared counter. The workers
+// and fp_jax's own worker threads (worker_pool.h) take, each thread first the same share of
+// rows in every op (its own caches then hold what the next op reads). The workers
 // spin between ops (and sleep after ~0.2 ms without work), so handing out an op costs well
 // under a microsecond. GEMMs run gemm.h's register-blocked micro-kernels, the depthwise
 // kernel_common.h's Row8, both on AVX-512 where the CPU has it at full width (the call's
@@ -205,7 +206,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
     return ffi::Error::InvalidArgument("network: x [B,H,W,C] of the program's image, y [B,classes]");
   const int64_t B = d[0];
   // threads > 0 is taken as given (more than the usable cores only oversubscribes them)
-  const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, fp_jax::kPoolSlots)) : UsableCores();
+  const int n = threads > 0 ? static_cast<int>(std::min<int64_t>(threads, fp_jax::kPoolSlots))
+                            : UsableCores();
   min_chunk = std::max<int64_t>(1, min_chunk);
   if (n > 1 && B >= 2 * n) {                          // whole images per thread
     const int64_t per = (B + kMaxTasks - 1) / kMaxTasks;   // more images than tasks: runs
@@ -219,10 +221,6 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
   }
   return ffi::Error::Success();
 }
-
-}  // namespace
-
-namespace {
 
 bool PinTo(int cpu) {
   cpu_set_t set;
