@@ -128,3 +128,15 @@ def table(headers, rows):
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def round_trip_line(start, end):
+  """The md sentence on the first two CPUs' cache-line round trip (machine.core_round_trip)
+  at the start and the end of the run: where they share no cache, multi-core figures are
+  slower (on a VM the vCPUs can move between the two within a run)."""
+  if not start or not end:
+    return ""
+  return (f" Cache-line round trip between CPUs {start['cpus'][0]} and {start['cpus'][1]}: "
+          f"{start['ns']:.0f} ns at the start, {end['ns']:.0f} ns at the end (tens of ns: "
+          f"they share an L3; hundreds: they do not, and data handed between threads costs "
+          f"more).")

@@ -102,18 +102,6 @@ def batch_chunks(nets, opts, batch, seed, reps):
                                for (net, lab) in fns if net == n} for n in ("baseline", "pruned")}}
 
 
-def round_trip_line(start, end):
-  """The md sentence on the first two CPUs' cache-line round trip (machine.core_round_trip)
-  at the start and the end of the run: where they share no cache, multi-core figures are
-  slower (on a VM the vCPUs can move between the two within a run)."""
-  if not start or not end:
-    return ""
-  return (f" Cache-line round trip between CPUs {start['cpus'][0]} and {start['cpus'][1]}: "
-          f"{start['ns']:.0f} ns at the start, {end['ns']:.0f} ns at the end (tens of ns: "
-          f"they share an L3; hundreds: they do not, and data handed between threads costs "
-          f"more).")
-
-
 def fastest_peer(rts):
   """Per network: the fused path against the fastest peer at batch 1 (every runtime that is
   not fp_jax's own executor), each peer's median, and batch throughput against the best
@@ -292,7 +280,7 @@ def main():
          f"\nLoad average (1/5/15 min) at the start {tuple(round(v, 2) for v in load_start)}, "
          f"at the end {tuple(round(v, 2) for v in os.getloadavg())}; {threads} core(s) "
          f"{sorted(os.sched_getaffinity(0))}; threads: {result['runtime_threads']}."
-         + round_trip_line(round_trip_start, round_trip_end)]
+         + common.round_trip_line(round_trip_start, round_trip_end)]
   stem = os.path.splitext(path)[0]
   with open(stem + ".md", "w") as f:
     f.write("\n".join(md) + "\n")

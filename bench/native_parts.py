@@ -64,6 +64,7 @@ def run(args):
   from fp_jax.models import child, space  # pylint: disable=g-import-not-at-top
 
   load_start = os.getloadavg()
+  round_trip_start = machine.core_round_trip()
   shape = (args.image, args.image, args.channels)
   plan = child.make_plan(space.parse_arc(space.ENAS_ARC), args.num_layers, args.out_filters,
                          shape, 10)
@@ -102,7 +103,8 @@ def run(args):
           "load_end": os.getloadavg(), "instructions": counts, "work": macs,
           "median_ms": median, "gmacs_per_s": gmacs, "matmul_peak_gflops": peak,
           "vector_isa": native.vector_isa(),
-          "arena_floats": prog.arena_floats}
+          "arena_floats": prog.arena_floats,
+          "core_round_trip": [round_trip_start, machine.core_round_trip()]}
 
 
 def markdown(r):
@@ -123,6 +125,10 @@ def markdown(r):
     lines.append(f"| {k} | {v:.4f} | {r['instructions'].get(base, '')} | "
                  f"{r['work'].get(base, '')} | {'' if g is None else f'{g:.1f}'} |")
   lines += ["", "GMAC/s: the kind's multiply-adds over its time less the empty call's ('none')."]
+  rt = r.get("core_round_trip") or [None, None]
+  if all(rt):
+    from bench import common  # pylint: disable=g-import-not-at-top  (imports jax)
+    lines += ["", common.round_trip_line(*rt).strip()]
   return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,14 @@ def test_core_round_trip_between_two_usable_cpus():
     kernels.core_round_trip_ns(cpus[0], cpus[0])
 
 
+def test_round_trip_line_names_both_samples():
+  from bench import common  # pylint: disable=g-import-not-at-top
+  a, b = {"cpus": [0, 1], "ns": 54.6}, {"cpus": [0, 1], "ns": 331.2}
+  line = common.round_trip_line(a, b)
+  assert "CPUs 0 and 1: 55 ns at the start, 331 ns at the end" in line
+  assert common.round_trip_line(None, b) == common.round_trip_line(a, None) == ""
+
+
 def test_torch_peers_compute_the_fused_network():
   """ONNX Runtime on the torch.onnx export and PyTorch eager, fed NHWC images, give the fused
   network's logits (a pruned arc with reduction cells, channels padded to 8, batch 1 and 3)."""
