@@ -88,16 +88,14 @@ struct Wave {
   std::vector<int32_t> item_task, item_chunk;   // pool index -> (task, chunk)
   int64_t bounds[fp_jax::kPoolSlots + 1];       // thread s owns [bounds[s], bounds[s + 1])
 
-  // The first chunk thread s of `threads` owns in an instruction of c chunks.
-  static int64_t Owned(int64_t c, int s, int threads) { return (s * c + threads - 1) / threads; }
-
   void Order(int threads) {
     item_task.clear();
     item_chunk.clear();
     for (int s = 0; s < threads; ++s) {
       bounds[s] = static_cast<int64_t>(item_task.size());
       for (int i = 0; i < n; ++i)
-        for (int64_t k = Owned(chunks[i], s, threads); k < Owned(chunks[i], s + 1, threads); ++k) {
+        for (int64_t k = fp_jax::OwnedStart(chunks[i], s, threads);
+             k < fp_jax::OwnedStart(chunks[i], s + 1, threads); ++k) {
           item_task.push_back(i);
           item_chunk.push_back(static_cast<int32_t>(k));
         }
@@ -142,9 +140,8 @@ void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_
       wave.chunks[wave.n] = (rows + per - 1) / per;
       ++wave.n;
     }
-    if (wave.n == 1) {         // chunk k of c is already thread k * n / c's
-      for (int s = 0; s <= n; ++s) wave.bounds[s] = Wave::Owned(wave.chunks[0], s, n);
-      pool.Run(RowChunk, &wave.task[0], wave.chunks[0], n, wave.bounds);
+    if (wave.n == 1) {         // the pool's equal parts: chunk k of c is thread k * n / c's
+      pool.Run(RowChunk, &wave.task[0], wave.chunks[0], n);
     } else if (wave.n > 1) {
       wave.Order(n);
       pool.Run(WaveChunk, &wave, wave.bounds[n], n, wave.bounds);

@@ -21,6 +21,10 @@ constexpr int kPoolSpins = 1 << 13;   // pause loops (~0.2 ms) before an idle wo
 
 constexpr int kPoolSlots = 64;        // threads one Run may use (the caller is slot 0)
 
+// The first of c chunks thread s of n owns when each owns an equal contiguous part (chunk k
+// is thread k * n / c's).
+inline int64_t OwnedStart(int64_t c, int s, int n) { return (s * c + n - 1) / n; }
+
 // Fork-join over chunks t in [0, total), each thread first taking the chunks it owns.
 // Thread s (the caller s = 0, worker i s = i + 1) owns [bounds[s], bounds[s + 1]): it takes
 // them from the front, then takes the other threads' remaining chunks from the back. A
@@ -42,7 +46,7 @@ class Pool {
 
   // Runs fn(ctx, t) for t < total on the caller and up to n - 1 workers; bounds[0..n]
   // (0 = bounds[0] <= ... <= bounds[n] = total) says which chunks each thread owns, or
-  // nullptr: n equal contiguous parts.
+  // nullptr: n equal contiguous parts (OwnedStart).
   void Run(Fn fn, const void* ctx, int64_t total, int n, const int64_t* bounds = nullptr) {
     n = std::min(n, kPoolSlots);
     if (n <= 1 || total <= 1) {
@@ -56,8 +60,8 @@ class Pool {
     done_.store(0, std::memory_order_relaxed);
     gen_ = (gen_ + 1) & 0xFFFFFF;
     for (int s = 0; s < n; ++s) {
-      const int64_t lo = bounds ? bounds[s] : total * s / n;
-      const int64_t hi = bounds ? bounds[s + 1] : total * (s + 1) / n;
+      const int64_t lo = bounds ? bounds[s] : OwnedStart(total, s, n);
+      const int64_t hi = bounds ? bounds[s + 1] : OwnedStart(total, s + 1, n);
       range_[s].w.store(Pack(gen_, hi, lo), std::memory_order_relaxed);
     }
     slots_.store(n, std::memory_order_relaxed);
