@@ -37,8 +37,9 @@ def parse(argv=None):
   return p.parse_args(argv)
 
 
-def macs_by_kind(prog):
-  """{op name: multiply-adds (gemm, convk, dw) or elements written (the others)} of a Program."""
+def macs_by_kind(prog, weighted=True):
+  """{op name: multiply-adds (gemm, convk, dw) or elements written (the others)} of a Program;
+  a GEMM's over the input channels it reads (weighted: its `kw`) or over all of them."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fp_jax.infer import native  # pylint: disable=g-import-not-at-top
   f = native.F
@@ -48,7 +49,8 @@ def macs_by_kind(prog):
   for r in ins:
     op, x, y = names[int(r[f["op"]])], bufs[r[f["in0"]]], bufs[r[f["out"]]]
     pixels, c = int(y[1] * y[2]), int(x[3])
-    n = {"gemm": pixels * c * int(r[f["n"]]), "dw": pixels * c * int(r[f["k"]]) ** 2,
+    kw = int(r[f["kw"]]) if weighted and r[f["kw"]] > 0 else c
+    n = {"gemm": pixels * kw * int(r[f["n"]]), "dw": pixels * c * int(r[f["k"]]) ** 2,
          "convk": pixels * c * int(r[f["k"]]) ** 2 * int(r[f["n"]])}.get(op, pixels * c)
     out[op] = out.get(op, 0) + n
   return {k: int(v) for k, v in out.items()}, {k: int(np.sum(ins[:, 0] == v))

@@ -10,6 +10,7 @@ from fp_jax.infer import machine
 from fp_jax.infer import native
 from fp_jax.infer import networks
 from fp_jax.models import child
+from fp_jax.models import flops
 from fp_jax.models import space
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="fp_jax kernels not built here")
@@ -123,12 +124,47 @@ def test_program_shares_the_arena_and_writes_concat_parts_in_place():
   copies = int(np.sum(ins[:, 0] == native.OPS["copy"]))
   assert parts > 0 and copies < parts
   assert ins[-1, 0] == native.OPS["class"] and p.classes == 10
-  # its instructions do exactly the padded network's multiply-adds (bench/native_parts.py)
-  macs, counts = native_parts.macs_by_kind(p)
+  # its instructions span exactly the padded network's multiply-adds (bench/native_parts.py);
+  # the GEMMs skip the trailing padded input channels: fewer, but no fewer than unpadded
+  macs, counts = native_parts.macs_by_kind(p, weighted=False)
   fc = int(np.size(xla.fp["fc"]["w"]))
-  net = networks.Net(plan, None, *_net("uniform4_pruned")[1:3])
+  params, stats = _net("uniform4_pruned")[1:3]
+  net = networks.Net(plan, None, params, stats)
   assert macs["gemm"] + macs["dw"] + macs["convk"] + fc == networks.padded_macs(net, 8)
   assert counts["copy"] == copies and counts["dw"] == 2 * sum(n.kind == "sep" for n in plan.nodes)
+  run = native_parts.macs_by_kind(p)[0]
+  unpadded = flops.count(plan, flops.widths_of_params(plan, params))["macs"]
+  assert unpadded < run["gemm"] + run["dw"] + run["convk"] + fc and run["gemm"] < macs["gemm"]
+
+
+def test_weighted_rows():
+  """A GEMM reads its input channels up to the last with a nonzero weight (at least one)."""
+  w = np.ones((8, 3), np.float32)
+  w[5:] = 0
+  w[2] = 0
+  assert native._weighted_rows(w) == 5
+  assert native._weighted_rows(np.zeros((8, 3))) == 1
+  assert native._weighted_rows(np.ones((8, 3))) == 8
+
+
+def test_gemms_skip_padded_input_channels_with_the_same_bits(monkeypatch):
+  """GEMMs whose trailing input channels are padding read only the others (`kw` < K): the
+  logits equal the program that reads every channel bit for bit, on 1 and 3 threads."""
+  for name in CASES:
+    plan, _, _, xla, _ = _net(name)
+    prog = native.build(plan, xla.fp)
+    _, bufs, ins, _ = native.parse(prog.prog)
+    gemm = ins[ins[:, 0] == native.OPS["gemm"]]
+    k, kw = bufs[gemm[:, native.F["in0"]], 3], gemm[:, native.F["kw"]]
+    assert np.all((kw >= 1) & (kw <= k)) and np.any(kw < k)
+    monkeypatch.setattr(native, "_weighted_rows", lambda w: w.shape[0])
+    every = native.build(plan, xla.fp)
+    monkeypatch.undo()
+    assert np.array_equal(native.parse(every.prog)[2][ins[:, 0] == native.OPS["gemm"], native.F["kw"]], k)
+    for threads in (1, 3):
+      for x in (X[:1], X):
+        np.testing.assert_array_equal(_run(prog, x, threads=threads, min_chunk=1),
+                                      _run(every, x, threads=threads, min_chunk=1))
 
 
 def test_fused_adds_give_the_same_bits():

@@ -30,11 +30,11 @@ constexpr int kSpins = 1 << 16; // pause loops (~1 ms) before the caller sleeps
 // 32x32x40 3x3). Smaller calls run on the calling thread.
 constexpr int64_t kMinParallelMacs = 1 << 22;
 
-// One output row: y[q, c] = sum_{i,j} xp[i, ow + S*q + j, c] * wt[i, j, c], q < Wo,
-// xp the K slab rows starting at this output row's first tap row.
+// One output row: y[q, c] = sum_{i,j} xr[i][ow + S*q + j, c] * wt[i, j, c], q < Wo, xr[i]
+// the padded input row kernel row i reads.
 template <int K, int S>
-void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
-         float* y) {
+void RowP(const float* const* xr, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+          float* y) {
   const int64_t C8 = C / 8 * 8;
   constexpr int NV = (kWB - 1) * S + K;     // input vectors one block of outputs reads per row
   for (int64_t c = 0; c < C8; c += 8) {
@@ -43,7 +43,7 @@ void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const f
       __m256 acc[kWB];
       for (int q = 0; q < kWB; ++q) acc[q] = _mm256_setzero_ps();
       for (int i = 0; i < K; ++i) {
-        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
+        const float* r = xr[i] + (ow + S * q0) * C + c;
         __m256 xv[NV];
         for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(r + v * C);
         for (int j = 0; j < K; ++j) {
@@ -57,7 +57,7 @@ void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const f
       __m256 acc = _mm256_setzero_ps();
       for (int i = 0; i < K; ++i)
         for (int j = 0; j < K; ++j)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp + (i * Wp + ow + S * q0 + j) * C + c),
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr[i] + (ow + S * q0 + j) * C + c),
                                 _mm256_loadu_ps(wt + (i * K + j) * C + c), acc);
       _mm256_storeu_ps(y + q0 * C + c, acc);
     }
@@ -67,9 +67,18 @@ void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const f
       float acc = 0.f;
       for (int i = 0; i < K; ++i)
         for (int j = 0; j < K; ++j)
-          acc += xp[(i * Wp + ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
+          acc += xr[i][(ow + S * q + j) * C + c] * wt[(i * K + j) * C + c];
       y[q * C + c] = acc;
     }
+}
+
+// RowP on the K slab rows from xp, Wp padded pixels of C floats each.
+template <int K, int S>
+void Row(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+         float* y) {
+  const float* xr[K];
+  for (int i = 0; i < K; ++i) xr[i] = xp + i * Wp * C;
+  RowP<K, S>(xr, ow, Wo, C, wt, y);
 }
 
 // Rows [r0, r1) of x_b [H, W, C] + bias [C] (null: none), ReLU'd when relu, inside a zero
@@ -90,6 +99,16 @@ inline void PaddedRows(const float* xb, int64_t H, int64_t W, int64_t C, const f
     std::memset(dst + (P + W) * C, 0, sizeof(float) * P * C);
     const float* src = xb + h * W * C;
     float* d = dst + P * C;
+    if (C % 8 == 0) {   // max(0, v) keeps v when v is -0 or NaN, as the scalar form does
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t w = 0; w < W; ++w, d += C, src += C)
+        for (int64_t c = 0; c < C; c += 8) {
+          __m256 v = _mm256_loadu_ps(src + c);
+          if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + c));
+          _mm256_storeu_ps(d + c, relu ? _mm256_max_ps(zero, v) : v);
+        }
+      continue;
+    }
     for (int64_t w = 0; w < W; ++w, d += C, src += C)
       for (int64_t c = 0; c < C; ++c) {
         const float v = bias ? src[c] + bias[c] : src[c];
@@ -103,7 +122,7 @@ inline void PaddedRows(const float* xb, int64_t H, int64_t W, int64_t C, const f
 // leave half of the FMA units idle at 4 cycles of FMA latency). The sum order over taps is
 // Row's, row-major (i, j), so the result is Row's bit for bit (network.cc: its depthwise).
 template <int K, int S>
-void Row8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+void Row8(const float* const* xr, int64_t ow, int64_t Wo, int64_t C, const float* wt,
           float* y) {
   constexpr int B = 8;
   int64_t q0 = 0;
@@ -114,7 +133,7 @@ void Row8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const 
       for (int q = 0; q < B; ++q) acc[q] = _mm256_setzero_ps();
 #pragma GCC unroll 5
       for (int i = 0; i < K; ++i) {
-        const float* r = xp + (i * Wp + ow + S * q0) * C + c;
+        const float* r = xr[i] + (ow + S * q0) * C + c;
 #pragma GCC unroll 5
         for (int j = 0; j < K; ++j) {
           const __m256 wv = _mm256_loadu_ps(wt + (i * K + j) * C + c);
@@ -127,7 +146,7 @@ void Row8(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const 
       for (int q = 0; q < B; ++q) _mm256_storeu_ps(y + (q0 + q) * C + c, acc[q]);
     }
   if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
-    Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
+    RowP<K, S>(xr, ow + S * q0, Wo - q0, C, wt, y + q0 * C);
 }
 
 #pragma GCC push_options
@@ -155,14 +174,15 @@ struct V8 {
 // it reads are loaded once and shared by the K taps (Row8 loads one per FMA; AVX-512's 32
 // registers hold them). Taps are summed in Row8's order: the same bits.
 template <class V, int K, int S>
-FP_KC_INLINE void Block8(const float* xp, int64_t Wp, int64_t C, const float* wt, float* y) {
+FP_KC_INLINE void Block8(const float* const* xr, int64_t off, int64_t C, const float* wt,
+                         float* y) {
   constexpr int B = 8, NX = (B - 1) * S + K;
   typename V::T acc[B];
 #pragma GCC unroll 8
   for (int q = 0; q < B; ++q) acc[q] = V::Zero();
 #pragma GCC unroll 5
   for (int i = 0; i < K; ++i) {
-    const float* r = xp + i * Wp * C;
+    const float* r = xr[i] + off;
     typename V::T xv[NX];
 #pragma GCC unroll 19
     for (int v = 0; v < NX; ++v) xv[v] = V::Load(r + v * C);
@@ -179,17 +199,17 @@ FP_KC_INLINE void Block8(const float* xp, int64_t Wp, int64_t C, const float* wt
 
 // Row8 on AVX-512 (C a multiple of 8): blocks of 16 channels, then one of 8.
 template <int K, int S>
-void Row8Wide(const float* xp, int64_t Wp, int64_t ow, int64_t Wo, int64_t C, const float* wt,
+void Row8Wide(const float* const* xr, int64_t ow, int64_t Wo, int64_t C, const float* wt,
               float* y) {
   int64_t q0 = 0;
   for (; q0 + 8 <= Wo; q0 += 8) {
-    const float* x0 = xp + (ow + S * q0) * C;
+    const int64_t x0 = (ow + S * q0) * C;
     int64_t c = 0;
-    for (; c + 16 <= C; c += 16) Block8<V16, K, S>(x0 + c, Wp, C, wt + c, y + q0 * C + c);
-    if (c < C) Block8<V8, K, S>(x0 + c, Wp, C, wt + c, y + q0 * C + c);
+    for (; c + 16 <= C; c += 16) Block8<V16, K, S>(xr, x0 + c, C, wt + c, y + q0 * C + c);
+    if (c < C) Block8<V8, K, S>(xr, x0 + c, C, wt + c, y + q0 * C + c);
   }
   if (q0 < Wo)      // the last Wo % 8 outputs: Row's blocks of 4 and single pixels
-    Row<K, S>(xp + S * q0 * C, Wp, ow, Wo - q0, C, wt, y + q0 * C);
+    RowP<K, S>(xr, ow + S * q0, Wo - q0, C, wt, y + q0 * C);
 }
 
 #pragma GCC pop_options

@@ -36,7 +36,7 @@ ENGINES = ("auto", "native", "xla")       # fused.Options.engine
 MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 2, 8, 16
 OPS = {"gemm": 1, "convk": 2, "dw": 3, "pool": 4, "add": 5, "copy": 6, "class": 7}
 F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "stride": 8,
-     "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13}
+     "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13, "kw": 14}
 ALIGN = 16                     # floats: every buffer and weight block starts on 64 bytes
 MIN_CHUNK = 1 << 14            # multiply-adds (or element ops) below which an op is not split
 WINDOW = 16                    # instructions a wave may reach ahead (_levels)
@@ -149,9 +149,20 @@ def _gemm(bd, src, dst, w, b, relu=False, stride=1, start=0, coff=0, res=None):
     raise ValueError(f"gemm: input has {bd.bufs[src][2]} channels, weights {np.shape(w)}")
   if res is not None and (bd.bufs[res][2] != n or n % 8 or bd.bufs[res][:2] != bd.bufs[dst][:2]):
     raise ValueError(f"gemm: residual {bd.bufs[res]} does not match the output's {n} channels")
-  bd.emit("gemm", in0=src, out=dst, w=bd.w(_pack_gemm(np.reshape(w, (k, n)))),
+  w = np.reshape(w, (k, n))
+  kw = _weighted_rows(w)
+  bd.emit("gemm", in0=src, out=dst, w=bd.w(_pack_gemm(w[:kw])),
           b=-1 if b is None else bd.w(b), relu=relu, stride=stride, oh=start, ow=start,
-          coff=coff, n=n, in1=0 if res is None else res, kind=int(res is not None))
+          coff=coff, n=n, in1=0 if res is None else res, kind=int(res is not None), kw=kw)
+
+
+def _weighted_rows(w):
+  """Rows of w [K, N] up to its last nonzero one (at least 1): the input channels a GEMM
+  reads. The rest are the zero weights of padded channels (latency.pad_channels) or of
+  input channels no output uses; skipping them leaves every sum bitwise the same up to the
+  sign of an exact zero (x * 0 adds +-0)."""
+  nonzero = np.flatnonzero(np.any(np.asarray(w) != 0, axis=1))
+  return int(nonzero[-1]) + 1 if nonzero.size else 1
 
 
 def _pads(n, k, stride):

@@ -13,11 +13,12 @@
 //   GEMM   out[p, coff + n] = bias[n] + sum_k u[k] * w[k, n] [+ in1[p, n] when kind 1: a
 //          fused ADD], u = [ReLU](in at pixel (oh + s*i, ow + s*j)) or 0 outside (a 1x1
 //          conv at stride s; the factorized reduction's shifted half starts at (1, 1));
-//          w packed [ceil(N/16)][K][16].
+//          k < kw only (field kKw: the input channels up to the last with a nonzero weight;
+//          the rest are padding), w packed [ceil(N/16)][kw][16].
 //   CONVK  a k x k SAME conv (the stem) as im2col rows + the same GEMM;
 //          w [ceil(N/16)][k*k*Cin][16].
 //   DW     out = depthwise_kxk([ReLU](in + bias)) at stride s from (oh, ow) (kernel_common.h's
-//          register-blocked Row); w [k*k, C].
+//          register-blocked Row8, on a ring of k zero-bordered input rows); w [k*k, C].
 //   POOL   3x3 avg (padding excluded from the count) / max at stride s from (oh, ow).
 //   ADD    out[p, coff + c] = a[p, c] + b[p, c].
 //   COPY   out[p, coff + c] = a[p, c] (a concat part that other nodes also read).

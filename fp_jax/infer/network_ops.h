@@ -22,7 +22,7 @@ enum Op : int32_t { kGemm = 1, kConvK = 2, kDw = 3, kPool = 4, kAdd = 5, kCopy =
 // instruction fields
 enum Field {
   kOp = 0, kIn0 = 1, kIn1 = 2, kOut = 3, kW = 4, kB = 5, kRelu = 6, kK = 7, kStride = 8,
-  kOh = 9, kOw = 10, kCoff = 11, kN = 12, kKind = 13, kFields = 16
+  kOh = 9, kOw = 10, kCoff = 11, kN = 12, kKind = 13, kKw = 14, kFields = 16
 };
 constexpr int kHeader = 8;
 constexpr int32_t kMagic = 0x66706e65;  // "fpne"
@@ -76,11 +76,13 @@ inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t 
   float* yp = f.P(net, in[kOut]) + in[kCoff];
   const float* w = net.wts + in[kW];
   const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
-  const int64_t K = x.C, N = in[kN], s = in[kStride], oh = in[kOh], ow = in[kOw];
+  // K: the input's channels; Kw: the first Kw of them, the ones with weights (native.py)
+  const int64_t K = x.C, Kw = in[kKw] > 0 ? in[kKw] : K, N = in[kN], s = in[kStride],
+                oh = in[kOh], ow = in[kOw];
   const bool relu = in[kRelu] != 0;
   const float* res = in[kKind] == 1 ? f.P(net, in[kIn1]) : nullptr;
   if (!relu && s == 1 && oh == 0 && ow == 0) {     // the rows as they are
-    Gemm(xp + p0 * K, K, p1 - p0, K, N, w, bias, yp + p0 * y.C, y.C, net.wide);
+    Gemm(xp + p0 * K, K, p1 - p0, Kw, N, w, bias, yp + p0 * y.C, y.C, net.wide);
     if (res) AddResidual(res, N, yp, y.C, p0, p1);
     return;
   }
@@ -101,7 +103,7 @@ inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t 
         _mm256_storeu_ps(d + c, relu ? _mm256_max_ps(zero, u) : u);
       }
     }
-    Gemm(a, K, q1 - q0, K, N, w, bias, yp + q0 * y.C, y.C, net.wide);
+    Gemm(a, K, q1 - q0, Kw, N, w, bias, yp + q0 * y.C, y.C, net.wide);
     if (res) AddResidual(res, N, yp, y.C, q0, q1);
   }
 }
@@ -146,13 +148,18 @@ inline void DwRowsT(const Net& net, const Frame& f, const int32_t* in, int64_t o
   const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
   const bool relu = in[kRelu] != 0;
   const int64_t C = x.C, Wp = x.W + 2 * P, oh = in[kOh], ow = in[kOw];
-  // padded row r holds input row r - P; output row o reads padded rows oh + S*o .. + K-1
-  const int64_t r0 = oh + S * o0, r1 = oh + S * (o1 - 1) + K;
-  float* slab = Scratch(1, (r1 - r0) * Wp * C);
-  fp_jax::PaddedRows<P>(xp, x.H, x.W, C, bias, relu, r0, r1, slab);
-  for (int64_t o = o0; o < o1; ++o)
-    (net.wide ? fp_jax::Row8Wide<K, S> : Row8<K, S>)(slab + (oh + S * o - r0) * Wp * C, Wp, ow,
-                                                      y.W, C, net.wts + in[kW], yp + o * y.W * C);
+  // padded row r holds input row r - P; output row o reads padded rows oh + S*o .. + K-1,
+  // kept in a ring of K rows (slot r % K) that stays in L1: each row is padded once
+  float* ring = Scratch(1, K * Wp * C);
+  for (int64_t o = o0, next = oh + S * o0; o < o1; ++o) {
+    const int64_t top = oh + S * o;
+    for (; next < top + K; ++next)
+      fp_jax::PaddedRows<P>(xp, x.H, x.W, C, bias, relu, next, next + 1, ring + next % K * Wp * C);
+    const float* xr[K];
+    for (int i = 0; i < K; ++i) xr[i] = ring + (top + i) % K * Wp * C;
+    (net.wide ? fp_jax::Row8Wide<K, S> : Row8<K, S>)(xr, ow, y.W, C, net.wts + in[kW],
+                                                      yp + o * y.W * C);
+  }
 }
 
 inline void DwRows(const Net& net, const Frame& f, const int32_t* in, int64_t o0, int64_t o1) {
@@ -255,7 +262,7 @@ inline void RowWork(const Net& net, const int32_t* in, int64_t* rows, int64_t* r
   const Buf& y = net.bufs[in[kOut]];
   *rows = y.H;
   switch (in[kOp]) {
-    case kGemm: *row_work = y.W * x.C * in[kN]; break;
+    case kGemm: *row_work = y.W * (in[kKw] > 0 ? in[kKw] : x.C) * in[kN]; break;
     case kConvK: *row_work = y.W * in[kK] * in[kK] * x.C * in[kN]; break;
     case kDw: *row_work = y.W * x.C * in[kK] * in[kK]; break;
     case kPool: *row_work = y.W * x.C * 9; break;
