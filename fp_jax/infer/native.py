@@ -160,7 +160,8 @@ def _weighted_rows(w):
   """Rows of w [K, N] up to its last nonzero one (at least 1): the input channels a GEMM
   reads. The rest are the zero weights of padded channels (latency.pad_channels) or of
   input channels no output uses; skipping them leaves every sum bitwise the same up to the
-  sign of an exact zero (x * 0 adds +-0)."""
+  sign of an exact zero (x * 0 adds +-0), except that an inf or NaN in a skipped channel no
+  longer reaches the output (x * 0 would be NaN)."""
   nonzero = np.flatnonzero(np.any(np.asarray(w) != 0, axis=1))
   return int(nonzero[-1]) + 1 if nonzero.size else 1
 
