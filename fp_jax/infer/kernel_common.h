@@ -274,11 +274,18 @@ inline bool Same4(xla::ffi::Span<const int64_t> o, xla::ffi::Span<const int64_t>
   return o.size() == 4 && o[0] == d[0] && o[1] == d[1] && o[2] == d[2] && o[3] == last;
 }
 
-// Thread-local scratch buffer i (< 6) of at least n floats.
+// The first 64-byte boundary at or after p (std::vector's storage is only 16-byte aligned: a
+// large one starts 16 bytes past a page, so every other 32-byte vector there would straddle
+// two cache lines). Buffers rounded this way are allocated 16 floats longer.
+inline float* Align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
+// Thread-local scratch buffer i (< 6) of at least n floats, 64-byte aligned.
 inline float* Scratch(int i, int64_t n) {
   thread_local std::vector<float> buf[6];
-  if (static_cast<int64_t>(buf[i].size()) < n) buf[i].resize(n);
-  return buf[i].data();
+  if (static_cast<int64_t>(buf[i].size()) < n + 16) buf[i].resize(n + 16);
+  return Align64(buf[i].data());
 }
 
 }  // namespace fp_jax

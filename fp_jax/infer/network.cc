@@ -151,10 +151,12 @@ void RunImage(const Net& net, const Frame& f, float* logits, int n, int64_t min_
   }
 }
 
+// This thread's arena of at least `floats`, 64-byte aligned (native.py places every buffer
+// at a multiple of 16 floats from its start).
 float* Arena(int64_t floats) {
   thread_local std::vector<float> arena;
-  if (static_cast<int64_t>(arena.size()) < floats) arena.resize(floats);
-  return arena.data();
+  if (static_cast<int64_t>(arena.size()) < floats + 16) arena.resize(floats + 16);
+  return fp_jax::Align64(arena.data());
 }
 
 struct Batch {
