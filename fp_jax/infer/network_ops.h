@@ -59,15 +59,6 @@ struct Frame {
 
 constexpr int64_t kRowBlock = 24;        // GEMM rows a chunk gathers at a time (L1-sized)
 
-// y[p, c] += r[p, c] for pixels [p0, p1), c < N (a multiple of 8): a GEMM's fused ADD, the
-// same bits as ADD's r + y.
-inline void AddResidual(const float* r, int64_t N, float* y, int64_t ldy, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t c = 0; c < N; c += 8)
-      _mm256_storeu_ps(y + p * ldy + c, _mm256_add_ps(_mm256_loadu_ps(r + p * N + c),
-                                                      _mm256_loadu_ps(y + p * ldy + c)));
-}
-
 // Output pixels [p0, p1) of a GEMM instruction.
 inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t p0, int64_t p1) {
   const Buf& x = net.bufs[in[kIn0]];
@@ -80,10 +71,11 @@ inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t 
   const int64_t K = x.C, Kw = in[kKw] > 0 ? in[kKw] : K, N = in[kN], s = in[kStride],
                 oh = in[kOh], ow = in[kOw];
   const bool relu = in[kRelu] != 0;
+  // a fused ADD: res [pixels, N] added to each finished sum (res + y: ADD's bits)
   const float* res = in[kKind] == 1 ? f.P(net, in[kIn1]) : nullptr;
+  const auto at = [&](int64_t p) { return res ? res + p * N : nullptr; };
   if (!relu && s == 1 && oh == 0 && ow == 0) {     // the rows as they are
-    Gemm(xp + p0 * K, K, p1 - p0, Kw, N, w, bias, yp + p0 * y.C, y.C, net.wide);
-    if (res) AddResidual(res, N, yp, y.C, p0, p1);
+    Gemm(xp + p0 * K, K, p1 - p0, Kw, N, w, bias, yp + p0 * y.C, y.C, net.wide, at(p0), N);
     return;
   }
   float* a = Scratch(0, kRowBlock * K);
@@ -103,8 +95,7 @@ inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t 
         _mm256_storeu_ps(d + c, relu ? _mm256_max_ps(zero, u) : u);
       }
     }
-    Gemm(a, K, q1 - q0, Kw, N, w, bias, yp + q0 * y.C, y.C, net.wide);
-    if (res) AddResidual(res, N, yp, y.C, q0, q1);
+    Gemm(a, K, q1 - q0, Kw, N, w, bias, yp + q0 * y.C, y.C, net.wide, at(q0), N);
   }
 }
 
