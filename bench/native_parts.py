@@ -49,7 +49,7 @@ def macs_by_kind(prog, weighted=True):
   for r in ins:
     op, x, y = names[int(r[f["op"]])], bufs[r[f["in0"]]], bufs[r[f["out"]]]
     pixels, c = int(y[1] * y[2]), int(x[3])
-    kw = int(r[f["kw"]]) if weighted and r[f["kw"]] > 0 else c
+    kw = int(r[f["kw"]]) if weighted else c
     n = {"gemm": pixels * kw * int(r[f["n"]]), "dw": pixels * c * int(r[f["k"]]) ** 2,
          "convk": pixels * c * int(r[f["k"]]) ** 2 * int(r[f["n"]])}.get(op, pixels * c)
     out[op] = out.get(op, 0) + n

@@ -1,4 +1,6 @@
 """The native engine (native.py, network.cc): one custom call for the whole folded network."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -204,6 +206,18 @@ def test_engine_choice_and_errors():
   with pytest.raises(ValueError, match="images must be"):
     native.network(native.build(plan, xla.fp), np.zeros((1, HW + 1, HW, 3), np.float32))
 
+
+
+def test_a_program_of_another_version_is_refused():
+  """Version 3 (GEMMs carry kw); a version-2 program (which had no kw) is an error, not a
+  silent run."""
+  plan, _, _, xla, _ = _net("enas_pruned")
+  prog = native.build(plan, xla.fp)
+  assert prog.prog[1] == native.VERSION == 3
+  old = dataclasses.replace(prog, prog=prog.prog.copy())
+  old.prog[1] = 2
+  with pytest.raises(Exception, match=r"not a native.py program \(version 3\)"):
+    _run(old, X[:1])
 
 _WIDE = {"avx512f", "avx512vl"} <= machine.proc_cpuinfo()["flags"]
 needs_avx512 = pytest.mark.skipif(not _WIDE, reason="this CPU has no AVX-512 (gemm.h's Gemm16)")

@@ -33,7 +33,7 @@ from fp_jax.infer import machine
 from fp_jax.models import layers
 
 ENGINES = ("auto", "native", "xla")       # fused.Options.engine
-MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 2, 8, 16
+MAGIC, VERSION, HEADER, FIELDS = 0x66706e65, 3, 8, 16   # 3: GEMMs carry kw
 OPS = {"gemm": 1, "convk": 2, "dw": 3, "pool": 4, "add": 5, "copy": 6, "class": 7}
 F = {"op": 0, "in0": 1, "in1": 2, "out": 3, "w": 4, "b": 5, "relu": 6, "k": 7, "stride": 8,
      "oh": 9, "ow": 10, "coff": 11, "n": 12, "kind": 13, "kw": 14}

@@ -180,8 +180,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> prog, ffi::Buffer
                 int64_t isa) {
   const int32_t* p = prog.typed_data();
   const int64_t plen = static_cast<int64_t>(prog.element_count());
-  if (plen < kHeader || p[0] != kMagic || p[1] != 2)
-    return ffi::Error::InvalidArgument("network: not a native.py program (version 2)");
+  if (plen < kHeader || p[0] != kMagic || p[1] != 3)
+    return ffi::Error::InvalidArgument("network: not a native.py program (version 3)");
   if (isa < 1 || isa > 2 || (isa == 2 && !fp_jax::HasAvx512()))
     return ffi::Error::InvalidArgument(
         "network: isa 1 (AVX2) or 2 (AVX-512, where the CPU has it; native.vector_isa)");

@@ -68,8 +68,7 @@ inline void GemmRows(const Net& net, const Frame& f, const int32_t* in, int64_t 
   const float* w = net.wts + in[kW];
   const float* bias = in[kB] >= 0 ? net.wts + in[kB] : nullptr;
   // K: the input's channels; Kw: the first Kw of them, the ones with weights (native.py)
-  const int64_t K = x.C, Kw = in[kKw] > 0 ? in[kKw] : K, N = in[kN], s = in[kStride],
-                oh = in[kOh], ow = in[kOw];
+  const int64_t K = x.C, Kw = in[kKw], N = in[kN], s = in[kStride], oh = in[kOh], ow = in[kOw];
   const bool relu = in[kRelu] != 0;
   // a fused ADD: res [pixels, N] added to each finished sum (res + y: ADD's bits)
   const float* res = in[kKind] == 1 ? f.P(net, in[kIn1]) : nullptr;
@@ -253,7 +252,7 @@ inline void RowWork(const Net& net, const int32_t* in, int64_t* rows, int64_t* r
   const Buf& y = net.bufs[in[kOut]];
   *rows = y.H;
   switch (in[kOp]) {
-    case kGemm: *row_work = y.W * (in[kKw] > 0 ? in[kKw] : x.C) * in[kN]; break;
+    case kGemm: *row_work = y.W * in[kKw] * in[kN]; break;
     case kConvK: *row_work = y.W * in[kK] * in[kK] * x.C * in[kN]; break;
     case kDw: *row_work = y.W * x.C * in[kK] * in[kK]; break;
     case kPool: *row_work = y.W * x.C * 9; break;
