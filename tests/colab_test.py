@@ -3,13 +3,15 @@ kernel with the notebook's smoke setting in the kernel's environment (FP_JAX_NOT
 no pip install, a tiny search -> final -> compress on digits, no CIFAR-10 download, the
 CIFAR-10 cell's command run as its profile stage; FP_JAX_REPO_DIR: this checkout instead of a
 clone; FP_JAX_RUNS: a temporary work directory). The pipeline runs in a subprocess; compiling
-dominates its time."""
+dominates its time (compiled with tests/quick_compile.FLAGS)."""
 import json
 import os
 import re
 
 import nbformat
 from nbclient import NotebookClient
+
+from tests import quick_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
@@ -49,7 +51,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
   runs = tmp_path / "runs"
   env = dict(os.environ, FP_JAX_NOTEBOOK_SMOKE="1", FP_JAX_REPO_DIR=ROOT, FP_JAX_RUNS=str(runs),
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)           # one CPU device, as on a Colab CPU runtime
+  env["XLA_FLAGS"] = quick_compile.xla_flags()   # one CPU device, as on a Colab CPU runtime
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   client.execute(env=env)              # raises CellExecutionError on the first failing cell

@@ -19,6 +19,7 @@ import pytest
 from fp_jax import config as config_lib
 from fp_jax.run import parallel
 from launch import local
+from tests import quick_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny search: 2 epochs (a uniform one, then controller-sampled arcs), one controller
@@ -34,7 +35,7 @@ TIMEOUT = 480   # seconds; the two runs take ~2-4 minutes together on 2 busy cor
 
 def _env(devices):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = quick_compile.xla_flags(devices)   # the runs compared share the flags
   return env
 
 
