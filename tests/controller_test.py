@@ -10,13 +10,19 @@ from fp_jax.models import controller
 from fp_jax.models import space
 
 CFG = controller.ControllerConfig()
+# ENAS places the entropy term in the reward; weight large here so it shows. The update
+# tests share this configuration, and every test samples batches of 10: one compilation
+# of sample and one of update serve the file.
+CFG_ENTROPY = dataclasses.replace(CFG, entropy_weight=0.005)
 
 
 @pytest.fixture(scope="module")
 def samples():
+  """200 samples, drawn as 20 batches of 10 (the batch the other tests sample)."""
   params = controller.init(jax.random.PRNGKey(0), CFG)
-  out = controller.sample_jit(params, jax.random.PRNGKey(1), 200, CFG)
-  return params, jax.tree.map(np.asarray, out)
+  outs = [controller.sample_jit(params, k, 10, CFG)
+          for k in jax.random.split(jax.random.PRNGKey(1), 20)]
+  return params, jax.tree.map(lambda *a: np.concatenate([np.asarray(b) for b in a]), *outs)
 
 
 def test_sampled_arcs_valid_and_diverse(samples):
@@ -72,7 +78,7 @@ def test_ratio_probabilities_normalise():
 
 def test_update_baseline_and_metrics():
   """ENAS places the entropy term in the reward (weight large here so it shows)."""
-  cfg = dataclasses.replace(CFG, entropy_weight=0.005)
+  cfg = CFG_ENTROPY
   state = controller.init_state(jax.random.PRNGKey(0), cfg)
   state = state.replace(baseline=jnp.float32(0.5))
   out = controller.sample_jit(state.params, jax.random.PRNGKey(1), 10, cfg)
@@ -130,13 +136,14 @@ def test_controller_learns_toy_reward_and_compiles_once():
 
 
 def test_update_jit_does_not_recompile():
-  state = controller.init_state(jax.random.PRNGKey(0), CFG)
-  out = controller.sample_jit(state.params, jax.random.PRNGKey(0), 10, CFG)
+  cfg = CFG_ENTROPY
+  state = controller.init_state(jax.random.PRNGKey(0), cfg)
+  out = controller.sample_jit(state.params, jax.random.PRNGKey(0), 10, cfg)
   state, _ = controller.update_jit(
-      state, out["arc"], out["ratio_idx"], jnp.zeros(10), CFG)
+      state, out["arc"], out["ratio_idx"], jnp.zeros(10), cfg)
   size = controller.update_jit._cache_size()
   for i in range(3):
-    out = controller.sample_jit(state.params, jax.random.PRNGKey(i), 10, CFG)
+    out = controller.sample_jit(state.params, jax.random.PRNGKey(i), 10, cfg)
     rewards = jax.random.uniform(jax.random.PRNGKey(10 + i), (10,))
-    state, _ = controller.update_jit(state, out["arc"], out["ratio_idx"], rewards, CFG)
+    state, _ = controller.update_jit(state, out["arc"], out["ratio_idx"], rewards, cfg)
   assert controller.update_jit._cache_size() == size
